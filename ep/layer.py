@@ -1,0 +1,92 @@
+"""`ExpertParallelMoE`: router -> plan -> pipeline (transport, experts, kernels)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import MoEConfig
+from .experts import Experts
+from .pipeline import waved_experts
+from .plan import make_plan
+from .router import Router
+from .transport import make_transport
+
+
+class ExpertParallelMoE(nn.Module):
+    """A Mixture-of-Experts layer whose experts are spread over the ranks of `group`.
+
+    Rank r of n owns global experts `r*E/n ... (r+1)*E/n - 1`. Parameters:
+    `router.weight [E, H]` (replicated: broadcast from the group's rank 0 when built),
+    `experts.w1 [E_local, H, 2F]` (gate columns `[:F]`, up `[F:]`), `experts.w2 [E_local, F, H]`.
+
+    Forward, numbered as it runs:
+        1. route: logits `x @ router.weight.T` in at least fp32, softmax/sigmoid, top-k,
+           renormalised (skipped when the caller passes `topk_idx` and `topk_weights`);
+        2. plan: destination rank, local expert and wave of every (token, slot); one
+           exchange of counts, read on the host (the layer's only host sync);
+        3. waves: dispatch, linear1, linear2, combine of wave w while wave w+1 is in
+           flight (`ep.pipeline`); backward runs the mirror schedule.
+
+    Args:
+        config: the layer's shape and knobs.
+        group: the expert-parallel process group; None is the default group (or a
+            one-process world when torch.distributed is not initialised).
+    """
+
+    def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None) -> None:
+        super().__init__()
+        self.config = config
+        self.transport = make_transport(group)
+        self.num_local_experts = config.num_local_experts(self.transport.world_size)
+        self.router = Router(config)
+        self.experts = Experts(self.num_local_experts, config.hidden, config.ffn_hidden)
+        with torch.no_grad():
+            self.transport.broadcast_(self.router.weight.data, src=0)
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.transport.world_size
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Args:
+            x: `[..., H]` in the parameters' dtype and device.
+            topk_idx: optional `[T, k]` int64 global expert ids (T = x.numel() / H),
+                distinct within a token; given together with `topk_weights`.
+            topk_weights: optional `[T, k]` float, used as given (not renormalised).
+        Returns:
+            `[..., H]` like x.
+        """
+        cfg = self.config
+        w1, w2 = self.experts.w1, self.experts.w2
+        if x.shape[-1] != cfg.hidden:
+            raise ValueError(f"x: last dimension must be hidden={cfg.hidden}, got shape {tuple(x.shape)}")
+        if x.dtype != w1.dtype or x.device != w1.device:
+            raise ValueError(
+                f"x: dtype/device must match the parameters ({w1.dtype}, {w1.device}), "
+                f"got ({x.dtype}, {x.device})"
+            )
+        x_TH = x.reshape(-1, cfg.hidden)
+        if (topk_idx is None) != (topk_weights is None):
+            raise ValueError("topk_idx and topk_weights must be given together")
+        if topk_idx is None:
+            topk_idx, topk_weights = self.router(x_TH)
+        else:
+            expected = (x_TH.shape[0], cfg.top_k)
+            for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
+                if tuple(t.shape) != expected:
+                    raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
+        plan = make_plan(topk_idx, cfg.num_experts, cfg.num_waves, self.transport)
+        y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)
+        return y_TH.view(x.shape)

@@ -1,0 +1,149 @@
+"""The wave schedule, forward and backward: the only room that knows streams and events.
+
+Forward, per layer:
+    1. exchange the routing weights of all waves (one small all-to-all);
+    2. start dispatch(w) for every wave (the transport runs them in order);
+    3. for w = 0..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w);
+       then wait for combine(w-1) and un-permute it into `y` (it flew during wave w's math);
+    4. wait for the last combine and un-permute it.
+Backward mirrors it: the output gradient goes out per wave in the dispatch direction,
+each wave's expert backward runs as its gradient lands, and the input gradients fly back
+while the next wave computes. The weights' gradients go back in one exchange at the end.
+
+With W=1 this is the plain sequential layer. On CUDA, communication runs on the
+transport's streams; the compute stream waits only for its own wave's data.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import torch
+from torch.profiler import record_function
+
+from . import stages
+from .dtypes import accumulate_dtype
+from .plan import DispatchPlan
+from .transport import Transport
+
+
+class _SmCarveout:
+    """On CUDA, leave `sms` SMs to communication kernels while GEMMs run (0: no change)."""
+
+    def __init__(self, sms: int, device: torch.device) -> None:
+        self.sms = sms if device.type == "cuda" else 0
+
+    def __enter__(self):
+        if self.sms:
+            torch._C._set_sm_carveout_experimental(self.sms)
+
+    def __exit__(self, *exc):
+        if self.sms:
+            torch._C._set_sm_carveout_experimental(None)
+
+
+def run_waves(
+    num_waves: int,
+    start_in: Callable[[int], stages.InFlight],
+    compute: Callable[[int, torch.Tensor], stages.InFlight],
+    finish: Callable[[int, torch.Tensor], None],
+) -> None:
+    """Drive W waves: all inbound transfers start first; wave w computes when its data
+    landed and starts its outbound transfer; the outbound transfer of wave w-1 is
+    finished (waited for, then `finish`ed) after wave w's compute was issued."""
+    inbound = []
+    for w in range(num_waves):
+        with record_function(f"ep.in[{w}]"):
+            inbound.append(start_in(w))
+    outbound: List[Optional[stages.InFlight]] = [None] * num_waves
+    for w in range(num_waves):
+        with record_function(f"ep.compute[{w}]"):
+            outbound[w] = compute(w, inbound[w].wait())
+            inbound[w] = None  # type: ignore[call-overload]  # free the buffer early
+        if w > 0:
+            with record_function(f"ep.out[{w - 1}]"):
+                finish(w - 1, outbound[w - 1].wait())
+                outbound[w - 1] = None
+    with record_function(f"ep.out[{num_waves - 1}]"):
+        finish(num_waves - 1, outbound[num_waves - 1].wait())
+
+
+class WavedExperts(torch.autograd.Function):
+    """`y = sum_j w[t, j] * expert_j(x[t])` over experts on all ranks, in waves."""
+
+    @staticmethod
+    def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: DispatchPlan, transport: Transport, sm_carveout: int):
+        acc = accumulate_dtype(x_TH.dtype)
+        x_TH = x_TH.contiguous()
+        weights_flat = stages.exchange_weights(topk_weights_TK, plan, transport, acc)
+        y_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)
+        W = plan.num_waves
+        recv: List[torch.Tensor] = [None] * W  # type: ignore[list-item]
+        hidden: List[torch.Tensor] = [None] * W  # type: ignore[list-item]
+        carve = _SmCarveout(sm_carveout if W > 1 else 0, x_TH.device)
+
+        def compute(w: int, recv_RH: torch.Tensor) -> stages.InFlight:
+            i0, i1 = plan.item_range(w)
+            with carve:
+                h = stages.linear1(recv_RH, w1, plan, w)
+                o = stages.linear2(h, w2, plan, w)
+            recv[w], hidden[w] = recv_RH, h
+            return stages.combine(o, weights_flat[plan.item_slot_flat[i0:i1]], plan, w, transport)
+
+        run_waves(
+            W,
+            lambda w: stages.dispatch(x_TH, plan, w, transport),
+            compute,
+            lambda w, back: stages.unpermute(y_TH, back, plan, w),
+        )
+        ctx.save_for_backward(w1, w2)
+        ctx.plan, ctx.transport, ctx.sm_carveout = plan, transport, sm_carveout
+        ctx.recv, ctx.hidden, ctx.weights_flat = recv, hidden, weights_flat
+        ctx.x_dtype, ctx.w_dtype = x_TH.dtype, topk_weights_TK.dtype
+        return y_TH.to(x_TH.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_TH):
+        w1, w2 = ctx.saved_tensors
+        plan: DispatchPlan = ctx.plan
+        transport: Transport = ctx.transport
+        dy_TH = dy_TH.to(ctx.x_dtype).contiguous()
+        acc = accumulate_dtype(ctx.x_dtype)
+        dx_TH = torch.zeros(dy_TH.shape, dtype=acc, device=dy_TH.device)
+        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
+        dweights_flat = torch.zeros_like(ctx.weights_flat)
+        W = plan.num_waves
+        carve = _SmCarveout(ctx.sm_carveout if W > 1 else 0, dy_TH.device)
+
+        def compute(w: int, dz_RH: torch.Tensor) -> stages.InFlight:
+            i0, i1 = plan.item_range(w)
+            e0, e1 = plan.wave_experts(w)
+            slots = plan.item_slot_flat[i0:i1]
+            with carve:
+                dx_IH, dw1[e0:e1], dw2[e0:e1], dweight_I = stages.experts_backward(
+                    dz_RH, ctx.recv[w], ctx.hidden[w], ctx.weights_flat[slots], w1, w2, plan, w
+                )
+            ctx.recv[w] = ctx.hidden[w] = None
+            dweights_flat[slots] = dweight_I
+            return stages.dispatch_backward(dx_IH, plan, w, transport)
+
+        run_waves(
+            W,
+            lambda w: stages.combine_backward(dy_TH, plan, w, transport),
+            compute,
+            lambda w, back: stages.unpermute(dx_TH, back, plan, w),
+        )
+        dtopk_TK = stages.exchange_weight_grads(dweights_flat, plan, transport).to(ctx.w_dtype)
+        return dx_TH.to(ctx.x_dtype), dtopk_TK, dw1, dw2, None, None, None
+
+
+def waved_experts(
+    x_TH: torch.Tensor,
+    topk_weights_TK: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    plan: DispatchPlan,
+    transport: Transport,
+    sm_carveout: int = 0,
+) -> torch.Tensor:
+    """Differentiable expert part of the layer: `[T, H]` in, `[T, H]` out (x's dtype)."""
+    return WavedExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout)

@@ -1,0 +1,72 @@
+"""The one small async interface through which bytes move between ranks.
+
+Only transports talk to other ranks. Every operation may start after the work already
+queued on the caller's current stream and returns a `Pending`; `Pending.wait()` makes the
+caller's current stream (on CUDA) or the calling thread (on CPU) wait for the result.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+
+
+class Pending(ABC):
+    """An operation in flight."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Block the current stream (CUDA) or thread (CPU) until the operation landed."""
+
+
+class Done(Pending):
+    """An operation that finished when it was issued."""
+
+    def wait(self) -> None:
+        return None
+
+
+class Transport(ABC):
+    """Moves rows between the ranks of one group.
+
+    `rank` and `world_size` are this process's place in the group.
+    """
+
+    rank: int
+    world_size: int
+
+    @abstractmethod
+    def all_to_all(
+        self,
+        out: torch.Tensor,
+        inp: torch.Tensor,
+        out_splits: Sequence[int],
+        in_splits: Sequence[int],
+    ) -> Pending:
+        """Start an all-to-all of rows.
+
+        Args:
+            out: `[sum(out_splits), ...]`, written when the returned `Pending` is waited on.
+            inp: `[sum(in_splits), ...]`, rows for rank 0 first, then rank 1, ...; must stay
+                unchanged until the operation landed.
+            out_splits: rows received from each rank, host ints, length `world_size`.
+            in_splits: rows sent to each rank, host ints, length `world_size`.
+        """
+
+    def exchange(self, inp: torch.Tensor) -> torch.Tensor:
+        """Blocking all-to-all of equal blocks: `inp[r]` goes to rank r, `out[s]` came from s.
+
+        Args:
+            inp: `[world_size, ...]`.
+        Returns:
+            `[world_size, ...]`, same dtype and device.
+        """
+        out = torch.empty_like(inp)
+        ones = [1] * self.world_size
+        self.all_to_all(out, inp.contiguous(), ones, ones).wait()
+        return out
+
+    @abstractmethod
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+        """Blocking, in place: every rank ends with `src`'s values."""
