@@ -23,6 +23,10 @@ class MoEConfig:
             which knows the world size).
         score_func: "softmax" (over all E) or "sigmoid".
         norm_topk: renormalise the k selected scores to sum to 1.
+        dedup_across_waves: a token travels to a rank once, in the first wave that needs
+            it there, and its summed result comes back once, after the last (True: W=1's
+            bytes for any W); or once per (rank, wave) (False: more bytes, but each
+            wave's transfers hold only that wave's rows).
         sm_carveout: on CUDA, SMs the grouped GEMMs leave free for communication
             kernels while waves are in flight (0: none). Ignored on CPU.
     """
@@ -34,6 +38,7 @@ class MoEConfig:
     num_waves: int = 1
     score_func: str = "softmax"
     norm_topk: bool = True
+    dedup_across_waves: bool = True
     sm_carveout: int = 0
 
     def __post_init__(self) -> None:
@@ -49,8 +54,9 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.score_func must be one of {_SCORE_FUNCS}, got {self.score_func!r}"
             )
-        if not isinstance(self.norm_topk, bool):
-            raise ValueError(f"MoEConfig.norm_topk must be a bool, got {self.norm_topk!r}")
+        for name in ("norm_topk", "dedup_across_waves"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.sm_carveout, bool) or not isinstance(self.sm_carveout, int) or self.sm_carveout < 0:
             raise ValueError(f"MoEConfig.sm_carveout must be an int >= 0, got {self.sm_carveout!r}")
 

@@ -87,6 +87,8 @@ class ExpertParallelMoE(nn.Module):
             for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
                 if tuple(t.shape) != expected:
                     raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
-        plan = make_plan(topk_idx, cfg.num_experts, cfg.num_waves, self.transport)
+        plan = make_plan(
+            topk_idx, cfg.num_experts, cfg.num_waves, self.transport, topk_weights, cfg.dedup_across_waves
+        )
         y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)
         return y_TH.view(x.shape)

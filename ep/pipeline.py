@@ -1,7 +1,7 @@
 """The wave schedule, forward and backward: the only room that knows streams and events.
 
 Forward, per layer:
-    1. exchange the routing weights of all waves (one small all-to-all);
+    1. (the plan already carried every route's weights to the owners);
     2. start dispatch(w) for every wave (the transport runs them in order);
     3. for w = 0..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w);
        then wait for combine(w-1) and un-permute it into `y` (it flew during wave w's math);
@@ -72,32 +72,34 @@ class WavedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: DispatchPlan, transport: Transport, sm_carveout: int):
+        if plan.recv_weights is None:
+            raise ValueError("WavedExperts needs a plan made with topk_weights")
         acc = accumulate_dtype(x_TH.dtype)
         x_TH = x_TH.contiguous()
-        weights_flat = stages.exchange_weights(topk_weights_TK, plan, transport, acc)
+        weights_flat = plan.recv_weights.to(acc)
         y_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)
-        W = plan.num_waves
-        recv: List[torch.Tensor] = [None] * W  # type: ignore[list-item]
-        hidden: List[torch.Tensor] = [None] * W  # type: ignore[list-item]
-        carve = _SmCarveout(sm_carveout if W > 1 else 0, x_TH.device)
+        rows_all = stages.received_rows(plan, x_TH)
+        acc_all = stages.return_accumulator(plan, x_TH)
+        hidden: List[torch.Tensor] = [None] * plan.num_waves  # type: ignore[list-item]
+        carve = _SmCarveout(sm_carveout if plan.num_waves > 1 else 0, x_TH.device)
 
-        def compute(w: int, recv_RH: torch.Tensor) -> stages.InFlight:
+        def compute(w: int, _landed: torch.Tensor) -> stages.InFlight:
             i0, i1 = plan.item_range(w)
             with carve:
-                h = stages.linear1(recv_RH, w1, plan, w)
+                h = stages.linear1(rows_all, w1, plan, w)
                 o = stages.linear2(h, w2, plan, w)
-            recv[w], hidden[w] = recv_RH, h
-            return stages.combine(o, weights_flat[plan.item_slot_flat[i0:i1]], plan, w, transport)
+            hidden[w] = h
+            return stages.combine(o, weights_flat[plan.item_slot_flat[i0:i1]], acc_all, plan, w, transport)
 
         run_waves(
-            W,
-            lambda w: stages.dispatch(x_TH, plan, w, transport),
+            plan.num_waves,
+            lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport),
             compute,
             lambda w, back: stages.unpermute(y_TH, back, plan, w),
         )
         ctx.save_for_backward(w1, w2)
         ctx.plan, ctx.transport, ctx.sm_carveout = plan, transport, sm_carveout
-        ctx.recv, ctx.hidden, ctx.weights_flat = recv, hidden, weights_flat
+        ctx.rows_all, ctx.hidden, ctx.weights_flat = rows_all, hidden, weights_flat
         ctx.x_dtype, ctx.w_dtype = x_TH.dtype, topk_weights_TK.dtype
         return y_TH.to(x_TH.dtype)
 
@@ -109,29 +111,31 @@ class WavedExperts(torch.autograd.Function):
         dy_TH = dy_TH.to(ctx.x_dtype).contiguous()
         acc = accumulate_dtype(ctx.x_dtype)
         dx_TH = torch.zeros(dy_TH.shape, dtype=acc, device=dy_TH.device)
+        dz_all = stages.received_rows(plan, dy_TH)
+        dacc_all = stages.return_accumulator(plan, dy_TH)
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         dweights_flat = torch.zeros_like(ctx.weights_flat)
-        W = plan.num_waves
-        carve = _SmCarveout(ctx.sm_carveout if W > 1 else 0, dy_TH.device)
+        carve = _SmCarveout(ctx.sm_carveout if plan.num_waves > 1 else 0, dy_TH.device)
 
-        def compute(w: int, dz_RH: torch.Tensor) -> stages.InFlight:
+        def compute(w: int, _landed: torch.Tensor) -> stages.InFlight:
             i0, i1 = plan.item_range(w)
             e0, e1 = plan.wave_experts(w)
             slots = plan.item_slot_flat[i0:i1]
             with carve:
                 dx_IH, dw1[e0:e1], dw2[e0:e1], dweight_I = stages.experts_backward(
-                    dz_RH, ctx.recv[w], ctx.hidden[w], ctx.weights_flat[slots], w1, w2, plan, w
+                    dz_all, ctx.rows_all, ctx.hidden[w], ctx.weights_flat[slots], w1, w2, plan, w
                 )
-            ctx.recv[w] = ctx.hidden[w] = None
+            ctx.hidden[w] = None
             dweights_flat[slots] = dweight_I
-            return stages.dispatch_backward(dx_IH, plan, w, transport)
+            return stages.dispatch_backward(dx_IH, dacc_all, plan, w, transport)
 
         run_waves(
-            W,
-            lambda w: stages.combine_backward(dy_TH, plan, w, transport),
+            plan.num_waves,
+            lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport),
             compute,
             lambda w, back: stages.unpermute(dx_TH, back, plan, w),
         )
+        ctx.rows_all = None
         dtopk_TK = stages.exchange_weight_grads(dweights_flat, plan, transport).to(ctx.w_dtype)
         return dx_TH.to(ctx.x_dtype), dtopk_TK, dw1, dw2, None, None, None
 

@@ -1,14 +1,22 @@
 """The dispatch plan: where every (token, slot) goes, in which wave, and how rows come back.
 
-A *route* is one row on the wire: token t sent to rank r in wave w. A token that picks
-several experts of one (rank, wave) travels there once, with its k weights; the owner
-sums its experts' outputs for that row and sends one row back. An *item* is one
-(received row, slot) pair, i.e. one row of expert math.
+A *route* is one row on the wire: token t sent to rank r. A token that picks several
+experts on one rank travels there once, with its k weights, and comes back once: the
+owner sums its experts' outputs for that row. With waves, a route travels in the
+dispatch of its *first* wave (the first wave with one of its experts) and the owner
+keeps the row for its later waves; the summed row travels back in the combine of its
+*last* wave. So waves cost no extra bytes over W=1. (With `dedup_across_waves=False`
+a route is (token, rank, wave) instead, first = last wave: more bytes, but each wave's
+dispatch and combine carry only that wave's rows.) An *item* is one (received row,
+slot) pair, i.e. one row of expert math.
 
 Orders (all stable, so the plan is deterministic):
-- sender routes: wave-major `(wave, dest rank, token)`; wave w's routes are one contiguous
-  range, already split by destination rank as `all_to_all_single` wants.
-- receiver rows: wave-major `(wave, source rank, source's route order)`.
+- sender routes, dispatch order: `(first wave, dest rank, token)`; wave w's dispatch is one
+  contiguous range, already split by destination as `all_to_all_single` wants.
+- sender routes, combine order: `(last wave, dest rank, first wave, token)`.
+- receiver rows: `(first wave, source rank, source's dispatch order)`; rows going back in
+  wave w's combine: `(last wave, source rank, first wave, position)`, which is the source's
+  combine order.
 - items: by local expert, then received row, then slot; wave w's items are contiguous
   because waves are contiguous groups of experts.
 
@@ -20,7 +28,7 @@ slot-to-expert tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -98,42 +106,69 @@ class DispatchPlan:
 
     # sender side
     route_token: torch.Tensor
-    """`[R_send]` int64: token of each route, routes wave-major (wave, dest, token)."""
+    """`[R_send]` int64: token of each route, in dispatch order."""
     slot_route_flat: torch.Tensor
     """`[T, k]` int64: `route * k + slot` of each (token, slot), an index into a `[R_send, k]` table."""
     send_counts: Counts
-    """`[W][n]` routes sent to each rank in each wave."""
+    """`[W][n]` routes sent to each rank in each wave's dispatch."""
+    back_token: torch.Tensor
+    """`[R_send]` int64: token of each route, in combine order."""
+    back_counts: Counts
+    """`[W][n]` rows coming back from each rank in each wave's combine."""
 
     # receiver side
     recv_counts: Counts
-    """`[W][n]` rows received from each rank in each wave."""
+    """`[W][n]` rows received from each rank in each wave's dispatch."""
+    return_row: torch.Tensor
+    """`[R_recv]` int64: received rows in the order they go back (combine order)."""
+    return_counts: Counts
+    """`[W][n]` rows sent back to each rank in each wave's combine."""
     item_row: torch.Tensor
-    """`[I]` int64: received row of each item, counted from its wave's first row."""
+    """`[I]` int64: received row of each item (rows counted over all waves)."""
     item_slot_flat: torch.Tensor
-    """`[I]` int64: `row * k + slot` of each item, rows counted over all waves."""
+    """`[I]` int64: `row * k + slot` of each item."""
     items_per_expert: Tuple[int, ...]
     """`[E_local]` items (rows of expert math) of each local expert."""
+    recv_weights: Optional[torch.Tensor]
+    """`[R_recv * k]` routing weight of each received (row, slot), 0 where the slot is
+    served elsewhere; the weights' dtype promoted to at least fp32. Values only (no
+    autograd): the pipeline returns their gradients with `weight_grads_to_sources`
+    gathers. None when the plan was made without weights."""
 
-    # the one exchange of per-route tables (weights) over all waves at once
+    # gathers for exchanging per-route tables (all waves at once)
     send_rank_major: torch.Tensor
-    """`[R_send]` int64: gathers sender routes into (dest, wave) order."""
+    """`[R_send]` int64: sender routes from dispatch order into (dest, first wave) order."""
     recv_wave_major: torch.Tensor
-    """`[R_recv]` int64: gathers rows received in (source, wave) order into (wave, source)."""
+    """`[R_recv]` int64: rows as received in one exchange, (source, first wave), into row order."""
     recv_rank_major: torch.Tensor
-    """`[R_recv]` int64: the inverse gather, received rows back into (source, wave) order."""
+    """`[R_recv]` int64: the inverse of `recv_wave_major`."""
     send_wave_major: torch.Tensor
-    """`[R_send]` int64: the inverse gather, sender routes back into (wave, dest) order."""
+    """`[R_send]` int64: the inverse of `send_rank_major`."""
 
     # ---- derived sizes (host ints) -------------------------------------------------
-    @property
-    def send_offsets(self) -> Tuple[int, ...]:
-        """`[W + 1]` first route of each wave."""
-        return _offsets([sum(c) for c in self.send_counts])
+    @staticmethod
+    def _wave_offsets(counts: Counts) -> Tuple[int, ...]:
+        return _offsets([sum(c) for c in counts])
 
-    @property
-    def recv_offsets(self) -> Tuple[int, ...]:
-        """`[W + 1]` first received row of each wave."""
-        return _offsets([sum(c) for c in self.recv_counts])
+    def dispatch_slice(self, wave: int) -> slice:
+        """Wave w's routes in dispatch order (sender side)."""
+        off = self._wave_offsets(self.send_counts)
+        return slice(off[wave], off[wave + 1])
+
+    def recv_slice(self, wave: int) -> slice:
+        """Wave w's received rows (receiver side)."""
+        off = self._wave_offsets(self.recv_counts)
+        return slice(off[wave], off[wave + 1])
+
+    def return_slice(self, wave: int) -> slice:
+        """Wave w's rows going back, in `return_row` (receiver side)."""
+        off = self._wave_offsets(self.return_counts)
+        return slice(off[wave], off[wave + 1])
+
+    def back_slice(self, wave: int) -> slice:
+        """Wave w's rows coming back, in `back_token` (sender side)."""
+        off = self._wave_offsets(self.back_counts)
+        return slice(off[wave], off[wave + 1])
 
     @property
     def expert_offsets(self) -> Tuple[int, ...]:
@@ -149,18 +184,23 @@ class DispatchPlan:
 
     @property
     def num_routes_sent(self) -> int:
-        return self.send_offsets[-1]
+        return sum(map(sum, self.send_counts))
 
     @property
     def num_rows_received(self) -> int:
-        return self.recv_offsets[-1]
+        return sum(map(sum, self.recv_counts))
 
     def send_rank_splits(self) -> List[int]:
         """Routes sent to each rank, summed over waves."""
-        return [sum(self.send_counts[w][r] for w in range(self.num_waves)) for r in range(self.num_ranks)]
+        return [sum(c[r] for c in self.send_counts) for r in range(self.num_ranks)]
 
     def recv_rank_splits(self) -> List[int]:
-        return [sum(self.recv_counts[w][r] for w in range(self.num_waves)) for r in range(self.num_ranks)]
+        """Rows received from each rank, summed over waves."""
+        return [sum(c[s] for c in self.recv_counts) for s in range(self.num_ranks)]
+
+
+def _transpose(counts: Counts) -> List[List[int]]:
+    return [list(c) for c in zip(*counts)]
 
 
 def make_plan(
@@ -168,6 +208,8 @@ def make_plan(
     num_experts: int,
     num_waves: int,
     transport: Transport,
+    topk_weights_TK: Optional[torch.Tensor] = None,
+    dedup_across_waves: bool = True,
 ) -> DispatchPlan:
     """Plan one layer's dispatch and combine from the routing.
 
@@ -177,6 +219,9 @@ def make_plan(
         num_waves: W, 1 <= W <= E / n.
         transport: the group's transport; used for one count exchange (read on the host)
             and one exchange of per-route slot tables.
+        topk_weights_TK: optional `[T, k]` routing weights, carried to the owners in the
+            slot-table exchange (values only, see `DispatchPlan.recv_weights`).
+        dedup_across_waves: a token travels to a rank once (True) or once per (rank, wave).
     """
     n = transport.world_size
     device = topk_idx_TK.device
@@ -191,64 +236,86 @@ def make_plan(
     idx = topk_idx_TK.to(torch.int64)
     dest_TK = idx // E_local
     local_expert_TK = idx % E_local
-    channel_TK = wave_of_expert[local_expert_TK] * n + dest_TK  # (wave, dest)
+    wave_TK = wave_of_expert[local_expert_TK]
+    channel_TK = dest_TK if dedup_across_waves else wave_TK * n + dest_TK
     first_TK = first_slot_of_channel(channel_TK)
     opens_TK = first_TK == torch.arange(k, device=device)
+    # first and last wave of each slot's route: min / max over the slots sharing it
+    same_TKK = channel_TK.unsqueeze(2) == channel_TK.unsqueeze(1)
+    waves_TKK = wave_TK.unsqueeze(1).expand(T, k, k)
+    fw_TK = torch.where(same_TKK, waves_TKK, W).amin(dim=2)
+    lw_TK = torch.where(same_TKK, waves_TKK, -1).amax(dim=2)
 
-    # route counts per (wave, dest) and item counts per (dest, expert): one exchange, one sync
-    routes_per_channel = torch.zeros(W * n, dtype=torch.int64, device=device)
-    routes_per_channel.index_add_(0, channel_TK.flatten(), opens_TK.flatten().to(torch.int64))
+    # counts per (wave, dest) of routes out and back, per (dest, expert) of items:
+    # one exchange, one host sync
+    opens = opens_TK.flatten().to(torch.int64)
+    out_per = torch.zeros(W * n, dtype=torch.int64, device=device).index_add_(0, (fw_TK * n + dest_TK).flatten(), opens)
+    back_per = torch.zeros(W * n, dtype=torch.int64, device=device).index_add_(0, (lw_TK * n + dest_TK).flatten(), opens)
     items_per_global_expert = torch.bincount(idx.flatten(), minlength=num_experts)
     send_table = torch.cat(
-        [routes_per_channel.view(W, n).t(), items_per_global_expert.view(n, E_local)], dim=1
-    )  # [n, W + E_local]: what rank r will receive from me
+        [out_per.view(W, n).t(), back_per.view(W, n).t(), items_per_global_expert.view(n, E_local)], dim=1
+    )  # [n, 2W + E_local]: what rank r will receive from me
     recv_table = transport.exchange(send_table.contiguous())
     host = torch.stack([send_table, recv_table]).tolist()  # the one host sync
     send_counts = tuple(tuple(host[0][r][w] for r in range(n)) for w in range(W))
+    back_counts = tuple(tuple(host[0][r][W + w] for r in range(n)) for w in range(W))
     recv_counts = tuple(tuple(host[1][s][w] for s in range(n)) for w in range(W))
-    items_per_expert = tuple(sum(host[1][s][W + e] for s in range(n)) for e in range(E_local))
+    return_counts = tuple(tuple(host[1][s][W + w] for s in range(n)) for w in range(W))
+    items_per_expert = tuple(sum(host[1][s][2 * W + e] for s in range(n)) for e in range(E_local))
     R_send = sum(map(sum, send_counts))
     R_recv = sum(map(sum, recv_counts))
 
-    # routes: the slots that open a (token, channel), sorted by (channel, token)
+    # routes: the slots that open a (token, channel), sorted by (first wave, dest, token)
     token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, k)
     never = W * n * T  # sorts after every real key
-    key = torch.where(opens_TK, channel_TK * T + token_TK, torch.full_like(channel_TK, never))
+    key = torch.where(opens_TK, (fw_TK * n + dest_TK) * T + token_TK, torch.full_like(channel_TK, never))
     route_slot = torch.sort(key.flatten(), stable=True).indices[:R_send]  # flat slot of each route
     route_token = route_slot // k
     route_of_flat_slot = torch.empty(T * k, dtype=torch.int64, device=device)
     route_of_flat_slot[route_slot] = torch.arange(R_send, device=device)
-    slot_route = route_of_flat_slot.view(T, k).gather(1, first_TK)
-    slot_route_flat = slot_route * k + torch.arange(k, device=device)
+    slot_route_flat = route_of_flat_slot.view(T, k).gather(1, first_TK) * k + torch.arange(k, device=device)
+    # combine order: (last wave, dest) stably over dispatch order -> (.., first wave, token)
+    back_key = (lw_TK * n + dest_TK).flatten()[route_slot]
+    back_token = route_token[torch.sort(back_key, stable=True).indices]
 
-    # each route's slot -> local expert table (-1: slot not served by this route), to owners
-    table = torch.full((R_send * k,), -1, dtype=torch.int64, device=device)
-    table[slot_route_flat.flatten()] = local_expert_TK.flatten()
+    # each route's slot table to the owners: local expert (-1: slot served by another
+    # route) and weight, as float64 columns [expert id, weight] (ids are exact there)
+    table = torch.zeros(R_send * k, 2, dtype=torch.float64, device=device)
+    table[:, 0] = -1
+    table[slot_route_flat.flatten(), 0] = local_expert_TK.flatten().to(torch.float64)
+    if topk_weights_TK is not None:
+        table[slot_route_flat.flatten(), 1] = topk_weights_TK.detach().flatten().to(torch.float64)
     send_rank_major = block_transpose_index(send_counts, device)
-    recv_src_major = [[recv_counts[w][s] for w in range(W)] for s in range(n)]
-    recv_wave_major = block_transpose_index(recv_src_major, device)
-    recv_table_rows = torch.empty(R_recv, k, dtype=torch.int64, device=device)
+    recv_wave_major = block_transpose_index(_transpose(recv_counts), device)
+    recv_rows = torch.empty(R_recv, k, 2, dtype=torch.float64, device=device)
     transport.all_to_all(
-        recv_table_rows,
-        table.view(R_send, k)[send_rank_major].contiguous(),
-        [sum(recv_counts[w][s] for w in range(W)) for s in range(n)],
-        [sum(send_counts[w][r] for w in range(W)) for r in range(n)],
+        recv_rows,
+        table.view(R_send, k, 2)[send_rank_major].contiguous(),
+        [sum(c[s] for c in recv_counts) for s in range(n)],
+        [sum(c[r] for c in send_counts) for r in range(n)],
     ).wait()
-    slot_expert = recv_table_rows[recv_wave_major].flatten()  # [R_recv * k], wave-major rows
+    recv_rows = recv_rows[recv_wave_major]  # [R_recv, k, 2] in row order
+    slot_expert_RK = recv_rows[:, :, 0].to(torch.int64)
+    recv_weights = None
+    if topk_weights_TK is not None:
+        recv_weights = recv_rows[:, :, 1].flatten().to(torch.promote_types(topk_weights_TK.dtype, torch.float32))
+
+    # rows going back: by (last wave, source), stably over row order
+    row_source = torch.repeat_interleave(
+        torch.arange(n, dtype=torch.int64).repeat(W),
+        torch.tensor(recv_counts, dtype=torch.int64).reshape(W * n),
+        output_size=R_recv,
+    ).to(device)
+    row_last_wave = torch.where(
+        slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1
+    ).amax(dim=1)
+    return_row = torch.sort(row_last_wave * n + row_source, stable=True).indices
 
     # items: received (row, slot) pairs with an expert here, sorted by expert (stable)
     I = sum(items_per_expert)
+    slot_expert = slot_expert_RK.flatten()
     ekey = torch.where(slot_expert >= 0, slot_expert, torch.full_like(slot_expert, E_local))
     item_slot_flat = torch.sort(ekey, stable=True).indices[:I]
-    expert_off = _offsets(items_per_expert)
-    recv_off = _offsets([sum(c) for c in recv_counts])
-    items_per_wave = [expert_off[bounds[w + 1]] - expert_off[bounds[w]] for w in range(W)]
-    wave_row_start = torch.repeat_interleave(
-        torch.tensor(recv_off[:W], dtype=torch.int64),
-        torch.tensor(items_per_wave, dtype=torch.int64),
-        output_size=I,
-    ).to(device)
-    item_row = item_slot_flat // k - wave_row_start
 
     return DispatchPlan(
         num_ranks=n,
@@ -260,14 +327,17 @@ def make_plan(
         route_token=route_token,
         slot_route_flat=slot_route_flat,
         send_counts=send_counts,
+        back_token=back_token,
+        back_counts=back_counts,
         recv_counts=recv_counts,
-        item_row=item_row,
+        return_row=return_row,
+        return_counts=return_counts,
+        item_row=item_slot_flat // k,
         item_slot_flat=item_slot_flat,
         items_per_expert=items_per_expert,
+        recv_weights=recv_weights,
         send_rank_major=send_rank_major,
         recv_wave_major=recv_wave_major,
         recv_rank_major=block_transpose_index(recv_counts, device),
-        send_wave_major=block_transpose_index(
-            [[send_counts[w][r] for w in range(W)] for r in range(n)], device
-        ),
+        send_wave_major=block_transpose_index(_transpose(send_counts), device),
     )

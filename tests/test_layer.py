@@ -15,10 +15,10 @@ from tests.world import run_world
 TOL = 1e-10
 
 
-def build_layer(p, n, rank, num_waves, score_func="softmax", norm_topk=True):
+def build_layer(p, n, rank, num_waves, score_func="softmax", norm_topk=True, dedup_across_waves=True):
     cfg = ep.MoEConfig(
         hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=num_waves,
-        score_func=score_func, norm_topk=norm_topk,
+        score_func=score_func, norm_topk=norm_topk, dedup_across_waves=dedup_across_waves,
     )
     layer = ep.ExpertParallelMoE(cfg).double()
     El = p.E // n
@@ -75,11 +75,12 @@ def check_matrix(rank, n, cases):
     for case in cases:
         score_func = case.pop("score_func", "softmax")
         norm_topk = case.pop("norm_topk", True)
+        across = case.pop("dedup_across_waves", True)
         p = make_problem(n, **case)
         ref = run_reference(p, n, rank, score_func, norm_topk)
         first = None
         for W in (1, 2, 4):
-            got = run_layer(build_layer(p, n, rank, W, score_func, norm_topk), p, rank)
+            got = run_layer(build_layer(p, n, rank, W, score_func, norm_topk, across), p, rank)
             for name, want in ref.items():
                 if want is None:
                     continue
@@ -104,6 +105,8 @@ def _cases(seed):
         cases.append(dict(k=k, tokens=tokens, routing=routing, seed=seed + i))
     cases.append(dict(k=2, tokens="uneven", routing="router", score_func="sigmoid", norm_topk=False, seed=seed + 99))
     cases.append(dict(k=4, tokens="uneven", routing="router", score_func="sigmoid", norm_topk=True, seed=seed + 98))
+    for k in (1, 2, 4):
+        cases.append(dict(k=k, tokens="one_empty", routing="skewed", dedup_across_waves=False, seed=seed + 90 + k))
     return cases
 
 

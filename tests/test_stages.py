@@ -26,8 +26,9 @@ def check_rank_tags(rank, n):
             x = torch.full((idx.shape[0], 5), float(rank), dtype=torch.float64)
             x[:, 1] = torch.arange(idx.shape[0], dtype=torch.float64)  # token id rides along
             received_total = 0
+            rows_all = stages.received_rows(plan, x)
             for w in range(W):
-                recv = stages.dispatch(x, plan, w, transport).wait()
+                recv = stages.dispatch(x, rows_all, plan, w, transport).wait()
                 start = 0
                 for src, count in enumerate(plan.recv_counts[w]):
                     seg = recv[start:start + count]
@@ -51,28 +52,32 @@ def check_identity(rank, n):
     for W in (1, 2, 4):
         for k in (1, 2, 4):
             p, idx, tw = _routing(n, rank, k, seed=100 + W * 10 + k)
-            for weights in (torch.ones_like(tw), tw):
-                plan = make_plan(idx, p.E, W, transport)
+            for weights, across in ((torch.ones_like(tw), True), (tw, True), (tw, False)):
+                plan = make_plan(idx, p.E, W, transport, weights, dedup_across_waves=across)
                 x = p.x[p.rows(rank)]
-                flat = stages.exchange_weights(weights, plan, transport, torch.float64)
+                dy = p.dy[p.rows(rank)]
+                flat = plan.recv_weights
                 y = torch.zeros_like(x)
                 dx = torch.zeros_like(x)
+                rows_all, acc_all = stages.received_rows(plan, x), stages.return_accumulator(plan, x)
+                dz_all, dacc_all = stages.received_rows(plan, x), stages.return_accumulator(plan, x)
                 for w in range(W):
                     i0, i1 = plan.item_range(w)
-                    recv = stages.dispatch(x, plan, w, transport).wait()
-                    items = gather_rows(recv, plan.item_row[i0:i1])
-                    back = stages.combine(items, flat[plan.item_slot_flat[i0:i1]], plan, w, transport).wait()
+                    stages.dispatch(x, rows_all, plan, w, transport).wait()
+                    items = gather_rows(rows_all, plan.item_row[i0:i1])
+                    back = stages.combine(items, flat[plan.item_slot_flat[i0:i1]], acc_all, plan, w, transport).wait()
                     stages.unpermute(y, back, plan, w)
-                    dz = stages.combine_backward(p.dy[p.rows(rank)], plan, w, transport).wait()
-                    ditems = gather_rows(dz, plan.item_row[i0:i1]) * flat[plan.item_slot_flat[i0:i1]].unsqueeze(1)
-                    stages.unpermute(dx, stages.dispatch_backward(ditems, plan, w, transport).wait(), plan, w)
+                    stages.combine_backward(dy, dz_all, plan, w, transport).wait()
+                    ditems = gather_rows(dz_all, plan.item_row[i0:i1]) * flat[plan.item_slot_flat[i0:i1]].unsqueeze(1)
+                    back = stages.dispatch_backward(ditems, dacc_all, plan, w, transport).wait()
+                    stages.unpermute(dx, back, plan, w)
                 scale = weights.sum(dim=1, keepdim=True)
                 torch.testing.assert_close(y, scale * x, rtol=1e-13, atol=1e-13)
-                torch.testing.assert_close(dx, scale * p.dy[p.rows(rank)], rtol=1e-13, atol=1e-13)
+                torch.testing.assert_close(dx, scale * dy, rtol=1e-13, atol=1e-13)
                 if torch.equal(weights, torch.ones_like(weights)):
                     # unit weights: the exact round trip of every route, summed k times
                     torch.testing.assert_close(y, k * x, rtol=1e-14, atol=0)
-                # the mirror exchange brings every weight back to its (token, slot)
+                # the plan carried each weight to its owner; the mirror exchange brings it back
                 round_trip = stages.exchange_weight_grads(flat, plan, transport)
                 torch.testing.assert_close(round_trip, weights.to(torch.float64), rtol=0, atol=0)
     return True
