@@ -2,17 +2,21 @@
 
 With no arguments on a CPU host it starts a 4-rank Gloo simulation (`ep.launch`) at the
 small `cpu-small` preset. Under torchrun (or `ep.launch`) it runs in place; on GPUs it
-uses NCCL (presets `dsv3`, `wide`, `decode`).
+uses NCCL (presets `dsv3`, `wide`, `decode`; several at once: `--preset dsv3,wide`).
 
 It measures, per rank, with device events (CUDA) or a barrier-aligned wall clock (CPU),
 after warm-up, the median of `--iters` runs, and reports the max over ranks:
 - each stage alone on the W=1 plan: dispatch, linear1, linear2, combine (permutes included
   in the stage that does them), and route+plan;
-- the layer's expert part (plan given) for each W, forward and forward+backward;
+- the layer's expert part (plan given) for each W, forward and forward+backward, for each
+  SM carveout in `--carveouts` (CUDA only);
 - comm = dispatch + combine, compute = linear1 + linear2, ideal = max(comm, compute),
-  overlap efficiency = (W=1 - waved) / (W=1 - ideal), speedup over W=1;
+  overlap efficiency = (W=1 - waved) / (W=1 - ideal), speedup over W=1 (and over the
+  naive hand-written layer, `--naive`);
 - bytes on the wire: rows sent to other ranks x H x element size, per W.
-It prints a table on rank 0 and writes the same as JSON (`--json`).
+It prints a table per preset on rank 0 and writes all of it as JSON (`--json`); with
+`--trace-dir` it also saves a profiler timeline (Chrome trace JSON and a PNG) of one
+waved forward and forward+backward per preset.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,7 +41,7 @@ from ep.plan import make_plan
 from ep.transport import TorchDistTransport
 
 PRESETS: Dict[str, Dict] = {
-    # small enough for 4 ranks on 2 CPU cores; comm and compute of the same order there
+    # small enough for 4 ranks on 2 CPU cores
     "cpu-small": dict(T=512, H=256, F=64, local_experts=8, k=4, dtype="float32"),
     "dsv3": dict(T=4096, H=7168, F=2048, local_experts=32, k=8, dtype="bfloat16"),
     "wide": dict(T=4096, H=4096, F=1408, local_experts=16, k=6, dtype="bfloat16"),
@@ -47,11 +51,15 @@ PRESETS: Dict[str, Dict] = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help=f"one of {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
+    p.add_argument("--preset", default=None, help=f"comma-separated, from {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
     p.add_argument("--waves", default="1,2,4", help="comma-separated W values; 1 is always measured")
+    p.add_argument("--carveouts", default="0", help="comma-separated SM carveouts for the waved runs (CUDA)")
+    p.add_argument("--dedup", default="rank", help="comma-separated: rank (once per rank), wave (once per rank and wave)")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 10 CPU, 20 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 CPU, 5 GPU)")
     p.add_argument("--no-backward", action="store_true", help="skip the forward+backward rows")
+    p.add_argument("--naive", action="store_true", help="also time the naive hand-written layer (forward)")
+    p.add_argument("--trace-dir", default=None, help="save a profiler timeline per preset here (rank 0)")
     p.add_argument("--json", default="overlap.json", help="where rank 0 writes the results")
     p.add_argument("--nproc", type=int, default=4, help="ranks to start when not launched (CPU simulation)")
     p.add_argument("--seed", type=int, default=0)
@@ -94,33 +102,43 @@ class Timer:
 
 
 def git_commit() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
+    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ep", "benchmarks/overlap.py"], cwd=os.path.dirname(here),
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ep", "benchmarks"], cwd=top,
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("EP_COMMIT", "unknown")
 
 
-def run(args) -> dict:
-    ep.init_distributed()
+def environment(device: torch.device) -> dict:
+    return {
+        "world_size": dist.get_world_size(), "backend": dist.get_backend(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
+        "torch": torch.__version__,
+        "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
+        "commit": git_commit(), "command": " ".join(sys.argv),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))},
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "timing": "cuda events, median, max over ranks" if device.type == "cuda" else "wall clock after a barrier, median, max over ranks",
+    }
+
+
+def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     rank, n = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    preset_name = args.preset or ("dsv3" if device.type == "cuda" else "cpu-small")
-    if preset_name not in PRESETS:
-        raise SystemExit(f"--preset must be one of {sorted(PRESETS)}, got {preset_name!r}")
     P = PRESETS[preset_name]
     dtype = getattr(torch, P["dtype"])
+    cuda = device.type == "cuda"
     waves = sorted({1, *(int(w) for w in args.waves.split(","))})
-    iters = args.iters or (20 if device.type == "cuda" else 10)
-    warmup = args.warmup if args.warmup is not None else (5 if device.type == "cuda" else 2)
+    waves = [W for W in waves if W <= P["local_experts"]]
+    carveouts = sorted({int(c) for c in args.carveouts.split(",")}) if cuda else [0]
+    dedups = [d.strip() for d in args.dedup.split(",")]
+    if any(d not in ("rank", "wave") for d in dedups):
+        raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
+    iters = args.iters or (20 if cuda else 10)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     timer = Timer(device, warmup, iters)
-
-    def log(msg: str) -> None:
-        if rank == 0:
-            print(msg, flush=True)
 
     E = P["local_experts"] * n
     torch.manual_seed(args.seed + 17)  # the router is replicated: same init everywhere
@@ -133,23 +151,22 @@ def run(args) -> dict:
     tr = TorchDistTransport()
     with torch.no_grad():
         idx, tw = layer.router(x)
-    plans = {W: make_plan(idx, E, W, tr, tw, cfg.dedup_across_waves) for W in waves}
-    plan1 = plans[1]
     acc = torch.promote_types(dtype, torch.float32)
-    elem = torch.tensor([], dtype=dtype).element_size()
+    elem = x.element_size()
 
-    steps = 5 + len(waves) * (1 if args.no_backward else 2)
+    variants = [(W, c, d) for d in dedups for W in waves for c in (carveouts if W > 1 else [0])]
+    steps = 5 + len(variants) * (1 if args.no_backward else 2) + int(args.naive)
     step = [0]
 
     def measure(name: str, fn) -> float:
         step[0] += 1
-        log(f"[{step[0]}/{steps}] {name} ...")
         ms = timer(fn)
-        log(f"[{step[0]}/{steps}] {name}: {ms:.3f} ms")
+        log(f"  [{step[0]}/{steps}] {preset_name}: {name}: {ms:.3f} ms")
         return ms
 
     # ---- each stage alone, W=1, full machine --------------------------------------
-    item_w = plan1.recv_weights[plan1.item_slot_flat]
+    plan1 = make_plan(idx, E, 1, tr, tw)
+    item_w = plan1.recv_weights[plan1.item_slot_flat].to(acc)
     rows_all = stages.received_rows(plan1, x)
     stages.dispatch(x, rows_all, plan1, 0, tr).wait()
     h = stages.linear1(rows_all, w1, plan1, 0)
@@ -172,72 +189,100 @@ def run(args) -> dict:
             "linear2": measure("linear2 alone", lambda: stages.linear2(h, w2, plan1, 0)),
             "combine": measure("combine alone", combine_alone),
         }
+    del h, o, rows_all
     comm = st["dispatch"] + st["combine"]
     compute = st["linear1"] + st["linear2"]
     ideal = max(comm, compute)
 
-    # ---- the layer's expert part per W -----------------------------------------------
-    layers = {}
-    for W in waves:
-        plan = plans[W]
+    naive_ms: Optional[float] = None
+    if args.naive:
+        from benchmarks.naive import naive_forward
+
         with torch.no_grad():
-            fwd = measure(f"layer W={W} forward", lambda: waved_experts(x, tw, w1, w2, plan, tr, cfg.sm_carveout))
-        row = {"fwd_ms": fwd}
+            naive_ms = measure("naive layer forward", lambda: naive_forward(x, idx, tw, w1, w2, E))
+
+    # ---- the layer's expert part per variant ----------------------------------------
+    rows = []
+    for W, carve, dedup in variants:
+        plan = make_plan(idx, E, W, tr, tw, dedup_across_waves=(dedup == "rank"))
+        label = f"W={W} carveout={carve} dedup={dedup}"
+        with torch.no_grad():
+            fwd = measure(f"{label} forward", lambda: waved_experts(x, tw, w1, w2, plan, tr, carve))
+        row = {"W": W, "carveout": carve, "dedup": dedup, "fwd_ms": fwd}
         if not args.no_backward:
             w1g, w2g = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
             xg, twg = x.clone().requires_grad_(True), tw.clone().requires_grad_(True)
 
             def fwd_bwd():
-                waved_experts(xg, twg, w1g, w2g, plan, tr, cfg.sm_carveout).backward(dy)
+                waved_experts(xg, twg, w1g, w2g, plan, tr, carve).backward(dy)
 
-            row["fwdbwd_ms"] = measure(f"layer W={W} forward+backward", fwd_bwd)
-        remote = [sum(plan.send_counts[w][r] for w in range(W)) for r in range(n) if r != rank]
-        wire = torch.tensor([sum(remote) * P["H"] * elem, plan.num_routes_sent], dtype=torch.float64, device=device)
+            row["fwdbwd_ms"] = measure(f"{label} forward+backward", fwd_bwd)
+            del w1g, w2g, xg, twg
+        remote = sum(sum(c[r] for c in plan.send_counts) for r in range(n) if r != rank)
+        wire = torch.tensor([remote * P["H"] * elem, plan.num_routes_sent], dtype=torch.float64, device=device)
         dist.all_reduce(wire, op=dist.ReduceOp.MAX)
         row["dispatch_wire_bytes_max_rank"] = int(wire[0].item())
-        row["rows_per_token"] = wire[1].item() / P["T"]
-        layers[W] = row
+        row["rows_per_token_max_rank"] = wire[1].item() / max(P["T"], 1)
+        rows.append(row)
+        if args.trace_dir and W == max(waves) and carve == carveouts[-1] and dedup == dedups[0]:
+            save_trace(args.trace_dir, f"{preset_name}_n{n}_W{W}_c{carve}", device,
+                       lambda: waved_experts(x, tw, w1, w2, plan, tr, carve),
+                       None if args.no_backward else lambda: waved_experts(
+                           x.clone().requires_grad_(True), tw, w1.clone().requires_grad_(True),
+                           w2.clone().requires_grad_(True), plan, tr, carve).backward(dy))
 
-    seq = layers[1]["fwd_ms"]
-    for W, row in layers.items():
-        row["speedup_vs_w1"] = seq / row["fwd_ms"]
-        row["overlap_efficiency"] = (seq - row["fwd_ms"]) / (seq - ideal) if seq > ideal else None
-        if "fwdbwd_ms" in row:
-            row["fwdbwd_speedup_vs_w1"] = layers[1]["fwdbwd_ms"] / row["fwdbwd_ms"]
-
-    result = {
-        "meta": {
-            "preset": preset_name, **P, "world_size": n, "num_experts": E,
-            "backend": dist.get_backend(), "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-            "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-            "commit": git_commit(), "command": " ".join(sys.argv), "iters": iters, "warmup": warmup,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "timing": "cuda events, median, max over ranks" if device.type == "cuda" else "wall clock after a barrier, median, max over ranks",
-        },
-        "stages_ms": st,
-        "comm_ms": comm, "compute_ms": compute, "ideal_ms": ideal,
-        "layers": {str(W): row for W, row in layers.items()},
+    base = {d: next(r for r in rows if r["W"] == 1 and r["dedup"] == d) for d in dedups}
+    for r in rows:
+        seq = base[r["dedup"]]
+        r["speedup_vs_w1"] = seq["fwd_ms"] / r["fwd_ms"]
+        r["overlap_efficiency"] = (seq["fwd_ms"] - r["fwd_ms"]) / (seq["fwd_ms"] - ideal) if seq["fwd_ms"] > ideal else None
+        r["over_ideal"] = r["fwd_ms"] / ideal
+        if naive_ms is not None:
+            r["speedup_vs_naive"] = naive_ms / r["fwd_ms"]
+        if "fwdbwd_ms" in r:
+            r["fwdbwd_speedup_vs_w1"] = seq["fwdbwd_ms"] / r["fwdbwd_ms"]
+    return {
+        "preset": preset_name, **P, "num_experts": E, "iters": iters, "warmup": warmup,
+        "stages_ms": st, "comm_ms": comm, "compute_ms": compute, "ideal_ms": ideal,
+        "naive_fwd_ms": naive_ms, "layers": rows,
     }
-    if rank == 0:
-        print(format_table(result), flush=True)
-        if args.json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=2)
-            print(f"wrote {args.json}", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-    return result
 
 
-def format_table(r: dict) -> str:
-    m = r["meta"]
+def save_trace(trace_dir: str, name: str, device: torch.device, fwd, fwd_bwd) -> None:
+    """Profile one forward (and forward+backward) on every rank; rank 0 saves the trace and a PNG."""
+    if device.type != "cuda":
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    for tag, fn in (("fwd", fwd), ("fwdbwd", fwd_bwd)):
+        if fn is None:
+            continue
+        with torch.no_grad() if tag == "fwd" else torch.enable_grad():
+            fn()
+            torch.cuda.synchronize()
+            dist.barrier()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+        if dist.get_rank() == 0:
+            os.makedirs(trace_dir, exist_ok=True)
+            path = os.path.join(trace_dir, f"trace_{name}_{tag}.json")
+            prof.export_chrome_trace(path)
+            try:
+                from benchmarks.timeline import draw_timeline
+
+                draw_timeline(path, path[:-5] + ".png", title=f"{name} {tag} (rank 0)")
+            except Exception as e:  # noqa: BLE001 - the trace is kept; say why the picture is not
+                print(f"timeline picture for {path} failed: {e!r}", flush=True)
+        dist.barrier()
+
+
+def format_table(r: dict, meta: dict) -> str:
     lines = [
-        f"overlap benchmark: preset {m['preset']} (T={m['T']}/rank, H={m['H']}, F={m['F']}, "
-        f"E={m['num_experts']} ({m['local_experts']}/rank), k={m['k']}, {m['dtype']}), "
-        f"{m['world_size']} ranks, {m['backend']}, {m['device']}",
-        f"times in ms: {m['timing']}",
+        f"overlap benchmark: preset {r['preset']} (T={r['T']}/rank, H={r['H']}, F={r['F']}, "
+        f"E={r['num_experts']} ({r['local_experts']}/rank), k={r['k']}, {r['dtype']}), "
+        f"{meta['world_size']} ranks, {meta['backend']}, {meta['device']}",
+        f"times in ms: {meta['timing']}",
         "",
         "stage alone (W=1)   ms",
     ]
@@ -247,19 +292,52 @@ def format_table(r: dict) -> str:
         f"  {'comm':<17} {r['comm_ms']:8.3f}   (dispatch + combine)",
         f"  {'compute':<17} {r['compute_ms']:8.3f}   (linear1 + linear2)",
         f"  {'ideal':<17} {r['ideal_ms']:8.3f}   max(comm, compute)",
-        "",
-        "layer (plan given)  fwd ms   vs W=1   overlap eff   fwd+bwd ms  vs W=1   rows/token  dispatch MB (max rank)",
     ]
-    for W, row in r["layers"].items():
+    if r["naive_fwd_ms"] is not None:
+        lines.append(f"  {'naive layer fwd':<17} {r['naive_fwd_ms']:8.3f}   (per-slot a2a, index gathers, index_add_)")
+    lines += ["", "layer (plan given)            fwd ms  vs W=1  /ideal  overlap eff  fwd+bwd ms  vs W=1  rows/token  dispatch MB"]
+    for row in r["layers"]:
         eff = row["overlap_efficiency"]
-        label = "sequential W=1" if W == "1" else f"waved W={W}"
+        label = f"W={row['W']} c={row['carveout']} {row['dedup']}"
         lines.append(
-            f"  {label:<17} {row['fwd_ms']:7.3f}   {row['speedup_vs_w1']:5.2f}x   "
-            f"{'   n/a' if eff is None else f'{eff:6.2f}':>11}   "
-            f"{row.get('fwdbwd_ms', float('nan')):9.3f}   {row.get('fwdbwd_speedup_vs_w1', float('nan')):5.2f}x   "
-            f"{row['rows_per_token']:9.2f}   {row['dispatch_wire_bytes_max_rank'] / 1e6:10.2f}"
+            f"  {label:<26} {row['fwd_ms']:8.3f}  {row['speedup_vs_w1']:5.2f}x  {row['over_ideal']:5.2f}x  "
+            f"{'n/a' if eff is None else f'{eff:.2f}':>11}  "
+            f"{row.get('fwdbwd_ms', float('nan')):10.3f}  {row.get('fwdbwd_speedup_vs_w1', float('nan')):5.2f}x  "
+            f"{row['rows_per_token_max_rank']:10.2f}  {row['dispatch_wire_bytes_max_rank'] / 1e6:11.2f}"
         )
     return "\n".join(lines)
+
+
+def run(args) -> dict:
+    ep.init_distributed()
+    rank = dist.get_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    names = (args.preset or ("dsv3" if device.type == "cuda" else "cpu-small")).split(",")
+    for name in names:
+        if name not in PRESETS:
+            raise SystemExit(f"--preset must name presets from {sorted(PRESETS)}, got {name!r}")
+
+    def log(msg: str) -> None:
+        if rank == 0:
+            print(msg, flush=True)
+
+    meta = environment(device)
+    result = {"meta": meta, "runs": []}
+    for i, name in enumerate(names):
+        log(f"[preset {i + 1}/{len(names)}] {name}")
+        r = run_preset(name, args, device, log)
+        result["runs"].append(r)
+        log(format_table(r, meta))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if rank == 0 and args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}", flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return result
 
 
 def main(argv=None) -> int:
@@ -269,6 +347,7 @@ def main(argv=None) -> int:
 
         print(f"starting a {args.nproc}-rank Gloo simulation on this CPU host", flush=True)
         return spawn_local(args.nproc, [os.path.abspath(__file__), *(argv if argv is not None else sys.argv[1:])])
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks.*
     run(args)
     return 0
 

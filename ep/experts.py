@@ -6,7 +6,7 @@ Backward is written out by hand so the pipeline can run it wave by wave.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +49,14 @@ def swiglu_backward(h_I2F: torch.Tensor, da_IF: torch.Tensor) -> torch.Tensor:
     return torch.cat([dgate, dup], dim=-1).to(h_I2F.dtype)
 
 
-def linear1(x_IH: torch.Tensor, w1_EH2F: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def linear1(x_IH: torch.Tensor, w1_EH2F: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`h = x @ w1[e]` per expert -> `[I, 2F]` (SwiGLU is applied by the caller)."""
-    return grouped_mm(x_IH, w1_EH2F, counts)
+    return grouped_mm(x_IH, w1_EH2F, counts, offs)
 
 
-def linear2(a_IF: torch.Tensor, w2_EFH: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def linear2(a_IF: torch.Tensor, w2_EFH: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`o = a @ w2[e]` per expert -> `[I, H]`."""
-    return grouped_mm(a_IF, w2_EFH, counts)
+    return grouped_mm(a_IF, w2_EFH, counts, offs)
 
 
 def linear2_backward(
@@ -65,6 +65,7 @@ def linear2_backward(
     weight_I: torch.Tensor,
     w2_EFH: torch.Tensor,
     counts: Sequence[int],
+    offs: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of `z = weight * (swiglu(h) @ w2)` for the gradient `dz` of each item's row.
 
@@ -72,12 +73,12 @@ def linear2_backward(
         da `[I, F]` (x's dtype), dw2 `[E, F, H]`, dweight `[I]` (weight's dtype).
     """
     a_IF = swiglu(h_I2F)
-    g_IF = grouped_mm(dz_IH, w2_EFH.transpose(1, 2), counts)  # dz @ w2^T
+    g_IF = grouped_mm(dz_IH, w2_EFH.transpose(1, 2), counts, offs)  # dz @ w2^T
     dweight_I = (g_IF.to(weight_I.dtype) * a_IF.to(weight_I.dtype)).sum(dim=1)
     wcol = weight_I.unsqueeze(1)
     da_IF = (g_IF.to(weight_I.dtype) * wcol).to(h_I2F.dtype)
     do_IH = (dz_IH.to(weight_I.dtype) * wcol).to(dz_IH.dtype)
-    dw2 = grouped_mm_wgrad(a_IF, do_IH, counts)
+    dw2 = grouped_mm_wgrad(a_IF, do_IH, counts, offs)
     return da_IF, dw2, dweight_I
 
 
@@ -86,8 +87,9 @@ def linear1_backward(
     x_IH: torch.Tensor,
     w1_EH2F: torch.Tensor,
     counts: Sequence[int],
+    offs: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backward of `h = x @ w1[e]`. Returns dx `[I, H]` and dw1 `[E, H, 2F]`."""
-    dx_IH = grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts)
-    dw1 = grouped_mm_wgrad(x_IH, dh_I2F, counts)
+    dx_IH = grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)
+    dw1 = grouped_mm_wgrad(x_IH, dh_I2F, counts, offs)
     return dx_IH, dw1

@@ -34,11 +34,12 @@ class _SmCarveout:
 
     def __enter__(self):
         if self.sms:
+            self._before = torch._C._get_sm_carveout_experimental()
             torch._C._set_sm_carveout_experimental(self.sms)
 
     def __exit__(self, *exc):
         if self.sms:
-            torch._C._set_sm_carveout_experimental(None)
+            torch._C._set_sm_carveout_experimental(self._before)
 
 
 def run_waves(

@@ -47,26 +47,28 @@ def wave_bounds(num_local_experts: int, num_waves: int) -> Tuple[int, ...]:
     return tuple(-(-w * num_local_experts // num_waves) for w in range(num_waves + 1))
 
 
-def block_transpose_index(counts: Sequence[Sequence[int]], device=None) -> torch.Tensor:
+def block_transpose_index(counts, total: Optional[int] = None) -> torch.Tensor:
     """Gather index that reorders rows laid out in blocks `(a, b)` into `(b, a)` order.
 
     Args:
-        counts: `[A][B]` host ints, rows in block (a, b), blocks stored a-major.
+        counts: `[A, B]` ints (a tensor on any device, or nested lists): rows in block
+            (a, b), blocks stored a-major.
+        total: sum(counts) when known on the host (saves a device sync on CUDA).
     Returns:
-        `[sum(counts)]` int64: `rows[index]` holds the same blocks, b-major.
+        `[sum(counts)]` int64 on counts' device: `rows[index]` holds the same blocks, b-major.
     """
-    c = torch.tensor(counts, dtype=torch.int64).reshape(len(counts), -1)
+    c = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, dtype=torch.int64)
+    c = c.to(torch.int64).reshape(c.shape[0], -1)
     flat = c.flatten()
     start = (flat.cumsum(0) - flat).view_as(c)
     ct, st = c.t().flatten(), start.t().flatten()
     new_start = ct.cumsum(0) - ct
-    total = int(flat.sum())
-    index = (
-        torch.arange(total)
+    total = int(flat.sum()) if total is None else total
+    return (
+        torch.arange(total, device=c.device)
         - torch.repeat_interleave(new_start, ct, output_size=total)
         + torch.repeat_interleave(st, ct, output_size=total)
     )
-    return index.to(device)
 
 
 def first_slot_of_channel(channel_TK: torch.Tensor) -> torch.Tensor:
@@ -129,6 +131,9 @@ class DispatchPlan:
     """`[I]` int64: `row * k + slot` of each item."""
     items_per_expert: Tuple[int, ...]
     """`[E_local]` items (rows of expert math) of each local expert."""
+    wave_offs: Tuple[torch.Tensor, ...]
+    """`W` int32 device tensors: cumulative item counts of each wave's experts (the
+    `offs` of a grouped GEMM over the wave's items)."""
     recv_weights: Optional[torch.Tensor]
     """`[R_recv * k]` routing weight of each received (row, slot), 0 where the slot is
     served elsewhere; the weights' dtype promoted to at least fp32. Values only (no
@@ -199,10 +204,6 @@ class DispatchPlan:
         return [sum(c[s] for c in self.recv_counts) for s in range(self.num_ranks)]
 
 
-def _transpose(counts: Counts) -> List[List[int]]:
-    return [list(c) for c in zip(*counts)]
-
-
 def make_plan(
     topk_idx_TK: torch.Tensor,
     num_experts: int,
@@ -229,9 +230,7 @@ def make_plan(
     E_local = num_experts // n
     bounds = wave_bounds(E_local, num_waves)
     W = num_waves
-    wave_of_expert = torch.tensor(
-        [e * W // E_local for e in range(E_local)], dtype=torch.int64, device=device
-    )
+    wave_of_expert = torch.arange(E_local, device=device) * W // E_local
 
     idx = topk_idx_TK.to(torch.int64)
     dest_TK = idx // E_local
@@ -285,8 +284,10 @@ def make_plan(
     table[slot_route_flat.flatten(), 0] = local_expert_TK.flatten().to(torch.float64)
     if topk_weights_TK is not None:
         table[slot_route_flat.flatten(), 1] = topk_weights_TK.detach().flatten().to(torch.float64)
-    send_rank_major = block_transpose_index(send_counts, device)
-    recv_wave_major = block_transpose_index(_transpose(recv_counts), device)
+    send_WN = send_table[:, :W].t()  # on the device: no host round trip for the index math
+    recv_WN = recv_table[:, :W].t()
+    send_rank_major = block_transpose_index(send_WN, R_send)
+    recv_wave_major = block_transpose_index(recv_WN.t(), R_recv)
     recv_rows = torch.empty(R_recv, k, 2, dtype=torch.float64, device=device)
     transport.all_to_all(
         recv_rows,
@@ -302,10 +303,8 @@ def make_plan(
 
     # rows going back: by (last wave, source), stably over row order
     row_source = torch.repeat_interleave(
-        torch.arange(n, dtype=torch.int64).repeat(W),
-        torch.tensor(recv_counts, dtype=torch.int64).reshape(W * n),
-        output_size=R_recv,
-    ).to(device)
+        torch.arange(n, device=device).repeat(W), recv_WN.flatten(), output_size=R_recv
+    )
     row_last_wave = torch.where(
         slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1
     ).amax(dim=1)
@@ -338,6 +337,10 @@ def make_plan(
         recv_weights=recv_weights,
         send_rank_major=send_rank_major,
         recv_wave_major=recv_wave_major,
-        recv_rank_major=block_transpose_index(recv_counts, device),
-        send_wave_major=block_transpose_index(_transpose(send_counts), device),
+        recv_rank_major=block_transpose_index(recv_WN, R_recv),
+        send_wave_major=block_transpose_index(send_WN.t(), R_send),
+        wave_offs=tuple(
+            recv_table[:, 2 * W + e0:2 * W + e1].sum(0).cumsum(0).to(torch.int32)
+            for e0, e1 in zip(bounds[:-1], bounds[1:])
+        ),
     )

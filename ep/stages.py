@@ -117,13 +117,13 @@ def linear1(rows_all: torch.Tensor, w1: torch.Tensor, plan: DispatchPlan, wave: 
     """Stage 2: expand received rows into wave w's items (expert order), `h = x @ w1` -> `[I_w, 2F]`."""
     items, experts = _items(plan, wave)
     x_IH = gather_rows(rows_all, plan.item_row[items])
-    return _linear1(x_IH, w1[experts], plan.items_per_expert[experts])
+    return _linear1(x_IH, w1[experts], plan.items_per_expert[experts], plan.wave_offs[wave])
 
 
 def linear2(h_I2F: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, wave: int) -> torch.Tensor:
     """Stage 3: `o = swiglu(h) @ w2` -> `[I_w, H]`."""
     _, experts = _items(plan, wave)
-    return _linear2(swiglu(h_I2F), w2[experts], plan.items_per_expert[experts])
+    return _linear2(swiglu(h_I2F), w2[experts], plan.items_per_expert[experts], plan.wave_offs[wave])
 
 
 def combine(
@@ -166,11 +166,11 @@ def experts_backward(
         dx_IH `[I_w, H]` per item, dw1 `[E_w, H, 2F]`, dw2 `[E_w, F, H]`, dweight_I `[I_w]`.
     """
     items, experts = _items(plan, wave)
-    counts = plan.items_per_expert[experts]
+    counts, offs = plan.items_per_expert[experts], plan.wave_offs[wave]
     rows = plan.item_row[items]
-    da_IF, dw2, dweight_I = linear2_backward(gather_rows(dz_all, rows), h_I2F, weight_I, w2[experts], counts)
+    da_IF, dw2, dweight_I = linear2_backward(gather_rows(dz_all, rows), h_I2F, weight_I, w2[experts], counts, offs)
     dh_I2F = swiglu_backward(h_I2F, da_IF)
-    dx_IH, dw1 = linear1_backward(dh_I2F, gather_rows(rows_all, rows), w1[experts], counts)
+    dx_IH, dw1 = linear1_backward(dh_I2F, gather_rows(rows_all, rows), w1[experts], counts, offs)
     return dx_IH, dw1, dw2, dweight_I
 
 

@@ -12,26 +12,29 @@ from typing import Optional, Sequence
 import torch
 
 
-def _offs(counts: Sequence[int], device) -> torch.Tensor:
-    return torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device, non_blocking=True)
-
-
 def _use_grouped_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
-def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts: Sequence[int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def grouped_mm(
+    x_MK: torch.Tensor,
+    w_EKN: torch.Tensor,
+    counts: Sequence[int],
+    offs: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """`out[rows of e] = x[rows of e] @ w[e]` for every expert e.
 
     Args:
         x_MK: `[M, K]`, M = sum(counts), rows in expert order.
-        w_EKN: `[E, K, N]` (any strides).
+        w_EKN: `[E, K, N]` (any strides with a unit stride in the last two dims).
         counts: `[E]` host ints.
+        offs: `[E]` int32 cumulative counts on x's device (the GPU kernel's form of counts).
     Returns:
         `[M, N]` in x's dtype.
     """
-    if _use_grouped_kernel(x_MK):
-        return torch._grouped_mm(x_MK, w_EKN, offs=_offs(counts, x_MK.device))
+    if offs is not None and _use_grouped_kernel(x_MK):
+        return torch._grouped_mm(x_MK, w_EKN, offs=offs)
     if out is None:
         out = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
     start = 0
@@ -42,15 +45,21 @@ def grouped_mm(x_MK: torch.Tensor, w_EKN: torch.Tensor, counts: Sequence[int], o
     return out
 
 
-def grouped_mm_wgrad(x_MK: torch.Tensor, dy_MN: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+def grouped_mm_wgrad(
+    x_MK: torch.Tensor, dy_MN: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """`dw[e] = x[rows of e]^T @ dy[rows of e]`; zero for experts with no rows.
 
     Returns:
         `[E, K, N]` in x's dtype.
     """
     E = len(counts)
-    if _use_grouped_kernel(x_MK):
-        return torch._grouped_mm(x_MK.t(), dy_MN, offs=_offs(counts, x_MK.device))
+    if offs is not None and _use_grouped_kernel(x_MK):
+        dw = torch._grouped_mm(x_MK.t(), dy_MN, offs=offs)
+        for e, c in enumerate(counts):
+            if c == 0:  # a group with no rows is not written by the kernel
+                dw[e].zero_()
+        return dw
     dw = x_MK.new_zeros(E, x_MK.shape[1], dy_MN.shape[1])
     start = 0
     for e, c in enumerate(counts):
