@@ -166,7 +166,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 
     # ---- each stage alone, W=1, full machine --------------------------------------
     plan1 = make_plan(idx, E, 1, tr, tw)
-    item_w = plan1.recv_weights[plan1.item_slot_flat].to(acc)
+    touch_w = plan1.touch_weights.to(acc)
     rows_all = stages.received_rows(plan1, x)
     stages.dispatch(x, rows_all, plan1, 0, tr).wait()
     h = stages.linear1(rows_all, w1, plan1, 0)
@@ -177,9 +177,9 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         make_plan(idx_, E, 1, tr, tw_)
 
     def combine_alone():
-        y = torch.zeros(x.shape, dtype=acc, device=device)
-        acc_all = stages.return_accumulator(plan1, x)
-        stages.unpermute(y, stages.combine(o, item_w, acc_all, plan1, 0, tr).wait(), plan1, 0)
+        acc_all, back_all = stages.return_accumulator(plan1, x), stages.returned_rows(plan1, x)
+        stages.combine(o, touch_w, acc_all, back_all, plan1, 0, tr).wait()
+        stages.unpermute(back_all, plan1, torch.empty_like(x))
 
     with torch.no_grad():
         st = {

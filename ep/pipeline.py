@@ -3,9 +3,9 @@
 Forward, per layer:
     1. (the plan already carried every route's weights to the owners);
     2. start dispatch(w) for every wave (the transport runs them in order);
-    3. for w = 0..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w);
-       then wait for combine(w-1) and un-permute it into `y` (it flew during wave w's math);
-    4. wait for the last combine and un-permute it.
+    3. for w = 0..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w),
+       which sends back the rows whose last wave is w (it flies during wave w+1's math);
+    4. wait for the combines; un-permute: each token's returned rows summed into `y`.
 Backward mirrors it: the output gradient goes out per wave in the dispatch direction,
 each wave's expert backward runs as its gradient lands, and the input gradients fly back
 while the next wave computes. The weights' gradients go back in one exchange at the end.
@@ -45,27 +45,23 @@ class _SmCarveout:
 def run_waves(
     num_waves: int,
     start_in: Callable[[int], stages.InFlight],
-    compute: Callable[[int, torch.Tensor], stages.InFlight],
-    finish: Callable[[int, torch.Tensor], None],
+    compute: Callable[[int], stages.InFlight],
 ) -> None:
-    """Drive W waves: all inbound transfers start first; wave w computes when its data
-    landed and starts its outbound transfer; the outbound transfer of wave w-1 is
-    finished (waited for, then `finish`ed) after wave w's compute was issued."""
+    """Drive W waves: every inbound transfer starts first (the transport runs them in
+    order); wave w computes once its data landed and starts its outbound transfer;
+    then every outbound transfer is waited for."""
     inbound = []
     for w in range(num_waves):
         with record_function(f"ep.in[{w}]"):
             inbound.append(start_in(w))
-    outbound: List[Optional[stages.InFlight]] = [None] * num_waves
+    outbound = []
     for w in range(num_waves):
         with record_function(f"ep.compute[{w}]"):
-            outbound[w] = compute(w, inbound[w].wait())
-            inbound[w] = None  # type: ignore[call-overload]  # free the buffer early
-        if w > 0:
-            with record_function(f"ep.out[{w - 1}]"):
-                finish(w - 1, outbound[w - 1].wait())
-                outbound[w - 1] = None
-    with record_function(f"ep.out[{num_waves - 1}]"):
-        finish(num_waves - 1, outbound[num_waves - 1].wait())
+            inbound[w].wait()
+            outbound.append(compute(w))
+    with record_function("ep.out"):
+        for flight in outbound:
+            flight.wait()
 
 
 class WavedExperts(torch.autograd.Function):
@@ -78,31 +74,29 @@ class WavedExperts(torch.autograd.Function):
         acc = accumulate_dtype(x_TH.dtype)
         x_TH = x_TH.contiguous()
         weights_flat = plan.recv_weights.to(acc)
-        y_TH = torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device)
+        touch_weights = plan.touch_weights.to(acc)
         rows_all = stages.received_rows(plan, x_TH)
         acc_all = stages.return_accumulator(plan, x_TH)
+        back_all = stages.returned_rows(plan, x_TH)
         hidden: List[torch.Tensor] = [None] * plan.num_waves  # type: ignore[list-item]
         carve = _SmCarveout(sm_carveout if plan.num_waves > 1 else 0, x_TH.device)
 
-        def compute(w: int, _landed: torch.Tensor) -> stages.InFlight:
-            i0, i1 = plan.item_range(w)
+        def compute(w: int) -> stages.InFlight:
             with carve:
                 h = stages.linear1(rows_all, w1, plan, w)
                 o = stages.linear2(h, w2, plan, w)
             hidden[w] = h
-            return stages.combine(o, weights_flat[plan.item_slot_flat[i0:i1]], acc_all, plan, w, transport)
+            return stages.combine(o, touch_weights[plan.touch_slice(w)], acc_all, back_all, plan, w, transport)
 
-        run_waves(
-            plan.num_waves,
-            lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport),
-            compute,
-            lambda w, back: stages.unpermute(y_TH, back, plan, w),
-        )
+        run_waves(plan.num_waves, lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport), compute)
+        y_TH = torch.empty_like(x_TH)
+        with record_function("ep.unpermute"):
+            stages.unpermute(back_all, plan, y_TH)
         ctx.save_for_backward(w1, w2)
         ctx.plan, ctx.transport, ctx.sm_carveout = plan, transport, sm_carveout
         ctx.rows_all, ctx.hidden, ctx.weights_flat = rows_all, hidden, weights_flat
         ctx.x_dtype, ctx.w_dtype = x_TH.dtype, topk_weights_TK.dtype
-        return y_TH.to(x_TH.dtype)
+        return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):
@@ -110,15 +104,14 @@ class WavedExperts(torch.autograd.Function):
         plan: DispatchPlan = ctx.plan
         transport: Transport = ctx.transport
         dy_TH = dy_TH.to(ctx.x_dtype).contiguous()
-        acc = accumulate_dtype(ctx.x_dtype)
-        dx_TH = torch.zeros(dy_TH.shape, dtype=acc, device=dy_TH.device)
         dz_all = stages.received_rows(plan, dy_TH)
         dacc_all = stages.return_accumulator(plan, dy_TH)
+        dback_all = stages.returned_rows(plan, dy_TH)
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
         dweights_flat = torch.zeros_like(ctx.weights_flat)
         carve = _SmCarveout(ctx.sm_carveout if plan.num_waves > 1 else 0, dy_TH.device)
 
-        def compute(w: int, _landed: torch.Tensor) -> stages.InFlight:
+        def compute(w: int) -> stages.InFlight:
             i0, i1 = plan.item_range(w)
             e0, e1 = plan.wave_experts(w)
             slots = plan.item_slot_flat[i0:i1]
@@ -128,17 +121,15 @@ class WavedExperts(torch.autograd.Function):
                 )
             ctx.hidden[w] = None
             dweights_flat[slots] = dweight_I
-            return stages.dispatch_backward(dx_IH, dacc_all, plan, w, transport)
+            return stages.dispatch_backward(dx_IH, dacc_all, dback_all, plan, w, transport)
 
-        run_waves(
-            plan.num_waves,
-            lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport),
-            compute,
-            lambda w, back: stages.unpermute(dx_TH, back, plan, w),
-        )
+        run_waves(plan.num_waves, lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport), compute)
+        dx_TH = torch.empty_like(dy_TH)
+        with record_function("ep.unpermute"):
+            stages.unpermute(dback_all, plan, dx_TH)
         ctx.rows_all = None
         dtopk_TK = stages.exchange_weight_grads(dweights_flat, plan, transport).to(ctx.w_dtype)
-        return dx_TH.to(ctx.x_dtype), dtopk_TK, dw1, dw2, None, None, None
+        return dx_TH, dtopk_TK, dw1, dw2, None, None, None
 
 
 def waved_experts(

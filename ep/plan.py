@@ -117,6 +117,9 @@ class DispatchPlan:
     """`[R_send]` int64: token of each route, in combine order."""
     back_counts: Counts
     """`[W][n]` rows coming back from each rank in each wave's combine."""
+    token_back_pos: torch.Tensor
+    """`[T, k]` int64: for the slot that opens a route, the route's position in combine
+    order (its returned row); -1 for the token's other slots (the un-permute's table)."""
 
     # receiver side
     recv_counts: Counts
@@ -131,6 +134,21 @@ class DispatchPlan:
     """`[I]` int64: `row * k + slot` of each item."""
     items_per_expert: Tuple[int, ...]
     """`[E_local]` items (rows of expert math) of each local expert."""
+    touch_counts: Tuple[int, ...]
+    """`[W]` touches per wave. A touch is a (wave, received row) pair with items: the
+    combine of that wave adds the row's items of the wave to its partial sum."""
+    touch_row: torch.Tensor
+    """`[N]` int64: received row of each touch (touches wave-major, then by row)."""
+    touch_items: torch.Tensor
+    """`[N, k]` int64: the touch's items, counted from its wave's first item; -1 pads."""
+    touch_carry: torch.Tensor
+    """`[N]` bool: an earlier wave left a partial sum of this row."""
+    touch_out: torch.Tensor
+    """`[N]` int64: where the row goes in its wave's combine when this is its last wave, else -1."""
+    touch_slot_flat: torch.Tensor
+    """`[N, k]` int64: `row * k + slot` of each of the touch's items; -1 pads."""
+    touch_weights: Optional[torch.Tensor]
+    """`[N, k]` routing weights of the touch's items (0 pads); None without weights."""
     wave_offs: Tuple[torch.Tensor, ...]
     """`W` int32 device tensors: cumulative item counts of each wave's experts (the
     `offs` of a grouped GEMM over the wave's items)."""
@@ -168,6 +186,11 @@ class DispatchPlan:
     def return_slice(self, wave: int) -> slice:
         """Wave w's rows going back, in `return_row` (receiver side)."""
         off = self._wave_offsets(self.return_counts)
+        return slice(off[wave], off[wave + 1])
+
+    def touch_slice(self, wave: int) -> slice:
+        """Wave w's touches (receiver side)."""
+        off = _offsets(self.touch_counts)
         return slice(off[wave], off[wave + 1])
 
     def back_slice(self, wave: int) -> slice:
@@ -245,24 +268,40 @@ def make_plan(
     fw_TK = torch.where(same_TKK, waves_TKK, W).amin(dim=2)
     lw_TK = torch.where(same_TKK, waves_TKK, -1).amax(dim=2)
 
-    # counts per (wave, dest) of routes out and back, per (dest, expert) of items:
-    # one exchange, one host sync
-    opens = opens_TK.flatten().to(torch.int64)
-    out_per = torch.zeros(W * n, dtype=torch.int64, device=device).index_add_(0, (fw_TK * n + dest_TK).flatten(), opens)
-    back_per = torch.zeros(W * n, dtype=torch.int64, device=device).index_add_(0, (lw_TK * n + dest_TK).flatten(), opens)
-    items_per_global_expert = torch.bincount(idx.flatten(), minlength=num_experts)
+    # (route, wave) pairs: a route touched by wave w gets that wave's partial sum
+    touch_channel_TK = wave_TK * n + dest_TK
+    opens_touch_TK = first_slot_of_channel(touch_channel_TK) == torch.arange(k, device=device)
+
+    # counts per (wave, dest) of routes out, back and touched, per (dest, expert) of
+    # items: one exchange, one host sync
+    def per_wave_dest(wave_key_TK: torch.Tensor, mask_TK: torch.Tensor) -> torch.Tensor:
+        c = torch.zeros(W * n, dtype=torch.int64, device=device)
+        c.index_add_(0, (wave_key_TK * n + dest_TK).flatten(), mask_TK.flatten().to(torch.int64))
+        return c.view(W, n).t()
+
+    items_per_global_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    items_per_global_expert.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
     send_table = torch.cat(
-        [out_per.view(W, n).t(), back_per.view(W, n).t(), items_per_global_expert.view(n, E_local)], dim=1
-    )  # [n, 2W + E_local]: what rank r will receive from me
-    recv_table = transport.exchange(send_table.contiguous())
+        [
+            per_wave_dest(fw_TK, opens_TK),
+            per_wave_dest(lw_TK, opens_TK),
+            per_wave_dest(wave_TK, opens_touch_TK),
+            items_per_global_expert.view(n, E_local),
+        ],
+        dim=1,
+    ).contiguous()  # [n, 3W + E_local]: what rank r will receive from me
+    recv_table = transport.exchange(send_table)
     host = torch.stack([send_table, recv_table]).tolist()  # the one host sync
     send_counts = tuple(tuple(host[0][r][w] for r in range(n)) for w in range(W))
     back_counts = tuple(tuple(host[0][r][W + w] for r in range(n)) for w in range(W))
     recv_counts = tuple(tuple(host[1][s][w] for s in range(n)) for w in range(W))
     return_counts = tuple(tuple(host[1][s][W + w] for s in range(n)) for w in range(W))
-    items_per_expert = tuple(sum(host[1][s][2 * W + e] for s in range(n)) for e in range(E_local))
+    touch_counts = tuple(sum(host[1][s][2 * W + w] for s in range(n)) for w in range(W))
+    items_per_expert = tuple(sum(host[1][s][3 * W + e] for s in range(n)) for e in range(E_local))
     R_send = sum(map(sum, send_counts))
     R_recv = sum(map(sum, recv_counts))
+    N_touch = sum(touch_counts)
+    I = sum(items_per_expert)
 
     # routes: the slots that open a (token, channel), sorted by (first wave, dest, token)
     token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, k)
@@ -272,10 +311,13 @@ def make_plan(
     route_token = route_slot // k
     route_of_flat_slot = torch.empty(T * k, dtype=torch.int64, device=device)
     route_of_flat_slot[route_slot] = torch.arange(R_send, device=device)
-    slot_route_flat = route_of_flat_slot.view(T, k).gather(1, first_TK) * k + torch.arange(k, device=device)
+    slot_route = route_of_flat_slot.view(T, k).gather(1, first_TK)
+    slot_route_flat = slot_route * k + torch.arange(k, device=device)
     # combine order: (last wave, dest) stably over dispatch order -> (.., first wave, token)
-    back_key = (lw_TK * n + dest_TK).flatten()[route_slot]
-    back_token = route_token[torch.sort(back_key, stable=True).indices]
+    back_order = torch.sort((lw_TK * n + dest_TK).flatten()[route_slot], stable=True).indices
+    back_pos_of_route = torch.empty(R_send, dtype=torch.int64, device=device)
+    back_pos_of_route[back_order] = torch.arange(R_send, device=device)
+    token_back_pos = torch.where(opens_TK, back_pos_of_route[slot_route], -1)
 
     # each route's slot table to the owners: local expert (-1: slot served by another
     # route) and weight, as float64 columns [expert id, weight] (ids are exact there)
@@ -305,16 +347,48 @@ def make_plan(
     row_source = torch.repeat_interleave(
         torch.arange(n, device=device).repeat(W), recv_WN.flatten(), output_size=R_recv
     )
-    row_last_wave = torch.where(
-        slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1
-    ).amax(dim=1)
+    slot_wave_RK = torch.where(slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1)
+    row_last_wave = slot_wave_RK.amax(dim=1)
     return_row = torch.sort(row_last_wave * n + row_source, stable=True).indices
 
     # items: received (row, slot) pairs with an expert here, sorted by expert (stable)
-    I = sum(items_per_expert)
     slot_expert = slot_expert_RK.flatten()
     ekey = torch.where(slot_expert >= 0, slot_expert, torch.full_like(slot_expert, E_local))
     item_slot_flat = torch.sort(ekey, stable=True).indices[:I]
+    item_row = item_slot_flat // k
+    item_wave = slot_wave_RK.flatten()[item_slot_flat]
+
+    # touches: the (wave, row) pairs among items; per touch its items (<= k, relative to
+    # the wave's first item), whether an earlier wave left a partial sum, and where the
+    # row goes when this is its last wave
+    by_touch = torch.sort(item_wave * R_recv + item_row, stable=True)
+    opens_touch = torch.ones(I, dtype=torch.bool, device=device)
+    opens_touch[1:] = by_touch.values[1:] != by_touch.values[:-1]
+    touch_of = opens_touch.to(torch.int64).cumsum(0) - 1  # touch of each (sorted) item
+    touch_start = torch.full((N_touch,), I, dtype=torch.int64, device=device)
+    touch_start.scatter_reduce_(0, touch_of, torch.arange(I, device=device), "amin")
+    slot_in_touch = torch.arange(I, device=device) - touch_start[touch_of]
+    item = by_touch.indices
+    per_expert = recv_table[:, 3 * W:].sum(0)
+    wave_first_item = (per_expert.cumsum(0) - per_expert)[list(bounds[:-1])]
+    touch_items = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
+    touch_items[touch_of, slot_in_touch] = item - wave_first_item[item_wave[item]]
+    touch_slot_flat = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
+    touch_slot_flat[touch_of, slot_in_touch] = item_slot_flat[item]
+    touch_row = torch.empty(N_touch, dtype=torch.int64, device=device)
+    touch_row[touch_of] = item_row[item]
+    touch_wave = torch.empty(N_touch, dtype=torch.int64, device=device)
+    touch_wave[touch_of] = item_wave[item]
+    row_first_wave = torch.full((R_recv,), W, dtype=torch.int64, device=device)
+    row_first_wave.scatter_reduce_(0, item_row, item_wave, "amin")
+    return_per_wave = recv_table[:, W:2 * W].sum(0)
+    return_pos = torch.empty(R_recv, dtype=torch.int64, device=device)
+    return_pos[return_row] = torch.arange(R_recv, device=device)
+    return_pos -= (return_per_wave.cumsum(0) - return_per_wave)[row_last_wave]
+    touch_out = torch.where(touch_wave == row_last_wave[touch_row], return_pos[touch_row], -1)
+    touch_weights = None
+    if recv_weights is not None:
+        touch_weights = torch.where(touch_slot_flat >= 0, recv_weights[touch_slot_flat.clamp(min=0)], 0)
 
     return DispatchPlan(
         num_ranks=n,
@@ -326,21 +400,26 @@ def make_plan(
         route_token=route_token,
         slot_route_flat=slot_route_flat,
         send_counts=send_counts,
-        back_token=back_token,
+        back_token=route_token[back_order],
         back_counts=back_counts,
+        token_back_pos=token_back_pos,
         recv_counts=recv_counts,
         return_row=return_row,
         return_counts=return_counts,
-        item_row=item_slot_flat // k,
+        item_row=item_row,
         item_slot_flat=item_slot_flat,
         items_per_expert=items_per_expert,
+        touch_counts=touch_counts,
+        touch_row=touch_row,
+        touch_items=touch_items,
+        touch_carry=touch_wave > row_first_wave[touch_row],
+        touch_out=touch_out,
+        touch_slot_flat=touch_slot_flat,
+        touch_weights=touch_weights,
         recv_weights=recv_weights,
         send_rank_major=send_rank_major,
         recv_wave_major=recv_wave_major,
         recv_rank_major=block_transpose_index(recv_WN, R_recv),
         send_wave_major=block_transpose_index(send_WN.t(), R_send),
-        wave_offs=tuple(
-            recv_table[:, 2 * W + e0:2 * W + e1].sum(0).cumsum(0).to(torch.int32)
-            for e0, e1 in zip(bounds[:-1], bounds[1:])
-        ),
+        wave_offs=tuple(per_expert[e0:e1].cumsum(0).to(torch.int32) for e0, e1 in zip(bounds[:-1], bounds[1:])),
     )

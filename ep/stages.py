@@ -6,8 +6,9 @@ their backward mirrors) talk to other ranks, through the transport, and they ret
 `InFlight`: the buffer being filled and the pending operation.
 
 Buffers that live across the waves of one layer are made by the caller with
-`received_rows` / `return_accumulator`: a row received in its first wave stays for the
-experts of later waves, and a row's sum over its experts leaves in its last wave.
+`received_rows`, `return_accumulator` and `returned_rows`: a row received in its first
+wave stays for the experts of later waves, a row's sum over its experts leaves in its
+last wave, and the rows that come back are summed per token once, by `unpermute`.
 
 Shapes: S routes this rank sends (in a wave), R_all rows it receives (all waves), I items
 (rows of expert math: received rows expanded to their experts here, expert order), H hidden.
@@ -23,7 +24,7 @@ from .dtypes import accumulate_dtype
 from .experts import linear1_backward, linear2_backward, swiglu, swiglu_backward
 from .experts import linear1 as _linear1
 from .experts import linear2 as _linear2
-from .kernels import gather_rows, scatter_add_rows
+from .kernels import gather_rows, reduce_rows
 from .plan import DispatchPlan
 from .transport import Pending, Transport
 
@@ -47,13 +48,19 @@ def _items(plan: DispatchPlan, wave: int) -> Tuple[slice, slice]:
 
 
 def received_rows(plan: DispatchPlan, like: torch.Tensor) -> torch.Tensor:
-    """`[R_all, H]` buffer for the rows of all waves, like's dtype and device."""
+    """`[R_all, H]` buffer for the rows this rank receives over all waves, like's dtype."""
     return like.new_empty(plan.num_rows_received, like.shape[1])
 
 
+def returned_rows(plan: DispatchPlan, like: torch.Tensor) -> torch.Tensor:
+    """`[R_send, H]` buffer for the rows that come back to this rank over all waves."""
+    return like.new_empty(plan.num_routes_sent, like.shape[1])
+
+
 def return_accumulator(plan: DispatchPlan, like: torch.Tensor) -> torch.Tensor:
-    """`[R_all, H]` zeros, at least fp32: each received row's sum over its experts here."""
-    return like.new_zeros(plan.num_rows_received, like.shape[1], dtype=accumulate_dtype(like.dtype))
+    """`[R_all, H]`, at least fp32: partial sums of rows whose items span waves. Only
+    rows an earlier wave wrote are read, so it needs no zeroing."""
+    return like.new_empty(plan.num_rows_received, like.shape[1], dtype=accumulate_dtype(like.dtype))
 
 
 def to_owners(
@@ -76,33 +83,39 @@ def to_owners(
 
 def to_sources(
     items_IH: torch.Tensor,
-    weight_I: Optional[torch.Tensor],
+    weights_NK: Optional[torch.Tensor],
     acc_all: torch.Tensor,
+    back_all: torch.Tensor,
     plan: DispatchPlan,
     wave: int,
     transport: Transport,
 ) -> InFlight:
-    """Add wave w's items into their rows of `acc_all` (weighted), then start sending
-    back the rows whose last wave is w.
+    """Sum wave w's items into their rows (weighted); rows whose last wave is w start
+    back to their sources, the others keep their partial sums in `acc_all`.
 
     Args:
         items_IH: `[I_w, H]`, the wave's items in expert order.
-        weight_I: `[I_w]` or None (unit weights).
+        weights_NK: `[N_w, k]` the wave's touch weights (`plan.touch_weights` slice), or
+            None for unit weights.
         acc_all: `[R_all, H]` from `return_accumulator`.
+        back_all: `[R_send, H]` from `returned_rows`, written in this wave's part.
     Returns:
-        InFlight of `[S, H]` rows coming back to this rank in wave w, items' dtype.
+        InFlight of the wave's `[S_w, H]` slice of `back_all`.
     """
-    items, _ = _items(plan, wave)
-    scatter_add_rows(acc_all, plan.item_row[items], items_IH, weight_I)
-    rows_SH = gather_rows(acc_all, plan.return_row[plan.return_slice(wave)]).to(items_IH.dtype)
-    back_SH = items_IH.new_empty(sum(plan.back_counts[wave]), items_IH.shape[1])
-    pending = transport.all_to_all(back_SH, rows_SH, plan.back_counts[wave], plan.return_counts[wave])
-    return InFlight(back_SH, pending)
+    t = plan.touch_slice(wave)
+    send_SH = items_IH.new_empty(sum(plan.return_counts[wave]), items_IH.shape[1])
+    reduce_rows(
+        items_IH, plan.touch_items[t], send_SH, weights_NK, acc_all,
+        plan.touch_row[t], plan.touch_carry[t], plan.touch_out[t],
+    )
+    back = back_all[plan.back_slice(wave)]
+    pending = transport.all_to_all(back, send_SH, plan.back_counts[wave], plan.return_counts[wave])
+    return InFlight(back, pending)
 
 
-def unpermute(acc_TH: torch.Tensor, back_SH: torch.Tensor, plan: DispatchPlan, wave: int) -> None:
-    """Add the rows that came back in wave w into their tokens: `acc[token] += back`."""
-    scatter_add_rows(acc_TH, plan.back_token[plan.back_slice(wave)], back_SH)
+def unpermute(back_all: torch.Tensor, plan: DispatchPlan, out_TH: torch.Tensor) -> None:
+    """Sum each token's returned rows (one per rank it went to) into `out` `[T, H]`."""
+    reduce_rows(back_all, plan.token_back_pos, out_TH)
 
 
 # ---- the four stages, forward -------------------------------------------------------
@@ -128,14 +141,15 @@ def linear2(h_I2F: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, wave: int
 
 def combine(
     o_IH: torch.Tensor,
-    weight_I: torch.Tensor,
+    weights_NK: torch.Tensor,
     acc_all: torch.Tensor,
+    back_all: torch.Tensor,
     plan: DispatchPlan,
     wave: int,
     transport: Transport,
 ) -> InFlight:
     """Stage 4: weighted sum of each row's experts here; rows done after wave w go back."""
-    return to_sources(o_IH, weight_I, acc_all, plan, wave, transport)
+    return to_sources(o_IH, weights_NK, acc_all, back_all, plan, wave, transport)
 
 
 # ---- backward mirrors ---------------------------------------------------------------
@@ -175,10 +189,11 @@ def experts_backward(
 
 
 def dispatch_backward(
-    dx_IH: torch.Tensor, acc_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport
+    dx_IH: torch.Tensor, acc_all: torch.Tensor, back_all: torch.Tensor, plan: DispatchPlan, wave: int,
+    transport: Transport,
 ) -> InFlight:
     """Items' input gradients summed per row; rows done after wave w go back."""
-    return to_sources(dx_IH, None, acc_all, plan, wave, transport)
+    return to_sources(dx_IH, None, acc_all, back_all, plan, wave, transport)
 
 
 # ---- the routing weights' gradients: one exchange for all waves ----------------------

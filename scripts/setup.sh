@@ -16,6 +16,7 @@ if ! python -c 'import torch' 2>/dev/null; then
   # Elsewhere add: --index-url https://download.pytorch.org/whl/cpu
   python -m pip install -q ${TORCH_PIP_ARGS:-} "torch==2.13.0"
 fi
-python -m pip install -q "pytest>=8" "hypothesis>=6" "numpy"
+# triton: its interpreter runs the GPU row-sum kernel's test on the CPU
+python -m pip install -q "pytest>=8" "hypothesis>=6" "numpy" "triton==3.6.0"
 python -m pip install -q --no-deps --no-build-isolation -e .
 echo "setup: ready ($(python -c 'import torch; print("torch", torch.__version__)'))"

@@ -59,6 +59,16 @@ def test_plan_by_hand_once_per_rank():
     assert plan.item_slot_flat.tolist() == [0, 3, 2, 4, 1, 5]
     assert plan.item_row.tolist() == [0, 1, 1, 2, 0, 2]  # row 0 serves waves 0 and 1
     assert plan.item_range(0) == (0, 3) and plan.item_range(1) == (3, 6)
+    # un-permute: the slot opening each token's route points at its returned row
+    assert plan.token_back_pos.tolist() == [[1, -1], [0, -1], [2, -1]]
+    # touches (wave, row): w0 row0 {i0}, w0 row1 {i1, i2}, w1 row0 {i4}, w1 row2 {i3, i5};
+    # items counted from their wave's first item (0 and 3)
+    assert plan.touch_counts == (2, 2)
+    assert plan.touch_row.tolist() == [0, 1, 0, 2]
+    assert plan.touch_items.tolist() == [[0, -1], [1, 2], [1, -1], [0, 2]]
+    assert plan.touch_slot_flat.tolist() == [[0, -1], [3, 2], [1, -1], [4, 5]]
+    assert plan.touch_carry.tolist() == [False, False, True, False]  # row 0 carries w0's sum
+    assert plan.touch_out.tolist() == [-1, 0, 0, 1]  # row 0 waits for w1; rows 1, 0, 2 leave
 
 
 def test_plan_by_hand_once_per_rank_and_wave():

@@ -57,20 +57,22 @@ def check_identity(rank, n):
                 x = p.x[p.rows(rank)]
                 dy = p.dy[p.rows(rank)]
                 flat = plan.recv_weights
-                y = torch.zeros_like(x)
-                dx = torch.zeros_like(x)
-                rows_all, acc_all = stages.received_rows(plan, x), stages.return_accumulator(plan, x)
-                dz_all, dacc_all = stages.received_rows(plan, x), stages.return_accumulator(plan, x)
+                rows_all, acc_all, back_all = (f(plan, x) for f in (
+                    stages.received_rows, stages.return_accumulator, stages.returned_rows))
+                dz_all, dacc_all, dback_all = (f(plan, x) for f in (
+                    stages.received_rows, stages.return_accumulator, stages.returned_rows))
                 for w in range(W):
                     i0, i1 = plan.item_range(w)
+                    t = plan.touch_slice(w)
                     stages.dispatch(x, rows_all, plan, w, transport).wait()
                     items = gather_rows(rows_all, plan.item_row[i0:i1])
-                    back = stages.combine(items, flat[plan.item_slot_flat[i0:i1]], acc_all, plan, w, transport).wait()
-                    stages.unpermute(y, back, plan, w)
+                    stages.combine(items, plan.touch_weights[t], acc_all, back_all, plan, w, transport).wait()
                     stages.combine_backward(dy, dz_all, plan, w, transport).wait()
                     ditems = gather_rows(dz_all, plan.item_row[i0:i1]) * flat[plan.item_slot_flat[i0:i1]].unsqueeze(1)
-                    back = stages.dispatch_backward(ditems, dacc_all, plan, w, transport).wait()
-                    stages.unpermute(dx, back, plan, w)
+                    stages.dispatch_backward(ditems, dacc_all, dback_all, plan, w, transport).wait()
+                y, dx = torch.empty_like(x), torch.empty_like(x)
+                stages.unpermute(back_all, plan, y)
+                stages.unpermute(dback_all, plan, dx)
                 scale = weights.sum(dim=1, keepdim=True)
                 torch.testing.assert_close(y, scale * x, rtol=1e-13, atol=1e-13)
                 torch.testing.assert_close(dx, scale * dy, rtol=1e-13, atol=1e-13)

@@ -1,6 +1,9 @@
-"""Permute (gather rows into an order) and un-permute (weighted sum of rows back).
+"""Permute (gather rows into an order) and un-permute (weighted sums of rows back).
 
-Pre- and post-processing only: nothing here talks to other ranks.
+Pre- and post-processing only: nothing here talks to other ranks. On CUDA the row sums
+run as one Triton kernel (`ep.kernels.triton_rows`); elsewhere as plain torch. Both sum
+a row's terms in slot order with at least fp32 accumulation, so results are
+deterministic.
 """
 from __future__ import annotations
 
@@ -8,37 +11,70 @@ from typing import Optional
 
 import torch
 
+from ..dtypes import accumulate_dtype
 
-def gather_rows(x_MH: torch.Tensor, index_N: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`out[i] = x[index[i]]`.
 
-    Args:
-        x_MH: `[M, H]`.
-        index_N: `[N]` int64 in `[0, M)`.
-        out: optional `[N, H]` buffer of x's dtype.
-    Returns:
-        `[N, H]`, contiguous.
-    """
-    if out is not None:
-        return torch.index_select(x_MH, 0, index_N, out=out)
+def gather_rows(x_MH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
+    """`out[i] = x[index[i]]` -> `[N, H]`, contiguous, x's dtype."""
+    if x_MH.is_cuda:
+        return x_MH.index_select(0, index_N)
     return x_MH[index_N]  # on CPU faster than index_select
 
 
-def scatter_add_rows(
-    out_MH: torch.Tensor,
-    index_N: torch.Tensor,
-    src_NH: torch.Tensor,
-    weight_N: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """In place `out[index[i]] += weight[i] * src[i]`, accumulated in out's dtype.
+def _use_triton(t: torch.Tensor) -> bool:
+    if not t.is_cuda or t.dtype == torch.float64:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def reduce_rows(
+    src_MH: torch.Tensor,
+    items_NK: torch.Tensor,
+    out: torch.Tensor,
+    weights_NK: Optional[torch.Tensor] = None,
+    acc_RH: Optional[torch.Tensor] = None,
+    rows_N: Optional[torch.Tensor] = None,
+    carry_N: Optional[torch.Tensor] = None,
+    out_pos_N: Optional[torch.Tensor] = None,
+) -> None:
+    """Sum rows of `src` into output rows: `v[n] = sum_j weights[n, j] * src[items[n, j]]`
+    over the slots j with `items[n, j] >= 0`, accumulated in at least fp32.
+
+    Without `acc_RH`: `out[n] = v[n]` (`out` is `[N, H]`).
+    With `acc_RH` (partial sums of rows that span several calls, e.g. waves):
+    `v[n] += acc[rows[n]]` where `carry[n]`; then `out[out_pos[n]] = v[n]` where
+    `out_pos[n] >= 0` (the row is complete), else `acc[rows[n]] = v[n]` (kept for later).
 
     Args:
-        out_MH: `[M, H]` accumulator (fp32 or wider under low-precision inputs).
-        index_N: `[N]` int64 in `[0, M)`; repeats add up.
-        src_NH: `[N, H]`.
-        weight_N: optional `[N]`.
+        src_MH: `[M, H]`.
+        items_NK: `[N, K]` int64 row indices into src, -1 for none.
+        out: output rows, cast to out's dtype.
+        weights_NK: `[N, K]` or None (unit weights).
+        acc_RH: `[R, H]` accumulator of at least fp32.
+        rows_N, carry_N (bool), out_pos_N (int64): with acc_RH, see above.
     """
-    src = src_NH.to(out_MH.dtype)
-    if weight_N is not None:
-        src = src * weight_N.to(out_MH.dtype).unsqueeze(1)
-    return out_MH.index_add_(0, index_N, src)
+    if _use_triton(src_MH):
+        from .triton_rows import reduce_rows_triton
+
+        reduce_rows_triton(src_MH, items_NK, out, weights_NK, acc_RH, rows_N, carry_N, out_pos_N)
+        return
+    accd = accumulate_dtype(src_MH.dtype) if acc_RH is None else acc_RH.dtype
+    N = items_NK.shape[0]
+    total = torch.zeros(N, src_MH.shape[1], dtype=accd, device=src_MH.device)
+    if acc_RH is not None:
+        total[carry_N] = acc_RH[rows_N[carry_N]]
+    n_idx, j_idx = (items_NK >= 0).nonzero(as_tuple=True)  # row-major: slot order per row
+    terms = src_MH[items_NK[n_idx, j_idx]].to(accd)
+    if weights_NK is not None:
+        terms *= weights_NK[n_idx, j_idx].to(accd).unsqueeze(1)
+    total.index_add_(0, n_idx, terms)  # sequential on the CPU: deterministic
+    if acc_RH is None:
+        out.copy_(total)
+        return
+    done = out_pos_N >= 0
+    out[out_pos_N[done]] = total[done].to(out.dtype)
+    acc_RH[rows_N[~done]] = total[~done]

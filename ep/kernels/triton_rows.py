@@ -1,0 +1,67 @@
+"""Triton kernel for `ep.kernels.permute.reduce_rows` on CUDA.
+
+One program per (output row, block of columns); the K slot loads are issued without
+branches (masked), so they are in flight together; fp32 accumulation; 16-byte accesses
+for bf16 at the default block. Memory-bound: it reads each term row once and writes
+each output row once.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _reduce_rows_kernel(
+    src, items, weights, acc, rows, carry, out_pos, out,
+    H, K: tl.constexpr, HAS_W: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inb = cols < H
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_ACC:
+        row = tl.load(rows + n)
+        keep = tl.load(carry + n) != 0
+        total += tl.load(acc + row * H + cols, mask=inb & keep, other=0.0).to(tl.float32)
+    for j in tl.static_range(K):
+        i = tl.load(items + n * K + j)
+        term = tl.load(src + tl.maximum(i, 0) * H + cols, mask=inb & (i >= 0), other=0.0).to(tl.float32)
+        if HAS_W:
+            term = term * tl.load(weights + n * K + j).to(tl.float32)
+        total += term
+    if HAS_ACC:
+        dst = tl.load(out_pos + n)
+        tl.store(out + tl.maximum(dst, 0) * H + cols, total.to(out.dtype.element_ty), mask=inb & (dst >= 0))
+        tl.store(acc + row * H + cols, total.to(acc.dtype.element_ty), mask=inb & (dst < 0))
+    else:
+        tl.store(out + n * H + cols, total.to(out.dtype.element_ty), mask=inb)
+
+
+def reduce_rows_triton(
+    src: torch.Tensor,
+    items: torch.Tensor,
+    out: torch.Tensor,
+    weights: Optional[torch.Tensor],
+    acc: Optional[torch.Tensor],
+    rows: Optional[torch.Tensor],
+    carry: Optional[torch.Tensor],
+    out_pos: Optional[torch.Tensor],
+) -> None:
+    N, K = items.shape
+    if N == 0:
+        return
+    H = src.shape[1]
+    assert src.is_contiguous() and out.is_contiguous() and items.is_contiguous()
+    block = min(1024, triton.next_power_of_2(H))
+    has_acc = acc is not None
+    dummy = items  # any tensor: never read when its flag is off
+    _reduce_rows_kernel[(N, triton.cdiv(H, block))](
+        src, items, weights.contiguous() if weights is not None else dummy,
+        acc if has_acc else dummy, rows if has_acc else dummy,
+        carry if has_acc else dummy, out_pos if has_acc else dummy, out,
+        H, K=K, HAS_W=weights is not None, HAS_ACC=has_acc, BLOCK=block, num_warps=4,
+    )
