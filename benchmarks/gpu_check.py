@@ -28,7 +28,7 @@ TOL = 1e-2
 
 
 def check_case(n, rank, device, W, dedup, routing, seed):
-    p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=seed)
+    p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=seed, tokens_range=(200, 400))
     bf = lambda t: t.to(device=device, dtype=torch.bfloat16)  # noqa: E731
     cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W, dedup_across_waves=dedup)
     layer = ep.ExpertParallelMoE(cfg).to(device=device, dtype=torch.bfloat16)

@@ -37,6 +37,7 @@ def make_problem(
     routing: str = "router",
     seed: int = 0,
     dtype=torch.float64,
+    tokens_range: tuple = (5, 23),
 ) -> Problem:
     """A global problem, the same on every rank (its own generator).
 
@@ -50,7 +51,7 @@ def make_problem(
     if tokens == "none":
         counts = [0] * n
     else:
-        counts = [int(c) for c in torch.randint(5, 23, (n,), generator=g)]
+        counts = [int(c) for c in torch.randint(*tokens_range, (n,), generator=g)]
         if tokens == "one_empty":
             counts[1 % n] = 0
     T = sum(counts)
