@@ -190,6 +190,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             "combine": measure("combine alone", combine_alone),
         }
     del h, o, rows_all
+    if args.trace_dir and cuda:
+        profile_table(args.trace_dir, f"plan_{preset_name}_n{n}", route_and_plan)
     comm = st["dispatch"] + st["combine"]
     compute = st["linear1"] + st["linear2"]
     ideal = max(comm, compute)
@@ -246,6 +248,22 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         "stages_ms": st, "comm_ms": comm, "compute_ms": compute, "ideal_ms": ideal,
         "naive_fwd_ms": naive_ms, "layers": rows,
     }
+
+
+def profile_table(trace_dir: str, name: str, fn) -> None:
+    """Where the host and the device spend a call of `fn`: the profiler's op table (rank 0)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    if dist.get_rank() == 0:
+        os.makedirs(trace_dir, exist_ok=True)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        with open(os.path.join(trace_dir, f"{name}.txt"), "w") as f:
+            f.write(table)
 
 
 def save_trace(trace_dir: str, name: str, device: torch.device, fwd, fwd_bwd) -> None:

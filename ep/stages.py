@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 
 from .dtypes import accumulate_dtype
-from .experts import linear1_backward, linear2_backward, swiglu, swiglu_backward
+from .experts import linear1_backward, linear2_backward
 from .experts import linear1 as _linear1
 from .experts import linear2 as _linear2
 from .kernels import gather_rows, reduce_rows
@@ -136,7 +136,7 @@ def linear1(rows_all: torch.Tensor, w1: torch.Tensor, plan: DispatchPlan, wave: 
 def linear2(h_I2F: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, wave: int) -> torch.Tensor:
     """Stage 3: `o = swiglu(h) @ w2` -> `[I_w, H]`."""
     _, experts = _items(plan, wave)
-    return _linear2(swiglu(h_I2F), w2[experts], plan.items_per_expert[experts], plan.wave_offs[wave])
+    return _linear2(h_I2F, w2[experts], plan.items_per_expert[experts], plan.wave_offs[wave])
 
 
 def combine(
@@ -182,8 +182,7 @@ def experts_backward(
     items, experts = _items(plan, wave)
     counts, offs = plan.items_per_expert[experts], plan.wave_offs[wave]
     rows = plan.item_row[items]
-    da_IF, dw2, dweight_I = linear2_backward(gather_rows(dz_all, rows), h_I2F, weight_I, w2[experts], counts, offs)
-    dh_I2F = swiglu_backward(h_I2F, da_IF)
+    dh_I2F, dw2, dweight_I = linear2_backward(gather_rows(dz_all, rows), h_I2F, weight_I, w2[experts], counts, offs)
     dx_IH, dw1 = linear1_backward(dh_I2F, gather_rows(rows_all, rows), w1[experts], counts, offs)
     return dx_IH, dw1, dw2, dweight_I
 

@@ -1,4 +1,4 @@
-"""The Triton row-sum kernel against the torch path, in Triton's interpreter on the CPU.
+"""The Triton kernels against the torch paths, in Triton's interpreter on the CPU.
 
 Runs where triton is installed (skipped otherwise, e.g. in CI); the GPU script runs the
 same kernel compiled, inside the layer's GPU correctness check.
@@ -16,11 +16,21 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when triton is imported
 pytest.importorskip("triton")
 
 
+def _fresh(name):
+    sys.modules.pop(name, None)
+    return importlib.import_module(name)
+
+
 @pytest.fixture(scope="module")
 def triton_rows():
+    yield _fresh("ep.kernels.triton_rows")
     sys.modules.pop("ep.kernels.triton_rows", None)
-    yield importlib.import_module("ep.kernels.triton_rows")
-    sys.modules.pop("ep.kernels.triton_rows", None)
+
+
+@pytest.fixture(scope="module")
+def triton_swiglu():
+    yield _fresh("ep.kernels.triton_swiglu")
+    sys.modules.pop("ep.kernels.triton_swiglu", None)
 
 
 def _case(seed, M=40, N=23, K=3, H=37):
@@ -61,3 +71,25 @@ def test_partial_sums_carry_and_leave(triton_rows):
     triton_rows.reduce_rows_triton(src, items, got_out, weights, got_acc, rows, carry, out_pos)
     torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_acc, want_acc, rtol=1e-6, atol=1e-6)
+
+
+def test_swiglu_matches_torch(triton_swiglu):
+    from ep.kernels.swiglu import swiglu, swiglu_backward_weighted
+
+    g = torch.Generator().manual_seed(4)
+    I, F = 9, 40  # F not a multiple of the block: masked tails
+    h = torch.randn(I, 2 * F, generator=g)
+    torch.testing.assert_close(triton_swiglu.swiglu_fwd_triton(h), swiglu(h), rtol=1e-5, atol=1e-6)
+    grad = torch.randn(I, F, generator=g)
+    weight = torch.rand(I, generator=g)
+    got = triton_swiglu.swiglu_bwd_triton(grad, h, weight)
+    want = swiglu_backward_weighted(grad, h, weight)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # and against autograd of the plain formula
+    hh = h.clone().requires_grad_(True)
+    ww = weight.clone().requires_grad_(True)
+    a = torch.nn.functional.silu(hh[:, :F]) * hh[:, F:]
+    ((ww.unsqueeze(1) * a) * grad).sum().backward()
+    torch.testing.assert_close(got[0], hh.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], ww.grad, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,72 @@
+"""Triton kernels for the SwiGLU between linear1 and linear2, forward and backward (CUDA).
+
+Forward: `a = silu(h[:, :F]) * h[:, F:]`, one pass (reads 2F, writes F per row).
+Backward, fused with the parts of linear2's backward that are per item: given
+`g = dz @ w2^T` and the item's routing weight w,
+    dweight = sum_f g * a        (the weight's gradient, fp32)
+    dh      = swiglu'(h) . (w * g)
+    wa      = w * a              (so that dw2 = wa^T @ dz)
+one pass per row (reads g and h, writes dh and wa), fp32 arithmetic throughout.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _swiglu_fwd_kernel(h, a, F, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < F
+    gate = tl.load(h + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
+    up = tl.load(h + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
+    out = gate * tl.sigmoid(gate) * up
+    tl.store(a + row * F + cols, out.to(a.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(g, h, w, dh, wa, dweight, F: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    weight = tl.load(w + row).to(tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, F, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        m = cols < F
+        gate = tl.load(h + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
+        up = tl.load(h + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
+        gv = tl.load(g + row * F + cols, mask=m, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        act = silu * up
+        total += gv * act
+        da = weight * gv
+        tl.store(dh + row * 2 * F + cols, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(dh.dtype.element_ty), mask=m)
+        tl.store(dh + row * 2 * F + F + cols, (da * silu).to(dh.dtype.element_ty), mask=m)
+        tl.store(wa + row * F + cols, (weight * act).to(wa.dtype.element_ty), mask=m)
+    tl.store(dweight + row, tl.sum(total, axis=0))
+
+
+def swiglu_fwd_triton(h: torch.Tensor) -> torch.Tensor:
+    I, F2 = h.shape
+    F = F2 // 2
+    a = h.new_empty(I, F)
+    if I:
+        block = min(1024, triton.next_power_of_2(F))
+        _swiglu_fwd_kernel[(I, triton.cdiv(F, block))](h.contiguous(), a, F, BLOCK=block, num_warps=4)
+    return a
+
+
+def swiglu_bwd_triton(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    I, F = g.shape
+    dh = h.new_empty(I, 2 * F)
+    wa = h.new_empty(I, F)
+    dweight = torch.empty(I, dtype=torch.float32, device=h.device)
+    if I:
+        block = min(2048, triton.next_power_of_2(F))
+        _swiglu_bwd_kernel[(I,)](g.contiguous(), h.contiguous(), weight.float().contiguous(), dh, wa, dweight, F,
+                                 BLOCK=block, num_warps=8)
+    return dh, wa, dweight
