@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .checks import check_same_config, host_status
 from .config import MoEConfig
 from .experts import Experts
 from .pipeline import waved_experts
@@ -41,6 +42,7 @@ class ExpertParallelMoE(nn.Module):
         self.config = config
         self.transport = make_transport(group)
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
+        check_same_config(config, self.transport)
         self.router = Router(config)
         self.experts = Experts(self.num_local_experts, config.hidden, config.ffn_hidden)
         with torch.no_grad():
@@ -67,28 +69,25 @@ class ExpertParallelMoE(nn.Module):
             topk_weights: optional `[T, k]` float, used as given (not renormalised).
         Returns:
             `[..., H]` like x.
+        Raises:
+            InputError: on every rank when any rank's input is invalid (wrong shape, dtype
+                or device; expert ids out of range or repeated within a token; NaN/Inf
+                weights, which is also how NaN/Inf router logits surface).
         """
         cfg = self.config
         w1, w2 = self.experts.w1, self.experts.w2
-        if x.shape[-1] != cfg.hidden:
-            raise ValueError(f"x: last dimension must be hidden={cfg.hidden}, got shape {tuple(x.shape)}")
-        if x.dtype != w1.dtype or x.device != w1.device:
-            raise ValueError(
-                f"x: dtype/device must match the parameters ({w1.dtype}, {w1.device}), "
-                f"got ({x.dtype}, {x.device})"
-            )
+        status = host_status(cfg, x, w1, topk_idx, topk_weights)
+        if any(status):
+            # take part in the count exchange with no tokens: every rank raises there
+            empty = torch.empty(0, cfg.top_k, dtype=torch.int64, device=w1.device)
+            make_plan(empty, cfg.num_experts, cfg.num_waves, self.transport, None, cfg.dedup_across_waves, status, cfg)
+            raise RuntimeError(f"ep: internal error: make_plan accepted input with problems {status}")
         x_TH = x.reshape(-1, cfg.hidden)
-        if (topk_idx is None) != (topk_weights is None):
-            raise ValueError("topk_idx and topk_weights must be given together")
         if topk_idx is None:
             topk_idx, topk_weights = self.router(x_TH)
-        else:
-            expected = (x_TH.shape[0], cfg.top_k)
-            for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights)):
-                if tuple(t.shape) != expected:
-                    raise ValueError(f"{name}: expected shape {expected}, got {tuple(t.shape)}")
         plan = make_plan(
-            topk_idx, cfg.num_experts, cfg.num_waves, self.transport, topk_weights, cfg.dedup_across_waves
+            topk_idx, cfg.num_experts, cfg.num_waves, self.transport, topk_weights, cfg.dedup_across_waves,
+            config=cfg,
         )
         y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)
         return y_TH.view(x.shape)

@@ -32,6 +32,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .checks import STATUS_SLOTS, raise_on_problems, value_status
+from .config import MoEConfig
 from .transport import Transport
 
 Counts = Tuple[Tuple[int, ...], ...]
@@ -227,6 +229,10 @@ class DispatchPlan:
         return [sum(c[s] for c in self.recv_counts) for s in range(self.num_ranks)]
 
 
+def _bare_config(num_experts: int, k: int, num_waves: int) -> MoEConfig:
+    return MoEConfig(hidden=1, ffn_hidden=1, num_experts=num_experts, top_k=max(k, 1), num_waves=1)
+
+
 def make_plan(
     topk_idx_TK: torch.Tensor,
     num_experts: int,
@@ -234,6 +240,8 @@ def make_plan(
     transport: Transport,
     topk_weights_TK: Optional[torch.Tensor] = None,
     dedup_across_waves: bool = True,
+    host_status: Optional[Sequence[int]] = None,
+    config: Optional[MoEConfig] = None,
 ) -> DispatchPlan:
     """Plan one layer's dispatch and combine from the routing.
 
@@ -246,6 +254,14 @@ def make_plan(
         topk_weights_TK: optional `[T, k]` routing weights, carried to the owners in the
             slot-table exchange (values only, see `DispatchPlan.recv_weights`).
         dedup_across_waves: a token travels to a rank once (True) or once per (rank, wave).
+        host_status: this rank's input problems found without looking at values
+            (`ep.checks.host_status`); a rank with problems takes part with no tokens.
+        config: the layer's config, for error messages.
+
+    Raises:
+        InputError: on every rank, when any rank's routing or input is invalid (indices
+            out of range or repeated within a token, NaN/Inf weights, ...): the findings
+            travel with the count exchange, so no rank is left waiting.
     """
     n = transport.world_size
     device = topk_idx_TK.device
@@ -255,7 +271,10 @@ def make_plan(
     W = num_waves
     wave_of_expert = torch.arange(E_local, device=device) * W // E_local
 
-    idx = topk_idx_TK.to(torch.int64)
+    status = value_status(topk_idx_TK, topk_weights_TK, num_experts)
+    if host_status is not None:
+        status += torch.tensor(host_status, dtype=torch.int64).to(device)
+    idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)  # stays in range until we raise
     dest_TK = idx // E_local
     local_expert_TK = idx % E_local
     wave_TK = wave_of_expert[local_expert_TK]
@@ -287,11 +306,16 @@ def make_plan(
             per_wave_dest(lw_TK, opens_TK),
             per_wave_dest(wave_TK, opens_touch_TK),
             items_per_global_expert.view(n, E_local),
+            status.unsqueeze(0).expand(n, STATUS_SLOTS),
         ],
         dim=1,
-    ).contiguous()  # [n, 3W + E_local]: what rank r will receive from me
-    recv_table = transport.exchange(send_table)
+    ).contiguous()  # [n, 3W + E_local + S]: what rank r will receive from me, and my status
+    recv_table = transport.exchange(send_table, "plan: count exchange")
     host = torch.stack([send_table, recv_table]).tolist()  # the one host sync
+    raise_on_problems(
+        [row[-STATUS_SLOTS:] for row in host[1]], config or _bare_config(num_experts, k, num_waves), num_experts
+    )
+    send_table, recv_table = send_table[:, :-STATUS_SLOTS], recv_table[:, :-STATUS_SLOTS]
     send_counts = tuple(tuple(host[0][r][w] for r in range(n)) for w in range(W))
     back_counts = tuple(tuple(host[0][r][W + w] for r in range(n)) for w in range(W))
     recv_counts = tuple(tuple(host[1][s][w] for s in range(n)) for w in range(W))
@@ -336,6 +360,7 @@ def make_plan(
         table.view(R_send, k, 2)[send_rank_major].contiguous(),
         [sum(c[s] for c in recv_counts) for s in range(n)],
         [sum(c[r] for c in send_counts) for r in range(n)],
+        "plan: slot-table exchange",
     ).wait()
     recv_rows = recv_rows[recv_wave_major]  # [R_recv, k, 2] in row order
     slot_expert_RK = recv_rows[:, :, 0].to(torch.int64)

@@ -64,7 +64,8 @@ def return_accumulator(plan: DispatchPlan, like: torch.Tensor) -> torch.Tensor:
 
 
 def to_owners(
-    src_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport
+    src_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport,
+    label: str = "dispatch",
 ) -> InFlight:
     """Gather the routes of wave w's dispatch from `src` and start sending them to the
     experts' owners, into this wave's part of `rows_all`.
@@ -77,7 +78,9 @@ def to_owners(
     """
     send_SH = gather_rows(src_TH, plan.route_token[plan.dispatch_slice(wave)])
     recv = rows_all[plan.recv_slice(wave)]
-    pending = transport.all_to_all(recv, send_SH, plan.recv_counts[wave], plan.send_counts[wave])
+    pending = transport.all_to_all(
+        recv, send_SH, plan.recv_counts[wave], plan.send_counts[wave], f"{label} of wave {wave}"
+    )
     return InFlight(recv, pending)
 
 
@@ -89,6 +92,7 @@ def to_sources(
     plan: DispatchPlan,
     wave: int,
     transport: Transport,
+    label: str = "combine",
 ) -> InFlight:
     """Sum wave w's items into their rows (weighted); rows whose last wave is w start
     back to their sources, the others keep their partial sums in `acc_all`.
@@ -109,7 +113,9 @@ def to_sources(
         plan.touch_row[t], plan.touch_carry[t], plan.touch_out[t],
     )
     back = back_all[plan.back_slice(wave)]
-    pending = transport.all_to_all(back, send_SH, plan.back_counts[wave], plan.return_counts[wave])
+    pending = transport.all_to_all(
+        back, send_SH, plan.back_counts[wave], plan.return_counts[wave], f"{label} of wave {wave}"
+    )
     return InFlight(back, pending)
 
 
@@ -123,7 +129,7 @@ def dispatch(
     x_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport
 ) -> InFlight:
     """Stage 1: tokens whose first wave at a rank is w go there (each token once per rank)."""
-    return to_owners(x_TH, rows_all, plan, wave, transport)
+    return to_owners(x_TH, rows_all, plan, wave, transport, "dispatch (forward)")
 
 
 def linear1(rows_all: torch.Tensor, w1: torch.Tensor, plan: DispatchPlan, wave: int) -> torch.Tensor:
@@ -149,7 +155,7 @@ def combine(
     transport: Transport,
 ) -> InFlight:
     """Stage 4: weighted sum of each row's experts here; rows done after wave w go back."""
-    return to_sources(o_IH, weights_NK, acc_all, back_all, plan, wave, transport)
+    return to_sources(o_IH, weights_NK, acc_all, back_all, plan, wave, transport, "combine (forward)")
 
 
 # ---- backward mirrors ---------------------------------------------------------------
@@ -157,7 +163,7 @@ def combine_backward(
     dy_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport
 ) -> InFlight:
     """The output gradient of wave w's routes to the owners (dispatch direction)."""
-    return to_owners(dy_TH, rows_all, plan, wave, transport)
+    return to_owners(dy_TH, rows_all, plan, wave, transport, "combine backward")
 
 
 def experts_backward(
@@ -192,7 +198,7 @@ def dispatch_backward(
     transport: Transport,
 ) -> InFlight:
     """Items' input gradients summed per row; rows done after wave w go back."""
-    return to_sources(dx_IH, None, acc_all, back_all, plan, wave, transport)
+    return to_sources(dx_IH, None, acc_all, back_all, plan, wave, transport, "dispatch backward")
 
 
 # ---- the routing weights' gradients: one exchange for all waves ----------------------
@@ -205,5 +211,7 @@ def exchange_weight_grads(drecv_flat: torch.Tensor, plan: DispatchPlan, transpor
     k = plan.top_k
     send = drecv_flat.view(-1, k)[plan.recv_rank_major]
     back = drecv_flat.new_empty(plan.num_routes_sent, k)
-    transport.all_to_all(back, send, plan.send_rank_splits(), plan.recv_rank_splits()).wait()
+    transport.all_to_all(
+        back, send, plan.send_rank_splits(), plan.recv_rank_splits(), "routing-weight gradients (backward)"
+    ).wait()
     return back[plan.send_wave_major].flatten()[plan.slot_route_flat]

@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from .base import Done, Pending, Transport
+from .base import CommunicationError, Done, Pending, Transport
 from .torch_dist import LocalTransport, TorchDistTransport
 
 
@@ -19,4 +19,4 @@ def make_transport(group: Optional[dist.ProcessGroup] = None) -> Transport:
     return TorchDistTransport(group)
 
 
-__all__ = ["Done", "Pending", "Transport", "TorchDistTransport", "LocalTransport", "make_transport"]
+__all__ = ["CommunicationError", "Done", "Pending", "Transport", "TorchDistTransport", "LocalTransport", "make_transport"]

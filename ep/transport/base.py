@@ -12,12 +12,23 @@ from typing import Sequence
 import torch
 
 
+class CommunicationError(RuntimeError):
+    """A transfer between ranks failed (a peer died or raised, or the group timed out).
+
+    The message names the operation (stage, wave, direction) this rank was waiting for.
+    """
+
+
 class Pending(ABC):
     """An operation in flight."""
 
     @abstractmethod
     def wait(self) -> None:
-        """Block the current stream (CUDA) or thread (CPU) until the operation landed."""
+        """Block the current stream (CUDA) or thread (CPU) until the operation landed.
+
+        Raises:
+            CommunicationError: naming the operation, when it cannot complete.
+        """
 
 
 class Done(Pending):
@@ -35,6 +46,8 @@ class Transport(ABC):
 
     rank: int
     world_size: int
+    device: torch.device
+    """Where host-made tensors for this transport's collectives must be placed."""
 
     @abstractmethod
     def all_to_all(
@@ -43,6 +56,7 @@ class Transport(ABC):
         inp: torch.Tensor,
         out_splits: Sequence[int],
         in_splits: Sequence[int],
+        label: str = "all-to-all",
     ) -> Pending:
         """Start an all-to-all of rows.
 
@@ -52,9 +66,10 @@ class Transport(ABC):
                 unchanged until the operation landed.
             out_splits: rows received from each rank, host ints, length `world_size`.
             in_splits: rows sent to each rank, host ints, length `world_size`.
+            label: what this transfer is (e.g. "dispatch, wave 2, forward"), for errors.
         """
 
-    def exchange(self, inp: torch.Tensor) -> torch.Tensor:
+    def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
         """Blocking all-to-all of equal blocks: `inp[r]` goes to rank r, `out[s]` came from s.
 
         Args:
@@ -62,9 +77,10 @@ class Transport(ABC):
         Returns:
             `[world_size, ...]`, same dtype and device.
         """
+        inp = inp.to(self.device) if inp.device.type != self.device.type else inp
         out = torch.empty_like(inp)
         ones = [1] * self.world_size
-        self.all_to_all(out, inp.contiguous(), ones, ones).wait()
+        self.all_to_all(out, inp.contiguous(), ones, ones, label).wait()
         return out
 
     @abstractmethod

@@ -6,18 +6,23 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .base import Done, Pending, Transport
+from .base import CommunicationError, Done, Pending, Transport
 
 
 class _WorkPending(Pending):
-    def __init__(self, work: Optional[dist.Work]) -> None:
-        self._work = work
+    def __init__(self, work: Optional[dist.Work], label: str, rank: int) -> None:
+        self._work, self._label, self._rank = work, label, rank
 
     def wait(self) -> None:
         # NCCL: the current stream waits for the collective's stream; Gloo: the thread waits.
         if self._work is not None:
-            self._work.wait()
-            self._work = None
+            work, self._work = self._work, None
+            try:
+                work.wait()
+            except Exception as e:  # noqa: BLE001 - re-raised with what this rank was doing
+                raise CommunicationError(
+                    f"ep: rank {self._rank} failed waiting for {self._label}: {type(e).__name__}: {e}"
+                ) from e
 
 
 class TorchDistTransport(Transport):
@@ -37,19 +42,26 @@ class TorchDistTransport(Transport):
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.backend = dist.get_backend(self.group)
+        # where this group's tensors must live (NCCL: the current GPU)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
-    def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int]) -> Pending:
+    def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all") -> Pending:
         if self.world_size == 1:
             out.copy_(inp)
             return Done()
-        work = dist.all_to_all_single(
-            out, inp, list(out_splits), list(in_splits), group=self.group, async_op=True
-        )
-        return _WorkPending(work)
+        try:
+            work = dist.all_to_all_single(
+                out, inp, list(out_splits), list(in_splits), group=self.group, async_op=True
+            )
+        except Exception as e:  # noqa: BLE001 - a peer may already be gone
+            raise CommunicationError(f"ep: rank {self.rank} failed starting {label}: {type(e).__name__}: {e}") from e
+        return _WorkPending(work, label, self.rank)
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         if self.world_size > 1:
-            dist.broadcast(tensor, src=dist.get_global_rank(self.group, src), group=self.group)
+            buf = tensor.to(self.device)
+            dist.broadcast(buf, src=dist.get_global_rank(self.group, src), group=self.group)
+            tensor.copy_(buf)
 
 
 class LocalTransport(Transport):
@@ -57,8 +69,9 @@ class LocalTransport(Transport):
 
     rank = 0
     world_size = 1
+    device = torch.device("cpu")
 
-    def all_to_all(self, out, inp, out_splits, in_splits) -> Pending:
+    def all_to_all(self, out, inp, out_splits, in_splits, label: str = "all-to-all") -> Pending:
         out.copy_(inp)
         return Done()
 

@@ -1,0 +1,139 @@
+"""Input and configuration checks that raise on every rank, never hang.
+
+A rank that finds a problem locally cannot just raise: the others would wait for it in
+the next collective. So each rank's findings travel in an exchange every rank makes
+anyway (the construction's fingerprint exchange, the plan's count exchange), and every
+rank raises the same `InputError`, naming the rank, the argument, what was expected and
+what was found.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .config import MoEConfig
+
+_DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
+           torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) + 1 if dtype in _DTYPES else len(_DTYPES) + 1
+
+
+def dtype_name(code: int) -> str:
+    return str(_DTYPES[code - 1]) if 1 <= code <= len(_DTYPES) else "another dtype"
+
+
+class InputError(ValueError):
+    """Invalid input or configuration, raised on every rank of the group."""
+
+
+# ---- per-forward status: slots exchanged with the plan's counts ------------------------
+X_HIDDEN, X_DTYPE, X_DEVICE, TOPK_SHAPE, IDX_DTYPE, IDX_RANGE, IDX_REPEAT, W_NONFINITE, W_DTYPE = range(9)
+STATUS_SLOTS = 9
+
+
+def host_status(cfg: MoEConfig, x: torch.Tensor, param: torch.Tensor, topk_idx, topk_weights) -> List[int]:
+    """Problems visible without looking at values (no device sync). 0 = fine."""
+    s = [0] * STATUS_SLOTS
+    if x.dim() < 1 or x.shape[-1] != cfg.hidden:
+        s[X_HIDDEN] = 1 + (x.shape[-1] if x.dim() else 0)
+    if x.dtype != param.dtype:
+        s[X_DTYPE] = dtype_code(x.dtype)
+    if x.device != param.device:
+        s[X_DEVICE] = 1
+    if (topk_idx is None) != (topk_weights is None):
+        s[TOPK_SHAPE] = 2
+    elif topk_idx is not None:
+        T = x.numel() // cfg.hidden if not s[X_HIDDEN] else -1
+        if tuple(topk_idx.shape) != (T, cfg.top_k) or tuple(topk_weights.shape) != (T, cfg.top_k):
+            s[TOPK_SHAPE] = 1
+        if topk_idx.dtype.is_floating_point or topk_idx.dtype == torch.bool or topk_idx.is_complex():
+            s[IDX_DTYPE] = dtype_code(topk_idx.dtype)
+        if not topk_weights.dtype.is_floating_point:
+            s[W_DTYPE] = dtype_code(topk_weights.dtype)
+        if topk_idx.device != param.device or topk_weights.device != param.device:
+            s[X_DEVICE] = 1
+    return s
+
+
+def value_status(topk_idx_TK: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], num_experts: int) -> torch.Tensor:
+    """Problems in the values, counted on the device: `[STATUS_SLOTS]` int64."""
+    s = torch.zeros(STATUS_SLOTS, dtype=torch.int64, device=topk_idx_TK.device)
+    idx = topk_idx_TK.to(torch.int64)
+    s[IDX_RANGE] = ((idx < 0) | (idx >= num_experts)).sum()
+    if idx.shape[1] > 1:
+        srt = idx.sort(dim=1).values
+        s[IDX_REPEAT] = (srt[:, 1:] == srt[:, :-1]).any(dim=1).sum()
+    if topk_weights_TK is not None:
+        s[W_NONFINITE] = (~torch.isfinite(topk_weights_TK.detach())).any(dim=1).sum()
+    return s
+
+
+def describe(slot: int, value: int, cfg: MoEConfig, num_experts: int) -> str:
+    if slot == X_HIDDEN:
+        return f"x: last dimension must be hidden={cfg.hidden}, got {value - 1}"
+    if slot == X_DTYPE:
+        return f"x: dtype must be the parameters' dtype, got {dtype_name(value)}"
+    if slot == X_DEVICE:
+        return "x/topk_idx/topk_weights: must be on the parameters' device"
+    if slot == TOPK_SHAPE and value == 2:
+        return "topk_idx, topk_weights: give both or neither"
+    if slot == TOPK_SHAPE:
+        return f"topk_idx, topk_weights: shape must be [T, k={cfg.top_k}] with T = x.numel() / hidden"
+    if slot == IDX_DTYPE:
+        return f"topk_idx: dtype must be an integer type, got {dtype_name(value)}"
+    if slot == IDX_RANGE:
+        return f"topk_idx: {value} entries are outside [0, num_experts={num_experts})"
+    if slot == IDX_REPEAT:
+        return f"topk_idx: {value} tokens pick the same expert twice (the k experts of a token must differ)"
+    if slot == W_NONFINITE:
+        return (f"topk_weights: {value} tokens have NaN or Inf weights (with the router: NaN/Inf in x or "
+                f"router.weight; the layer raises rather than route them)")
+    if slot == W_DTYPE:
+        return f"topk_weights: dtype must be floating point, got {dtype_name(value)}"
+    return f"problem {slot}"
+
+
+def raise_on_problems(status_by_rank: Sequence[Sequence[int]], cfg: MoEConfig, num_experts: int) -> None:
+    """Raise `InputError` (on every rank: all see the same table) if any rank found a problem."""
+    lines = [
+        f"rank {r}: {describe(slot, v, cfg, num_experts)}"
+        for r, status in enumerate(status_by_rank)
+        for slot, v in enumerate(status)
+        if v
+    ]
+    if lines:
+        raise InputError("ep.ExpertParallelMoE: invalid input\n  " + "\n  ".join(lines))
+
+
+# ---- construction: the same configuration everywhere -----------------------------------
+_FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "score_func",
+                       "norm_topk", "dedup_across_waves", "sm_carveout")
+
+
+def fingerprint(cfg: MoEConfig) -> List[int]:
+    out = []
+    for name in _FINGERPRINT_FIELDS:
+        v = getattr(cfg, name)
+        out.append(("softmax", "sigmoid").index(v) if name == "score_func" else int(v))
+    return out
+
+
+def check_same_config(cfg: MoEConfig, transport) -> None:
+    """One small exchange of every rank's config; raise on every rank if any differs."""
+    n = transport.world_size
+    if n == 1:
+        return
+    mine = torch.tensor(fingerprint(cfg), dtype=torch.int64)
+    theirs = transport.exchange(mine.unsqueeze(0).expand(n, -1).contiguous(), "config check (construction)").tolist()
+    diffs = [
+        f"rank {r}: {name}={v!r} where rank {transport.rank} has {m!r}"
+        for r, row in enumerate(theirs)
+        for name, v, m in zip(_FINGERPRINT_FIELDS, row, mine.tolist())
+        if v != m
+    ]
+    if diffs:
+        raise InputError("ep.ExpertParallelMoE: ranks disagree on the configuration\n  " + "\n  ".join(diffs))
