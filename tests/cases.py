@@ -38,17 +38,22 @@ def make_problem(
     seed: int = 0,
     dtype=torch.float64,
     tokens_range: tuple = (5, 23),
+    tokens_per_rank: Optional[List[int]] = None,
 ) -> Problem:
     """A global problem, the same on every rank (its own generator).
 
     tokens: "uneven" (token counts that are multiples of nothing), "one_empty" (rank 1
         sends no tokens), "none" (no rank has tokens).
     routing: "router" (the layer routes), "skewed" (given, power-law over experts),
-        "starve" (given, no token picks any of rank n-1's experts).
+        "starve" (given, no token picks any of rank n-1's experts), "hot" (given, every
+        token picks expert 0 and k-1 others), "powerlaw4" (given, power-law loads with
+        max/mean about 4).
     """
     g = torch.Generator().manual_seed(seed)
     E = n * local_experts
-    if tokens == "none":
+    if tokens_per_rank is not None:
+        counts = list(tokens_per_rank)
+    elif tokens == "none":
         counts = [0] * n
     else:
         counts = [int(c) for c in torch.randint(*tokens_range, (n,), generator=g)]
@@ -62,13 +67,37 @@ def make_problem(
     w2 = torch.randn(E, F, H, generator=g, dtype=dtype) / F ** 0.5
     p = Problem(H, F, E, k, counts, x, dy, router, w1, w2)
     if routing != "router":
-        probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
-        probs = probs[torch.randperm(E, generator=g)]
-        if routing == "starve":
-            probs[(n - 1) * local_experts:] = 0
-        p.topk_idx = torch.multinomial(probs.expand(max(T, 1), E), k, replacement=False, generator=g)[:T]
+        p.topk_idx = skewed_routing(T, E, k, routing, g, n)
         p.topk_weights = torch.rand(T, k, generator=g, dtype=dtype) + 0.1
     return p
+
+
+def power_law_probs(E: int, max_over_mean: float) -> torch.Tensor:
+    """Expert probabilities 1/(i+1)^a, with a chosen so that max/mean = max_over_mean."""
+    lo, hi = 0.0, 8.0
+    ranks = torch.arange(1, E + 1, dtype=torch.float64)
+    for _ in range(60):
+        a = (lo + hi) / 2
+        p = ranks ** -a
+        p /= p.sum()
+        lo, hi = (a, hi) if p.max().item() * E < max_over_mean else (lo, a)
+    return p
+
+
+def skewed_routing(T: int, E: int, k: int, kind: str, g: torch.Generator, n: int = 1) -> torch.Tensor:
+    """`[T, k]` distinct expert ids per token, drawn with the skew `kind` names."""
+    if kind == "hot":
+        rest = torch.stack([torch.randperm(E - 1, generator=g)[: k - 1] + 1 for _ in range(T)]) if T else \
+            torch.empty(0, k - 1, dtype=torch.int64)
+        return torch.cat([torch.zeros(T, 1, dtype=torch.int64), rest.view(T, k - 1)], dim=1)
+    if kind == "powerlaw4":
+        probs = power_law_probs(E, 4.0)
+    else:
+        probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
+    probs = probs[torch.randperm(E, generator=g)]
+    if kind == "starve":
+        probs[E - E // n:] = 0
+    return torch.multinomial(probs.expand(max(T, 1), E), k, replacement=False, generator=g)[:T]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> float:

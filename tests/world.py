@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any, Callable, List
 
 
-def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results):
+def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results, barrier):
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         import torch
@@ -36,7 +36,8 @@ def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results):
         )
         try:
             out = fn(rank, world_size, *args)
-            dist.barrier()
+            if barrier:
+                dist.barrier()
         finally:
             dist.destroy_process_group()
         results.put((rank, True, out))
@@ -44,30 +45,45 @@ def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results):
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0) -> List[Any]:
-    """Run `fn(rank, world_size, *args)` on `world_size` Gloo ranks; return each rank's result."""
+def run_world(
+    world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0, may_die: tuple = (),
+    barrier: bool = True,
+) -> List[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` Gloo ranks; return each rank's result.
+
+    `timeout_s` is also the process group's timeout. Ranks in `may_die` may end without a
+    result (a fault test kills them); their result is None. `barrier=False` skips the
+    closing barrier (for tests that leave the group broken on purpose).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_rank_main, args=(r, world_size, store, timeout_s, fn, args, results), daemon=True)
+            ctx.Process(target=_rank_main, args=(r, world_size, store, timeout_s, fn, args, results, barrier), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:
             p.start()
-        got, errors = {}, []
+        got, errors, failed = {}, [], set()
         deadline = time.monotonic() + timeout_s + 60
         try:
-            while len(got) + len(errors) < world_size:
-                try:
-                    rank, ok, payload = results.get(timeout=max(0.1, deadline - time.monotonic()))
-                except queue.Empty:
-                    errors.append(f"timed out: ranks {sorted(set(range(world_size)) - set(got))} did not finish")
+            while True:
+                dead = {r for r in may_die if procs[r].exitcode is not None and r not in got}
+                if len(got) + len(failed) + len(dead - failed) >= world_size:
                     break
+                try:
+                    rank, ok, payload = results.get(timeout=0.2)
+                except queue.Empty:
+                    if time.monotonic() > deadline:
+                        missing = sorted(set(range(world_size)) - set(got) - failed - dead)
+                        errors.append(f"timed out: ranks {missing} did not finish")
+                        break
+                    continue
                 if ok:
                     got[rank] = payload
                 else:
+                    failed.add(rank)
                     errors.append(f"rank {rank}:\n{payload}")
                     deadline = min(deadline, time.monotonic() + 20)  # the others may hang now
         finally:
@@ -78,4 +94,78 @@ def run_world(world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: fl
                     p.join()
         if errors:
             raise AssertionError("\n".join(errors))
-        return [got[r] for r in range(world_size)]
+        return [got.get(r) for r in range(world_size)]
+
+
+def _pool_rank_main(rank, world_size, store_path, timeout_s, tasks, results):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    try:
+        while True:
+            task = tasks.get()
+            if task is None:
+                break
+            fn, args = task
+            torch.manual_seed(1000 + rank)
+            try:
+                results.put((rank, True, fn(rank, world_size, *args)))
+            except BaseException:  # noqa: BLE001 - reported to the parent
+                results.put((rank, False, traceback.format_exc()))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+class WorldPool:
+    """A Gloo world of N CPU ranks that stays up and runs one task after another
+    (for property-based tests, where starting a world per example would dominate)."""
+
+    def __init__(self, world_size: int, timeout_s: float = 60.0) -> None:
+        ctx = mp.get_context("spawn")
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self._tmp = tempfile.TemporaryDirectory()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        self._results = ctx.Queue()
+        store = os.path.join(self._tmp.name, "store")
+        self._procs = [
+            ctx.Process(target=_pool_rank_main, args=(r, world_size, store, timeout_s, self._tasks[r], self._results),
+                        daemon=True)
+            for r in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> List[Any]:
+        for q in self._tasks:
+            q.put((fn, args))
+        got, errors = {}, []
+        deadline = time.monotonic() + self.timeout_s + 30
+        while len(got) + len(errors) < self.world_size:
+            try:
+                rank, ok, payload = self._results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.close(kill=True)
+                raise AssertionError("world pool: a task timed out; the pool is closed")
+            if ok:
+                got[rank] = payload
+            else:
+                errors.append(f"rank {rank}:\n{payload}")
+        if errors:
+            raise AssertionError("\n".join(errors))
+        return [got[r] for r in range(self.world_size)]
+
+    def close(self, kill: bool = False) -> None:
+        if not kill:
+            for q in self._tasks:
+                q.put(None)
+        for p in self._procs:
+            p.join(timeout=0 if kill else 10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        self._tmp.cleanup()
