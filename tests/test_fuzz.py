@@ -40,7 +40,11 @@ def check_example(rank, n, params):
     p.x, p.dy = cast(p.x), cast(p.dy)
     p.topk_weights = cast(p.topk_weights)
     got = run_layer(layer, p, rank)
-    return {name: rel_err(got[name].double(), want) for name, want in ref.items() if want is not None}
+    # with k=1 the renormalised weight is identically 1, so the router's gradient is zero up
+    # to rounding: compare it absolutely (the tensors here are O(1))
+    floor = {"drouter": 1.0} if params["k"] == 1 else {}
+    return {name: rel_err(got[name].double(), want, floor.get(name, 1e-3))
+            for name, want in ref.items() if want is not None}
 
 
 @st.composite
