@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (Python 3.11, nothing else) for the CPU simulation and the tests:
 # a virtual environment in .venv with the CPU build of torch 2.13.0, pytest, hypothesis,
-# and this package (editable). Safe to run again: it only installs what is missing.
+# triton (for its CPU interpreter), MPICH and mpi4py, and this package (editable).
+# Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,7 +17,8 @@ if ! python -c 'import torch' 2>/dev/null; then
   # Elsewhere add: --index-url https://download.pytorch.org/whl/cpu
   python -m pip install -q ${TORCH_PIP_ARGS:-} "torch==2.13.0"
 fi
-# triton: its interpreter runs the GPU row-sum kernel's test on the CPU
-python -m pip install -q "pytest>=8" "hypothesis>=6" "numpy" "triton==3.6.0"
+# triton: its interpreter runs the GPU kernels' tests on the CPU;
+# mpich + mpi4py: MPICH from PyPI, for the real mpirun launch in the tests
+python -m pip install -q "pytest>=8" "hypothesis>=6" "numpy" "triton==3.6.0" "mpich" "mpi4py>=4"
 python -m pip install -q --no-deps --no-build-isolation -e .
 echo "setup: ready ($(python -c 'import torch; print("torch", torch.__version__)'))"
