@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--trace-dir", default=None, help="save a profiler timeline per preset here (rank 0)")
     p.add_argument("--json", default="overlap.json", help="where rank 0 writes the results")
     p.add_argument("--nproc", type=int, default=4, help="ranks to start when not launched (CPU simulation)")
+    p.add_argument("--routing", default="router",
+                   help="router (the layer's router on random tokens), powerlaw4 (expert loads follow a power "
+                        "law with max/mean 4), hot (every token picks expert 0 and k-1 others)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -136,6 +139,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     dedups = [d.strip() for d in args.dedup.split(",")]
     if any(d not in ("rank", "wave") for d in dedups):
         raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
+    if args.routing not in ("router", "powerlaw4", "hot"):
+        raise SystemExit(f"--routing takes router, powerlaw4 or hot, got {args.routing!r}")
     iters = args.iters or (20 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     timer = Timer(device, warmup, iters)
@@ -151,6 +156,15 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     tr = TorchDistTransport()
     with torch.no_grad():
         idx, tw = layer.router(x)
+    if args.routing != "router":  # skewed routing: the same hot experts seen from every rank
+        from tests.cases import skewed_routing
+
+        g = torch.Generator().manual_seed(args.seed)
+        idx = skewed_routing(P["T"], E, P["k"], args.routing, g).to(device)
+    loads = torch.zeros(E, dtype=torch.float64, device=device).index_add_(
+        0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.float64, device=device))
+    dist.all_reduce(loads)
+    load_max_over_mean = (loads.max() / loads.mean()).item()
     acc = torch.promote_types(dtype, torch.float32)
     elem = x.element_size()
 
@@ -245,6 +259,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             r["fwdbwd_speedup_vs_w1"] = seq["fwdbwd_ms"] / r["fwdbwd_ms"]
     return {
         "preset": preset_name, **P, "num_experts": E, "iters": iters, "warmup": warmup,
+        "routing": args.routing, "expert_load_max_over_mean": load_max_over_mean,
         "stages_ms": st, "comm_ms": comm, "compute_ms": compute, "ideal_ms": ideal,
         "naive_fwd_ms": naive_ms, "layers": rows,
     }
@@ -300,6 +315,7 @@ def format_table(r: dict, meta: dict) -> str:
         f"overlap benchmark: preset {r['preset']} (T={r['T']}/rank, H={r['H']}, F={r['F']}, "
         f"E={r['num_experts']} ({r['local_experts']}/rank), k={r['k']}, {r['dtype']}), "
         f"{meta['world_size']} ranks, {meta['backend']}, {meta['device']}",
+        f"routing: {r['routing']} (expert load max/mean {r['expert_load_max_over_mean']:.2f})",
         f"times in ms: {meta['timing']}",
         "",
         "stage alone (W=1)   ms",

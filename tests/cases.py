@@ -72,15 +72,18 @@ def make_problem(
     return p
 
 
-def power_law_probs(E: int, max_over_mean: float) -> torch.Tensor:
-    """Expert probabilities 1/(i+1)^a, with a chosen so that max/mean = max_over_mean."""
-    lo, hi = 0.0, 8.0
+def power_law_probs(E: int, k: int, max_over_mean: float) -> torch.Tensor:
+    """Expert probabilities 1/(i+1)^a, with a chosen so that drawing k distinct experts per
+    token gives expert loads with max/mean = max_over_mean (an expert is picked by a token
+    with probability about 1 - (1 - p)^k; the mean load is k/E per token)."""
+    lo, hi = 0.0, 16.0
     ranks = torch.arange(1, E + 1, dtype=torch.float64)
     for _ in range(60):
         a = (lo + hi) / 2
         p = ranks ** -a
         p /= p.sum()
-        lo, hi = (a, hi) if p.max().item() * E < max_over_mean else (lo, a)
+        top = 1 - (1 - p.max().item()) ** k
+        lo, hi = (a, hi) if top * E / k < max_over_mean else (lo, a)
     return p
 
 
@@ -91,7 +94,7 @@ def skewed_routing(T: int, E: int, k: int, kind: str, g: torch.Generator, n: int
             torch.empty(0, k - 1, dtype=torch.int64)
         return torch.cat([torch.zeros(T, 1, dtype=torch.int64), rest.view(T, k - 1)], dim=1)
     if kind == "powerlaw4":
-        probs = power_law_probs(E, 4.0)
+        probs = power_law_probs(E, k, 4.0)
     else:
         probs = 1.0 / torch.arange(1, E + 1, dtype=torch.float64) ** 1.2
     probs = probs[torch.randperm(E, generator=g)]
