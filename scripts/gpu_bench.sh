@@ -24,6 +24,15 @@ run() { torchrun --standalone --nproc-per-node "$n" "$@"; }
 rc=0
 echo "== correctness (bf16 vs float64 reference), $n GPUs" | tee -a "$log"
 run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$log" || rc=1
+echo "== launchers on the GPUs: torchrun and mpirun, NCCL, the layer against the reference" | tee -a "$log"
+run tests/launch_check.py --backend nccl 2>&1 | grep -E "launch_check|Error" | tee -a "$log" || rc=1
+if command -v mpirun >/dev/null; then
+  mpirun --version 2>&1 | head -2 | tee -a "$log"
+  flags=""; mpirun --version 2>&1 | grep -qi "open mpi" && flags="--allow-run-as-root --oversubscribe"
+  mpirun $flags -np "$n" python3 tests/launch_check.py --backend nccl 2>&1 | grep -E "launch_check|rror" | tee -a "$log" || rc=1
+else
+  echo "mpirun: no mpirun binary on this machine (mpi4py $(python3 -c 'import mpi4py; print(mpi4py.__version__)' 2>&1))" | tee -a "$log"
+fi
 echo "== overlap benchmark, $n GPUs" | tee -a "$log"
 run benchmarks/overlap.py --preset dsv3,wide,decode --waves 1,2,4,8 --carveouts 0,16 --dedup rank,wave \
     --naive --trace-dir "$OUT/traces" --json "$OUT/overlap_n$n.json" "$@" 2>&1 | tee -a "$log" || rc=1

@@ -1,6 +1,6 @@
 """The layer's correctness check under a real launcher (torchrun, mpirun, Slurm, ep.launch).
 
-    <launcher> python tests/launch_check.py [--sockets]
+    <launcher> python tests/launch_check.py [--sockets] [--backend nccl]
 
 Every rank runs the layer (float64, Gloo) against the float64 reference on a problem
 every rank builds alike, and exits non-zero on a mismatch. With --sockets, rank 0 also
@@ -56,13 +56,19 @@ def is_loopback(hex_addr):
 def main():
     info = detect_launch()  # under mpirun this initialises MPI (mpi4py): its sockets come first
     before = set(listening_sockets([os.getpid()]))
-    ep.init_distributed(backend="gloo", timeout_s=60)
+    backend = sys.argv[sys.argv.index("--backend") + 1] if "--backend" in sys.argv else "gloo"
+    ep.init_distributed(backend=backend, timeout_s=60)
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     rank, n = dist.get_rank(), dist.get_world_size()
     assert (rank, n) == (info.rank, info.world_size), (rank, n, info)
     torch.manual_seed(1000 + rank)
     p = make_problem(n, k=2, local_experts=2, seed=7)
     ref = run_reference(p, n, rank)
-    got = run_layer(build_layer(p, n, rank, 2), p, rank)
+    if device.type == "cuda":  # the same float64 problem, computed on the GPU
+        for f in ("x", "dy", "router", "w1", "w2"):
+            setattr(p, f, getattr(p, f).to(device))
+    got = run_layer(build_layer(p, n, rank, 2).to(device), p, rank)
+    got = {k: (v.cpu() if v is not None else None) for k, v in got.items()}
     for name, want in ref.items():
         if want is not None:
             err = rel_err(got[name], want)
@@ -77,7 +83,8 @@ def main():
             assert not bad, f"sockets listening beyond loopback: {bad} (all: {socks})"
             print(f"launch_check sockets: the runtime listens on {len(socks)} sockets, all on loopback", flush=True)
         dist.barrier()
-    print(f"launch_check OK rank {rank}/{n} launcher {info.launcher} local_rank {info.local_rank}", flush=True)
+    print(f"launch_check OK rank {rank}/{n} launcher {info.launcher} local_rank {info.local_rank} "
+          f"backend {backend} device {device}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
