@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .checks import STATUS_SLOTS, raise_on_problems, value_status
@@ -49,18 +50,26 @@ def wave_bounds(num_local_experts: int, num_waves: int) -> Tuple[int, ...]:
     return tuple(-(-w * num_local_experts // num_waves) for w in range(num_waves + 1))
 
 
-def block_transpose_index(counts, total: Optional[int] = None) -> torch.Tensor:
+def block_transpose_index(counts, total: Optional[int] = None, device=None) -> torch.Tensor:
     """Gather index that reorders rows laid out in blocks `(a, b)` into `(b, a)` order.
 
     Args:
-        counts: `[A, B]` ints (a tensor on any device, or nested lists): rows in block
-            (a, b), blocks stored a-major.
-        total: sum(counts) when known on the host (saves a device sync on CUDA).
+        counts: `[A][B]` ints, rows in block (a, b), blocks stored a-major: host ints
+            (computed on the host, then copied to `device` once), or a tensor (computed
+            where it lives).
+        total: sum(counts) when known on the host (saves a device sync for a CUDA tensor).
     Returns:
-        `[sum(counts)]` int64 on counts' device: `rows[index]` holds the same blocks, b-major.
+        `[sum(counts)]` int64: `rows[index]` holds the same blocks, b-major.
     """
-    c = counts if isinstance(counts, torch.Tensor) else torch.tensor(counts, dtype=torch.int64)
-    c = c.to(torch.int64).reshape(c.shape[0], -1)
+    if not isinstance(counts, torch.Tensor):
+        c = np.asarray(counts, dtype=np.int64).reshape(len(counts), -1)
+        flat = c.ravel()
+        start = (np.cumsum(flat) - flat).reshape(c.shape)
+        ct, st = c.T.ravel(), start.T.ravel()
+        new_start = np.cumsum(ct) - ct
+        index = np.arange(int(flat.sum())) - np.repeat(new_start, ct) + np.repeat(st, ct)
+        return torch.from_numpy(index).to(device)
+    c = counts.to(torch.int64).reshape(counts.shape[0], -1)
     flat = c.flatten()
     start = (flat.cumsum(0) - flat).view_as(c)
     ct, st = c.t().flatten(), start.t().flatten()
@@ -71,6 +80,10 @@ def block_transpose_index(counts, total: Optional[int] = None) -> torch.Tensor:
         - torch.repeat_interleave(new_start, ct, output_size=total)
         + torch.repeat_interleave(st, ct, output_size=total)
     )
+
+
+def _transposed(counts: Counts) -> List[List[int]]:
+    return [list(col) for col in zip(*counts)]
 
 
 def first_slot_of_channel(channel_TK: torch.Tensor) -> torch.Tensor:
@@ -165,10 +178,6 @@ class DispatchPlan:
     """`[R_send]` int64: sender routes from dispatch order into (dest, first wave) order."""
     recv_wave_major: torch.Tensor
     """`[R_recv]` int64: rows as received in one exchange, (source, first wave), into row order."""
-    recv_rank_major: torch.Tensor
-    """`[R_recv]` int64: the inverse of `recv_wave_major`."""
-    send_wave_major: torch.Tensor
-    """`[R_send]` int64: the inverse of `send_rank_major`."""
 
     # ---- derived sizes (host ints) -------------------------------------------------
     @staticmethod
@@ -227,6 +236,13 @@ class DispatchPlan:
     def recv_rank_splits(self) -> List[int]:
         """Rows received from each rank, summed over waves."""
         return [sum(c[s] for c in self.recv_counts) for s in range(self.num_ranks)]
+
+
+def _wave_offs(items_per_expert: Sequence[int], bounds: Sequence[int], device) -> Tuple[torch.Tensor, ...]:
+    """Each wave's cumulative item counts per expert, made on the host, copied once."""
+    offs = np.concatenate([np.cumsum(items_per_expert[e0:e1]) for e0, e1 in zip(bounds[:-1], bounds[1:])])
+    dev = torch.from_numpy(offs.astype(np.int32)).to(device)
+    return tuple(dev[e0:e1] for e0, e1 in zip(bounds[:-1], bounds[1:]))
 
 
 def _bare_config(num_experts: int, k: int, num_waves: int) -> MoEConfig:
@@ -292,20 +308,24 @@ def make_plan(
     opens_touch_TK = first_slot_of_channel(touch_channel_TK) == torch.arange(k, device=device)
 
     # counts per (wave, dest) of routes out, back and touched, per (dest, expert) of
-    # items: one exchange, one host sync
-    def per_wave_dest(wave_key_TK: torch.Tensor, mask_TK: torch.Tensor) -> torch.Tensor:
-        c = torch.zeros(W * n, dtype=torch.int64, device=device)
-        c.index_add_(0, (wave_key_TK * n + dest_TK).flatten(), mask_TK.flatten().to(torch.int64))
-        return c.view(W, n).t()
-
-    items_per_global_expert = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    items_per_global_expert.index_add_(0, idx.flatten(), torch.ones_like(idx.flatten()))
+    # items, in one scatter; one exchange, one host sync
+    WN = W * n
+    keys = torch.cat([
+        (fw_TK * n + dest_TK).flatten(),
+        WN + (lw_TK * n + dest_TK).flatten(),
+        2 * WN + touch_channel_TK.flatten(),
+        3 * WN + idx.flatten(),
+    ])
+    ones = torch.ones_like(idx.flatten())
+    counted = torch.cat([opens_TK.flatten(), opens_TK.flatten(), opens_touch_TK.flatten()]).to(torch.int64)
+    counts = torch.zeros(3 * WN + num_experts, dtype=torch.int64, device=device)
+    counts.index_add_(0, keys, torch.cat([counted, ones]))
     send_table = torch.cat(
         [
-            per_wave_dest(fw_TK, opens_TK),
-            per_wave_dest(lw_TK, opens_TK),
-            per_wave_dest(wave_TK, opens_touch_TK),
-            items_per_global_expert.view(n, E_local),
+            counts[:WN].view(W, n).t(),  # routes out per (dest, first wave)
+            counts[WN:2 * WN].view(W, n).t(),  # routes back per (dest, last wave)
+            counts[2 * WN:3 * WN].view(W, n).t(),  # (route, wave) touches per (dest, wave)
+            counts[3 * WN:].view(n, E_local),  # items per (dest, expert)
             status.unsqueeze(0).expand(n, STATUS_SLOTS),
         ],
         dim=1,
@@ -350,10 +370,8 @@ def make_plan(
     table[slot_route_flat.flatten(), 0] = local_expert_TK.flatten().to(torch.float64)
     if topk_weights_TK is not None:
         table[slot_route_flat.flatten(), 1] = topk_weights_TK.detach().flatten().to(torch.float64)
-    send_WN = send_table[:, :W].t()  # on the device: no host round trip for the index math
-    recv_WN = recv_table[:, :W].t()
-    send_rank_major = block_transpose_index(send_WN, R_send)
-    recv_wave_major = block_transpose_index(recv_WN.t(), R_recv)
+    send_rank_major = block_transpose_index(send_counts, device=device)
+    recv_wave_major = block_transpose_index(_transposed(recv_counts), device=device)
     recv_rows = torch.empty(R_recv, k, 2, dtype=torch.float64, device=device)
     transport.all_to_all(
         recv_rows,
@@ -369,9 +387,9 @@ def make_plan(
         recv_weights = recv_rows[:, :, 1].flatten().to(torch.promote_types(topk_weights_TK.dtype, torch.float32))
 
     # rows going back: by (last wave, source), stably over row order
-    row_source = torch.repeat_interleave(
-        torch.arange(n, device=device).repeat(W), recv_WN.flatten(), output_size=R_recv
-    )
+    row_source = torch.from_numpy(
+        np.repeat(np.tile(np.arange(n), W), np.asarray(recv_counts, dtype=np.int64).ravel())
+    ).to(device)
     slot_wave_RK = torch.where(slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1)
     row_last_wave = slot_wave_RK.amax(dim=1)
     return_row = torch.sort(row_last_wave * n + row_source, stable=True).indices
@@ -394,8 +412,11 @@ def make_plan(
     touch_start.scatter_reduce_(0, touch_of, torch.arange(I, device=device), "amin")
     slot_in_touch = torch.arange(I, device=device) - touch_start[touch_of]
     item = by_touch.indices
-    per_expert = recv_table[:, 3 * W:].sum(0)
-    wave_first_item = (per_expert.cumsum(0) - per_expert)[list(bounds[:-1])]
+    expert_off = _offsets(items_per_expert)
+    return_off = _offsets([sum(c) for c in return_counts])
+    # per wave: its first item, and its first row going back (host ints, one copy)
+    wave_starts = torch.tensor([[expert_off[b] for b in bounds[:-1]], list(return_off[:-1])]).to(device)
+    wave_first_item, return_wave_start = wave_starts[0], wave_starts[1]
     touch_items = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
     touch_items[touch_of, slot_in_touch] = item - wave_first_item[item_wave[item]]
     touch_slot_flat = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
@@ -406,10 +427,9 @@ def make_plan(
     touch_wave[touch_of] = item_wave[item]
     row_first_wave = torch.full((R_recv,), W, dtype=torch.int64, device=device)
     row_first_wave.scatter_reduce_(0, item_row, item_wave, "amin")
-    return_per_wave = recv_table[:, W:2 * W].sum(0)
     return_pos = torch.empty(R_recv, dtype=torch.int64, device=device)
     return_pos[return_row] = torch.arange(R_recv, device=device)
-    return_pos -= (return_per_wave.cumsum(0) - return_per_wave)[row_last_wave]
+    return_pos -= return_wave_start[row_last_wave]
     touch_out = torch.where(touch_wave == row_last_wave[touch_row], return_pos[touch_row], -1)
     touch_weights = None
     if recv_weights is not None:
@@ -444,7 +464,5 @@ def make_plan(
         recv_weights=recv_weights,
         send_rank_major=send_rank_major,
         recv_wave_major=recv_wave_major,
-        recv_rank_major=block_transpose_index(recv_WN, R_recv),
-        send_wave_major=block_transpose_index(send_WN.t(), R_send),
-        wave_offs=tuple(per_expert[e0:e1].cumsum(0).to(torch.int32) for e0, e1 in zip(bounds[:-1], bounds[1:])),
+        wave_offs=_wave_offs(items_per_expert, bounds, device),
     )

@@ -25,7 +25,7 @@ from .experts import linear1_backward, linear2_backward
 from .experts import linear1 as _linear1
 from .experts import linear2 as _linear2
 from .kernels import gather_rows, reduce_rows
-from .plan import DispatchPlan
+from .plan import DispatchPlan, block_transpose_index
 from .transport import Pending, Transport
 
 
@@ -208,10 +208,13 @@ def exchange_weight_grads(drecv_flat: torch.Tensor, plan: DispatchPlan, transpor
     Args:
         drecv_flat: `[R_all * k]`, one per received (row, slot).
     """
-    k = plan.top_k
-    send = drecv_flat.view(-1, k)[plan.recv_rank_major]
+    k, device = plan.top_k, drecv_flat.device
+    # rows in (wave, source) order -> (source, wave) to send; what comes back is in
+    # (dest, wave) order -> (wave, dest), the sender's route order
+    send = drecv_flat.view(-1, k)[block_transpose_index(plan.recv_counts, device=device)]
     back = drecv_flat.new_empty(plan.num_routes_sent, k)
     transport.all_to_all(
         back, send, plan.send_rank_splits(), plan.recv_rank_splits(), "routing-weight gradients (backward)"
     ).wait()
-    return back[plan.send_wave_major].flatten()[plan.slot_route_flat]
+    sender_order = block_transpose_index([list(c) for c in zip(*plan.send_counts)], device=device)
+    return back[sender_order].flatten()[plan.slot_route_flat]
