@@ -41,8 +41,8 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         self.config = config
         self.transport = make_transport(group)
+        check_same_config(config, self.transport)  # first: a bad config raises on every rank alike
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
-        check_same_config(config, self.transport)
         self.router = Router(config)
         self.experts = Experts(self.num_local_experts, config.hidden, config.ffn_hidden)
         with torch.no_grad():

@@ -15,7 +15,7 @@ transport's streams; the compute stream waits only for its own wave's data.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 from torch.profiler import record_function
@@ -100,6 +100,11 @@ class WavedExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_TH):
+        if ctx.rows_all is None:
+            raise RuntimeError(
+                "ep: a second backward through the same forward (retain_graph=True) is not supported: "
+                "the layer frees its saved buffers in the first backward"
+            )
         w1, w2 = ctx.saved_tensors
         plan: DispatchPlan = ctx.plan
         transport: Transport = ctx.transport

@@ -28,7 +28,8 @@ slot-to-expert tables.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from functools import cached_property
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -170,46 +171,44 @@ class DispatchPlan:
     recv_weights: Optional[torch.Tensor]
     """`[R_recv * k]` routing weight of each received (row, slot), 0 where the slot is
     served elsewhere; the weights' dtype promoted to at least fp32. Values only (no
-    autograd): the pipeline returns their gradients with `weight_grads_to_sources`
-    gathers. None when the plan was made without weights."""
+    autograd): the pipeline sends their gradients back with `stages.exchange_weight_grads`.
+    None when the plan was made without weights."""
 
-    # gathers for exchanging per-route tables (all waves at once)
-    send_rank_major: torch.Tensor
-    """`[R_send]` int64: sender routes from dispatch order into (dest, first wave) order."""
-    recv_wave_major: torch.Tensor
-    """`[R_recv]` int64: rows as received in one exchange, (source, first wave), into row order."""
+    # derived offsets, computed once per plan (host ints; the slices below run per wave)
+    @cached_property
+    def _wave_offsets(self) -> Dict[str, Tuple[int, ...]]:
+        per_wave = lambda counts: _offsets([sum(c) for c in counts])  # noqa: E731
+        return {
+            "send": per_wave(self.send_counts), "recv": per_wave(self.recv_counts),
+            "return": per_wave(self.return_counts), "back": per_wave(self.back_counts),
+            "touch": _offsets(self.touch_counts),
+        }
 
-    # ---- derived sizes (host ints) -------------------------------------------------
-    @staticmethod
-    def _wave_offsets(counts: Counts) -> Tuple[int, ...]:
-        return _offsets([sum(c) for c in counts])
+    def _slice(self, kind: str, wave: int) -> slice:
+        off = self._wave_offsets[kind]
+        return slice(off[wave], off[wave + 1])
 
     def dispatch_slice(self, wave: int) -> slice:
         """Wave w's routes in dispatch order (sender side)."""
-        off = self._wave_offsets(self.send_counts)
-        return slice(off[wave], off[wave + 1])
+        return self._slice("send", wave)
 
     def recv_slice(self, wave: int) -> slice:
         """Wave w's received rows (receiver side)."""
-        off = self._wave_offsets(self.recv_counts)
-        return slice(off[wave], off[wave + 1])
+        return self._slice("recv", wave)
 
     def return_slice(self, wave: int) -> slice:
         """Wave w's rows going back, in `return_row` (receiver side)."""
-        off = self._wave_offsets(self.return_counts)
-        return slice(off[wave], off[wave + 1])
+        return self._slice("return", wave)
 
     def touch_slice(self, wave: int) -> slice:
         """Wave w's touches (receiver side)."""
-        off = _offsets(self.touch_counts)
-        return slice(off[wave], off[wave + 1])
+        return self._slice("touch", wave)
 
     def back_slice(self, wave: int) -> slice:
         """Wave w's rows coming back, in `back_token` (sender side)."""
-        off = self._wave_offsets(self.back_counts)
-        return slice(off[wave], off[wave + 1])
+        return self._slice("back", wave)
 
-    @property
+    @cached_property
     def expert_offsets(self) -> Tuple[int, ...]:
         """`[E_local + 1]` first item of each local expert."""
         return _offsets(self.items_per_expert)
@@ -223,11 +222,11 @@ class DispatchPlan:
 
     @property
     def num_routes_sent(self) -> int:
-        return sum(map(sum, self.send_counts))
+        return self._wave_offsets["send"][-1]
 
     @property
     def num_rows_received(self) -> int:
-        return sum(map(sum, self.recv_counts))
+        return self._wave_offsets["recv"][-1]
 
     def send_rank_splits(self) -> List[int]:
         """Routes sent to each rank, summed over waves."""
@@ -462,7 +461,5 @@ def make_plan(
         touch_slot_flat=touch_slot_flat,
         touch_weights=touch_weights,
         recv_weights=recv_weights,
-        send_rank_major=send_rank_major,
-        recv_wave_major=recv_wave_major,
         wave_offs=_wave_offs(items_per_expert, bounds, device),
     )
