@@ -99,6 +99,73 @@ def first_slot_of_channel(channel_TK: torch.Tensor) -> torch.Tensor:
     return same_TKK.to(torch.uint8).argmax(dim=2)  # first j' with the same channel
 
 
+def sender_tables(
+    topk_idx_TK: torch.Tensor,
+    topk_weights_TK: Optional[torch.Tensor],
+    num_experts: int,
+    num_local_experts: int,
+    num_waves: int,
+    num_ranks: int,
+    dedup_across_waves: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sender's per-slot tables and counts (one Triton kernel on CUDA, torch elsewhere).
+
+    Returns:
+        first_TK: `[T, k]` first slot of the token on the same route;
+        fw_TK, lw_TK: `[T, k]` first and last wave of the slot's route;
+        counts: `[3Wn + E]` routes out per (first wave, dest), routes back per (last
+            wave, dest), (route, wave) touches per (wave, dest), items per global expert;
+        status: `[STATUS_SLOTS]` the value checks (`ep.checks.value_status`).
+    """
+    T, k = topk_idx_TK.shape
+    E_local, W, n = num_local_experts, num_waves, num_ranks
+    if topk_idx_TK.is_cuda and _has_triton():
+        from .checks import IDX_RANGE, IDX_REPEAT, W_NONFINITE
+        from .kernels.triton_plan import sender_tables_triton
+
+        first, fw, lw, _, counts, status = sender_tables_triton(
+            topk_idx_TK, topk_weights_TK, num_experts, E_local, W, n, dedup_across_waves, STATUS_SLOTS,
+            (IDX_RANGE, IDX_REPEAT, W_NONFINITE),
+        )
+        return first, fw, lw, counts, status
+    device = topk_idx_TK.device
+    status = value_status(topk_idx_TK, topk_weights_TK, num_experts)
+    idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
+    dest_TK = idx // E_local
+    wave_TK = (idx % E_local) * W // E_local
+    channel_TK = dest_TK if dedup_across_waves else wave_TK * n + dest_TK
+    first_TK = first_slot_of_channel(channel_TK)
+    opens_TK = first_TK == torch.arange(k, device=device)
+    # first and last wave of each slot's route: min / max over the slots sharing it
+    same_TKK = channel_TK.unsqueeze(2) == channel_TK.unsqueeze(1)
+    waves_TKK = wave_TK.unsqueeze(1).expand(T, k, k)
+    fw_TK = torch.where(same_TKK, waves_TKK, W).amin(dim=2)
+    lw_TK = torch.where(same_TKK, waves_TKK, -1).amax(dim=2)
+    # (route, wave) pairs: a route touched by wave w gets that wave's partial sum
+    touch_channel_TK = wave_TK * n + dest_TK
+    opens_touch_TK = first_slot_of_channel(touch_channel_TK) == torch.arange(k, device=device)
+    WN = W * n
+    keys = torch.cat([
+        (fw_TK * n + dest_TK).flatten(),
+        WN + (lw_TK * n + dest_TK).flatten(),
+        2 * WN + touch_channel_TK.flatten(),
+        3 * WN + idx.flatten(),
+    ])
+    counted = torch.cat([opens_TK.flatten(), opens_TK.flatten(), opens_touch_TK.flatten(),
+                         torch.ones_like(opens_TK.flatten())]).to(torch.int64)
+    counts = torch.zeros(3 * WN + num_experts, dtype=torch.int64, device=device)
+    counts.index_add_(0, keys, counted)
+    return first_TK, fw_TK, lw_TK, counts, status
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _offsets(sizes: Sequence[int]) -> Tuple[int, ...]:
     out = [0]
     for s in sizes:
@@ -285,40 +352,16 @@ def make_plan(
     bounds = wave_bounds(E_local, num_waves)
     W = num_waves
     wave_of_expert = torch.arange(E_local, device=device) * W // E_local
-
-    status = value_status(topk_idx_TK, topk_weights_TK, num_experts)
-    if host_status is not None:
-        status += torch.tensor(host_status, dtype=torch.int64).to(device)
     idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)  # stays in range until we raise
     dest_TK = idx // E_local
     local_expert_TK = idx % E_local
-    wave_TK = wave_of_expert[local_expert_TK]
-    channel_TK = dest_TK if dedup_across_waves else wave_TK * n + dest_TK
-    first_TK = first_slot_of_channel(channel_TK)
+    first_TK, fw_TK, lw_TK, counts, status = sender_tables(
+        topk_idx_TK, topk_weights_TK, num_experts, E_local, W, n, dedup_across_waves
+    )
     opens_TK = first_TK == torch.arange(k, device=device)
-    # first and last wave of each slot's route: min / max over the slots sharing it
-    same_TKK = channel_TK.unsqueeze(2) == channel_TK.unsqueeze(1)
-    waves_TKK = wave_TK.unsqueeze(1).expand(T, k, k)
-    fw_TK = torch.where(same_TKK, waves_TKK, W).amin(dim=2)
-    lw_TK = torch.where(same_TKK, waves_TKK, -1).amax(dim=2)
-
-    # (route, wave) pairs: a route touched by wave w gets that wave's partial sum
-    touch_channel_TK = wave_TK * n + dest_TK
-    opens_touch_TK = first_slot_of_channel(touch_channel_TK) == torch.arange(k, device=device)
-
-    # counts per (wave, dest) of routes out, back and touched, per (dest, expert) of
-    # items, in one scatter; one exchange, one host sync
+    if host_status is not None:
+        status = status + torch.tensor(host_status, dtype=torch.int64).to(device)
     WN = W * n
-    keys = torch.cat([
-        (fw_TK * n + dest_TK).flatten(),
-        WN + (lw_TK * n + dest_TK).flatten(),
-        2 * WN + touch_channel_TK.flatten(),
-        3 * WN + idx.flatten(),
-    ])
-    ones = torch.ones_like(idx.flatten())
-    counted = torch.cat([opens_TK.flatten(), opens_TK.flatten(), opens_touch_TK.flatten()]).to(torch.int64)
-    counts = torch.zeros(3 * WN + num_experts, dtype=torch.int64, device=device)
-    counts.index_add_(0, keys, torch.cat([counted, ones]))
     send_table = torch.cat(
         [
             counts[:WN].view(W, n).t(),  # routes out per (dest, first wave)
@@ -349,7 +392,7 @@ def make_plan(
     # routes: the slots that open a (token, channel), sorted by (first wave, dest, token)
     token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, k)
     never = W * n * T  # sorts after every real key
-    key = torch.where(opens_TK, (fw_TK * n + dest_TK) * T + token_TK, torch.full_like(channel_TK, never))
+    key = torch.where(opens_TK, (fw_TK * n + dest_TK) * T + token_TK, torch.full_like(dest_TK, never))
     route_slot = torch.sort(key.flatten(), stable=True).indices[:R_send]  # flat slot of each route
     route_token = route_slot // k
     route_of_flat_slot = torch.empty(T * k, dtype=torch.int64, device=device)
