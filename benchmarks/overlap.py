@@ -179,31 +179,34 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         return ms
 
     # ---- each stage alone, W=1, full machine --------------------------------------
-    plan1 = make_plan(idx, E, 1, tr, tw)
-    touch_w = plan1.touch_weights.to(acc)
-    rows_all = stages.received_rows(plan1, x)
-    stages.dispatch(x, rows_all, plan1, 0, tr).wait()
-    h = stages.linear1(rows_all, w1, plan1, 0)
-    o = stages.linear2(h, w2, plan1, 0)
-
     def route_and_plan():
         idx_, tw_ = layer.router(x)
         make_plan(idx_, E, 1, tr, tw_)
 
-    def combine_alone():
-        acc_all, back_all = stages.return_accumulator(plan1, x), stages.returned_rows(plan1, x)
-        stages.combine(o, touch_w, acc_all, back_all, plan1, 0, tr).wait()
-        stages.unpermute(back_all, plan1, torch.empty_like(x))
+    def stages_alone() -> Dict[str, float]:
+        """Each stage on the W=1 plan; its buffers are freed on return."""
+        plan1 = make_plan(idx, E, 1, tr, tw)
+        touch_w = plan1.touch_weights.to(acc)
+        rows_all = stages.received_rows(plan1, x)
+        stages.dispatch(x, rows_all, plan1, 0, tr).wait()
+        h = stages.linear1(rows_all, w1, plan1, 0)
+        o = stages.linear2(h, w2, plan1, 0)
 
-    with torch.no_grad():
-        st = {
+        def combine_alone():
+            acc_all, back_all = stages.return_accumulator(plan1, x), stages.returned_rows(plan1, x)
+            stages.combine(o, touch_w, acc_all, back_all, plan1, 0, tr).wait()
+            stages.unpermute(back_all, plan1, torch.empty_like(x))
+
+        return {
             "route+plan": measure("route + plan (W=1)", route_and_plan),
             "dispatch": measure("dispatch alone", lambda: stages.dispatch(x, rows_all, plan1, 0, tr).wait()),
             "linear1": measure("linear1 alone", lambda: stages.linear1(rows_all, w1, plan1, 0)),
             "linear2": measure("linear2 alone", lambda: stages.linear2(h, w2, plan1, 0)),
             "combine": measure("combine alone", combine_alone),
         }
-    del h, o, rows_all
+
+    with torch.no_grad():
+        st = stages_alone()
     if args.trace_dir and cuda:
         profile_table(args.trace_dir, f"plan_{preset_name}_n{n}", route_and_plan)
     comm = st["dispatch"] + st["combine"]

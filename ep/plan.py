@@ -83,6 +83,11 @@ def block_transpose_index(counts, total: Optional[int] = None, device=None) -> t
     )
 
 
+def _per_rank(counts: Counts) -> List[int]:
+    """`[W][n]` counts summed over waves -> `[n]`."""
+    return [sum(col) for col in zip(*counts)]
+
+
 def _transposed(counts: Counts) -> List[List[int]]:
     return [list(col) for col in zip(*counts)]
 
@@ -297,11 +302,11 @@ class DispatchPlan:
 
     def send_rank_splits(self) -> List[int]:
         """Routes sent to each rank, summed over waves."""
-        return [sum(c[r] for c in self.send_counts) for r in range(self.num_ranks)]
+        return _per_rank(self.send_counts)
 
     def recv_rank_splits(self) -> List[int]:
         """Rows received from each rank, summed over waves."""
-        return [sum(c[s] for c in self.recv_counts) for s in range(self.num_ranks)]
+        return _per_rank(self.recv_counts)
 
 
 def _wave_offs(items_per_expert: Sequence[int], bounds: Sequence[int], device) -> Tuple[torch.Tensor, ...]:
@@ -311,7 +316,8 @@ def _wave_offs(items_per_expert: Sequence[int], bounds: Sequence[int], device) -
     return tuple(dev[e0:e1] for e0, e1 in zip(bounds[:-1], bounds[1:]))
 
 
-def _bare_config(num_experts: int, k: int, num_waves: int) -> MoEConfig:
+def _bare_config(num_experts: int, k: int) -> MoEConfig:
+    """A stand-in config for error messages when make_plan is called without the layer's."""
     return MoEConfig(hidden=1, ffn_hidden=1, num_experts=num_experts, top_k=max(k, 1), num_waves=1)
 
 
@@ -375,9 +381,8 @@ def make_plan(
     recv_table = transport.exchange(send_table, "plan: count exchange")
     host = torch.stack([send_table, recv_table]).tolist()  # the one host sync
     raise_on_problems(
-        [row[-STATUS_SLOTS:] for row in host[1]], config or _bare_config(num_experts, k, num_waves), num_experts
+        [row[-STATUS_SLOTS:] for row in host[1]], config or _bare_config(num_experts, k), num_experts
     )
-    send_table, recv_table = send_table[:, :-STATUS_SLOTS], recv_table[:, :-STATUS_SLOTS]
     send_counts = tuple(tuple(host[0][r][w] for r in range(n)) for w in range(W))
     back_counts = tuple(tuple(host[0][r][W + w] for r in range(n)) for w in range(W))
     recv_counts = tuple(tuple(host[1][s][w] for s in range(n)) for w in range(W))
@@ -418,8 +423,8 @@ def make_plan(
     transport.all_to_all(
         recv_rows,
         table.view(R_send, k, 2)[send_rank_major].contiguous(),
-        [sum(c[s] for c in recv_counts) for s in range(n)],
-        [sum(c[r] for c in send_counts) for r in range(n)],
+        _per_rank(recv_counts),
+        _per_rank(send_counts),
         "plan: slot-table exchange",
     ).wait()
     recv_rows = recv_rows[recv_wave_major]  # [R_recv, k, 2] in row order

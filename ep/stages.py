@@ -216,5 +216,5 @@ def exchange_weight_grads(drecv_flat: torch.Tensor, plan: DispatchPlan, transpor
     transport.all_to_all(
         back, send, plan.send_rank_splits(), plan.recv_rank_splits(), "routing-weight gradients (backward)"
     ).wait()
-    sender_order = block_transpose_index([list(c) for c in zip(*plan.send_counts)], device=device)
+    sender_order = block_transpose_index(list(zip(*plan.send_counts)), device=device)
     return back[sender_order].flatten()[plan.slot_route_flat]

@@ -21,7 +21,6 @@ def grouped_mm(
     w_EKN: torch.Tensor,
     counts: Sequence[int],
     offs: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`out[rows of e] = x[rows of e] @ w[e]` for every expert e.
 
@@ -35,8 +34,7 @@ def grouped_mm(
     """
     if offs is not None and _use_grouped_kernel(x_MK):
         return torch._grouped_mm(x_MK, w_EKN, offs=offs)
-    if out is None:
-        out = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
+    out = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
     start = 0
     for e, c in enumerate(counts):
         if c:
