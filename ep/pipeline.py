@@ -2,10 +2,9 @@
 
 Forward, per layer:
     1. (the plan already carried every route's weights to the owners);
-    2. start dispatch(0) and dispatch(1) (LOOKAHEAD waves ahead);
+    2. start dispatch(w) for every wave (the transport runs them in order);
     3. for w = 0..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w),
        which sends back the rows whose last wave is w (it flies during wave w+1's math);
-       start dispatch(w+2);
     4. wait for the combines; un-permute: each token's returned rows summed into `y`.
 Backward mirrors it: the output gradient goes out per wave in the dispatch direction,
 each wave's expert backward runs as its gradient lands, and the input gradients fly back
@@ -43,36 +42,23 @@ class _SmCarveout:
             torch._C._set_sm_carveout_experimental(self._before)
 
 
-LOOKAHEAD = 1
-"""Inbound transfers kept in flight ahead of the wave being computed. Issuing them all
-first (the first version) left the GPU idle while the host issued W gathers and
-collectives before the first GEMM (r07's timeline)."""
-
-
 def run_waves(
     num_waves: int,
     start_in: Callable[[int], stages.InFlight],
     compute: Callable[[int], stages.InFlight],
 ) -> None:
-    """Drive W waves: wave w computes once its inbound data landed and starts its
-    outbound transfer; inbound transfers run LOOKAHEAD waves ahead (issued in the same
-    order on every rank: in(0..L), compute/out(0), in(L+1), compute/out(1), ...); then
-    every outbound transfer is waited for."""
-    inbound = {}
-
-    def issue(w: int) -> None:
-        if w < num_waves:
-            with record_function(f"ep.in[{w}]"):
-                inbound[w] = start_in(w)
-
-    for w in range(LOOKAHEAD + 1):
-        issue(w)
+    """Drive W waves: every inbound transfer starts first (the transport runs them in
+    order); wave w computes once its data landed and starts its outbound transfer;
+    then every outbound transfer is waited for."""
+    inbound = []
+    for w in range(num_waves):
+        with record_function(f"ep.in[{w}]"):
+            inbound.append(start_in(w))
     outbound = []
     for w in range(num_waves):
         with record_function(f"ep.compute[{w}]"):
-            inbound.pop(w).wait()
+            inbound[w].wait()
             outbound.append(compute(w))
-        issue(w + LOOKAHEAD + 1)
     with record_function("ep.out"):
         for flight in outbound:
             flight.wait()
