@@ -36,6 +36,7 @@ import torch
 
 from .checks import STATUS_SLOTS, raise_on_problems, value_status
 from .config import MoEConfig
+from .kernels.permute import triton_available
 from .transport import Transport
 
 Counts = Tuple[Tuple[int, ...], ...]
@@ -124,7 +125,7 @@ def sender_tables(
     """
     T, k = topk_idx_TK.shape
     E_local, W, n = num_local_experts, num_waves, num_ranks
-    if topk_idx_TK.is_cuda and _has_triton():
+    if topk_idx_TK.is_cuda and triton_available():
         from .checks import IDX_RANGE, IDX_REPEAT, W_NONFINITE
         from .kernels.triton_plan import sender_tables_triton
 
@@ -161,14 +162,6 @@ def sender_tables(
     counts = torch.zeros(3 * WN + num_experts, dtype=torch.int64, device=device)
     counts.index_add_(0, keys, counted)
     return first_TK, fw_TK, lw_TK, counts, status
-
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _offsets(sizes: Sequence[int]) -> Tuple[int, ...]:

@@ -7,6 +7,7 @@ deterministic.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -21,14 +22,19 @@ def gather_rows(x_MH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
     return x_MH[index_N]  # on CPU faster than index_select
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    if not t.is_cuda or t.dtype == torch.float64:
-        return False
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton imports here (checked once)."""
     try:
         import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """The Triton kernels serve CUDA tensors below float64."""
+    return t.is_cuda and t.dtype != torch.float64 and triton_available()
 
 
 def reduce_rows(
@@ -57,7 +63,7 @@ def reduce_rows(
         acc_RH: `[R, H]` accumulator of at least fp32.
         rows_N, carry_N (bool), out_pos_N (int64): with acc_RH, see above.
     """
-    if _use_triton(src_MH):
+    if use_triton(src_MH):
         from .triton_rows import reduce_rows_triton
 
         reduce_rows_triton(src_MH, items_NK, out, weights_NK, acc_RH, rows_N, carry_N, out_pos_N)

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from ..dtypes import accumulate_dtype
-from .permute import _use_triton
+from .permute import use_triton
 
 
 def swiglu(h_I2F: torch.Tensor) -> torch.Tensor:
     """`silu(h[:, :F]) * h[:, F:]` -> `[I, F]` in h's dtype."""
-    if _use_triton(h_I2F):
+    if use_triton(h_I2F):
         from .triton_swiglu import swiglu_fwd_triton
 
         return swiglu_fwd_triton(h_I2F)
@@ -30,7 +30,7 @@ def swiglu_backward_weighted(
         wa `[I, F]` (h's dtype): weight * swiglu(h), so that dw2 = wa^T @ dz;
         dweight `[I]` (weight's dtype, at least fp32): sum_f g * swiglu(h).
     """
-    if _use_triton(h_I2F):
+    if use_triton(h_I2F):
         from .triton_swiglu import swiglu_bwd_triton
 
         dh, wa, dweight = swiglu_bwd_triton(g_IF, h_I2F, weight_I)
