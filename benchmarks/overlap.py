@@ -52,7 +52,8 @@ PRESETS: Dict[str, Dict] = {
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"comma-separated, from {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
-    p.add_argument("--waves", default="1,2,4", help="comma-separated W values; 1 is always measured")
+    p.add_argument("--waves", default="1,2,4,auto",
+                   help="comma-separated W values, or auto (the W ep.sim picks from rates measured here); 1 is always measured")
     p.add_argument("--carveouts", default="0", help="comma-separated SM carveouts for the waved runs (CUDA)")
     p.add_argument("--dedup", default="rank", help="comma-separated: rank (once per rank), wave (once per rank and wave)")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 10 CPU, 20 GPU)")
@@ -133,7 +134,9 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     P = PRESETS[preset_name]
     dtype = getattr(torch, P["dtype"])
     cuda = device.type == "cuda"
-    waves = sorted({1, *(int(w) for w in args.waves.split(","))})
+    wave_args = [w.strip() for w in args.waves.split(",")]
+    want_auto = "auto" in wave_args
+    waves = sorted({1, *(int(w) for w in wave_args if w != "auto")})
     waves = [W for W in waves if W <= P["local_experts"]]
     carveouts = sorted({int(c) for c in args.carveouts.split(",")}) if cuda else [0]
     dedups = [d.strip() for d in args.dedup.split(",")]
@@ -168,7 +171,15 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     acc = torch.promote_types(dtype, torch.float32)
     elem = x.element_size()
 
-    variants = [(W, c, d) for d in dedups for W in waves for c in (carveouts if W > 1 else [0])]
+    variants = [(W, c, d, False) for d in dedups for W in waves for c in (carveouts if W > 1 else [0])]
+    if want_auto:  # the model's choice from rates measured now (as MoEConfig(num_waves="auto") does)
+        from ep.auto import choose_waves
+
+        auto_cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"], num_waves="auto",
+                                dedup_across_waves=dedups[0] == "rank")
+        W_auto = choose_waves(auto_cfg, tr, w1, w2, P["T"])
+        log(f"  num_waves=auto picks W={W_auto}")
+        variants.append((W_auto, carveouts[0], dedups[0], True))
     steps = 5 + len(variants) * (1 if args.no_backward else 2) + int(args.naive)
     step = [0]
 
@@ -222,12 +233,12 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 
     # ---- the layer's expert part per variant ----------------------------------------
     rows = []
-    for W, carve, dedup in variants:
+    for W, carve, dedup, auto in variants:
         plan = make_plan(idx, E, W, tr, tw, dedup_across_waves=(dedup == "rank"))
-        label = f"W={W} carveout={carve} dedup={dedup}"
+        label = f"W={'auto->' if auto else ''}{W} carveout={carve} dedup={dedup}"
         with torch.no_grad():
             fwd = measure(f"{label} forward", lambda: waved_experts(x, tw, w1, w2, plan, tr, carve))
-        row = {"W": W, "carveout": carve, "dedup": dedup, "fwd_ms": fwd}
+        row = {"W": W, "auto": auto, "carveout": carve, "dedup": dedup, "fwd_ms": fwd}
         if not args.no_backward:
             w1g, w2g = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
             xg, twg = x.clone().requires_grad_(True), tw.clone().requires_grad_(True)
@@ -243,14 +254,14 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         row["dispatch_wire_bytes_max_rank"] = int(wire[0].item())
         row["rows_per_token_max_rank"] = wire[1].item() / max(P["T"], 1)
         rows.append(row)
-        if args.trace_dir and W == max(waves) and carve == carveouts[-1] and dedup == dedups[0]:
+        if args.trace_dir and W == max(waves) and carve == carveouts[-1] and dedup == dedups[0] and not auto:
             save_trace(args.trace_dir, f"{preset_name}_n{n}_W{W}_c{carve}", device,
                        lambda: waved_experts(x, tw, w1, w2, plan, tr, carve),
                        None if args.no_backward else lambda: waved_experts(
                            x.clone().requires_grad_(True), tw, w1.clone().requires_grad_(True),
                            w2.clone().requires_grad_(True), plan, tr, carve).backward(dy))
 
-    base = {d: next(r for r in rows if r["W"] == 1 and r["dedup"] == d) for d in dedups}
+    base = {d: next(r for r in rows if r["W"] == 1 and r["dedup"] == d and not r["auto"]) for d in dedups}
     for r in rows:
         seq = base[r["dedup"]]
         r["speedup_vs_w1"] = seq["fwd_ms"] / r["fwd_ms"]
@@ -335,7 +346,7 @@ def format_table(r: dict, meta: dict) -> str:
     lines += ["", "layer (plan given)            fwd ms  vs W=1  /ideal  overlap eff  fwd+bwd ms  vs W=1  rows/token  dispatch MB"]
     for row in r["layers"]:
         eff = row["overlap_efficiency"]
-        label = f"W={row['W']} c={row['carveout']} {row['dedup']}"
+        label = f"W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']} {row['dedup']}"
         lines.append(
             f"  {label:<26} {row['fwd_ms']:8.3f}  {row['speedup_vs_w1']:5.2f}x  {row['over_ideal']:5.2f}x  "
             f"{'n/a' if eff is None else f'{eff:.2f}':>11}  "

@@ -118,7 +118,11 @@ def fingerprint(cfg: MoEConfig) -> List[int]:
     out = []
     for name in _FINGERPRINT_FIELDS:
         v = getattr(cfg, name)
-        out.append(("softmax", "sigmoid").index(v) if name == "score_func" else int(v))
+        if name == "score_func":
+            v = ("softmax", "sigmoid").index(v)
+        elif name == "num_waves" and v == "auto":
+            v = 0
+        out.append(int(v))
     return out
 
 

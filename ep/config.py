@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Union
 
 _SCORE_FUNCS = ("softmax", "sigmoid")
 
@@ -20,7 +21,10 @@ class MoEConfig:
             expert math of wave w runs while wave w+1 is in flight. 1 is the plain
             sequential path. When E_local is not a multiple of W the waves differ in
             size by at most one expert; W may not exceed E_local (checked by the layer,
-            which knows the world size).
+            which knows the world size). "auto": the layer's first forward measures the
+            group's all-to-all, its expert math and the host's call cost (once per
+            process and shape), plays the schedule model `ep.sim` for W in 1, 2, 4, 8
+            and keeps the fastest (the same W on every rank; `ep.auto`).
         score_func: "softmax" (over all E) or "sigmoid".
         norm_topk: renormalise the k selected scores to sum to 1.
         dedup_across_waves: a token travels to a rank once, in the first wave that needs
@@ -35,7 +39,7 @@ class MoEConfig:
     ffn_hidden: int
     num_experts: int
     top_k: int
-    num_waves: int = 1
+    num_waves: Union[int, str] = 1
     score_func: str = "softmax"
     norm_topk: bool = True
     dedup_across_waves: bool = True
@@ -44,8 +48,11 @@ class MoEConfig:
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves"):
             value = getattr(self, name)
+            if name == "num_waves" and value == "auto":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+                what = "a positive int or 'auto'" if name == "num_waves" else "a positive int"
+                raise ValueError(f"MoEConfig.{name} must be {what}, got {value!r}")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}"
@@ -68,7 +75,7 @@ class MoEConfig:
                 f"size ({world_size})"
             )
         local = self.num_experts // world_size
-        if self.num_waves > local:
+        if self.num_waves != "auto" and self.num_waves > local:
             raise ValueError(
                 f"MoEConfig.num_waves ({self.num_waves}) must be <= the local experts per rank "
                 f"({local} = {self.num_experts} experts / {world_size} ranks)"

@@ -45,6 +45,8 @@ class ExpertParallelMoE(nn.Module):
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
         self.router = Router(config)
         self.experts = Experts(self.num_local_experts, config.hidden, config.ffn_hidden)
+        self.num_waves: Optional[int] = None if config.num_waves == "auto" else config.num_waves
+        """W in use: the config's, or for "auto" the one chosen at the first forward."""
         with torch.no_grad():
             self.transport.broadcast_(self.router.weight.data, src=0)
 
@@ -76,17 +78,23 @@ class ExpertParallelMoE(nn.Module):
         """
         cfg = self.config
         w1, w2 = self.experts.w1, self.experts.w2
+        if self.num_waves is None:  # "auto": collective, once (every rank is in this forward)
+            from .auto import choose_waves
+
+            tokens = x.numel() // cfg.hidden if x.shape and x.shape[-1] == cfg.hidden else 0
+            self.num_waves = choose_waves(cfg, self.transport, w1, w2, tokens)
+        W = self.num_waves
         status = host_status(cfg, x, w1, topk_idx, topk_weights)
         if any(status):
             # take part in the count exchange with no tokens: every rank raises there
             empty = torch.empty(0, cfg.top_k, dtype=torch.int64, device=w1.device)
-            make_plan(empty, cfg.num_experts, cfg.num_waves, self.transport, None, cfg.dedup_across_waves, status, cfg)
+            make_plan(empty, cfg.num_experts, W, self.transport, None, cfg.dedup_across_waves, status, cfg)
             raise RuntimeError(f"ep: internal error: make_plan accepted input with problems {status}")
         x_TH = x.reshape(-1, cfg.hidden)
         if topk_idx is None:
             topk_idx, topk_weights = self.router(x_TH)
         plan = make_plan(
-            topk_idx, cfg.num_experts, cfg.num_waves, self.transport, topk_weights, cfg.dedup_across_waves,
+            topk_idx, cfg.num_experts, W, self.transport, topk_weights, cfg.dedup_across_waves,
             config=cfg,
         )
         y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)

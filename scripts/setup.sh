@@ -18,7 +18,8 @@ if ! python -c 'import torch' 2>/dev/null; then
   python -m pip install -q ${TORCH_PIP_ARGS:-} "torch==2.13.0"
 fi
 # triton: its interpreter runs the GPU kernels' tests on the CPU;
-# mpich + mpi4py: MPICH from PyPI, for the real mpirun launch in the tests
-python -m pip install -q "pytest>=8" "hypothesis>=6" "numpy" "triton==3.6.0" "mpich" "mpi4py>=4"
+# mpich + mpi4py: MPICH from PyPI, for the real mpirun launch in the tests;
+# matplotlib: the timeline pictures (ep.sim, benchmarks)
+python -m pip install -q "pytest>=8" "hypothesis>=6" "numpy" "triton==3.6.0" "mpich" "mpi4py>=4" "matplotlib"
 python -m pip install -q --no-deps --no-build-isolation -e .
 echo "setup: ready ($(python -c 'import torch; print("torch", torch.__version__)'))"

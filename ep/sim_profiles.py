@@ -1,0 +1,31 @@
+"""Measured machine profiles for `ep.sim`: rates and links, and the costs fitted to our runs.
+
+Written by `python benchmarks/calibrate.py --write-profiles` from the benchmark runs under
+`benchmarks/results/` (see `benchmarks/results/CALIBRATION.md` for predicted against
+measured). The all-to-all links come from the all-to-all table of `../shared/MEASURED.md`
+(latency + bytes / bandwidth fitted to the 4-GPU column); the grouped-GEMM table from the
+1-GPU stage-alone runs (r06, dsv3 and decode shapes); host, kernel, overlap and backward
+costs are fitted.
+"""
+from __future__ import annotations
+
+from .sim import Rates, Topology
+
+# fmt: off
+PROFILES = {
+    "h200-nccl": (
+        Rates(gemm_tflops=((32.0, 83.8), (1024.0, 613.9)), hbm_GBps=4000.0, permute_GBps=4300.0,
+              stage_ms=0.0329, host_ms=0.0881, comm_share=0.142, compute_share=1.000,
+              backward_factor=2.685, backward_host_ms=2.2942,
+              name="h200-nccl"),
+        Topology(ranks=8, gpus_per_node=8, intra_GBps=326.0, inter_GBps=45.0, latency_ms=0.0896, local_GBps=1500.0),
+    ),
+    "cpu-gloo": (
+        Rates(gemm_tflops=((256.0, 0.040894573426422276),), hbm_GBps=20.0, permute_GBps=0.5,
+              stage_ms=0.2734, host_ms=0.5755, comm_share=0.886, compute_share=0.618,
+              backward_factor=3.302, backward_host_ms=0.9919,
+              name="cpu-gloo"),
+        Topology(ranks=4, gpus_per_node=4, intra_GBps=0.3, inter_GBps=0.3, latency_ms=0.5000, local_GBps=5.0),
+    ),
+}
+# fmt: on
