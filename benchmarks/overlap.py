@@ -14,7 +14,9 @@ after warm-up, the median of `--iters` runs, and reports the max over ranks:
   overlap efficiency = (W=1 - waved) / (W=1 - ideal), speedup over W=1 (and over the
   naive hand-written layer, `--naive`);
 - bytes on the wire: rows sent to other ranks x H x element size, per W.
-It prints a table per preset on rank 0 and writes all of it as JSON (`--json`); with
+"host ms" is the time the host took to issue the forward (on CUDA the device may still be
+running when it returns; on CPU it is the whole call): where it is close to "fwd ms", the
+layer is paced by the host, not the device. It prints a table per preset on rank 0 and writes all of it as JSON (`--json`); with
 `--trace-dir` it also saves a profiler timeline (Chrome trace JSON and a PNG) of one
 waved forward and forward+backward per preset.
 """
@@ -84,6 +86,7 @@ class Timer:
         for _ in range(self.warmup):
             fn()
         times: List[float] = []
+        host: List[float] = []
         cuda = self.device.type == "cuda"
         for _ in range(self.iters):
             if cuda:
@@ -92,7 +95,9 @@ class Timer:
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
+                h0 = time.perf_counter()
                 fn()
+                host.append((time.perf_counter() - h0) * 1e3)  # issuing it (the device may still run)
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
@@ -100,9 +105,11 @@ class Timer:
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
-        med = torch.tensor([statistics.median(times)], dtype=torch.float64, device=self.device)
+        med = torch.tensor([statistics.median(times), statistics.median(host or times)], dtype=torch.float64,
+                           device=self.device)
         dist.all_reduce(med, op=dist.ReduceOp.MAX)
-        return med.item()
+        self.last_host_ms = med[1].item()
+        return med[0].item()
 
 
 def git_commit() -> str:
@@ -238,7 +245,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         label = f"W={'auto->' if auto else ''}{W} carveout={carve} dedup={dedup}"
         with torch.no_grad():
             fwd = measure(f"{label} forward", lambda: waved_experts(x, tw, w1, w2, plan, tr, carve))
-        row = {"W": W, "auto": auto, "carveout": carve, "dedup": dedup, "fwd_ms": fwd}
+        row = {"W": W, "auto": auto, "carveout": carve, "dedup": dedup, "fwd_ms": fwd, "fwd_host_ms": timer.last_host_ms}
         if not args.no_backward:
             w1g, w2g = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
             xg, twg = x.clone().requires_grad_(True), tw.clone().requires_grad_(True)
@@ -343,12 +350,13 @@ def format_table(r: dict, meta: dict) -> str:
     ]
     if r["naive_fwd_ms"] is not None:
         lines.append(f"  {'naive layer fwd':<17} {r['naive_fwd_ms']:8.3f}   (per-slot a2a, index gathers, index_add_)")
-    lines += ["", "layer (plan given)            fwd ms  vs W=1  /ideal  overlap eff  fwd+bwd ms  vs W=1  rows/token  dispatch MB"]
+    lines += ["", "layer (plan given)            fwd ms  host ms  vs W=1  /ideal  overlap eff  fwd+bwd ms  vs W=1  rows/token  dispatch MB"]
     for row in r["layers"]:
         eff = row["overlap_efficiency"]
         label = f"W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']} {row['dedup']}"
         lines.append(
-            f"  {label:<26} {row['fwd_ms']:8.3f}  {row['speedup_vs_w1']:5.2f}x  {row['over_ideal']:5.2f}x  "
+            f"  {label:<26} {row['fwd_ms']:8.3f}  {row.get('fwd_host_ms', float('nan')):7.3f}  "
+            f"{row['speedup_vs_w1']:5.2f}x  {row['over_ideal']:5.2f}x  "
             f"{'n/a' if eff is None else f'{eff:.2f}':>11}  "
             f"{row.get('fwdbwd_ms', float('nan')):10.3f}  {row.get('fwdbwd_speedup_vs_w1', float('nan')):5.2f}x  "
             f"{row['rows_per_token_max_rank']:10.2f}  {row['dispatch_wire_bytes_max_rank'] / 1e6:11.2f}"

@@ -309,6 +309,86 @@ def _wave_offs(items_per_expert: Sequence[int], bounds: Sequence[int], device) -
     return tuple(dev[e0:e1] for e0, e1 in zip(bounds[:-1], bounds[1:]))
 
 
+def receiver_tables(
+    recv_rows: torch.Tensor,
+    row_source: torch.Tensor,
+    num_local_experts: int,
+    num_waves: int,
+    num_ranks: int,
+    expert_off: Sequence[int],
+    return_off: Sequence[int],
+    wave_first_item: Sequence[int],
+    num_touches: int,
+    weights_dtype: torch.dtype,
+) -> Dict[str, torch.Tensor]:
+    """The receiver's tables (torch; `ep.kernels.triton_plan.receiver_tables_triton` on CUDA).
+
+    Args:
+        recv_rows: `[R, k, 2]` float64, the exchanged slot tables in row order: per slot the
+            local expert (-1: served elsewhere) and the routing weight.
+        row_source: `[R]` int64, the source rank of each row.
+        expert_off: host ints `[E_local + 1]`, first item of each local expert.
+        return_off: host ints `[W + 1]`, first row of each wave's combine.
+        wave_first_item: host ints `[W]`, first item of each wave.
+    Returns:
+        the `DispatchPlan` fields `recv_weights`, `return_row`, `item_slot_flat`, `item_row`
+        and the `touch_*` tables.
+    """
+    device = recv_rows.device
+    R, k = recv_rows.shape[0], recv_rows.shape[1]
+    W, n, E_local = num_waves, num_ranks, num_local_experts
+    I, N_touch = expert_off[-1], num_touches
+    wave_of_expert = torch.arange(E_local, device=device) * W // E_local
+    slot_expert_RK = recv_rows[:, :, 0].to(torch.int64)
+    recv_weights = recv_rows[:, :, 1].flatten().to(weights_dtype)
+
+    # rows going back: by (last wave, source), stably over row order
+    slot_wave_RK = torch.where(slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1)
+    row_last_wave = slot_wave_RK.amax(dim=1)
+    return_row = torch.sort(row_last_wave * n + row_source, stable=True).indices
+
+    # items: received (row, slot) pairs with an expert here, sorted by expert (stable)
+    slot_expert = slot_expert_RK.flatten()
+    ekey = torch.where(slot_expert >= 0, slot_expert, torch.full_like(slot_expert, E_local))
+    item_slot_flat = torch.sort(ekey, stable=True).indices[:I]
+    item_row = item_slot_flat // k
+    item_wave = slot_wave_RK.flatten()[item_slot_flat]
+
+    # touches: the (wave, row) pairs among items; per touch its items (<= k, relative to
+    # the wave's first item), whether an earlier wave left a partial sum, and where the
+    # row goes when this is its last wave
+    by_touch = torch.sort(item_wave * R + item_row, stable=True)
+    opens_touch = torch.ones(I, dtype=torch.bool, device=device)
+    opens_touch[1:] = by_touch.values[1:] != by_touch.values[:-1]
+    touch_of = opens_touch.to(torch.int64).cumsum(0) - 1  # touch of each (sorted) item
+    touch_start = torch.full((N_touch,), I, dtype=torch.int64, device=device)
+    touch_start.scatter_reduce_(0, touch_of, torch.arange(I, device=device), "amin")
+    slot_in_touch = torch.arange(I, device=device) - touch_start[touch_of]
+    item = by_touch.indices
+    wave_starts = torch.tensor([list(wave_first_item), list(return_off[:-1])]).to(device)
+    wave_first, return_wave_start = wave_starts[0], wave_starts[1]
+    touch_items = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
+    touch_items[touch_of, slot_in_touch] = item - wave_first[item_wave[item]]
+    touch_slot_flat = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
+    touch_slot_flat[touch_of, slot_in_touch] = item_slot_flat[item]
+    touch_row = torch.empty(N_touch, dtype=torch.int64, device=device)
+    touch_row[touch_of] = item_row[item]
+    touch_wave = torch.empty(N_touch, dtype=torch.int64, device=device)
+    touch_wave[touch_of] = item_wave[item]
+    row_first_wave = torch.full((R,), W, dtype=torch.int64, device=device)
+    row_first_wave.scatter_reduce_(0, item_row, item_wave, "amin")
+    return_pos = torch.empty(R, dtype=torch.int64, device=device)
+    return_pos[return_row] = torch.arange(R, device=device)
+    return_pos -= return_wave_start[row_last_wave]
+    touch_out = torch.where(touch_wave == row_last_wave[touch_row], return_pos[touch_row], -1)
+    touch_weights = torch.where(touch_slot_flat >= 0, recv_weights[touch_slot_flat.clamp(min=0)], 0)
+    return dict(
+        recv_weights=recv_weights, return_row=return_row, item_slot_flat=item_slot_flat, item_row=item_row,
+        touch_row=touch_row, touch_carry=touch_wave > row_first_wave[touch_row], touch_out=touch_out,
+        touch_items=touch_items, touch_slot_flat=touch_slot_flat, touch_weights=touch_weights,
+    )
+
+
 def _bare_config(num_experts: int, k: int) -> MoEConfig:
     """A stand-in config for error messages when make_plan is called without the layer's."""
     return MoEConfig(hidden=1, ffn_hidden=1, num_experts=num_experts, top_k=max(k, 1), num_waves=1)
@@ -350,7 +430,6 @@ def make_plan(
     E_local = num_experts // n
     bounds = wave_bounds(E_local, num_waves)
     W = num_waves
-    wave_of_expert = torch.arange(E_local, device=device) * W // E_local
     idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)  # stays in range until we raise
     dest_TK = idx // E_local
     local_expert_TK = idx % E_local
@@ -420,60 +499,26 @@ def make_plan(
         _per_rank(send_counts),
         "plan: slot-table exchange",
     ).wait()
-    recv_rows = recv_rows[recv_wave_major]  # [R_recv, k, 2] in row order
-    slot_expert_RK = recv_rows[:, :, 0].to(torch.int64)
-    recv_weights = None
-    if topk_weights_TK is not None:
-        recv_weights = recv_rows[:, :, 1].flatten().to(torch.promote_types(topk_weights_TK.dtype, torch.float32))
-
-    # rows going back: by (last wave, source), stably over row order
     row_source = torch.from_numpy(
         np.repeat(np.tile(np.arange(n), W), np.asarray(recv_counts, dtype=np.int64).ravel())
     ).to(device)
-    slot_wave_RK = torch.where(slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1)
-    row_last_wave = slot_wave_RK.amax(dim=1)
-    return_row = torch.sort(row_last_wave * n + row_source, stable=True).indices
-
-    # items: received (row, slot) pairs with an expert here, sorted by expert (stable)
-    slot_expert = slot_expert_RK.flatten()
-    ekey = torch.where(slot_expert >= 0, slot_expert, torch.full_like(slot_expert, E_local))
-    item_slot_flat = torch.sort(ekey, stable=True).indices[:I]
-    item_row = item_slot_flat // k
-    item_wave = slot_wave_RK.flatten()[item_slot_flat]
-
-    # touches: the (wave, row) pairs among items; per touch its items (<= k, relative to
-    # the wave's first item), whether an earlier wave left a partial sum, and where the
-    # row goes when this is its last wave
-    by_touch = torch.sort(item_wave * R_recv + item_row, stable=True)
-    opens_touch = torch.ones(I, dtype=torch.bool, device=device)
-    opens_touch[1:] = by_touch.values[1:] != by_touch.values[:-1]
-    touch_of = opens_touch.to(torch.int64).cumsum(0) - 1  # touch of each (sorted) item
-    touch_start = torch.full((N_touch,), I, dtype=torch.int64, device=device)
-    touch_start.scatter_reduce_(0, touch_of, torch.arange(I, device=device), "amin")
-    slot_in_touch = torch.arange(I, device=device) - touch_start[touch_of]
-    item = by_touch.indices
     expert_off = _offsets(items_per_expert)
     return_off = _offsets([sum(c) for c in return_counts])
-    # per wave: its first item, and its first row going back (host ints, one copy)
-    wave_starts = torch.tensor([[expert_off[b] for b in bounds[:-1]], list(return_off[:-1])]).to(device)
-    wave_first_item, return_wave_start = wave_starts[0], wave_starts[1]
-    touch_items = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
-    touch_items[touch_of, slot_in_touch] = item - wave_first_item[item_wave[item]]
-    touch_slot_flat = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
-    touch_slot_flat[touch_of, slot_in_touch] = item_slot_flat[item]
-    touch_row = torch.empty(N_touch, dtype=torch.int64, device=device)
-    touch_row[touch_of] = item_row[item]
-    touch_wave = torch.empty(N_touch, dtype=torch.int64, device=device)
-    touch_wave[touch_of] = item_wave[item]
-    row_first_wave = torch.full((R_recv,), W, dtype=torch.int64, device=device)
-    row_first_wave.scatter_reduce_(0, item_row, item_wave, "amin")
-    return_pos = torch.empty(R_recv, dtype=torch.int64, device=device)
-    return_pos[return_row] = torch.arange(R_recv, device=device)
-    return_pos -= return_wave_start[row_last_wave]
-    touch_out = torch.where(touch_wave == row_last_wave[touch_row], return_pos[touch_row], -1)
-    touch_weights = None
-    if recv_weights is not None:
-        touch_weights = torch.where(touch_slot_flat >= 0, recv_weights[touch_slot_flat.clamp(min=0)], 0)
+    wave_first_item = [expert_off[b] for b in bounds[:-1]]
+    wdtype = torch.promote_types(topk_weights_TK.dtype, torch.float32) if topk_weights_TK is not None else torch.float32
+    if recv_rows.is_cuda and triton_available():
+        from .kernels.triton_plan import receiver_tables_triton
+
+        tabs = receiver_tables_triton(
+            recv_rows, recv_wave_major, row_source, E_local, W, n, k, expert_off, _offsets(touch_counts), return_off,
+            wave_first_item, I, N_touch, wdtype,
+        )
+    else:
+        tabs = receiver_tables(
+            recv_rows[recv_wave_major], row_source, E_local, W, n, expert_off, return_off, wave_first_item, N_touch, wdtype,
+        )
+    if topk_weights_TK is None:
+        tabs["recv_weights"] = tabs["touch_weights"] = None
 
     return DispatchPlan(
         num_ranks=n,
@@ -489,18 +534,9 @@ def make_plan(
         back_counts=back_counts,
         token_back_pos=token_back_pos,
         recv_counts=recv_counts,
-        return_row=return_row,
         return_counts=return_counts,
-        item_row=item_row,
-        item_slot_flat=item_slot_flat,
         items_per_expert=items_per_expert,
         touch_counts=touch_counts,
-        touch_row=touch_row,
-        touch_items=touch_items,
-        touch_carry=touch_wave > row_first_wave[touch_row],
-        touch_out=touch_out,
-        touch_slot_flat=touch_slot_flat,
-        touch_weights=touch_weights,
-        recv_weights=recv_weights,
+        **tabs,
         wave_offs=_wave_offs(items_per_expert, bounds, device),
     )

@@ -124,3 +124,39 @@ def test_sender_tables_match_torch(triton_plan, n, E_local, W, k, across):
     for name, a, b in (("first", first, want[0]), ("fw", fw, want[1]), ("lw", lw, want[2]),
                        ("counts", counts, want[3]), ("status", status, want[4])):
         assert torch.equal(a, b), f"{name}: {a} vs {b}"
+
+
+@pytest.mark.parametrize("n, E_local, W, k, R", [(2, 4, 2, 3, 37), (3, 8, 4, 4, 150), (1, 6, 3, 5, 20),
+                                                 (4, 2, 1, 1, 9), (2, 5, 5, 2, 0)])
+def test_receiver_tables_match_torch(triton_plan, n, E_local, W, k, R):
+    from ep.plan import _offsets, receiver_tables, wave_bounds
+
+    g = torch.Generator().manual_seed(R * 7 + k)
+    # each row: distinct local experts on some of its k slots (at least one), -1 elsewhere
+    table = torch.zeros(R, k, 2, dtype=torch.float64)
+    table[:, :, 0] = -1
+    for r in range(R):
+        m = int(torch.randint(1, min(k, E_local) + 1, (1,), generator=g))
+        slots = torch.randperm(k, generator=g)[:m]
+        table[r, slots, 0] = torch.randperm(E_local, generator=g)[:m].double()
+        table[r, slots, 1] = torch.rand(m, generator=g, dtype=torch.float64)
+    order = torch.randperm(R, generator=g)  # row r sits at order[r] of the exchanged table
+    row_source = torch.sort(torch.randint(0, n, (R,), generator=g)).values
+    rows = table[order]
+    e = rows[:, :, 0].long()
+    wave = torch.where(e >= 0, e * W // E_local, -1)
+    items_per_expert = [int((e == x).sum()) for x in range(E_local)]
+    expert_off = _offsets(items_per_expert)
+    touches = [int((wave == w).any(dim=1).sum()) for w in range(W)]
+    last = wave.amax(dim=1)
+    return_off = _offsets([int((last == w).sum()) for w in range(W)])
+    bounds = wave_bounds(E_local, W)
+    first_item = [expert_off[b] for b in bounds[:-1]]
+    want = receiver_tables(rows, row_source, E_local, W, n, expert_off, return_off, first_item, sum(touches),
+                           torch.float32)
+    got = triton_plan.receiver_tables_triton(table, order, row_source, E_local, W, n, k, expert_off,
+                                             _offsets(touches), return_off, first_item, expert_off[-1],
+                                             sum(touches), torch.float32)
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{name}:\n{got[name]}\nvs\n{want[name]}"

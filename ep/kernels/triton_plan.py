@@ -100,3 +100,134 @@ def sender_tables_triton(
         )
     counts = counts.to(torch.int64)
     return first, fw, lw, opens_touch.bool(), counts[:-status_slots], counts[-status_slots:]
+
+
+# ---- the receiver side: two passes over the received slot tables ------------------------
+@triton.jit
+def _load_rows(table_ptr, order_ptr, b, R, E_local, W, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
+    """Rows `[b*BR, (b+1)*BR)` in row order: each slot's local expert (-1: none), its wave,
+    its weight, and per row the first and last wave with an item."""
+    row = b * BR + tl.arange(0, BR)
+    slot = tl.arange(0, KP)
+    m = (row[:, None] < R) & (slot[None, :] < K)
+    src = tl.load(order_ptr + row, mask=row < R, other=0)  # row -> its place in the exchanged table
+    at = (src[:, None] * K + slot[None, :]) * 2
+    e = tl.load(table_ptr + at, mask=m, other=-1.0).to(tl.int32)
+    wt = tl.load(table_ptr + at + 1, mask=m, other=0.0)
+    valid = m & (e >= 0)
+    wave = tl.where(valid, e * W // E_local, -1)
+    lw = tl.max(wave, axis=1)
+    fw = tl.min(tl.where(valid, wave, W), axis=1)
+    return row, slot, m, e, wt, valid, wave, fw, lw
+
+
+@triton.jit
+def _receiver_count_kernel(
+    table_ptr, order_ptr, source_ptr, weights_ptr, key_ptr, hist_ptr, R, E_local, W, n,
+    K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, WP: tl.constexpr, BR: tl.constexpr,
+):
+    b = tl.program_id(0)
+    row, slot, m, e, wt, valid, wave, fw, lw = _load_rows(table_ptr, order_ptr, b, R, E_local, W, K, KP, BR)
+    flat = row[:, None].to(tl.int64) * K + slot[None, :]
+    tl.store(weights_ptr + flat, wt.to(weights_ptr.dtype.element_ty), mask=m)
+    src = tl.load(source_ptr + row, mask=row < R, other=0)
+    tl.store(key_ptr + row, lw.to(tl.int64) * n + src, mask=row < R)  # combine order: (last wave, source)
+    ex = tl.arange(0, EP)
+    wv = tl.arange(0, WP)
+    has_e = (e[:, :, None] == ex[None, None, :]) & valid[:, :, None]  # [BR, KP, EP]
+    items = tl.sum(tl.sum(has_e.to(tl.int32), axis=1), axis=0)  # items per expert in this block
+    touches = tl.sum(tl.max(((wave[:, :, None] == wv[None, None, :]) & valid[:, :, None]).to(tl.int32), axis=1), axis=0)
+    tl.store(hist_ptr + b * (E_local + W) + ex, items, mask=ex < E_local)
+    tl.store(hist_ptr + b * (E_local + W) + E_local + wv, touches, mask=wv < W)
+
+
+@triton.jit
+def _receiver_place_kernel(
+    table_ptr, order_ptr, base_ptr, return_pos_ptr, return_start_ptr, wave_first_ptr,
+    item_slot_ptr, item_row_ptr, touch_row_ptr, touch_carry_ptr, touch_out_ptr,
+    touch_items_ptr, touch_slot_ptr, touch_w_ptr, R, E_local, W,
+    K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, WP: tl.constexpr, BR: tl.constexpr,
+):
+    b = tl.program_id(0)
+    row, slot, m, e, wt, valid, wave, fw, lw = _load_rows(table_ptr, order_ptr, b, R, E_local, W, K, KP, BR)
+    rmask = row < R
+    ex = tl.arange(0, EP)
+    wv = tl.arange(0, WP)
+    base = base_ptr + b * (E_local + W)
+    # items: position = expert's start for this block + rows before it (in the block) with that expert
+    has_e = ((e[:, :, None] == ex[None, None, :]) & valid[:, :, None]).to(tl.int32)  # [BR, KP, EP]
+    row_e = tl.max(has_e, axis=1)  # [BR, EP]: a row has an expert at most once
+    before_e = tl.cumsum(row_e, axis=0) - row_e
+    rank = tl.sum(has_e * before_e[:, None, :], axis=2)  # [BR, KP]
+    pos = tl.load(base + e, mask=valid, other=0).to(tl.int64) + rank
+    flat = row[:, None].to(tl.int64) * K + slot[None, :]
+    tl.store(item_slot_ptr + pos, flat, mask=valid)
+    tl.store(item_row_ptr + pos, row[:, None].to(tl.int64) + slot[None, :] * 0, mask=valid)
+    # touches: one per (row, wave with items), wave-major then row
+    has_w = ((wave[:, :, None] == wv[None, None, :]) & valid[:, :, None]).to(tl.int32)  # [BR, KP, WP]
+    row_w = tl.max(has_w, axis=1)  # [BR, WP]
+    before_w = tl.cumsum(row_w, axis=0) - row_w
+    tmask = (row_w > 0) & rmask[:, None] & (wv[None, :] < W)
+    t = tl.load(base + E_local + wv, mask=wv < W, other=0)[None, :].to(tl.int64) + before_w  # [BR, WP]
+    ret_rel = tl.load(return_pos_ptr + row, mask=rmask, other=0) - tl.load(return_start_ptr + lw, mask=rmask, other=0)
+    row2 = row[:, None].to(tl.int64) + wv[None, :] * 0
+    tl.store(touch_row_ptr + t, row2, mask=tmask)
+    tl.store(touch_carry_ptr + t, (wv[None, :] > fw[:, None]).to(tl.int8), mask=tmask)
+    tl.store(touch_out_ptr + t, tl.where(wv[None, :] == lw[:, None], ret_rel[:, None], -1), mask=tmask)
+    # each item's place in its touch: after the row's items of the same wave with a smaller expert
+    t_slot = tl.sum(has_w.to(tl.int64) * t[:, None, :], axis=2)  # [BR, KP]
+    earlier = (wave[:, :, None] == wave[:, None, :]) & (e[:, None, :] < e[:, :, None]) & valid[:, None, :]
+    s = tl.sum(earlier.to(tl.int64), axis=2)
+    at = t_slot * K + s
+    first_item = tl.load(wave_first_ptr + wave, mask=valid, other=0)
+    tl.store(touch_items_ptr + at, pos - first_item, mask=valid)
+    tl.store(touch_slot_ptr + at, flat, mask=valid)
+    tl.store(touch_w_ptr + at, wt.to(touch_w_ptr.dtype.element_ty), mask=valid)
+
+
+def receiver_tables_triton(table, order, row_source, num_local_experts, num_waves, num_ranks, k,
+                           expert_off, touch_off, return_off, wave_first_item, n_items, n_touch, weights_dtype):
+    """The receiver's tables from the exchanged slot tables (see `ep.plan.receiver_tables`).
+
+    Args:
+        table: `[R, k, 2]` float64 as exchanged (source-major); `order`: `[R]` int64, row r's
+            place in it; `row_source`: `[R]` int64 source rank of each row.
+        expert_off / touch_off / return_off: host ints, first item of each local expert,
+            first touch of each wave, first returned row of each wave.
+    """
+    dev = table.device
+    R = order.numel()
+    E_local, W = num_local_experts, num_waves
+    kp, ep_, wp = triton.next_power_of_2(k), triton.next_power_of_2(E_local), triton.next_power_of_2(W)
+    br = max(1, min(64, 8192 // (kp * max(ep_, kp, wp))))
+    nblocks = max(triton.cdiv(R, br), 1)
+    weights = torch.empty(R * k, dtype=weights_dtype, device=dev)
+    key = torch.empty(R, dtype=torch.int64, device=dev)
+    hist = torch.zeros(nblocks, E_local + W, dtype=torch.int32, device=dev)
+    args = dict(K=k, KP=kp, EP=ep_, WP=wp, BR=br)
+    if R:
+        _receiver_count_kernel[(nblocks,)](table, order, row_source, weights, key, hist, R, E_local, W, num_ranks, **args)
+    return_row = torch.sort(key, stable=True).indices
+    return_pos = torch.empty_like(return_row)
+    return_pos[return_row] = torch.arange(R, device=dev)
+    starts = torch.tensor([*expert_off[:-1], *touch_off[:-1], *return_off[:-1], *wave_first_item], dtype=torch.int64)
+    starts = starts.to(dev, non_blocking=True)
+    h = hist.to(torch.int64)
+    base = h.cumsum(0) - h + starts[: E_local + W]
+    return_start = starts[E_local + W: E_local + 2 * W]
+    wave_first = starts[E_local + 2 * W:]
+    item_slot = torch.empty(n_items, dtype=torch.int64, device=dev)
+    item_row = torch.empty_like(item_slot)
+    touch_row = torch.empty(n_touch, dtype=torch.int64, device=dev)
+    touch_carry = torch.empty(n_touch, dtype=torch.int8, device=dev)
+    touch_out = torch.empty(n_touch, dtype=torch.int64, device=dev)
+    touch_items = torch.full((n_touch, k), -1, dtype=torch.int64, device=dev)
+    touch_slot = torch.full((n_touch, k), -1, dtype=torch.int64, device=dev)
+    touch_w = torch.zeros(n_touch, k, dtype=weights_dtype, device=dev)
+    if R:
+        _receiver_place_kernel[(nblocks,)](
+            table, order, base, return_pos, return_start, wave_first, item_slot, item_row, touch_row, touch_carry,
+            touch_out, touch_items, touch_slot, touch_w, R, E_local, W, **args)
+    return dict(recv_weights=weights, return_row=return_row, item_slot_flat=item_slot, item_row=item_row,
+                touch_row=touch_row, touch_carry=touch_carry.bool(), touch_out=touch_out, touch_items=touch_items,
+                touch_slot_flat=touch_slot, touch_weights=touch_w)
