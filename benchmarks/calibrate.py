@@ -36,6 +36,9 @@ PERMUTE_MAX_GBPS = 4300.0  # MEASURED.md: device copies on one H200
 # MEASURED.md, all-to-all_single, 4 H200s: (MiB per rank, ms); 3/4 of each rank's bytes leave the GPU
 A2A_4GPU = ((1, 0.089), (16, 0.134), (64, 0.237), (256, 0.714), (512, 1.322))
 
+# runs made before the pipeline gathered every wave's dispatch rows at once (r10)
+PER_WAVE_GATHER_RUNS = ("r06_h200x1_overlap.json", "r07_h200x2_overlap.json", "r09_h200x1_overlap.json",
+                        "cpu_gloo_4rank.json")
 GPU_RUNS = ("runs/r06_h200x1_overlap.json", "runs/r07_h200x2_overlap.json")
 CPU_RUNS = ("cpu_gloo_4rank.json",)
 FIT_KEYS = ("host_ms", "stage_ms", "permute_GBps", "backward_factor", "backward_host_ms")
@@ -113,8 +116,9 @@ def rates_for(row: Row, rates: Rates) -> Rates:
 def predict(row: Row, rates: Rates, topo: Topology) -> Tuple[float, float]:
     r = rates_for(row, rates)
     t = replace(topo, ranks=row.ranks, gpus_per_node=row.ranks)
-    fwd = simulate(row.layer, t, r, row.W, row.dedup).layer_ms
-    fb = simulate(row.layer, t, r, row.W, row.dedup, backward=True).layer_ms
+    once = os.path.basename(row.source) not in PER_WAVE_GATHER_RUNS
+    fwd = simulate(row.layer, t, r, row.W, row.dedup, gather_once=once).layer_ms
+    fb = simulate(row.layer, t, r, row.W, row.dedup, backward=True, gather_once=once).layer_ms
     return fwd, fb
 
 

@@ -2,7 +2,8 @@
 
 Forward, per layer:
     1. (the plan already carried every route's weights to the owners);
-    2. start dispatch(w) for every wave (the transport runs them in order);
+    2. gather every route's row once (dispatch order), then start dispatch(w) for every
+       wave, each sending its slice (the transport runs them in order);
     3. for w = 0..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w),
        which sends back the rows whose last wave is w (it flies during wave w+1's math);
     4. wait for the combines; un-permute: each token's returned rows summed into `y`.
@@ -88,7 +89,8 @@ class WavedExperts(torch.autograd.Function):
             hidden[w] = h
             return stages.combine(o, touch_weights[plan.touch_slice(w)], acc_all, back_all, plan, w, transport)
 
-        run_waves(plan.num_waves, lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport), compute)
+        sends = stages.routes_out(x_TH, plan) if plan.num_waves > 1 else None  # one gather for all waves
+        run_waves(plan.num_waves, lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport, sends), compute)
         y_TH = torch.empty_like(x_TH)
         with record_function("ep.unpermute"):
             stages.unpermute(back_all, plan, y_TH)
@@ -128,7 +130,8 @@ class WavedExperts(torch.autograd.Function):
             dweights_flat[slots] = dweight_I
             return stages.dispatch_backward(dx_IH, dacc_all, dback_all, plan, w, transport)
 
-        run_waves(plan.num_waves, lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport), compute)
+        sends = stages.routes_out(dy_TH, plan) if plan.num_waves > 1 else None
+        run_waves(plan.num_waves, lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport, sends), compute)
         dx_TH = torch.empty_like(dy_TH)
         with record_function("ep.unpermute"):
             stages.unpermute(dback_all, plan, dx_TH)

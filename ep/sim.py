@@ -256,9 +256,10 @@ def _experts_ms(items: float, experts: int, layer: Layer, rates: Rates) -> Tuple
 
 
 def build_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, dedup: str = "rank",
-              backward: bool = False) -> List[Op]:
+              backward: bool = False, gather_once: bool = True) -> List[Op]:
     """The layer's ops in issue order, as `ep.pipeline.run_waves` issues them: every
-    inbound transfer first (its gather on the compute stream), then per wave the expert
+    inbound transfer first (with W > 1 and `gather_once`, one gather of every wave's rows
+    on the compute stream, as the pipeline does since r10; else a gather per wave), then per wave the expert
     math and its outbound transfer (row sums, then the all-to-all), then the un-permute.
     With `backward`, the forward is followed by its mirror (the output gradients go out
     as the tokens did, the expert backward runs `backward_factor` times the forward's
@@ -278,8 +279,13 @@ def build_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, dedup:
 
     def one_pass(tag: str, math_factor: float) -> None:
         inbound = []
+        once = gather_once and num_waves > 1
+        if once:
+            g = add(f"{tag}gather", "compute", _bytes_ms(2 * n * sum(tr.dispatch) * row, rates), stage="permute")
         for w in range(num_waves):
-            g = add(f"{tag}gather[{w}]", "compute", _bytes_ms(2 * n * tr.dispatch[w] * row, rates), stage="permute", wave=w)
+            if not once:
+                g = add(f"{tag}gather[{w}]", "compute", _bytes_ms(2 * n * tr.dispatch[w] * row, rates),
+                        stage="permute", wave=w)
             inbound.append(add(f"{tag}dispatch[{w}]", comm, _a2a_ms(tr.dispatch[w], layer, topo, s), [g],
                                stage="dispatch", wave=w))
         outbound = []
@@ -315,9 +321,9 @@ class Prediction:
 
 
 def simulate(layer: Layer, topo: Topology, rates: Rates, num_waves: int, dedup: str = "rank",
-             backward: bool = False) -> Prediction:
+             backward: bool = False, gather_once: bool = True) -> Prediction:
     """Play one layer (forward, or forward + backward) and return its times in ms."""
-    ops = build_ops(layer, topo, rates, num_waves, dedup, backward)
+    ops = build_ops(layer, topo, rates, num_waves, dedup, backward, gather_once)
     total = play(ops, rates.comm_share, rates.compute_share)
     stages: Dict[str, float] = {}
     for op in ops:

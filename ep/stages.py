@@ -63,9 +63,14 @@ def return_accumulator(plan: DispatchPlan, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(plan.num_rows_received, like.shape[1], dtype=accumulate_dtype(like.dtype))
 
 
+def routes_out(src_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Every route's row, in dispatch order (all waves at once: one gather instead of W) -> `[R_send, H]`."""
+    return gather_rows(src_TH, plan.route_token)
+
+
 def to_owners(
     src_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport,
-    label: str = "dispatch",
+    label: str = "dispatch", sends: Optional[torch.Tensor] = None,
 ) -> InFlight:
     """Gather the routes of wave w's dispatch from `src` and start sending them to the
     experts' owners, into this wave's part of `rows_all`.
@@ -73,10 +78,15 @@ def to_owners(
     Args:
         src_TH: `[T, H]`, this rank's tokens (or their output gradients).
         rows_all: `[R_all, H]` from `received_rows`.
+        sends: optional `routes_out(src_TH, plan)`, gathered once for all waves; the
+            wave's rows are then a slice of it.
     Returns:
         InFlight of the wave's `[R_w, H]` slice of `rows_all`.
     """
-    send_SH = gather_rows(src_TH, plan.route_token[plan.dispatch_slice(wave)])
+    if sends is not None:
+        send_SH = sends[plan.dispatch_slice(wave)]
+    else:
+        send_SH = gather_rows(src_TH, plan.route_token[plan.dispatch_slice(wave)])
     recv = rows_all[plan.recv_slice(wave)]
     pending = transport.all_to_all(
         recv, send_SH, plan.recv_counts[wave], plan.send_counts[wave], f"{label} of wave {wave}"
@@ -126,10 +136,12 @@ def unpermute(back_all: torch.Tensor, plan: DispatchPlan, out_TH: torch.Tensor) 
 
 # ---- the four stages, forward -------------------------------------------------------
 def dispatch(
-    x_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport
+    x_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport,
+    sends: Optional[torch.Tensor] = None,
 ) -> InFlight:
-    """Stage 1: tokens whose first wave at a rank is w go there (each token once per rank)."""
-    return to_owners(x_TH, rows_all, plan, wave, transport, "dispatch (forward)")
+    """Stage 1: tokens whose first wave at a rank is w go there (each token once per rank).
+    `sends`: `routes_out(x_TH, plan)` when the caller gathered every wave's rows at once."""
+    return to_owners(x_TH, rows_all, plan, wave, transport, "dispatch (forward)", sends)
 
 
 def linear1(rows_all: torch.Tensor, w1: torch.Tensor, plan: DispatchPlan, wave: int) -> torch.Tensor:
@@ -160,10 +172,11 @@ def combine(
 
 # ---- backward mirrors ---------------------------------------------------------------
 def combine_backward(
-    dy_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport
+    dy_TH: torch.Tensor, rows_all: torch.Tensor, plan: DispatchPlan, wave: int, transport: Transport,
+    sends: Optional[torch.Tensor] = None,
 ) -> InFlight:
     """The output gradient of wave w's routes to the owners (dispatch direction)."""
-    return to_owners(dy_TH, rows_all, plan, wave, transport, "combine backward")
+    return to_owners(dy_TH, rows_all, plan, wave, transport, "combine backward", sends)
 
 
 def experts_backward(

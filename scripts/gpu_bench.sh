@@ -34,7 +34,7 @@ else
   echo "mpirun: no mpirun binary on this machine (mpi4py $(python3 -c 'import mpi4py; print(mpi4py.__version__)' 2>&1))" | tee -a "$log"
 fi
 echo "== overlap benchmark, $n GPUs" | tee -a "$log"
-run benchmarks/overlap.py --preset dsv3,wide,decode --waves 1,2,4,8 --carveouts 0,16 --dedup rank,wave \
+run benchmarks/overlap.py --preset dsv3,wide,decode --waves 1,2,4,8,auto --carveouts 0,16 --dedup rank,wave \
     --naive --trace-dir "$OUT/traces" --json "$OUT/overlap_n$n.json" "$@" 2>&1 | tee -a "$log" || rc=1
 if [ -d "$OUT/traces" ]; then
   tar -czf "$OUT/traces_n$n.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
