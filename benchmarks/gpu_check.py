@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node N benchmarks/gpu_check.py --json check.json
 
-For every W in {1, 2, 4, 8}, both deduplication modes, router-made and caller-given
+For every transport (NCCL; on 2+ GPUs also the copy engines), every W in {1, 2, 4, 8},
+both deduplication modes, router-made and caller-given
 routing: forward output and every gradient (x, router, w1, w2, and the routing weights
 when given) within 1e-2 relative of `tests/reference.py` run in float64 on the same
 (bf16-rounded) inputs. Also probes `torch._grouped_mm` layouts (which weight layout is
@@ -27,10 +28,11 @@ from tests.reference import reference_moe, reference_routing  # noqa: E402
 TOL = 1e-2
 
 
-def check_case(n, rank, device, W, dedup, routing, seed):
+def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl"):
     p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=seed, tokens_range=(200, 400))
     bf = lambda t: t.to(device=device, dtype=torch.bfloat16)  # noqa: E731
-    cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W, dedup_across_waves=dedup)
+    cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W, dedup_across_waves=dedup,
+                       transport=transport, sm_carveout=4 if transport == "copy_engine" else 0)
     layer = ep.ExpertParallelMoE(cfg).to(device=device, dtype=torch.bfloat16)
     El = p.E // n
     with torch.no_grad():
@@ -110,16 +112,26 @@ def main():
     cuda = torch.cuda.is_available()  # the CPU run is a dry run of this script, with Gloo
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     results, failed = [], 0
-    for W in (1, 2, 4, 8):
-        for dedup in (True, False):
-            for routing in ("router", "skewed"):
-                errs, worst = check_case(n, rank, device, W, dedup, routing, seed=W * 7 + int(dedup) * 3 + (routing == "router"))
-                ok = worst < TOL
-                failed += not ok
-                results.append(dict(W=W, dedup_across_waves=dedup, routing=routing, worst_rel_err=worst, rank0_errs=errs, ok=ok))
-                if rank == 0:
-                    print(f"W={W} dedup_across_waves={dedup!s:5} routing={routing:6}  worst rel err {worst:.2e}  "
-                          f"{'ok' if ok else 'FAIL'}  " + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+    # every transport this world can run: the copy engines need CUDA ranks of one host
+    transports = ["nccl"] + (["copy_engine"] if cuda and n > 1 else [])
+    for transport in transports:
+        for W in (1, 2, 4, 8):
+            for dedup in (True, False):
+                for routing in ("router", "skewed"):
+                    try:
+                        errs, worst = check_case(n, rank, device, W, dedup, routing,
+                                                 seed=W * 7 + int(dedup) * 3 + (routing == "router"), transport=transport)
+                    except Exception as e:  # noqa: BLE001 - a failing transport is a failed case, not a dead run
+                        errs, worst = {"error": repr(e)[:300]}, float("inf")
+                    ok = worst < TOL
+                    failed += not ok
+                    results.append(dict(transport=transport, W=W, dedup_across_waves=dedup, routing=routing,
+                                        worst_rel_err=worst, rank0_errs=errs, ok=ok))
+                    if rank == 0:
+                        print(f"{transport:11} W={W} dedup_across_waves={dedup!s:5} routing={routing:6}  worst rel err "
+                              f"{worst:.2e}  {'ok' if ok else 'FAIL'}  "
+                              + " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()),
+                              flush=True)
     probe = probe_grouped_mm(device) if rank == 0 and cuda else None
     if rank == 0:
         print("grouped_mm layout probe:", json.dumps(probe, indent=1), flush=True)

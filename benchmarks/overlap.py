@@ -10,7 +10,8 @@ after warm-up, the median of `--iters` runs, and reports the max over ranks:
   in the stage that does them), and route+plan;
 - the layer's expert part (plan given) for each W, forward and forward+backward, for each
   SM carveout in `--carveouts` (CUDA only);
-- comm = dispatch + combine, compute = linear1 + linear2, ideal = max(comm, compute),
+- comm = dispatch + combine (the fastest transport's, with `--transports`), compute =
+  linear1 + linear2, ideal = max(comm, compute),
   overlap efficiency = (W=1 - waved) / (W=1 - ideal), speedup over W=1 (and over the
   naive hand-written layer, `--naive`);
 - bytes on the wire: rows sent to other ranks x H x element size, per W.
@@ -40,7 +41,7 @@ import ep
 from ep import stages
 from ep.pipeline import waved_experts
 from ep.plan import make_plan
-from ep.transport import TorchDistTransport
+from ep.transport import TorchDistTransport, make_transport
 
 PRESETS: Dict[str, Dict] = {
     # small enough for 4 ranks on 2 CPU cores
@@ -57,6 +58,8 @@ def parse_args(argv=None):
     p.add_argument("--waves", default="1,2,4,auto",
                    help="comma-separated W values, or auto (the W ep.sim picks from rates measured here); 1 is always measured")
     p.add_argument("--carveouts", default="0", help="comma-separated SM carveouts for the waved runs (CUDA)")
+    p.add_argument("--transports", default="nccl",
+                   help="comma-separated: nccl (torch.distributed), copy_engine (CUDA symmetric memory, one host)")
     p.add_argument("--dedup", default="rank", help="comma-separated: rank (once per rank), wave (once per rank and wave)")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 10 CPU, 20 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 CPU, 5 GPU)")
@@ -164,6 +167,10 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     dy = torch.randn_like(x)
     w1, w2 = layer.experts.w1.detach(), layer.experts.w2.detach()
     tr = TorchDistTransport()
+    kinds = [t.strip() for t in args.transports.split(",")]
+    if any(t not in ("nccl", "copy_engine") for t in kinds) or ("copy_engine" in kinds and not cuda):
+        raise SystemExit(f"--transports takes nccl and (on CUDA) copy_engine, got {args.transports!r}")
+    transports = {t: (tr if t == "nccl" else make_transport(None, t)) for t in kinds}
     with torch.no_grad():
         idx, tw = layer.router(x)
     if args.routing != "router":  # skewed routing: the same hot experts seen from every rank
@@ -178,7 +185,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     acc = torch.promote_types(dtype, torch.float32)
     elem = x.element_size()
 
-    variants = [(W, c, d, False) for d in dedups for W in waves for c in (carveouts if W > 1 else [0])]
+    variants = [(W, c, d, False, t) for t in kinds for d in dedups for W in waves for c in (carveouts if W > 1 else [0])]
     if want_auto:  # the model's choice from rates measured now (as MoEConfig(num_waves="auto") does)
         from ep.auto import choose_waves
 
@@ -186,8 +193,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
                                 dedup_across_waves=dedups[0] == "rank")
         W_auto = choose_waves(auto_cfg, tr, w1, w2, P["T"])
         log(f"  num_waves=auto picks W={W_auto}")
-        variants.append((W_auto, carveouts[0], dedups[0], True))
-    steps = 5 + len(variants) * (1 if args.no_backward else 2) + int(args.naive)
+        variants.append((W_auto, carveouts[0], dedups[0], True, kinds[0]))
+    steps = 5 + 2 * (len(kinds) - 1) + len(variants) * (1 if args.no_backward else 2) + int(args.naive)
     step = [0]
 
     def measure(name: str, fn) -> float:
@@ -201,8 +208,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         idx_, tw_ = layer.router(x)
         make_plan(idx_, E, 1, tr, tw_)
 
-    def stages_alone() -> Dict[str, float]:
-        """Each stage on the W=1 plan; its buffers are freed on return."""
+    def stages_alone(tr=tr, only_comm: bool = False, tag: str = "") -> Dict[str, float]:
+        """Each stage on the W=1 plan (only dispatch and combine with `only_comm`); buffers freed on return."""
         plan1 = make_plan(idx, E, 1, tr, tw)
         touch_w = plan1.touch_weights.to(acc)
         rows_all = stages.received_rows(plan1, x)
@@ -215,6 +222,11 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             stages.combine(o, touch_w, acc_all, back_all, plan1, 0, tr).wait()
             stages.unpermute(back_all, plan1, torch.empty_like(x))
 
+        if only_comm:
+            return {
+                "dispatch": measure(f"dispatch alone{tag}", lambda: stages.dispatch(x, rows_all, plan1, 0, tr).wait()),
+                "combine": measure(f"combine alone{tag}", combine_alone),
+            }
         return {
             "route+plan": measure("route + plan (W=1)", route_and_plan),
             "dispatch": measure("dispatch alone", lambda: stages.dispatch(x, rows_all, plan1, 0, tr).wait()),
@@ -225,9 +237,15 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 
     with torch.no_grad():
         st = stages_alone()
+        comm_by_transport = {"nccl": st["dispatch"] + st["combine"]}
+        for t in kinds:
+            if t != "nccl":
+                ce = stages_alone(transports[t], only_comm=True, tag=f" ({t})")
+                comm_by_transport[t] = ce["dispatch"] + ce["combine"]
+                st.update({f"dispatch ({t})": ce["dispatch"], f"combine ({t})": ce["combine"]})
     if args.trace_dir and cuda:
         profile_table(args.trace_dir, f"plan_{preset_name}_n{n}", route_and_plan)
-    comm = st["dispatch"] + st["combine"]
+    comm = min(comm_by_transport.values())  # the fastest transport's
     compute = st["linear1"] + st["linear2"]
     ideal = max(comm, compute)
 
@@ -240,12 +258,14 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 
     # ---- the layer's expert part per variant ----------------------------------------
     rows = []
-    for W, carve, dedup, auto in variants:
+    for W, carve, dedup, auto, kind in variants:
+        tr = transports[kind]
         plan = make_plan(idx, E, W, tr, tw, dedup_across_waves=(dedup == "rank"))
-        label = f"W={'auto->' if auto else ''}{W} carveout={carve} dedup={dedup}"
+        label = f"W={'auto->' if auto else ''}{W} carveout={carve} dedup={dedup} {kind}"
         with torch.no_grad():
             fwd = measure(f"{label} forward", lambda: waved_experts(x, tw, w1, w2, plan, tr, carve))
-        row = {"W": W, "auto": auto, "carveout": carve, "dedup": dedup, "fwd_ms": fwd, "fwd_host_ms": timer.last_host_ms}
+        row = {"W": W, "auto": auto, "carveout": carve, "dedup": dedup, "transport": kind, "fwd_ms": fwd,
+               "fwd_host_ms": timer.last_host_ms}
         if not args.no_backward:
             w1g, w2g = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
             xg, twg = x.clone().requires_grad_(True), tw.clone().requires_grad_(True)
@@ -262,15 +282,16 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         row["rows_per_token_max_rank"] = wire[1].item() / max(P["T"], 1)
         rows.append(row)
         if args.trace_dir and W == max(waves) and carve == carveouts[-1] and dedup == dedups[0] and not auto:
-            save_trace(args.trace_dir, f"{preset_name}_n{n}_W{W}_c{carve}", device,
+            save_trace(args.trace_dir, f"{preset_name}_n{n}_W{W}_c{carve}_{kind}", device,
                        lambda: waved_experts(x, tw, w1, w2, plan, tr, carve),
                        None if args.no_backward else lambda: waved_experts(
                            x.clone().requires_grad_(True), tw, w1.clone().requires_grad_(True),
                            w2.clone().requires_grad_(True), plan, tr, carve).backward(dy))
 
-    base = {d: next(r for r in rows if r["W"] == 1 and r["dedup"] == d and not r["auto"]) for d in dedups}
+    base = {(d, t): next(r for r in rows if r["W"] == 1 and r["dedup"] == d and r["transport"] == t and not r["auto"])
+            for d in dedups for t in kinds}
     for r in rows:
-        seq = base[r["dedup"]]
+        seq = base[(r["dedup"], r["transport"])]
         r["speedup_vs_w1"] = seq["fwd_ms"] / r["fwd_ms"]
         r["overlap_efficiency"] = (seq["fwd_ms"] - r["fwd_ms"]) / (seq["fwd_ms"] - ideal) if seq["fwd_ms"] > ideal else None
         r["over_ideal"] = r["fwd_ms"] / ideal
@@ -281,7 +302,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     return {
         "preset": preset_name, **P, "num_experts": E, "iters": iters, "warmup": warmup,
         "routing": args.routing, "expert_load_max_over_mean": load_max_over_mean,
-        "stages_ms": st, "comm_ms": comm, "compute_ms": compute, "ideal_ms": ideal,
+        "stages_ms": st, "comm_ms": comm, "comm_ms_by_transport": comm_by_transport, "compute_ms": compute, "ideal_ms": ideal,
         "naive_fwd_ms": naive_ms, "layers": rows,
     }
 
@@ -353,7 +374,8 @@ def format_table(r: dict, meta: dict) -> str:
     lines += ["", "layer (plan given)            fwd ms  host ms  vs W=1  /ideal  overlap eff  fwd+bwd ms  vs W=1  rows/token  dispatch MB"]
     for row in r["layers"]:
         eff = row["overlap_efficiency"]
-        label = f"W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']} {row['dedup']}"
+        label = (f"W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']} {row['dedup']}"
+                 + ("" if row.get("transport", "nccl") == "nccl" else " CE"))
         lines.append(
             f"  {label:<26} {row['fwd_ms']:8.3f}  {row.get('fwd_host_ms', float('nan')):7.3f}  "
             f"{row['speedup_vs_w1']:5.2f}x  {row['over_ideal']:5.2f}x  "

@@ -54,6 +54,7 @@ def _probe(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: torch.Ten
     H, F, E_local = cfg.hidden, cfg.ffn_hidden, w1.shape[0]
     # all-to-all: 1 row and `rows` rows to every rank
     rows = max(1, min(tokens, 256))
+    transport.reserve(rows)  # same value on every rank
     small = torch.zeros(n, H, device=device, dtype=dtype)
     big = torch.zeros(n * rows, H, device=device, dtype=dtype)
     out_s, out_b = torch.empty_like(small), torch.empty_like(big)
@@ -92,7 +93,11 @@ def choose_waves(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: tor
             figures = tuple(slowest(_probe(cfg, transport, w1, w2, T)))
         _RATES[key] = figures
     latency, ms_per_mb, ms_per_gflop, host_ms, tpe = figures
-    profile, topo = PROFILES["h200-nccl" if w1.device.type == "cuda" else "cpu-gloo"]
+    if w1.device.type != "cuda":
+        name = "cpu-gloo"
+    else:
+        name = "h200-copy-engine" if type(transport).__name__ == "CopyEngineTransport" else "h200-nccl"
+    profile, topo = PROFILES[name]
     rates = replace(profile, gemm_tflops=((tpe, 1.0 / max(ms_per_gflop, 1e-9)),), host_ms=host_ms)
     topo = Topology(ranks=n, gpus_per_node=n, intra_GBps=1.0 / max(ms_per_mb, 1e-9) if n > 1 else 1e6,
                     latency_ms=latency, local_GBps=topo.local_GBps)

@@ -111,7 +111,7 @@ def raise_on_problems(status_by_rank: Sequence[Sequence[int]], cfg: MoEConfig, n
 
 # ---- construction: the same configuration everywhere -----------------------------------
 _FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "score_func",
-                       "norm_topk", "dedup_across_waves", "sm_carveout")
+                       "norm_topk", "dedup_across_waves", "sm_carveout", "transport")
 
 
 def fingerprint(cfg: MoEConfig) -> List[int]:
@@ -122,6 +122,8 @@ def fingerprint(cfg: MoEConfig) -> List[int]:
             v = ("softmax", "sigmoid").index(v)
         elif name == "num_waves" and v == "auto":
             v = 0
+        elif name == "transport":
+            v = ("nccl", "copy_engine").index(v)
         out.append(int(v))
     return out
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Union
 
 _SCORE_FUNCS = ("softmax", "sigmoid")
+_TRANSPORTS = ("nccl", "copy_engine")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,10 @@ class MoEConfig:
             wave's transfers hold only that wave's rows).
         sm_carveout: on CUDA, SMs the grouped GEMMs leave free for communication
             kernels while waves are in flight (0: none). Ignored on CPU.
+        transport: how rows move between ranks: "nccl" (torch.distributed's all-to-all:
+            NCCL on GPUs, Gloo on CPUs) or "copy_engine" (CUDA ranks of one host: peer
+            copies into symmetric memory by the copy engines, no SMs; see
+            `ep.transport.copy_engine`).
     """
 
     hidden: int
@@ -44,6 +49,7 @@ class MoEConfig:
     norm_topk: bool = True
     dedup_across_waves: bool = True
     sm_carveout: int = 0
+    transport: str = "nccl"
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves"):
@@ -64,6 +70,8 @@ class MoEConfig:
         for name in ("norm_topk", "dedup_across_waves"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.transport not in _TRANSPORTS:
+            raise ValueError(f"MoEConfig.transport must be one of {_TRANSPORTS}, got {self.transport!r}")
         if isinstance(self.sm_carveout, bool) or not isinstance(self.sm_carveout, int) or self.sm_carveout < 0:
             raise ValueError(f"MoEConfig.sm_carveout must be an int >= 0, got {self.sm_carveout!r}")
 

@@ -40,7 +40,7 @@ class ExpertParallelMoE(nn.Module):
     def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
         self.config = config
-        self.transport = make_transport(group)
+        self.transport = make_transport(group, config.transport)
         check_same_config(config, self.transport)  # first: a bad config raises on every rank alike
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
         self.router = Router(config)

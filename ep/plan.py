@@ -23,7 +23,9 @@ Orders (all stable, so the plan is deterministic):
 The plan is made once per forward from `topk_idx` alone and reused by backward. Making it
 takes one exchange of per-(rank, wave) route counts and per-(rank, expert) item counts,
 read on the host once (the layer's only host sync), and one exchange of the routes'
-slot-to-expert tables.
+slot-to-expert tables. The count exchange also carries every rank's token count: the
+largest is a bound on every all-to-all's rows per peer, which the plan hands to the
+transport (`Transport.reserve`, for transports with preallocated buffers).
 """
 from __future__ import annotations
 
@@ -446,10 +448,11 @@ def make_plan(
             counts[WN:2 * WN].view(W, n).t(),  # routes back per (dest, last wave)
             counts[2 * WN:3 * WN].view(W, n).t(),  # (route, wave) touches per (dest, wave)
             counts[3 * WN:].view(n, E_local),  # items per (dest, expert)
+            counts.new_full((n, 1), T),  # my token count
             status.unsqueeze(0).expand(n, STATUS_SLOTS),
         ],
         dim=1,
-    ).contiguous()  # [n, 3W + E_local + S]: what rank r will receive from me, and my status
+    ).contiguous()  # [n, 3W + E_local + 1 + S]: what rank r will receive from me, my T, my status
     recv_table = transport.exchange(send_table, "plan: count exchange")
     host = torch.stack([send_table, recv_table]).tolist()  # the one host sync
     raise_on_problems(
@@ -461,6 +464,8 @@ def make_plan(
     return_counts = tuple(tuple(host[1][s][W + w] for s in range(n)) for w in range(W))
     touch_counts = tuple(sum(host[1][s][2 * W + w] for s in range(n)) for w in range(W))
     items_per_expert = tuple(sum(host[1][s][3 * W + e] for s in range(n)) for e in range(E_local))
+    # no all-to-all of this layer moves more rows for one peer than the largest T (same value everywhere)
+    transport.reserve(max(host[1][s][3 * W + E_local] for s in range(n)))
     R_send = sum(map(sum, send_counts))
     R_recv = sum(map(sum, recv_counts))
     N_touch = sum(touch_counts)

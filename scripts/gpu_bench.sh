@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run, in one device call: environment, GPU correctness against the float64
-# reference, the overlap benchmark (dsv3, wide, decode; W 1..8; carveouts; both dedup
+# reference, the overlap benchmark (dsv3, wide, decode; W 1..8 and auto; carveouts; both dedup
 # modes; the naive baseline), and timelines. Everything lands under $OUT (default out/gpu):
 #   env.txt, check_nN.json, overlap_nN.json, log_nN.txt, traces_nN.tgz
 # usage: scripts/gpu_bench.sh [NGPUS] [extra overlap.py args...]
@@ -34,8 +34,10 @@ else
   echo "mpirun: no mpirun binary on this machine (mpi4py $(python3 -c 'import mpi4py; print(mpi4py.__version__)' 2>&1))" | tee -a "$log"
 fi
 echo "== overlap benchmark, $n GPUs" | tee -a "$log"
-run benchmarks/overlap.py --preset dsv3,wide,decode --waves 1,2,4,8,auto --carveouts 0,16 --dedup rank,wave \
-    --naive --trace-dir "$OUT/traces" --json "$OUT/overlap_n$n.json" "$@" 2>&1 | tee -a "$log" || rc=1
+transports=nccl; [ "$n" -gt 1 ] && transports=nccl,copy_engine  # the copy engines need peers
+run benchmarks/overlap.py --preset dsv3,wide,decode --waves 1,2,4,8,auto --carveouts 0,4 --dedup rank,wave \
+    --transports $transports --naive --trace-dir "$OUT/traces" --json "$OUT/overlap_n$n.json" "$@" 2>&1 \
+    | tee -a "$log" || rc=1
 if [ -d "$OUT/traces" ]; then
   tar -czf "$OUT/traces_n$n.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
 fi

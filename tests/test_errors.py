@@ -80,6 +80,8 @@ def test_ranks_that_disagree_on_config():
     ("score_func", "relu", "score_func must be one of"),
     ("num_waves", 0, "num_waves must be a positive int"),
     ("norm_topk", 1, "norm_topk must be a bool"),
+    ("transport", "mpi", "transport must be one of"),
+    ("num_waves", "fast", "num_waves must be a positive int or 'auto'"),
 ])
 def test_config_rejects(field, value, needle):
     cfg = dict(hidden=8, ffn_hidden=6, num_experts=8, top_k=2)

@@ -9,13 +9,24 @@ from .base import CommunicationError, Done, Pending, Transport
 from .torch_dist import LocalTransport, TorchDistTransport
 
 
-def make_transport(group: Optional[dist.ProcessGroup] = None) -> Transport:
+KINDS = ("nccl", "copy_engine")
+
+
+def make_transport(group: Optional[dist.ProcessGroup] = None, kind: str = "nccl") -> Transport:
     """The transport for `group` (the default group when None).
 
+    kind "nccl": `torch.distributed`'s all-to-all (NCCL on GPUs, Gloo on CPUs); "copy_engine":
+    peer copies into symmetric memory (CUDA ranks of one host; `CopyEngineTransport`).
     With torch.distributed not initialised and no group given: a one-process world.
     """
+    if kind not in KINDS:
+        raise ValueError(f"transport must be one of {KINDS}, got {kind!r}")
     if group is None and not dist.is_initialized():
         return LocalTransport()
+    if kind == "copy_engine":
+        from .copy_engine import CopyEngineTransport
+
+        return CopyEngineTransport(group)
     return TorchDistTransport(group)
 
 

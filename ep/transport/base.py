@@ -83,6 +83,11 @@ class Transport(ABC):
         self.all_to_all(out, inp.contiguous(), ones, ones, label).wait()
         return out
 
+    def reserve(self, rows_per_peer: int) -> None:
+        """Collective hint: no all-to-all from now on sends or receives more than
+        `rows_per_peer` rows for one peer (every rank passes the same value). Transports
+        with preallocated buffers size them from it; others ignore it."""
+
     @abstractmethod
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         """Blocking, in place: every rank ends with `src`'s values."""
