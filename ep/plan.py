@@ -464,8 +464,9 @@ def make_plan(
     return_counts = tuple(tuple(host[1][s][W + w] for s in range(n)) for w in range(W))
     touch_counts = tuple(sum(host[1][s][2 * W + w] for s in range(n)) for w in range(W))
     items_per_expert = tuple(sum(host[1][s][3 * W + e] for s in range(n)) for e in range(E_local))
-    # no all-to-all of this layer moves more rows for one peer than the largest T (same value everywhere)
-    transport.reserve(max(host[1][s][3 * W + E_local] for s in range(n)))
+    # no all-to-all of this layer moves more rows for one peer than the largest T (same value
+    # everywhere), or T times the waves a token can reach a rank in without the deduplication
+    transport.reserve(max(host[1][s][3 * W + E_local] for s in range(n)) * (1 if dedup_across_waves else min(W, k)))
     R_send = sum(map(sum, send_counts))
     R_recv = sum(map(sum, recv_counts))
     N_touch = sum(touch_counts)

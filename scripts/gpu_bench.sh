@@ -2,7 +2,7 @@
 # The GPU run, in one device call: environment, GPU correctness against the float64
 # reference, the overlap benchmark (dsv3, wide, decode; W 1..8 and auto; carveouts; both dedup
 # modes; the naive baseline), and timelines. Everything lands under $OUT (default out/gpu):
-#   env.txt, check_nN.json, overlap_nN.json, log_nN.txt, traces_nN.tgz
+#   env.txt, check_nN.json, host_probe_nN.json, overlap_nN.json, log_nN.txt, traces_nN.tgz
 # usage: scripts/gpu_bench.sh [NGPUS] [extra overlap.py args...]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,8 @@ if command -v mpirun >/dev/null; then
 else
   echo "mpirun: no mpirun binary on this machine (mpi4py $(python3 -c 'import mpi4py; print(mpi4py.__version__)' 2>&1))" | tee -a "$log"
 fi
+echo "== host time per call of a wave's ops" | tee -a "$log"
+run benchmarks/host_probe.py --json "$OUT/host_probe_n$n.json" 2>&1 | grep -E "host_probe|rror" | tee -a "$log" || rc=1
 echo "== overlap benchmark, $n GPUs" | tee -a "$log"
 transports=nccl; [ "$n" -gt 1 ] && transports=nccl,copy_engine  # the copy engines need peers
 run benchmarks/overlap.py --preset dsv3,wide,decode --waves 1,2,4,8,auto --carveouts 0,4 --dedup rank,wave \

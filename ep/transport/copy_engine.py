@@ -1,16 +1,17 @@
 """`CopyEngineTransport`: all-to-all by the GPUs' copy engines through torch symmetric memory.
 
-Every rank owns one symmetric buffer with a slot per source rank. To send, a rank copies
-its rows for peer p straight into slot `me` of p's buffer (`cudaMemcpyAsync` over NVLink:
-the copy engines move the bytes, no SM is used), between two device-side barriers: the
-first says every slot is free again (its owner has copied the last call's rows out), the
-second that every copy has landed; then each rank copies its slots out into `out`. It all
-runs on the transport's own stream (one more per peer for the copies), ordered after the
-caller's current stream; `Pending.wait()` makes the caller's stream wait for it.
+Every rank owns one symmetric buffer, two halves of a slot per source rank. To send, a
+rank copies its rows for peer p straight into slot `me` of p's buffer (`cudaMemcpyAsync`
+over NVLink: the copy engines move the bytes, no SM is used); one device-side barrier
+says every copy has landed; then each rank copies its slots out into `out`. Calls
+alternate halves, so a slot written now was read out two calls ago, before the last
+call's barrier: one barrier per call is enough. It all runs on the transport's own stream
+(one more per peer for the copies beyond two ranks), ordered after the caller's current
+stream; `Pending.wait()` makes the caller's stream wait for it.
 
 Why: NCCL's all-to-all runs as kernels that need SMs, and a grouped GEMM holds all of them
 (`../shared/MEASURED.md`: the all-to-all keeps ~14% of its speed beside a GEMM); the copy
-engines are separate hardware. The barriers are small kernels: give them an SM with
+engines are separate hardware. The barrier is a small kernel: give it an SM with
 `MoEConfig.sm_carveout` (a few SMs) when GEMMs run beside them.
 
 Intranode only (all ranks on one host, CUDA peer access). Slots hold `rows_per_peer` rows
@@ -20,6 +21,7 @@ same call. Small blocking exchanges and broadcasts go through NCCL.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -55,6 +57,7 @@ class CopyEngineTransport(Transport):
         self._buf: Optional[torch.Tensor] = None
         self._hdl = None
         self._views: Dict[Tuple[int, torch.dtype], torch.Tensor] = {}
+        self._parity = 0  # which half of the buffers this call writes
         self._stream = torch.cuda.Stream(self.device)
         self._peer_streams = [torch.cuda.Stream(self.device) for _ in range(self.world_size)]
 
@@ -67,34 +70,38 @@ class CopyEngineTransport(Transport):
         cap = 256
         while cap < nbytes:
             cap *= 2
-        torch.cuda.current_stream().wait_stream(self._stream)  # the old buffer's last use is done
+        torch.cuda.synchronize(self.device)  # nothing may still copy into or out of the old buffer
         self._views.clear()
         self._buf = self._hdl = None
         try:
-            buf = self._symm.empty(self.world_size * cap, dtype=torch.uint8, device=self.device)
+            buf = self._symm.empty(2 * self.world_size * cap, dtype=torch.uint8, device=self.device)
             self._hdl = self._symm.rendezvous(buf, self._group_name)
         except Exception as e:  # noqa: BLE001 - say what failed and what to use instead
             raise CommunicationError(
                 f"ep: rank {self.rank}: symmetric memory for the copy-engine transport failed ({type(e).__name__}: "
                 f"{e}); it needs all ranks on one host with peer access; use MoEConfig(transport='nccl')"
             ) from e
-        self._buf, self._cap = buf, cap
+        self._buf, self._cap, self._parity = buf, cap, 0
 
     def _view(self, peer: int, dtype: torch.dtype) -> torch.Tensor:
         key = (peer, dtype)
         if key not in self._views:
             es = torch.empty(0, dtype=dtype).element_size()
-            self._views[key] = self._hdl.get_buffer(peer, (self.world_size * self._cap // es,), dtype, 0)
+            self._views[key] = self._hdl.get_buffer(peer, (2 * self.world_size * self._cap // es,), dtype, 0)
         return self._views[key]
 
     # -- the all-to-all ----------------------------------------------------------------
     def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all") -> Pending:
+        """Copies into the peers' slots of this call's half of their buffers, one barrier,
+        then copies out of this rank's slots. The halves alternate between calls, so the
+        half a call writes was last read two calls ago, before the previous call's
+        barrier: no barrier is needed before the copies."""
         n, me = self.world_size, self.rank
         if n == 1:
             out.copy_(inp)
             return Done()
         inp = inp.contiguous()
-        row_el = inp[0].numel() if inp.dim() > 1 else 1
+        row_el = math.prod(inp.shape[1:])
         es = inp.element_size()
         most = max(max(in_splits), max(out_splits))
         if most > self._rows:
@@ -104,50 +111,54 @@ class CopyEngineTransport(Transport):
             )
         if self._rows * row_el * es > self._cap:
             self._grow(self._rows * row_el * es)
-        cur = torch.cuda.current_stream()
-        s = self._stream
-        s.wait_stream(cur)  # inp is ready, out is free
-        flat_in, flat_out = inp.view(-1), out.view(-1)
-        in_off = [0]
+        half = self._parity * n * (self._cap // es)  # elements
+        self._parity ^= 1
+        slot_el = self._cap // es
+        in_off, out_off = [0], [0]
         for c in in_splits:
             in_off.append(in_off[-1] + c)
-        out_off = [0]
         for c in out_splits:
             out_off.append(out_off[-1] + c)
-        slot_el = self._cap // es
+        flat_in, flat_out = inp.view(-1), out.view(-1)
+        cur, s = torch.cuda.current_stream(), self._stream
+        s.wait_stream(cur)  # inp is ready, out is free
+        streams = [s]
         try:
             with torch.cuda.stream(s):
-                self._hdl.barrier(channel=0)  # every slot free: owners copied the last call's rows out
                 for j in range(1, n):
                     p = (me + j) % n
-                    ps = self._peer_streams[p]
-                    ps.wait_stream(s)
                     cnt = in_splits[p] * row_el
-                    if cnt:
-                        with torch.cuda.stream(ps):
-                            dst = self._view(p, inp.dtype)[me * slot_el: me * slot_el + cnt]
-                            dst.copy_(flat_in[in_off[p] * row_el: in_off[p] * row_el + cnt], non_blocking=True)
+                    if not cnt:
+                        continue
+                    ps = s if n == 2 else self._peer_streams[p]  # one peer: no need for a second stream
+                    if ps is not s:
+                        ps.wait_stream(s)
+                        streams.append(ps)
+                    with torch.cuda.stream(ps):
+                        at = half + me * slot_el
+                        self._view(p, inp.dtype)[at: at + cnt].copy_(
+                            flat_in[in_off[p] * row_el: in_off[p] * row_el + cnt], non_blocking=True)
                 if out_splits[me]:
                     flat_out[out_off[me] * row_el: out_off[me + 1] * row_el].copy_(
                         flat_in[in_off[me] * row_el: in_off[me + 1] * row_el], non_blocking=True)
-                for j in range(1, n):
-                    s.wait_stream(self._peer_streams[(me + j) % n])
-                self._hdl.barrier(channel=0)  # every copy into every slot has landed
+                for ps in streams[1:]:
+                    s.wait_stream(ps)
+                self._hdl.barrier(channel=0)  # every rank's copies into every slot have landed
                 mine = self._view(me, inp.dtype)
                 for src in range(n):
                     cnt = out_splits[src] * row_el
                     if src != me and cnt:
+                        at = half + src * slot_el
                         flat_out[out_off[src] * row_el: out_off[src] * row_el + cnt].copy_(
-                            mine[src * slot_el: src * slot_el + cnt], non_blocking=True)
+                            mine[at: at + cnt], non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(s)
         except Exception as e:  # noqa: BLE001
             raise CommunicationError(f"ep: rank {me} failed starting {label}: {type(e).__name__}: {e}") from e
         # the caller may free inp/out while the copies run: tell the allocator who uses them
         for t in (inp, out):
-            t.record_stream(s)
-            for j in range(1, n):
-                t.record_stream(self._peer_streams[(me + j) % n])
+            for st in streams:
+                t.record_stream(st)
         return _EventPending(done)
 
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
