@@ -96,6 +96,8 @@ class Rates:
     """backward expert math (data + weight gradients) over the forward's, same tokens."""
     backward_host_ms: float = 0.0
     """host time the backward adds once (autograd, the routing-weight gradient exchange)."""
+    a2a_host_ms: Optional[float] = None
+    """host time to issue one all-to-all (None: `host_ms`, as any call)."""
     name: str = ""
 
     def gemm_rate(self, tokens_per_expert: float) -> float:
@@ -271,9 +273,12 @@ def build_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, dedup:
     row = H * e
     ops: List[Op] = []
 
+    a2a_host = rates.host_ms if rates.a2a_host_ms is None else rates.a2a_host_ms
+
     def add(name, resource, work, after=(), heavy=False, stage="", wave=-1, calls=1) -> int:
         """A GPU op and, before it, the host's `calls` calls that issue it."""
-        ops.append(Op(f"issue {name}", "host", calls * rates.host_ms, (), stage="host", wave=wave))
+        host = a2a_host if stage in ("dispatch", "combine") else calls * rates.host_ms
+        ops.append(Op(f"issue {name}", "host", host, (), stage="host", wave=wave))
         ops.append(Op(name, resource, work, (len(ops) - 1, *after), heavy, stage, wave))
         return len(ops) - 1
 

@@ -14,23 +14,23 @@ from .sim import Rates, Topology
 # fmt: off
 PROFILES = {
     "h200-nccl": (
-        Rates(gemm_tflops=((32.0, 83.8), (1024.0, 613.9)), hbm_GBps=4000.0, permute_GBps=4300.0,
-              stage_ms=0.0329, host_ms=0.0881, comm_share=0.142, compute_share=1.000,
-              backward_factor=2.685, backward_host_ms=2.2942,
+        Rates(gemm_tflops=((32.0, 85.7), (1024.0, 617.0)), hbm_GBps=4000.0, permute_GBps=4300.0,
+              stage_ms=0.0388, host_ms=0.0900, comm_share=0.142, compute_share=1.000,
+              backward_factor=2.612, backward_host_ms=2.3347, a2a_host_ms=None,
               name="h200-nccl"),
         Topology(ranks=8, gpus_per_node=8, intra_GBps=326.0, inter_GBps=45.0, latency_ms=0.0896, local_GBps=1500.0),
     ),
     "h200-copy-engine": (
-        Rates(gemm_tflops=((32.0, 83.8), (1024.0, 613.9)), hbm_GBps=4000.0, permute_GBps=4300.0,
-              stage_ms=0.0329, host_ms=0.0881, comm_share=0.435, compute_share=1.000,
-              backward_factor=2.685, backward_host_ms=2.2942,
+        Rates(gemm_tflops=((32.0, 85.7), (1024.0, 617.0)), hbm_GBps=4000.0, permute_GBps=4300.0,
+              stage_ms=0.0388, host_ms=0.0900, comm_share=0.435, compute_share=1.000,
+              backward_factor=2.612, backward_host_ms=2.3347, a2a_host_ms=0.20631567109274665,
               name="h200-copy-engine"),
         Topology(ranks=8, gpus_per_node=8, intra_GBps=326.0, inter_GBps=45.0, latency_ms=0.0896, local_GBps=1500.0),
     ),
     "cpu-gloo": (
         Rates(gemm_tflops=((256.0, 0.040894573426422276),), hbm_GBps=20.0, permute_GBps=0.5,
               stage_ms=0.2734, host_ms=0.5755, comm_share=0.886, compute_share=0.618,
-              backward_factor=3.302, backward_host_ms=0.9919,
+              backward_factor=3.302, backward_host_ms=1.0200, a2a_host_ms=None,
               name="cpu-gloo"),
         Topology(ranks=4, gpus_per_node=4, intra_GBps=0.3, inter_GBps=0.3, latency_ms=0.5000, local_GBps=5.0),
     ),
