@@ -116,6 +116,9 @@ class Timer:
 
 
 def git_commit() -> str:
+    """EP_COMMIT when the launcher set it (the GPU machine's copy may carry a stale .git), else git's HEAD."""
+    if os.environ.get("EP_COMMIT"):
+        return os.environ["EP_COMMIT"]
     top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True, text=True, check=True).stdout.strip()
@@ -123,7 +126,7 @@ def git_commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("EP_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment(device: torch.device) -> dict:

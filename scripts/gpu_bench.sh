@@ -12,7 +12,7 @@ OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
 n=${1:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 shift || true
-# the device copy has no .git: pass EP_COMMIT=$(git rev-parse HEAD) from the checkout
+# the device copy may carry no (or a stale) .git: pass EP_COMMIT=$(git rev-parse HEAD) from the checkout
 export EP_COMMIT=${EP_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 log="$OUT/log_n$n.txt"
 {
