@@ -39,6 +39,9 @@ A2A_4GPU = ((1, 0.089), (16, 0.134), (64, 0.237), (256, 0.714), (512, 1.322))
 # runs made before the pipeline gathered every wave's dispatch rows at once (r10)
 PER_WAVE_GATHER_RUNS = ("r06_h200x1_overlap.json", "r07_h200x2_overlap.json", "r09_h200x1_overlap.json",
                         "cpu_gloo_4rank.json")
+# runs made before wave 0's math was issued ahead of the later dispatches (r13), and the CPU
+INBOUND_FIRST_RUNS = PER_WAVE_GATHER_RUNS + ("r10_h200x2_overlap.json", "r11_h200x2_overlap.json",
+                                            "r12_h200x1_overlap.json")
 GPU_RUNS = ("runs/r06_h200x1_overlap.json", "runs/r07_h200x2_overlap.json", "runs/r09_h200x1_overlap.json",
             "runs/r11_h200x2_overlap.json", "runs/r12_h200x1_overlap.json")
 CPU_RUNS = ("cpu_gloo_4rank.json",)
@@ -139,8 +142,9 @@ def predict(row: Row, rates: Rates, topo: Topology) -> Tuple[float, float]:
     r = rates_for(row, rates)
     t = replace(topo, ranks=row.ranks, gpus_per_node=row.ranks)
     once = os.path.basename(row.source) not in PER_WAVE_GATHER_RUNS
-    fwd = simulate(row.layer, t, r, row.W, row.dedup, gather_once=once).layer_ms
-    fb = simulate(row.layer, t, r, row.W, row.dedup, backward=True, gather_once=once).layer_ms
+    early = os.path.basename(row.source) not in INBOUND_FIRST_RUNS
+    fwd = simulate(row.layer, t, r, row.W, row.dedup, gather_once=once, math_first=early).layer_ms
+    fb = simulate(row.layer, t, r, row.W, row.dedup, backward=True, gather_once=once, math_first=early).layer_ms
     return fwd, fb
 
 

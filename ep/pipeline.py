@@ -2,10 +2,13 @@
 
 Forward, per layer:
     1. (the plan already carried every route's weights to the owners);
-    2. gather every route's row once (dispatch order), then start dispatch(w) for every
-       wave, each sending its slice (the transport runs them in order);
-    3. for w = 0..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w),
-       which sends back the rows whose last wave is w (it flies during wave w+1's math);
+    2. gather every route's row once (dispatch order); start dispatch(0), wait for it and
+       issue wave 0's linear1 and linear2 (on CUDA; on CPU, where math runs as it is
+       issued, every dispatch starts first); then start dispatch(w) of every later wave,
+       each sending its slice (the transport runs them in order), while wave 0 computes;
+    3. start combine(0), which sends back the rows whose last wave is 0; then for
+       w = 1..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w) (it
+       flies during wave w+1's math);
     4. wait for the combines; un-permute: each token's returned rows summed into `y`.
 Backward mirrors it: the output gradient goes out per wave in the dispatch direction,
 each wave's expert backward runs as its gradient lands, and the input gradients fly back
@@ -52,20 +55,37 @@ def _range(name: str):
 def run_waves(
     num_waves: int,
     start_in: Callable[[int], stages.InFlight],
-    compute: Callable[[int], stages.InFlight],
+    compute: Callable[[int], Callable[[], stages.InFlight]],
+    math_first: bool,
 ) -> None:
-    """Drive W waves: every inbound transfer starts first (the transport runs them in
-    order); wave w computes once its data landed and starts its outbound transfer;
-    then every outbound transfer is waited for."""
-    inbound = []
-    for w in range(num_waves):
+    """Drive W waves. `compute(w)` issues wave w's math and returns the call that starts
+    its outbound transfer.
+
+    Issue order with `math_first` (CUDA, where issuing math returns at once): inbound(0);
+    math(0), so the device computes while the host goes on; inbound(1..W-1); outbound(0);
+    then math(w) and outbound(w) for each later wave. Without it (CPU, where math runs
+    as it is issued): every inbound transfer first, so they all fly during wave 0's math.
+    Either way the transport runs its transfers in issue order, with every inbound transfer
+    ahead of every outbound one (an outbound transfer waits for its wave's math, and must
+    not hold up a later wave's rows). Then every outbound transfer is waited for."""
+    inbound: List[stages.InFlight] = []
+    outbound: List[stages.InFlight] = []
+    early = 1 if math_first else num_waves  # inbound transfers started before wave 0's math
+    for w in range(early):
         with _range(f"ep.in[{w}]"):
             inbound.append(start_in(w))
-    outbound = []
-    for w in range(num_waves):
+    with _range("ep.compute[0]"):
+        inbound[0].wait()
+        send_first = compute(0)
+    for w in range(early, num_waves):
+        with _range(f"ep.in[{w}]"):
+            inbound.append(start_in(w))
+    with _range("ep.out[0]"):
+        outbound.append(send_first())
+    for w in range(1, num_waves):
         with _range(f"ep.compute[{w}]"):
             inbound[w].wait()
-            outbound.append(compute(w))
+            outbound.append(compute(w)())
     with _range("ep.out"):
         for flight in outbound:
             flight.wait()
@@ -88,15 +108,16 @@ class WavedExperts(torch.autograd.Function):
         hidden: List[torch.Tensor] = [None] * plan.num_waves  # type: ignore[list-item]
         carve = _SmCarveout(sm_carveout if plan.num_waves > 1 else 0, x_TH.device)
 
-        def compute(w: int) -> stages.InFlight:
+        def compute(w: int) -> Callable[[], stages.InFlight]:
             with carve:
                 h = stages.linear1(rows_all, w1, plan, w)
                 o = stages.linear2(h, w2, plan, w)
             hidden[w] = h
-            return stages.combine(o, touch_weights[plan.touch_slice(w)], acc_all, back_all, plan, w, transport)
+            return lambda: stages.combine(o, touch_weights[plan.touch_slice(w)], acc_all, back_all, plan, w, transport)
 
         sends = stages.routes_out(x_TH, plan) if plan.num_waves > 1 else None  # one gather for all waves
-        run_waves(plan.num_waves, lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport, sends), compute)
+        run_waves(plan.num_waves, lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport, sends), compute,
+                  math_first=x_TH.is_cuda)
         y_TH = torch.empty_like(x_TH)
         with _range("ep.unpermute"):
             stages.unpermute(back_all, plan, y_TH)
@@ -124,7 +145,7 @@ class WavedExperts(torch.autograd.Function):
         dweights_flat = torch.zeros_like(ctx.weights_flat)
         carve = _SmCarveout(ctx.sm_carveout if plan.num_waves > 1 else 0, dy_TH.device)
 
-        def compute(w: int) -> stages.InFlight:
+        def compute(w: int) -> Callable[[], stages.InFlight]:
             i0, i1 = plan.item_range(w)
             e0, e1 = plan.wave_experts(w)
             slots = plan.item_slot_flat[i0:i1]
@@ -134,10 +155,11 @@ class WavedExperts(torch.autograd.Function):
                 )
             ctx.hidden[w] = None
             dweights_flat[slots] = dweight_I
-            return stages.dispatch_backward(dx_IH, dacc_all, dback_all, plan, w, transport)
+            return lambda: stages.dispatch_backward(dx_IH, dacc_all, dback_all, plan, w, transport)
 
         sends = stages.routes_out(dy_TH, plan) if plan.num_waves > 1 else None
-        run_waves(plan.num_waves, lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport, sends), compute)
+        run_waves(plan.num_waves, lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport, sends), compute,
+                  math_first=dy_TH.is_cuda)
         dx_TH = torch.empty_like(dy_TH)
         with _range("ep.unpermute"):
             stages.unpermute(dback_all, plan, dx_TH)

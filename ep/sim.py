@@ -258,11 +258,13 @@ def _experts_ms(items: float, experts: int, layer: Layer, rates: Rates) -> Tuple
 
 
 def build_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, dedup: str = "rank",
-              backward: bool = False, gather_once: bool = True) -> List[Op]:
-    """The layer's ops in issue order, as `ep.pipeline.run_waves` issues them: every
-    inbound transfer first (with W > 1 and `gather_once`, one gather of every wave's rows
-    on the compute stream, as the pipeline does since r10; else a gather per wave), then per wave the expert
-    math and its outbound transfer (row sums, then the all-to-all), then the un-permute.
+              backward: bool = False, gather_once: bool = True, math_first: bool = True) -> List[Op]:
+    """The layer's ops in issue order, as `ep.pipeline.run_waves` issues them on CUDA:
+    inbound(0), wave 0's math, the other inbound transfers, then per wave the outbound
+    transfer (row sums, then the all-to-all) and the next wave's math; then the
+    un-permute. `math_first=False` is the order before r13 (and on CPU): every inbound
+    transfer first. With W > 1 and `gather_once` one gather of every wave's rows comes
+    first (since r10); else a gather per wave.
     With `backward`, the forward is followed by its mirror (the output gradients go out
     as the tokens did, the expert backward runs `backward_factor` times the forward's
     math, input gradients come back as the results did) and the routing-weight gradient
@@ -283,25 +285,39 @@ def build_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, dedup:
         return len(ops) - 1
 
     def one_pass(tag: str, math_factor: float) -> None:
-        inbound = []
-        once = gather_once and num_waves > 1
-        if once:
-            g = add(f"{tag}gather", "compute", _bytes_ms(2 * n * sum(tr.dispatch) * row, rates), stage="permute")
-        for w in range(num_waves):
-            if not once:
-                g = add(f"{tag}gather[{w}]", "compute", _bytes_ms(2 * n * tr.dispatch[w] * row, rates),
-                        stage="permute", wave=w)
-            inbound.append(add(f"{tag}dispatch[{w}]", comm, _a2a_ms(tr.dispatch[w], layer, topo, s), [g],
-                               stage="dispatch", wave=w))
-        outbound = []
-        for w in range(num_waves):
+        W = num_waves
+        inbound: List[int] = [-1] * W
+        outbound: List[int] = []
+        once = gather_once and W > 1
+        gathered = add(f"{tag}gather", "compute", _bytes_ms(2 * n * sum(tr.dispatch) * row, rates),
+                       stage="permute") if once else -1
+
+        def start_in(w: int) -> None:
+            g = gathered if once else add(f"{tag}gather[{w}]", "compute", _bytes_ms(2 * n * tr.dispatch[w] * row, rates),
+                                          stage="permute", wave=w)
+            inbound[w] = add(f"{tag}dispatch[{w}]", comm, _a2a_ms(tr.dispatch[w], layer, topo, s), [g],
+                             stage="dispatch", wave=w)
+
+        def math(w: int) -> int:
             l1, l2 = _experts_ms(tr.items[w] * s, tr.experts[w], layer, rates)
             a = add(f"{tag}linear1[{w}]", "compute", l1 * math_factor, [inbound[w]], True, "linear1", w, calls=2)
-            b = add(f"{tag}linear2[{w}]", "compute", l2 * math_factor, [a], True, "linear2", w, calls=2)
+            return add(f"{tag}linear2[{w}]", "compute", l2 * math_factor, [a], True, "linear2", w, calls=2)
+
+        def send(w: int, after: int) -> None:
             red = (tr.items[w] * s + n * tr.combine[w] * s) * row
-            c = add(f"{tag}sum[{w}]", "compute", _bytes_ms(red, rates), [b], stage="permute", wave=w)
+            c = add(f"{tag}sum[{w}]", "compute", _bytes_ms(red, rates), [after], stage="permute", wave=w)
             outbound.append(add(f"{tag}combine[{w}]", comm, _a2a_ms(tr.combine[w], layer, topo, s), [c],
                                 stage="combine", wave=w))
+
+        early = 1 if math_first else W
+        for w in range(early):
+            start_in(w)
+        first = math(0)
+        for w in range(early, W):
+            start_in(w)
+        send(0, first)
+        for w in range(1, W):
+            send(w, math(w))
         back_rows = n * sum(tr.combine)
         add(f"{tag}unpermute", "compute", _bytes_ms((back_rows + layer.tokens) * row, rates), outbound, stage="permute")
 
@@ -326,9 +342,9 @@ class Prediction:
 
 
 def simulate(layer: Layer, topo: Topology, rates: Rates, num_waves: int, dedup: str = "rank",
-             backward: bool = False, gather_once: bool = True) -> Prediction:
+             backward: bool = False, gather_once: bool = True, math_first: bool = True) -> Prediction:
     """Play one layer (forward, or forward + backward) and return its times in ms."""
-    ops = build_ops(layer, topo, rates, num_waves, dedup, backward, gather_once)
+    ops = build_ops(layer, topo, rates, num_waves, dedup, backward, gather_once, math_first)
     total = play(ops, rates.comm_share, rates.compute_share)
     stages: Dict[str, float] = {}
     for op in ops:
