@@ -109,8 +109,8 @@ class CopyEngineTransport(Transport):
                 f"ep: rank {me}: {label} sends or receives {most} rows for one peer, more than the {self._rows} "
                 "reserved (an internal error: the plan reserves the largest token count of any rank)"
             )
-        if self._rows * row_el * es > self._cap:
-            self._grow(self._rows * row_el * es)
+        if self._hdl is None or self._rows * row_el * es > self._cap:  # same call on every rank
+            self._grow(max(self._rows * row_el * es, 1))
         half = self._parity * n * (self._cap // es)  # elements
         self._parity ^= 1
         slot_el = self._cap // es
