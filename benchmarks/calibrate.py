@@ -217,7 +217,7 @@ def summary(rows: List[Row], rates: Rates, topo: Topology) -> List[str]:
     return out
 
 
-def predictions(rates: Rates, topo: Topology) -> List[str]:
+def predictions(rates: Rates, topo: Topology, stats: Dict[str, List[float]]) -> List[str]:
     """Per shape and EP size: the layer per W with the fitted H200 profile (NCCL: the all-to-all
     keeps 14% of its speed beside a GEMM), the best W again if communication kept its speed
     (copy engines or SMs of its own), and the bound of perfect overlap (comm + compute) / max."""
@@ -240,6 +240,10 @@ def predictions(rates: Rates, topo: Topology) -> List[str]:
                 cells = [f"{times[w]:.2f}" if w in times else "-" for w in (1, 2, 4, 8)]
                 rpt = traffic(layer, n, 1).rows_per_token(layer.tokens, n)
                 bound = (p1.compute_ms + p1.comm_ms) / max(p1.compute_ms, p1.comm_ms)
+                stats.setdefault("nccl", []).append(times[1] / times[best])
+                stats.setdefault("bound", []).append(bound)
+                if n > t.gpus_per_node and n // t.gpus_per_node > 1 and layer.num_experts // n > 1:
+                    stats.setdefault("free_internode", []).append(ftimes[1] / ftimes[fbest])
                 out.append(f"| {n} | {max(n // t.gpus_per_node, 1)} | {layer.num_experts // n} | "
                            f"{'fwd+bwd' if bwd else 'fwd'} | " + " | ".join(cells)
                            + f" | {best} | {times[1] / times[best]:.2f}x | W={fbest}, {ftimes[1] / ftimes[fbest]:.2f}x"
@@ -323,18 +327,19 @@ PUBLISHED = """## Beside published figures
   is 77%) and 45 GB/s per GPU between nodes (inside DeepEP's RDMA range). On these H200s
   DeepEP itself reached 408 GB/s (its own count of received bytes), so a DeepEP-class
   transport would cut the intranode all-to-all by about a fifth; internode, where the
-  all-to-all is 2-4x the expert math at dsv3, the network bandwidth is the whole story.
+  all-to-all is 1.6-3.7x the expert math at dsv3 (EP16-256), the network bandwidth is the
+  whole story.
 - **Waves.** DeepSeek-V4 states a theoretical 1.92x speedup from its wave scheduling. The
   bound here (perfect overlap, (comm + compute) / max(comm, compute)) is at most 2x and
-  reaches 1.90-1.94x exactly where communication and computation are equal (EP16
-  forward+backward at both shapes), so the theory agrees. What the model predicts we reach
+  reaches {bound_hi:.2f}x where communication and computation are nearly equal (EP16
+  forward+backward), so the theory agrees. What the model predicts we reach
   is far less, for two measured reasons: (1) on NCCL the all-to-all keeps only ~14% of its
   speed while a grouped GEMM holds the SMs (`MEASURED.md`'s pair), so the waves buy
-  1.02-1.09x at best, as our 2-GPU runs and `MEASURED.md`'s wave prototype found; (2) even
+  {nccl_lo:.2f}-{nccl_hi:.2f}x, as our 2-GPU runs and `MEASURED.md`'s wave prototype found; (2) even
   with communication at full speed (copy engines or SMs of its own), the first dispatch
   and the last combine are never hidden and, with the per-rank deduplication, they carry
   most of the bytes (a token's experts on a rank span most waves), so the best is
-  1.23-1.48x internode, not 1.9x. DeepSeek's fused kernel also pipelines inside a wave
+  {free_lo:.2f}-{free_hi:.2f}x between nodes, not 1.9x. DeepSeek's fused kernel also pipelines inside a wave
   (token chunks as they land), which our expert-grouped waves do not.
 - **EP256 with 256 experts** leaves one expert per rank: there are no expert groups to make
   waves of (W=1 only). Waves over token chunks would be needed there.
@@ -417,6 +422,8 @@ def main(argv=None) -> int:
         f.write("\n".join(doc))
     pred_topo = Topology(ranks=8, gpus_per_node=8, intra_GBps=bw, inter_GBps=45.0, latency_ms=latency, local_GBps=1500.0)
     pgpu = replace(gpu, gemm_tflops=_dsv3_gemm_table(gpu))
+    stats: Dict[str, List[float]] = {}
+    pred_lines = predictions(pgpu, pred_topo, stats)
     with open(os.path.join(RESULTS, "PREDICTIONS.md"), "w") as f:
         f.write("\n".join(["# ep.sim: predictions for EP 8 to 256", "",
                            "Made by `python benchmarks/calibrate.py` with the fitted H200 profile "
@@ -424,7 +431,9 @@ def main(argv=None) -> int:
                            f"({bw:.0f} GB/s leaving each GPU, latency {latency:.3f} ms per all-to-all), "
                            "45 GB/s per GPU between nodes (400 Gb/s NICs at ~90%), uniform routing, dedup per rank. "
                            "Times in ms per layer (the expert part: dispatch, math, combine; the plan is not in it).",
-                           "", *predictions(pgpu, pred_topo), *wave_bound_table(pgpu, pred_topo), PUBLISHED]))
+                           "", *pred_lines, *wave_bound_table(pgpu, pred_topo), PUBLISHED.format(
+                               nccl_lo=min(stats["nccl"]), nccl_hi=max(stats["nccl"]), bound_hi=max(stats["bound"]),
+                               free_lo=min(stats["free_internode"]), free_hi=max(stats["free_internode"]))]))
     print(f"wrote {RESULTS}/CALIBRATION.md and PREDICTIONS.md")
     if a.write_profiles:
         path = os.path.join(os.path.dirname(HERE), "ep", "sim_profiles.py")
