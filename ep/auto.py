@@ -96,7 +96,9 @@ def choose_waves(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: tor
     if w1.device.type != "cuda":
         name = "cpu-gloo"
     else:
-        name = "h200-copy-engine" if type(transport).__name__ == "CopyEngineTransport" else "h200-nccl"
+        from .transport.copy_engine import CopyEngineTransport
+
+        name = "h200-copy-engine" if isinstance(transport, CopyEngineTransport) else "h200-nccl"
     profile, topo = PROFILES[name]
     rates = replace(profile, gemm_tflops=((tpe, 1.0 / max(ms_per_gflop, 1e-9)),), host_ms=host_ms)
     topo = Topology(ranks=n, gpus_per_node=n, intra_GBps=1.0 / max(ms_per_mb, 1e-9) if n > 1 else 1e6,
