@@ -49,7 +49,8 @@ def _timed(fn: Callable[[], object], device: torch.device, reps: int = 3) -> flo
 
 
 def _probe(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: torch.Tensor, tokens: int) -> Tuple[float, ...]:
-    """This rank's figures: (a2a latency ms, a2a ms per MB leaving the rank, GEMM ms per GFLOP, host ms per call)."""
+    """This rank's figures: (a2a latency ms, a2a ms per MB leaving the rank, GEMM ms per GFLOP,
+    host ms per call, tokens per expert the GEMM was timed at)."""
     n, device, dtype = transport.world_size, w1.device, w1.dtype
     H, F, E_local = cfg.hidden, cfg.ffn_hidden, w1.shape[0]
     # all-to-all: 1 row and `rows` rows to every rank
@@ -64,7 +65,7 @@ def _probe(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: torch.Ten
     ms_per_mb = max(t_big - t_small, 1e-6) / max(mb_out, 1e-6) if n > 1 else 0.0
     # expert math at the call's tokens per expert, on a slice of the experts (at most 4)
     e = max(1, min(E_local, 4))
-    tpe = max(1, tokens * cfg.top_k // max(E_local, 1)) if n == 1 else max(1, tokens * cfg.top_k * n // cfg.num_experts)
+    tpe = max(1, tokens * cfg.top_k // E_local)  # n ranks x T tokens x k slots over n x E_local experts
     x = torch.randn(e * tpe, H, device=device, dtype=dtype) * 0.1
     counts = [tpe] * e
     offs = torch.tensor([tpe * (i + 1) for i in range(e)], dtype=torch.int32, device=device)

@@ -96,6 +96,16 @@ def test_layer_rejects_shapes_it_cannot_split():
         ep.ExpertParallelMoE(ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=6, top_k=2, num_waves=7))
 
 
+def check_copy_engines_need_cuda(rank, n):
+    with pytest.raises(ValueError, match=r"CopyEngineTransport needs CUDA ranks .* got backend 'gloo'"):
+        ep.ExpertParallelMoE(ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=4, top_k=2, transport="copy_engine"))
+    return True
+
+
+def test_copy_engine_transport_on_gloo_ranks_says_why():
+    assert run_world(2, check_copy_engines_need_cuda) == [True, True]
+
+
 def check_experts_not_divisible(rank, n):
     with pytest.raises(ValueError, match=r"num_experts \(7\) must be divisible by the world size \(2\)"):
         ep.ExpertParallelMoE(ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=7, top_k=2))
