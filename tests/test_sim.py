@@ -153,3 +153,9 @@ def test_auto_picks_one_w_on_every_rank_and_stays_correct():
     assert len(chosen) == 1 and chosen.pop() in (1, 2, 4)  # 4 local experts: W <= 4
     for c, kept, err, same in results:
         assert kept == c and err < 1e-10 and same
+
+
+def test_gemm_rate_table_by_hand():
+    r = Rates(gemm_tflops=((1000.0, 300.0), (10.0, 100.0)))
+    assert r.gemm_rate(100.0) == pytest.approx(200.0)  # halfway in log(tokens)
+    assert r.gemm_rate(1.0) == 100.0 and r.gemm_rate(1e6) == 300.0  # flat beyond the ends
