@@ -311,6 +311,59 @@ def _wave_offs(items_per_expert: Sequence[int], bounds: Sequence[int], device) -
     return tuple(dev[e0:e1] for e0, e1 in zip(bounds[:-1], bounds[1:]))
 
 
+def route_tables(
+    first_TK: torch.Tensor,
+    fw_TK: torch.Tensor,
+    idx_TK: torch.Tensor,
+    topk_weights_TK: Optional[torch.Tensor],
+    send_counts: Counts,
+    num_local_experts: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sender's routes in dispatch order and their slot tables (torch;
+    `ep.kernels.triton_plan.route_tables_triton` on CUDA).
+
+    A route is a slot that opens its (token, channel) (`first_TK[t, j] == j`); routes are
+    ordered by (first wave, dest rank, token): within a token each (first wave, dest) key
+    occurs once.
+
+    Args:
+        first_TK, fw_TK: `[T, k]` from `sender_tables`.
+        idx_TK: `[T, k]` int64 global expert ids (in range).
+        send_counts: host ints `[W][n]`, routes per (first wave, dest) (the exchanged counts).
+    Returns:
+        route_slot `[R]` (flat slot of each route), slot_route `[T, k]` (route of each
+        slot), and the slot tables `[R, k, 2]` float64 in rank-major order (dest, then first
+        wave: as the exchange sends them): per slot of the route's token the local expert
+        it serves there (-1: another route's) and its weight (0 without weights).
+    """
+    T, k = first_TK.shape
+    W, n = len(send_counts), len(send_counts[0]) if send_counts else 0
+    E_local = num_local_experts
+    device = first_TK.device
+    R = sum(map(sum, send_counts))
+    if first_TK.is_cuda and triton_available() and W * n <= 256:
+        from .kernels.triton_plan import route_tables_triton
+
+        return route_tables_triton(first_TK, fw_TK, idx_TK, topk_weights_TK, send_counts, E_local)
+    opens_TK = first_TK == torch.arange(k, device=device)
+    dest_TK = idx_TK // E_local
+    token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, k)
+    never = W * n * T  # sorts after every real key
+    key = torch.where(opens_TK, (fw_TK * n + dest_TK) * T + token_TK, torch.full_like(dest_TK, never))
+    route_slot = torch.sort(key.flatten(), stable=True).indices[:R]
+    route_of_flat_slot = torch.empty(T * k, dtype=torch.int64, device=device)
+    route_of_flat_slot[route_slot] = torch.arange(R, device=device)
+    slot_route = route_of_flat_slot.view(T, k).gather(1, first_TK)
+    slot_route_flat = (slot_route * k + torch.arange(k, device=device)).flatten()
+    table = torch.zeros(R * k, 2, dtype=torch.float64, device=device)
+    table[:, 0] = -1
+    table[slot_route_flat, 0] = (idx_TK % E_local).flatten().to(torch.float64)
+    if topk_weights_TK is not None:
+        table[slot_route_flat, 1] = topk_weights_TK.detach().flatten().to(torch.float64)
+    rank_major = block_transpose_index(send_counts, device=device)
+    return route_slot, slot_route, table.view(R, k, 2)[rank_major].contiguous()
+
+
 def receiver_tables(
     recv_rows: torch.Tensor,
     row_source: torch.Tensor,
@@ -434,7 +487,6 @@ def make_plan(
     W = num_waves
     idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)  # stays in range until we raise
     dest_TK = idx // E_local
-    local_expert_TK = idx % E_local
     first_TK, fw_TK, lw_TK, counts, status = sender_tables(
         topk_idx_TK, topk_weights_TK, num_experts, E_local, W, n, dedup_across_waves
     )
@@ -472,15 +524,10 @@ def make_plan(
     N_touch = sum(touch_counts)
     I = sum(items_per_expert)
 
-    # routes: the slots that open a (token, channel), sorted by (first wave, dest, token)
-    token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, k)
-    never = W * n * T  # sorts after every real key
-    key = torch.where(opens_TK, (fw_TK * n + dest_TK) * T + token_TK, torch.full_like(dest_TK, never))
-    route_slot = torch.sort(key.flatten(), stable=True).indices[:R_send]  # flat slot of each route
+    route_slot, slot_route, table_rank_major = route_tables(
+        first_TK, fw_TK, idx, topk_weights_TK, send_counts, E_local,
+    )
     route_token = route_slot // k
-    route_of_flat_slot = torch.empty(T * k, dtype=torch.int64, device=device)
-    route_of_flat_slot[route_slot] = torch.arange(R_send, device=device)
-    slot_route = route_of_flat_slot.view(T, k).gather(1, first_TK)
     slot_route_flat = slot_route * k + torch.arange(k, device=device)
     # combine order: (last wave, dest) stably over dispatch order -> (.., first wave, token)
     back_order = torch.sort((lw_TK * n + dest_TK).flatten()[route_slot], stable=True).indices
@@ -488,19 +535,11 @@ def make_plan(
     back_pos_of_route[back_order] = torch.arange(R_send, device=device)
     token_back_pos = torch.where(opens_TK, back_pos_of_route[slot_route], -1)
 
-    # each route's slot table to the owners: local expert (-1: slot served by another
-    # route) and weight, as float64 columns [expert id, weight] (ids are exact there)
-    table = torch.zeros(R_send * k, 2, dtype=torch.float64, device=device)
-    table[:, 0] = -1
-    table[slot_route_flat.flatten(), 0] = local_expert_TK.flatten().to(torch.float64)
-    if topk_weights_TK is not None:
-        table[slot_route_flat.flatten(), 1] = topk_weights_TK.detach().flatten().to(torch.float64)
-    send_rank_major = block_transpose_index(send_counts, device=device)
     recv_wave_major = block_transpose_index(_transposed(recv_counts), device=device)
     recv_rows = torch.empty(R_recv, k, 2, dtype=torch.float64, device=device)
     transport.all_to_all(
         recv_rows,
-        table.view(R_send, k, 2)[send_rank_major].contiguous(),
+        table_rank_major,
         _per_rank(recv_counts),
         _per_rank(send_counts),
         "plan: slot-table exchange",

@@ -160,3 +160,22 @@ def test_receiver_tables_match_torch(triton_plan, n, E_local, W, k, R):
     assert set(got) == set(want)
     for name in want:
         assert torch.equal(got[name], want[name]), f"{name}:\n{got[name]}\nvs\n{want[name]}"
+
+
+@pytest.mark.parametrize("n, E_local, W, k, T, across, weights", [
+    (2, 4, 2, 3, 37, True, True), (3, 8, 4, 4, 150, False, True), (1, 6, 3, 5, 20, True, False),
+    (4, 2, 1, 1, 9, True, True), (2, 5, 5, 2, 0, True, True), (8, 4, 4, 8, 70, False, False),
+])
+def test_route_tables_match_torch(triton_plan, n, E_local, W, k, T, across, weights):
+    from ep.plan import route_tables, sender_tables
+
+    g = torch.Generator().manual_seed(T * 3 + k + n)
+    E = n * E_local
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
+    w = torch.rand(T, k, generator=g) if weights else None
+    first, fw, lw, counts, _ = sender_tables(idx, w, E, E_local, W, n, across)
+    send_counts = tuple(tuple(int(c) for c in row) for row in counts[:W * n].view(W, n).tolist())
+    want = route_tables(first, fw, idx, w, send_counts, E_local)
+    got = triton_plan.route_tables_triton(first, fw, idx, w, send_counts, E_local)
+    for name, a, b in zip(("route_slot", "slot_route", "table"), got, want):
+        assert torch.equal(a, b), f"{name}:\n{a}\nvs\n{b}"

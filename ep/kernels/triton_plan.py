@@ -231,3 +231,108 @@ def receiver_tables_triton(table, order, row_source, num_local_experts, num_wave
     return dict(recv_weights=weights, return_row=return_row, item_slot_flat=item_slot, item_row=item_row,
                 touch_row=touch_row, touch_carry=touch_carry.bool(), touch_out=touch_out, touch_items=touch_items,
                 touch_slot_flat=touch_slot, touch_weights=touch_w)
+
+
+# ---- the sender's routes after the count exchange ------------------------------------------
+@triton.jit
+def _load_routes(first_ptr, fw_ptr, idx_ptr, b, T, E_local, n,
+                 K: tl.constexpr, KP: tl.constexpr, KEYP: tl.constexpr, BT: tl.constexpr):
+    """Tokens `[b*BT, (b+1)*BT)`: which slots open a route, each route's (first wave, dest)
+    key, and per token which keys it has (one route each at most)."""
+    tok = b * BT + tl.arange(0, BT)
+    slot = tl.arange(0, KP)
+    m = (tok[:, None] < T) & (slot[None, :] < K)
+    offs = tok[:, None].to(tl.int64) * K + slot[None, :]
+    first = tl.load(first_ptr + offs, mask=m, other=-1)
+    fw = tl.load(fw_ptr + offs, mask=m, other=0)
+    idx = tl.load(idx_ptr + offs, mask=m, other=0)
+    opens = m & (first == slot[None, :])
+    key = fw * n + idx // E_local
+    kk = tl.arange(0, KEYP)
+    has = ((key[:, :, None] == kk[None, None, :]) & opens[:, :, None]).to(tl.int32)  # [BT, KP, KEYP]
+    return tok, slot, m, offs, first, idx, opens, key, has
+
+
+@triton.jit
+def _route_count_kernel(first_ptr, fw_ptr, idx_ptr, hist_ptr, T, E_local, n, WN,
+                        K: tl.constexpr, KP: tl.constexpr, KEYP: tl.constexpr, BT: tl.constexpr):
+    b = tl.program_id(0)
+    tok, slot, m, offs, first, idx, opens, key, has = _load_routes(
+        first_ptr, fw_ptr, idx_ptr, b, T, E_local, n, K, KP, KEYP, BT)
+    kk = tl.arange(0, KEYP)
+    tl.store(hist_ptr + b * WN + kk, tl.sum(tl.sum(has, axis=1), axis=0), mask=kk < WN)
+
+
+@triton.jit
+def _route_place_kernel(first_ptr, fw_ptr, idx_ptr, w_ptr, base_ptr, route_slot_ptr, slot_route_ptr, table_ptr,
+                        T, E_local, n, WN,
+                        K: tl.constexpr, KP: tl.constexpr, KEYP: tl.constexpr, BT: tl.constexpr,
+                        HAS_W: tl.constexpr):
+    b = tl.program_id(0)
+    tok, slot, m, offs, first, idx, opens, key, has = _load_routes(
+        first_ptr, fw_ptr, idx_ptr, b, T, E_local, n, K, KP, KEYP, BT)
+    kk = tl.arange(0, KEYP)
+    row_has = tl.max(has, axis=1)  # [BT, KEYP]
+    before = tl.cumsum(row_has, axis=0) - row_has  # routes of the same key in earlier tokens of the block
+    rank = tl.sum(has * before[:, None, :], axis=2)  # [BT, KP], for the opening slots
+    base = base_ptr + b * 2 * WN
+    keyc = tl.where(opens, key, 0)
+    r = tl.load(base + keyc, mask=opens, other=0) + rank  # dispatch order
+    r_rm = tl.load(base + WN + keyc, mask=opens, other=0) + rank  # rank-major order
+    tl.store(route_slot_ptr + r, offs, mask=opens)
+    # each slot's route: the route of the slot that opens its channel (j' -> first[j'])
+    of_first = (first[:, :, None] == slot[None, None, :]) & opens[:, None, :]  # [BT, KP(j'), KP(j)]
+    slot_route = tl.sum(tl.where(of_first, r[:, None, :], 0), axis=2)
+    tl.store(slot_route_ptr + offs, slot_route, mask=m)
+    # the route's slot table: column j' holds slot j''s local expert and weight when the
+    # slot belongs to the route (opened at j), else (-1, 0)
+    local = (idx % E_local).to(tl.float64)
+    if HAS_W:
+        wt = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float64)
+    else:
+        wt = tl.zeros([BT, KP], dtype=tl.float64)
+    mine = (first[:, None, :] == slot[None, :, None]) & m[:, None, :]  # [BT, KP(j: route), KP(j')]
+    cell = (r_rm[:, :, None] * K + slot[None, None, :]) * 2
+    cmask = opens[:, :, None] & (slot[None, None, :] < K)
+    tl.store(table_ptr + cell, tl.where(mine, local[:, None, :], -1.0), mask=cmask)
+    tl.store(table_ptr + cell + 1, tl.where(mine, wt[:, None, :], 0.0), mask=cmask)
+
+
+def route_tables_triton(first, fw, idx, weights, send_counts, num_local_experts):
+    """`ep.plan.route_tables` in two kernels: per block of tokens the routes per (first wave,
+    dest) key; then, from their prefix sums and the exchanged counts, each route's place in
+    dispatch order and in rank-major order, its slot, and its slot table (W x n <= 256)."""
+    T, k = first.shape
+    dev = first.device
+    first, fw, idx = (t.to(torch.int64).contiguous() for t in (first, fw, idx))
+    W, n = len(send_counts), len(send_counts[0])
+    WN = W * n
+    R = sum(map(sum, send_counts))
+    kp, keyp = triton.next_power_of_2(k), triton.next_power_of_2(WN)
+    bt = max(1, min(64, 16384 // (kp * max(keyp, kp))))
+    nblocks = max(triton.cdiv(T, bt), 1)
+    args = dict(K=k, KP=kp, KEYP=keyp, BT=bt)
+    route_slot = torch.empty(R, dtype=torch.int64, device=dev)
+    slot_route = torch.empty(T, k, dtype=torch.int64, device=dev)
+    table = torch.empty(R, k, 2, dtype=torch.float64, device=dev)
+    if T == 0:
+        return route_slot, slot_route, table
+    hist = torch.empty(nblocks, WN, dtype=torch.int32, device=dev)
+    _route_count_kernel[(nblocks,)](first, fw, idx, hist, T, num_local_experts, n, WN, **args)
+    # where each key's routes start: dispatch order is (wave, dest), rank-major is (dest, wave)
+    flat = [c for row in send_counts for c in row]
+    disp, rm, acc = [0] * WN, [0] * WN, 0
+    for i, c in enumerate(flat):
+        disp[i], acc = acc, acc + c
+    acc = 0
+    for d in range(n):
+        for w in range(W):
+            rm[w * n + d], acc = acc, acc + send_counts[w][d]
+    starts = torch.tensor([disp, rm], dtype=torch.int64).to(dev)  # [2, WN]
+    h = hist.to(torch.int64)
+    before = (h.cumsum(0) - h).unsqueeze(1)  # [nblocks, 1, WN]
+    base = (before + starts.unsqueeze(0)).contiguous()  # [nblocks, 2, WN]
+    w = weights.detach().contiguous() if weights is not None else first
+    _route_place_kernel[(nblocks,)](first, fw, idx, w, base, route_slot, slot_route, table, T, num_local_experts, n, WN,
+                                    HAS_W=weights is not None, **args)
+    return route_slot, slot_route, table
