@@ -10,13 +10,17 @@ from .torch_dist import LocalTransport, TorchDistTransport
 
 
 KINDS = ("nccl", "copy_engine")
+_COPY_ENGINES: dict = {}  # group name -> its CopyEngineTransport, shared by every layer on the group
 
 
 def make_transport(group: Optional[dist.ProcessGroup] = None, kind: str = "nccl") -> Transport:
     """The transport for `group` (the default group when None).
 
     kind "nccl": `torch.distributed`'s all-to-all (NCCL on GPUs, Gloo on CPUs); "copy_engine":
-    peer copies into symmetric memory (CUDA ranks of one host; `CopyEngineTransport`).
+    peer copies into symmetric memory (CUDA ranks of one host; `CopyEngineTransport`), one
+    per process group and process, shared by every layer on the group: its buffers are
+    sized for the largest layer once, not once per layer (a model's layers run one after
+    another on the transport's stream, and every rank makes the same calls in the same order).
     With torch.distributed not initialised and no group given: a one-process world.
     """
     if kind not in KINDS:
@@ -26,7 +30,10 @@ def make_transport(group: Optional[dist.ProcessGroup] = None, kind: str = "nccl"
     if kind == "copy_engine":
         from .copy_engine import CopyEngineTransport
 
-        return CopyEngineTransport(group)
+        name = (group if group is not None else dist.group.WORLD).group_name
+        if name not in _COPY_ENGINES:
+            _COPY_ENGINES[name] = CopyEngineTransport(group)
+        return _COPY_ENGINES[name]
     return TorchDistTransport(group)
 
 
