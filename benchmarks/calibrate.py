@@ -314,9 +314,9 @@ def wave_bound_table(rates: Rates, topo: Topology) -> List[str]:
                        f"{tr.dispatch[0] / sum(tr.dispatch):.2f} |")
     out += ["", "So on one node at this shape the waves can buy at most ~5% on 2 GPUs, ~15% on 4 and ~25% "
             "on 8 (communication is 15-30% of the expert math there); the per-wave host time "
-            "(0.2-1.0 ms measured per wave, depending on the machine) eats most of it on these hosts. They "
-            "pay where "
-            "communication is as long as the math: between nodes (the tables above).", ""]
+            "(0.2-1.0 ms measured per wave, depending on the machine) eats most of it on these "
+            "hosts. They pay where communication is as long as the math: between nodes (the "
+            "tables above).", ""]
     return out
 
 
