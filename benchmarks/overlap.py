@@ -194,8 +194,14 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 
         auto_cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"], num_waves="auto",
                                 dedup_across_waves=dedups[0] == "rank")
-        W_auto = choose_waves(auto_cfg, tr, w1, w2, P["T"])
-        log(f"  num_waves=auto picks W={W_auto}")
+        t0 = time.perf_counter()
+        W_auto = choose_waves(auto_cfg, tr, w1, w2, P["T"])  # first call: probes and caches
+        auto_first_ms = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        choose_waves(auto_cfg, tr, w1, w2, P["T"])  # cached figures: only the model and one exchange
+        auto_cached_ms = (time.perf_counter() - t0) * 1e3
+        log(f"  num_waves=auto picks W={W_auto} (deciding took {auto_first_ms:.1f} ms the first time, "
+            f"{auto_cached_ms:.1f} ms with the figures cached)")
         variants.append((W_auto, carveouts[0], dedups[0], True, kinds[0]))
     steps = 5 + 2 * (len(kinds) - 1) + len(variants) * (1 if args.no_backward else 2) + int(args.naive)
     step = [0]
@@ -307,6 +313,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         "routing": args.routing, "expert_load_max_over_mean": load_max_over_mean,
         "stages_ms": st, "comm_ms": comm, "comm_ms_by_transport": comm_by_transport, "compute_ms": compute, "ideal_ms": ideal,
         "naive_fwd_ms": naive_ms, "layers": rows,
+        "auto": {"W": W_auto, "first_call_ms": auto_first_ms, "cached_call_ms": auto_cached_ms} if want_auto else None,
     }
 
 
