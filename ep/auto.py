@@ -1,6 +1,7 @@
 """`MoEConfig(num_waves="auto")`: W chosen by the schedule model (`ep.sim`) from measured rates.
 
-The first forward of an "auto" layer measures, once per process and layer shape (cached):
+The first forward of an "auto" layer measures, once per process, layer shape and power of
+two of the token count (cached):
 - the group's all-to-all: a tiny and a larger exchange of rows -> latency and bandwidth;
 - the layer's own expert math (linear1 + linear2 with its weights) on synthetic rows at
   the tokens per expert the call will have -> the grouped-GEMM rate;
@@ -81,13 +82,14 @@ def choose_waves(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: tor
     """The W the model predicts fastest for this layer on this group (collective: every rank calls it)."""
     n = transport.world_size
     E_local = cfg.num_experts // n
-    key = (cfg.hidden, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, n, str(w1.device), w1.dtype)
+    key = [cfg.hidden, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, n, str(w1.device), w1.dtype]
 
     def slowest(values) -> list:
         row = torch.tensor(values, dtype=torch.float64).unsqueeze(0).expand(n, -1).contiguous()
         return transport.exchange(row, "auto-waves figures").max(dim=0).values.tolist()
 
     T = int(slowest([float(tokens)])[0])  # the probe's sizes must match on every rank
+    key = (*key, 1 << max(T - 1, 0).bit_length())  # the GEMM rate depends on the tokens: per power of two
     figures = _RATES.get(key)
     if figures is None:
         with torch.no_grad():

@@ -24,7 +24,8 @@ class MoEConfig:
             size by at most one expert; W may not exceed E_local (checked by the layer,
             which knows the world size). "auto": the layer's first forward measures the
             group's all-to-all, its expert math and the host's call cost (once per
-            process and shape), plays the schedule model `ep.sim` for W in 1, 2, 4, 8
+            process, shape and power of two of the token count), plays the schedule
+            model `ep.sim` for W in 1, 2, 4, 8
             and keeps the fastest (the same W on every rank; `ep.auto`).
         score_func: "softmax" (over all E) or "sigmoid".
         norm_topk: renormalise the k selected scores to sum to 1.
