@@ -44,7 +44,7 @@ INBOUND_FIRST_RUNS = PER_WAVE_GATHER_RUNS + ("r10_h200x2_overlap.json", "r11_h20
                                             "r12_h200x1_overlap.json")
 GPU_RUNS = ("runs/r06_h200x1_overlap.json", "runs/r07_h200x2_overlap.json", "runs/r09_h200x1_overlap.json",
             "runs/r11_h200x2_overlap.json", "runs/r12_h200x1_overlap.json", "runs/r13_h200x1_overlap.json",
-            "runs/r14_h200x1_overlap.json")
+            "runs/r14_h200x1_overlap.json", "runs/r15_h200x1_overlap.json")
 CPU_RUNS = ("cpu_gloo_4rank.json",)
 FIT_KEYS = ("host_ms", "stage_ms", "permute_GBps", "backward_factor", "backward_host_ms")
 SHARE_KEYS = ("comm_share", "compute_share")

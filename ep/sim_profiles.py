@@ -14,16 +14,16 @@ from .sim import Rates, Topology
 # fmt: off
 PROFILES = {
     "h200-nccl": (
-        Rates(gemm_tflops=((32.0, 81.5), (1024.0, 610.0)), hbm_GBps=4000.0, permute_GBps=4300.0,
-              stage_ms=0.0255, host_ms=0.0787, comm_share=0.142, compute_share=1.000,
-              backward_factor=2.647, backward_host_ms=2.1330, a2a_host_ms=None,
+        Rates(gemm_tflops=((32.0, 81.4), (1024.0, 609.8)), hbm_GBps=4000.0, permute_GBps=4300.0,
+              stage_ms=0.0250, host_ms=0.0800, comm_share=0.142, compute_share=1.000,
+              backward_factor=2.712, backward_host_ms=1.9929, a2a_host_ms=None,
               name="h200-nccl"),
         Topology(ranks=8, gpus_per_node=8, intra_GBps=326.0, inter_GBps=45.0, latency_ms=0.0896, local_GBps=1500.0),
     ),
     "h200-copy-engine": (
-        Rates(gemm_tflops=((32.0, 81.5), (1024.0, 610.0)), hbm_GBps=4000.0, permute_GBps=4300.0,
-              stage_ms=0.0255, host_ms=0.0787, comm_share=0.435, compute_share=1.000,
-              backward_factor=2.647, backward_host_ms=2.1330, a2a_host_ms=0.19504875967915267,
+        Rates(gemm_tflops=((32.0, 81.4), (1024.0, 609.8)), hbm_GBps=4000.0, permute_GBps=4300.0,
+              stage_ms=0.0250, host_ms=0.0800, comm_share=0.435, compute_share=1.000,
+              backward_factor=2.712, backward_host_ms=1.9929, a2a_host_ms=0.19627840504352392,
               name="h200-copy-engine"),
         Topology(ranks=8, gpus_per_node=8, intra_GBps=326.0, inter_GBps=45.0, latency_ms=0.0896, local_GBps=1500.0),
     ),
