@@ -193,12 +193,13 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         from ep.auto import choose_waves
 
         auto_cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"], num_waves="auto",
-                                dedup_across_waves=dedups[0] == "rank")
+                                dedup_across_waves=dedups[0] == "rank", transport=kinds[0])
+        auto_tr = transports[kinds[0]]
         t0 = time.perf_counter()
-        W_auto = choose_waves(auto_cfg, tr, w1, w2, P["T"])  # first call: probes and caches
+        W_auto = choose_waves(auto_cfg, auto_tr, w1, w2, P["T"])  # first call: probes and caches
         auto_first_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
-        choose_waves(auto_cfg, tr, w1, w2, P["T"])  # cached figures: only the model and one exchange
+        choose_waves(auto_cfg, auto_tr, w1, w2, P["T"])  # cached figures: only the model and one exchange
         auto_cached_ms = (time.perf_counter() - t0) * 1e3
         log(f"  num_waves=auto picks W={W_auto} (deciding took {auto_first_ms:.1f} ms the first time, "
             f"{auto_cached_ms:.1f} ms with the figures cached)")
