@@ -171,7 +171,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     w1, w2 = layer.experts.w1.detach(), layer.experts.w2.detach()
     tr = TorchDistTransport()
     kinds = [t.strip() for t in args.transports.split(",")]
-    if any(t not in ("nccl", "copy_engine") for t in kinds) or ("copy_engine" in kinds and not cuda):
+    if any(t not in ep.config.TRANSPORTS for t in kinds) or ("copy_engine" in kinds and not cuda):
         raise SystemExit(f"--transports takes nccl and (on CUDA) copy_engine, got {args.transports!r}")
     transports = {t: (tr if t == "nccl" else make_transport(None, t)) for t in kinds}
     with torch.no_grad():

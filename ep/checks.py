@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .config import MoEConfig
+from .config import SCORE_FUNCS, TRANSPORTS, MoEConfig
 
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -119,11 +119,11 @@ def fingerprint(cfg: MoEConfig) -> List[int]:
     for name in _FINGERPRINT_FIELDS:
         v = getattr(cfg, name)
         if name == "score_func":
-            v = ("softmax", "sigmoid").index(v)
+            v = SCORE_FUNCS.index(v)
         elif name == "num_waves" and v == "auto":
             v = 0
         elif name == "transport":
-            v = ("nccl", "copy_engine").index(v)
+            v = TRANSPORTS.index(v)
         out.append(int(v))
     return out
 

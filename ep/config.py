@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-_SCORE_FUNCS = ("softmax", "sigmoid")
-_TRANSPORTS = ("nccl", "copy_engine")
+SCORE_FUNCS = ("softmax", "sigmoid")
+TRANSPORTS = ("nccl", "copy_engine")
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,15 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}"
             )
-        if self.score_func not in _SCORE_FUNCS:
+        if self.score_func not in SCORE_FUNCS:
             raise ValueError(
-                f"MoEConfig.score_func must be one of {_SCORE_FUNCS}, got {self.score_func!r}"
+                f"MoEConfig.score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}"
             )
         for name in ("norm_topk", "dedup_across_waves"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        if self.transport not in _TRANSPORTS:
-            raise ValueError(f"MoEConfig.transport must be one of {_TRANSPORTS}, got {self.transport!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"MoEConfig.transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if isinstance(self.sm_carveout, bool) or not isinstance(self.sm_carveout, int) or self.sm_carveout < 0:
             raise ValueError(f"MoEConfig.sm_carveout must be an int >= 0, got {self.sm_carveout!r}")
 

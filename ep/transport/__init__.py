@@ -5,11 +5,11 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from ..config import TRANSPORTS
 from .base import CommunicationError, Done, Pending, Transport
 from .torch_dist import LocalTransport, TorchDistTransport
 
 
-KINDS = ("nccl", "copy_engine")
 _COPY_ENGINES: dict = {}  # group name -> its CopyEngineTransport, shared by every layer on the group
 
 
@@ -23,8 +23,8 @@ def make_transport(group: Optional[dist.ProcessGroup] = None, kind: str = "nccl"
     another on the transport's stream, and every rank makes the same calls in the same order).
     With torch.distributed not initialised and no group given: a one-process world.
     """
-    if kind not in KINDS:
-        raise ValueError(f"transport must be one of {KINDS}, got {kind!r}")
+    if kind not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
     if group is None and not dist.is_initialized():
         return LocalTransport()
     if kind == "copy_engine":
