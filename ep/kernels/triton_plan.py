@@ -8,6 +8,7 @@ exchanges, accumulated with integer atomics (exact, order-free).
 """
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -320,14 +321,9 @@ def route_tables_triton(first, fw, idx, weights, send_counts, num_local_experts)
     hist = torch.empty(nblocks, WN, dtype=torch.int32, device=dev)
     _route_count_kernel[(nblocks,)](first, fw, idx, hist, T, num_local_experts, n, WN, **args)
     # where each key's routes start: dispatch order is (wave, dest), rank-major is (dest, wave)
-    flat = [c for row in send_counts for c in row]
-    disp, rm, acc = [0] * WN, [0] * WN, 0
-    for i, c in enumerate(flat):
-        disp[i], acc = acc, acc + c
-    acc = 0
-    for d in range(n):
-        for w in range(W):
-            rm[w * n + d], acc = acc, acc + send_counts[w][d]
+    disp = list(itertools.accumulate((c for row in send_counts for c in row), initial=0))[:-1]
+    rm_dw = list(itertools.accumulate((send_counts[w][d] for d in range(n) for w in range(W)), initial=0))
+    rm = [rm_dw[d * W + w] for w in range(W) for d in range(n)]  # back in key (wave, dest) order
     starts = torch.tensor([disp, rm], dtype=torch.int64).to(dev)  # [2, WN]
     h = hist.to(torch.int64)
     before = (h.cumsum(0) - h).unsqueeze(1)  # [nblocks, 1, WN]

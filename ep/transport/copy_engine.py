@@ -21,6 +21,7 @@ same call. Small blocking exchanges and broadcasts go through NCCL.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -114,11 +115,8 @@ class CopyEngineTransport(Transport):
         half = self._parity * n * (self._cap // es)  # elements
         self._parity ^= 1
         slot_el = self._cap // es
-        in_off, out_off = [0], [0]
-        for c in in_splits:
-            in_off.append(in_off[-1] + c)
-        for c in out_splits:
-            out_off.append(out_off[-1] + c)
+        in_off = list(itertools.accumulate(in_splits, initial=0))
+        out_off = list(itertools.accumulate(out_splits, initial=0))
         flat_in, flat_out = inp.view(-1), out.view(-1)
         cur, s = torch.cuda.current_stream(), self._stream
         s.wait_stream(cur)  # inp is ready, out is free
