@@ -115,7 +115,7 @@ class WavedExperts(torch.autograd.Function):
             hidden[w] = h
             return lambda: stages.combine(o, touch_weights[plan.touch_slice(w)], acc_all, back_all, plan, w, transport)
 
-        sends = stages.routes_out(x_TH, plan) if plan.num_waves > 1 else None  # one gather for all waves
+        sends = stages.routes_out(x_TH, plan)  # one gather for all waves
         run_waves(plan.num_waves, lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport, sends), compute,
                   math_first=x_TH.is_cuda)
         y_TH = torch.empty_like(x_TH)
@@ -157,7 +157,7 @@ class WavedExperts(torch.autograd.Function):
             dweights_flat[slots] = dweight_I
             return lambda: stages.dispatch_backward(dx_IH, dacc_all, dback_all, plan, w, transport)
 
-        sends = stages.routes_out(dy_TH, plan) if plan.num_waves > 1 else None
+        sends = stages.routes_out(dy_TH, plan)
         run_waves(plan.num_waves, lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport, sends), compute,
                   math_first=dy_TH.is_cuda)
         dx_TH = torch.empty_like(dy_TH)
