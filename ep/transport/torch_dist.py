@@ -65,15 +65,20 @@ class TorchDistTransport(Transport):
 
 
 class LocalTransport(Transport):
-    """A world of one process, with no process group: every all-to-all is a copy."""
+    """A world of one process, with no process group: every all-to-all is a copy, made where
+    its tensors are (CPU, CUDA, any device): there is no peer whose device could differ."""
 
     rank = 0
     world_size = 1
     device = torch.device("cpu")
+    """Where host-made tensors may go; exchanges keep their input's device."""
 
     def all_to_all(self, out, inp, out_splits, in_splits, label: str = "all-to-all") -> Pending:
         out.copy_(inp)
         return Done()
+
+    def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
+        return inp.clone()
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         return None
