@@ -2,16 +2,24 @@
 
     torchrun --standalone --nproc-per-node N benchmarks/gpu_check.py --json check.json
 
-For every transport (NCCL; on 2+ GPUs also the copy engines), every W in {1, 2, 4, 8},
-both deduplication modes, router-made and caller-given
-routing: forward output and every gradient (x, router, w1, w2, and the routing weights
-when given) within 1e-2 relative of `tests/reference.py` run in float64 on the same
-(bf16-rounded) inputs. Also probes `torch._grouped_mm` layouts (which weight layout is
-fastest) so the results say what the kernels ran with. Exits non-zero on any failure.
+For both wave splits (token waves; expert waves in both deduplication modes), every
+transport (NCCL; on 2+ GPUs also the copy engines), every W in {1, 2, 4, 8}, router-made
+and caller-given routing: forward output and every gradient (x, router, w1, w2, and the
+routing weights when given) within 1e-2 relative of `tests/reference.py` run in float64
+on the same (bf16-rounded) inputs. Then, for token waves on every transport:
+- sync-free: after two warm-up steps, a forward and a training step (forward, backward,
+  SGD step) under `torch.cuda.set_sync_debug_mode("error")`, with the router and with given
+  routing, with and without `max_tokens`;
+- CUDA graphs: a forward, and a forward+backward, captured with `torch.cuda.graph` and
+  replayed with three new inputs of the same shape: each replay against an eager call on
+  the same inputs and against the reference; the host time of a replay.
+Also probes `torch._grouped_mm` layouts (which weight layout is fastest) so the results
+say what the kernels ran with. Exits non-zero on any failure.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -28,17 +36,48 @@ from tests.reference import reference_moe, reference_routing  # noqa: E402
 TOL = 1e-2
 
 
-def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl"):
-    p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=seed, tokens_range=(200, 400))
+def build(p, n, rank, device, **cfg_args):
+    """The layer in bf16 on `device` with the problem's weights (this rank's experts)."""
     bf = lambda t: t.to(device=device, dtype=torch.bfloat16)  # noqa: E731
-    cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W, dedup_across_waves=dedup,
-                       transport=transport, sm_carveout=4 if transport == "copy_engine" else 0)
+    cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, **cfg_args)
     layer = ep.ExpertParallelMoE(cfg).to(device=device, dtype=torch.bfloat16)
     El = p.E // n
     with torch.no_grad():
         layer.router.weight.copy_(bf(p.router))
         layer.experts.w1.copy_(bf(p.w1[rank * El:(rank + 1) * El]))
         layer.experts.w2.copy_(bf(p.w2[rank * El:(rank + 1) * El]))
+    return layer
+
+
+def reference(p, n, rank, device, routing):
+    """The float64 reference on the bf16-rounded inputs: this rank's output and gradients."""
+    d64 = lambda t: t.to(device=device, dtype=torch.bfloat16).double()  # noqa: E731  same rounding as the layer's inputs
+    xr, rr, w1r, w2r = (d64(t).requires_grad_(True) for t in (p.x, p.router, p.w1, p.w2))
+    if routing == "router":
+        idx, twr = reference_routing(xr, rr, p.k)
+    else:
+        idx, twr = p.topk_idx.to(device), p.topk_weights.to(device=device, dtype=torch.float32).double().requires_grad_(True)
+    yr = reference_moe(xr, w1r, w2r, idx, twr)
+    yr.backward(d64(p.dy))
+    rows, El = p.rows(rank), p.E // n
+    experts = slice(rank * El, (rank + 1) * El)
+    return dict(y=yr.detach()[rows], dx=xr.grad[rows], dw1=w1r.grad[experts], dw2=w2r.grad[experts],
+                drouter=rr.grad if routing == "router" else torch.zeros_like(rr),
+                dweights=None if routing == "router" else twr.grad[rows])
+
+
+def worst_over_ranks(got, want, device):
+    errs = {name: rel_err(got[name].double(), w) for name, w in want.items() if w is not None}
+    worst = torch.tensor([max(errs.values())], dtype=torch.float64, device=device)
+    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    return errs, worst.item()
+
+
+def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split="tokens"):
+    p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=seed, tokens_range=(200, 400))
+    bf = lambda t: t.to(device=device, dtype=torch.bfloat16)  # noqa: E731
+    layer = build(p, n, rank, device, num_waves=W, dedup_across_waves=dedup, transport=transport, wave_split=split,
+                  sm_carveout=4 if transport == "copy_engine" else 0)
     rows = p.rows(rank)
     x = bf(p.x[rows]).requires_grad_(True)
     if routing == "router":
@@ -53,26 +92,106 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl"):
     dist.all_reduce(drouter)
     got = dict(y=y.detach(), dx=x.grad, dw1=layer.experts.w1.grad, dw2=layer.experts.w2.grad, drouter=drouter,
                dweights=None if tw is None else tw.grad)
+    return worst_over_ranks(got, reference(p, n, rank, device, routing), device)
 
-    d64 = lambda t: t.to(device=device, dtype=torch.bfloat16).double()  # noqa: E731  same rounding as the layer's inputs
-    xr, rr, w1r, w2r = (d64(t).requires_grad_(True) for t in (p.x, p.router, p.w1, p.w2))
-    if routing == "router":
-        idx, twr = reference_routing(xr, rr, p.k)
-    else:
-        idx, twr = p.topk_idx.to(device), p.topk_weights.to(device=device, dtype=torch.float32).double().requires_grad_(True)
-    yr = reference_moe(xr, w1r, w2r, idx, twr)
-    yr.backward(d64(p.dy))
-    experts = slice(rank * El, (rank + 1) * El)
-    want = dict(y=yr.detach()[rows], dx=xr.grad[rows], dw1=w1r.grad[experts], dw2=w2r.grad[experts],
-                drouter=rr.grad if routing == "router" else torch.zeros_like(rr),
-                dweights=None if tw is None else twr.grad[rows])
-    errs = {}
-    for name, w in want.items():
-        if w is not None:
-            errs[name] = rel_err(got[name].double(), w)
-    worst = torch.tensor([max(errs.values())], dtype=torch.float64, device=device)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return errs, worst.item()
+
+def check_sync_free(n, rank, device, transport, W, routing, max_tokens):
+    """A forward and a training step under sync debug mode "error" (after two warm-up steps)."""
+    p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=3, tokens_range=(200, 400))
+    layer = build(p, n, rank, device, num_waves=W, transport=transport, max_tokens=max_tokens)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    rows = p.rows(rank)
+    x = p.x[rows].to(device=device, dtype=torch.bfloat16)
+    dy = p.dy[rows].to(device=device, dtype=torch.bfloat16)
+    given = {} if routing == "router" else dict(topk_idx=p.topk_idx[rows].to(device),
+                                                topk_weights=p.topk_weights[rows].to(device=device, dtype=torch.float32))
+
+    def step():
+        opt.zero_grad(set_to_none=False)
+        layer(x, **given).backward(dy)
+        opt.step()
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            layer(x, **given)
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return True
+
+
+def check_graphs(n, rank, device, transport, W):
+    """Forward, and forward+backward, captured in CUDA graphs and replayed with new inputs."""
+    import time
+
+    out = {}
+    p0 = make_problem(n, k=4, local_experts=8, H=256, F=128, routing="skewed", seed=11, tokens_per_rank=[256] * n)
+    layer = build(p0, n, rank, device, num_waves=W, transport=transport)
+    rows = p0.rows(rank)
+    bf = lambda t: t.to(device=device, dtype=torch.bfloat16)  # noqa: E731
+    static = dict(x=bf(p0.x[rows]).requires_grad_(True), idx=p0.topk_idx[rows].to(device),
+                  tw=p0.topk_weights[rows].to(device=device, dtype=torch.float32).requires_grad_(True),
+                  dy=bf(p0.dy[rows]))
+    params = [layer.experts.w1, layer.experts.w2]
+
+    def fwd():
+        return layer(static["x"], topk_idx=static["idx"], topk_weights=static["tw"])
+
+    def fwd_bwd():
+        y = fwd()
+        y.backward(static["dy"])
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
+        for _ in range(3):
+            fwd_bwd()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    g_fwd, g_step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g_fwd):
+        y_fwd = fwd()
+    with torch.cuda.graph(g_step):
+        y_step = fwd_bwd()
+    worst = 0.0
+    for trial in range(3):
+        p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing="skewed", seed=100 + trial,
+                         tokens_per_rank=[256] * n)
+        new = dict(x=bf(p.x[rows]), idx=p.topk_idx[rows].to(device),
+                   tw=p.topk_weights[rows].to(device=device, dtype=torch.float32), dy=bf(p.dy[rows]))
+        with torch.no_grad():
+            for name, value in new.items():
+                static[name].copy_(value)
+        with torch.no_grad():
+            eager = layer(new["x"], topk_idx=new["idx"], topk_weights=new["tw"])
+        torch.cuda.synchronize()
+        dist.barrier()
+        t0 = time.perf_counter()
+        g_fwd.replay()
+        out.setdefault("replay_host_ms", []).append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        ref = reference(p, n, rank, device, "skewed")
+        worst = max(worst, rel_err(y_fwd.double(), ref["y"]), rel_err(y_fwd.double(), eager.double()))
+        for t in (*params, static["x"], static["tw"]):
+            t.grad.zero_()
+        dist.barrier()
+        g_step.replay()
+        torch.cuda.synchronize()
+        got = dict(y=y_step.detach(), dx=static["x"].grad, dw1=params[0].grad, dw2=params[1].grad,
+                   drouter=torch.zeros_like(ref["drouter"]), dweights=static["tw"].grad)
+        _, w = worst_over_ranks(got, ref, device)
+        worst = max(worst, w)
+    t = torch.tensor([worst], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    out["worst_rel_err"] = t.item()
+    return out
 
 
 def probe_grouped_mm(device):
@@ -114,24 +233,44 @@ def main():
     results, failed = [], 0
     # every transport this world can run: the copy engines need CUDA ranks of one host
     transports = ["nccl"] + (["copy_engine"] if cuda and n > 1 else [])
-    for transport in transports:
-        for W in (1, 2, 4, 8):
-            for dedup in (True, False):
-                for routing in ("router", "skewed"):
-                    try:
-                        errs, worst = check_case(n, rank, device, W, dedup, routing,
-                                                 seed=W * 7 + int(dedup) * 3 + (routing == "router"), transport=transport)
-                    except Exception as e:  # noqa: BLE001 - a failing transport is a failed case, not a dead run
-                        errs, worst = {"error": repr(e)[:300]}, float("inf")
-                    ok = worst < TOL
-                    failed += not ok
-                    results.append(dict(transport=transport, W=W, dedup_across_waves=dedup, routing=routing,
-                                        worst_rel_err=worst, rank0_errs=errs, ok=ok))
-                    if rank == 0:
-                        print(f"{transport:11} W={W} dedup_across_waves={dedup!s:5} routing={routing:6}  worst rel err "
-                              f"{worst:.2e}  {'ok' if ok else 'FAIL'}  "
-                              + " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()),
-                              flush=True)
+    splits = [("tokens", True), ("experts", True), ("experts", False)]
+    for transport, (split, dedup), W, routing in itertools.product(transports, splits, (1, 2, 4, 8), ("router", "skewed")):
+        try:
+            errs, worst = check_case(n, rank, device, W, dedup, routing, seed=W * 7 + int(dedup) * 3 + (routing == "router"),
+                                     transport=transport, split=split)
+        except Exception as e:  # noqa: BLE001 - a failing transport is a failed case, not a dead run
+            errs, worst = {"error": repr(e)[:300]}, float("inf")
+        ok = worst < TOL
+        failed += not ok
+        results.append(dict(check="reference", transport=transport, wave_split=split, W=W, dedup_across_waves=dedup,
+                            routing=routing, worst_rel_err=worst, rank0_errs=errs, ok=ok))
+        if rank == 0:
+            print(f"{transport:11} {split:7} W={W} dedup_across_waves={dedup!s:5} routing={routing:6}  worst rel err "
+                  f"{worst:.2e}  {'ok' if ok else 'FAIL'}  "
+                  + " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()),
+                  flush=True)
+    for transport, W, routing, max_tokens in itertools.product(transports if cuda else [], (1, 2), ("router", "skewed"),
+                                                                (None, 400)):
+        try:
+            ok, detail = check_sync_free(n, rank, device, transport, W, routing, max_tokens), ""
+        except Exception as e:  # noqa: BLE001 - a sync (or any error) is a failed case
+            ok, detail = False, repr(e)[:400]
+        failed += not ok
+        results.append(dict(check="sync_free", transport=transport, W=W, routing=routing, max_tokens=max_tokens, ok=ok,
+                            error=detail))
+        if rank == 0:
+            print(f"sync-free  {transport:11} W={W} routing={routing:6} max_tokens={max_tokens}  "
+                  f"{'ok' if ok else 'FAIL ' + detail}", flush=True)
+    for transport, W in itertools.product(transports if cuda else [], (1, 2)):
+        try:
+            got = check_graphs(n, rank, device, transport, W)
+            ok = got["worst_rel_err"] < TOL
+        except Exception as e:  # noqa: BLE001
+            got, ok = {"error": repr(e)[:400]}, False
+        failed += not ok
+        results.append(dict(check="cuda_graph", transport=transport, W=W, ok=ok, **got))
+        if rank == 0:
+            print(f"cuda graph {transport:11} W={W}  {'ok' if ok else 'FAIL'}  {got}", flush=True)
     probe = probe_grouped_mm(device) if rank == 0 and cuda else None
     if rank == 0:
         print("grouped_mm layout probe:", json.dumps(probe, indent=1), flush=True)

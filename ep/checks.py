@@ -12,7 +12,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .config import SCORE_FUNCS, TRANSPORTS, MoEConfig
+from .config import SCORE_FUNCS, TRANSPORTS, WAVE_SPLITS, MoEConfig
 
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -31,8 +31,11 @@ class InputError(ValueError):
 
 
 # ---- per-forward status: slots exchanged with the plan's counts ------------------------
-X_HIDDEN, X_DTYPE, X_DEVICE, TOPK_SHAPE, IDX_DTYPE, IDX_RANGE, IDX_REPEAT, W_NONFINITE, W_DTYPE = range(9)
-STATUS_SLOTS = 9
+X_HIDDEN, X_DTYPE, X_DEVICE, TOPK_SHAPE, IDX_DTYPE, IDX_RANGE, IDX_REPEAT, W_NONFINITE, W_DTYPE, X_TOKENS, ROWS_OVER = range(11)
+STATUS_SLOTS = 11
+"""Slots of a rank's status (one int each): the host checks (`host_status`), the value checks
+counted on the device (`value_status`), and the token-wave engine's capacity checks
+(X_TOKENS: more tokens than `MoEConfig.max_tokens`; ROWS_OVER: routes past a region's rows)."""
 
 
 def host_status(cfg: MoEConfig, x: torch.Tensor, param: torch.Tensor, topk_idx, topk_weights) -> List[int]:
@@ -94,6 +97,11 @@ def describe(slot: int, value: int, cfg: MoEConfig, num_experts: int) -> str:
                 f"router.weight; the layer raises rather than route them)")
     if slot == W_DTYPE:
         return f"topk_weights: dtype must be floating point, got {dtype_name(value)}"
+    if slot == X_TOKENS:
+        return f"x: {value} tokens, more than MoEConfig.max_tokens={cfg.max_tokens}"
+    if slot == ROWS_OVER:
+        return (f"{value} routes (token, rank) did not fit the rows that MoEConfig.capacity_factor="
+                f"{cfg.capacity_factor} leaves per rank and wave; their results are missing: raise the factor")
     return f"problem {slot}"
 
 
@@ -111,7 +119,8 @@ def raise_on_problems(status_by_rank: Sequence[Sequence[int]], cfg: MoEConfig, n
 
 # ---- construction: the same configuration everywhere -----------------------------------
 _FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "score_func",
-                       "norm_topk", "dedup_across_waves", "sm_carveout", "transport")
+                       "norm_topk", "dedup_across_waves", "sm_carveout", "transport", "wave_split", "max_tokens",
+                       "capacity_factor")
 
 
 def fingerprint(cfg: MoEConfig) -> List[int]:
@@ -124,6 +133,12 @@ def fingerprint(cfg: MoEConfig) -> List[int]:
             v = 0
         elif name == "transport":
             v = TRANSPORTS.index(v)
+        elif name == "wave_split":
+            v = WAVE_SPLITS.index(v)
+        elif name == "max_tokens":
+            v = -1 if v is None else v
+        elif name == "capacity_factor":
+            v = round(v * 1_000_000)  # millionths: an int that equal factors share
         out.append(int(v))
     return out
 
@@ -143,3 +158,41 @@ def check_same_config(cfg: MoEConfig, transport) -> None:
     ]
     if diffs:
         raise InputError("ep.ExpertParallelMoE: ranks disagree on the configuration\n  " + "\n  ".join(diffs))
+
+
+# ---- device findings of the token-wave engine, reported without a device sync -----------------
+class PostedFindings:
+    """A cache of the status tables (`[n, STATUS_SLOTS]`, every rank's findings) that calls on
+    CUDA found on the device: accumulated there (max) and copied without a sync into pinned
+    host memory, which the host reads at its next call (or `settle`). So a call never waits
+    for the device to check its input; a problem surfaces one call later, on every rank."""
+
+    def __init__(self) -> None:
+        self._device: Optional[torch.Tensor] = None
+        self._host: Optional[torch.Tensor] = None
+
+    def post(self, table: torch.Tensor) -> None:
+        if self._device is None or self._device.shape != table.shape:
+            self._device = torch.zeros_like(table)
+            self._host = torch.zeros(table.shape, dtype=table.dtype, pin_memory=True)
+        torch.maximum(self._device, table, out=self._device)
+        self._host.copy_(self._device, non_blocking=True)
+
+    def seen(self) -> Optional[List[List[int]]]:
+        """What has reached the host so far (no sync); None when nothing was found."""
+        if self._host is None or not bool(self._host.any()):
+            return None
+        return self._host.tolist()
+
+    def settle(self) -> Optional[List[List[int]]]:
+        """Wait for every posted table (a device sync), then `seen()`."""
+        if self._device is not None and self._device.is_cuda:
+            torch.cuda.synchronize(self._device.device)
+        return self.seen()
+
+    def clear(self) -> None:
+        if self._device is not None:
+            if self._device.is_cuda:
+                torch.cuda.synchronize(self._device.device)  # no copy may land after the clear
+            self._device.zero_()
+            self._host.zero_()

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
 SCORE_FUNCS = ("softmax", "sigmoid")
 TRANSPORTS = ("nccl", "copy_engine")
+WAVE_SPLITS = ("tokens", "experts")
 
 
 @dataclass(frozen=True)
@@ -17,19 +18,31 @@ class MoEConfig:
         ffn_hidden: F, each expert's inner width (SwiGLU: `w1` is `[H, 2F]`).
         num_experts: E, experts over all ranks; must divide evenly by the world size.
         top_k: k, experts per token, 1 <= k <= E.
-        num_waves: W, how many contiguous groups each rank's local experts are split
-            into; each group (wave) has its own dispatch and combine all-to-all, so the
-            expert math of wave w runs while wave w+1 is in flight. 1 is the plain
-            sequential path. When E_local is not a multiple of W the waves differ in
-            size by at most one expert; W may not exceed E_local (checked by the layer,
-            which knows the world size). "auto": the layer's first forward measures the
-            group's all-to-all, its expert math and the host's call cost (once per
-            process, shape and power of two of the token count), plays the schedule
-            model `ep.sim` for W in 1, 2, 4, 8
-            and keeps the fastest (the same W on every rank; `ep.auto`).
+        num_waves: W, how many waves the layer's work is cut into (`wave_split` says how);
+            each wave has its own dispatch and combine all-to-all, so the expert math of
+            wave w runs while wave w+1 is in flight and wave w-1's results travel back.
+            1 is the plain sequential path. "auto": the layer's first forward picks W
+            (once per process, shape and power of two of the token count; the same W on
+            every rank; `ep.auto`).
+        wave_split: "tokens" (wave w is the w-th of W chunks of every rank's tokens, through
+            all local experts: each wave carries 1/W of the bytes, buffers have sizes
+            fixed by bounds known before the call, and on CUDA the layer never waits for
+            the device, so it can be captured in a CUDA graph; `ep.chunks`) or "experts"
+            (wave w is the w-th contiguous group of each rank's local experts; W may not
+            exceed E_local, and waves differ in size by at most one expert; exact buffer
+            sizes, read on the host once per call; `ep.plan`).
+        max_tokens: "tokens" split: the most tokens any rank passes to one call. Given, the
+            buffers are sized from it and the call makes no host exchange at all; None:
+            each call's ranks agree on their largest token count in one small exchange
+            between the hosts (no device sync).
+        capacity_factor: "tokens" split, in (0, 1]: the share of the worst case (every
+            token of a wave sent to every rank) that each rank's receive buffers hold,
+            per sending rank and wave. 1 never overflows; lower saves memory, and a call
+            whose routes do not fit raises `InputError` on every rank (on CUDA at the
+            rank's next call, or `ExpertParallelMoE.check_errors()`): never a silent drop.
         score_func: "softmax" (over all E) or "sigmoid".
         norm_topk: renormalise the k selected scores to sum to 1.
-        dedup_across_waves: a token travels to a rank once, in the first wave that needs
+        dedup_across_waves: "experts" split: a token travels to a rank once, in the first wave that needs
             it there, and its summed result comes back once, after the last (True: W=1's
             bytes for any W); or once per (rank, wave) (False: more bytes, but each
             wave's transfers hold only that wave's rows).
@@ -51,6 +64,9 @@ class MoEConfig:
     dedup_across_waves: bool = True
     sm_carveout: int = 0
     transport: str = "nccl"
+    wave_split: str = "tokens"
+    max_tokens: Optional[int] = None
+    capacity_factor: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves"):
@@ -75,16 +91,24 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.transport must be one of {TRANSPORTS}, got {self.transport!r}")
         if isinstance(self.sm_carveout, bool) or not isinstance(self.sm_carveout, int) or self.sm_carveout < 0:
             raise ValueError(f"MoEConfig.sm_carveout must be an int >= 0, got {self.sm_carveout!r}")
+        if self.wave_split not in WAVE_SPLITS:
+            raise ValueError(f"MoEConfig.wave_split must be one of {WAVE_SPLITS}, got {self.wave_split!r}")
+        if self.max_tokens is not None and (
+                isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise ValueError(f"MoEConfig.max_tokens must be None or a positive int, got {self.max_tokens!r}")
+        if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) \
+                or not 0 < self.capacity_factor <= 1:
+            raise ValueError(f"MoEConfig.capacity_factor must be a number in (0, 1], got {self.capacity_factor!r}")
 
     def num_local_experts(self, world_size: int) -> int:
-        """E_local = E / n; raises if E does not divide evenly or W exceeds it."""
+        """E_local = E / n; raises if E does not divide evenly, or (experts split) W exceeds it."""
         if self.num_experts % world_size:
             raise ValueError(
                 f"MoEConfig.num_experts ({self.num_experts}) must be divisible by the world "
                 f"size ({world_size})"
             )
         local = self.num_experts // world_size
-        if self.num_waves != "auto" and self.num_waves > local:
+        if self.wave_split == "experts" and self.num_waves != "auto" and self.num_waves > local:
             raise ValueError(
                 f"MoEConfig.num_waves ({self.num_waves}) must be <= the local experts per rank "
                 f"({local} = {self.num_experts} experts / {world_size} ranks)"

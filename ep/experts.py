@@ -72,3 +72,24 @@ def linear1_backward(
     dx_IH = grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)
     dw1 = grouped_mm_wgrad(x_IH, dh_I2F, counts, offs)
     return dx_IH, dw1
+
+
+def linear2_backward_data(
+    dz_IH: torch.Tensor,
+    h_I2F: torch.Tensor,
+    weight_I: torch.Tensor,
+    w2_EFH: torch.Tensor,
+    counts: Optional[Sequence[int]],
+    offs: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The data part of `linear2_backward`: dh `[I, 2F]`, wa `[I, F]` (weight * swiglu(h),
+    so that dw2 = wa^T @ dz, left to the caller) and dweight `[I]`."""
+    g_IF = grouped_mm(dz_IH, w2_EFH.transpose(1, 2), counts, offs)  # dz @ w2^T
+    return swiglu_backward_weighted(g_IF, h_I2F, weight_I)
+
+
+def linear1_backward_data(
+    dh_I2F: torch.Tensor, w1_EH2F: torch.Tensor, counts: Optional[Sequence[int]], offs: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """The data part of `linear1_backward`: dx `[I, H]` (dw1 = x^T @ dh is left to the caller)."""
+    return grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)

@@ -7,7 +7,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checks import check_same_config, host_status
+from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
+from .chunk_pipeline import chunked_experts
+from .chunks import sender_plan, wave_capacity
 from .config import MoEConfig
 from .experts import Experts
 from .pipeline import waved_experts
@@ -49,6 +51,8 @@ class ExpertParallelMoE(nn.Module):
         """W in use: the config's, or for "auto" the one chosen at the first forward."""
         with torch.no_grad():
             self.transport.broadcast_(self.router.weight.data, src=0)
+        self._posted = PostedFindings()
+        """Device findings of earlier calls (token waves on CUDA), raised at the next call."""
 
     @property
     def rank(self) -> int:
@@ -84,6 +88,8 @@ class ExpertParallelMoE(nn.Module):
             tokens = x.numel() // cfg.hidden if x.shape and x.shape[-1] == cfg.hidden else 0
             self.num_waves = choose_waves(cfg, self.transport, w1, w2, tokens)
         W = self.num_waves
+        if cfg.wave_split == "tokens":
+            return self._forward_tokens(x, topk_idx, topk_weights, W)
         status = host_status(cfg, x, w1, topk_idx, topk_weights)
         if any(status):
             # take part in the count exchange with no tokens: every rank raises there
@@ -99,3 +105,62 @@ class ExpertParallelMoE(nn.Module):
         )
         y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)
         return y_TH.view(x.shape)
+
+    def _forward_tokens(self, x, topk_idx, topk_weights, W: int) -> torch.Tensor:
+        """Token waves (`ep.chunks`, `ep.chunk_pipeline`): no host sync on the way."""
+        cfg, tr = self.config, self.transport
+        w1, w2 = self.experts.w1, self.experts.w2
+        status = host_status(cfg, x, w1, topk_idx, topk_weights)
+        T = x.numel() // cfg.hidden if x.dim() and x.shape[-1] == cfg.hidden else 0
+        earlier = self._posted.seen()
+        if cfg.max_tokens is None:  # the ranks' hosts agree on the bound (and on earlier findings)
+            table = tr.host_exchange([T, *status, *(sum(earlier, []) if earlier else [0] * (tr.world_size * STATUS_SLOTS))],
+                                     "token counts (host exchange)")
+            found = [[max(row[1 + STATUS_SLOTS + r * STATUS_SLOTS + s] for row in table) for s in range(STATUS_SLOTS)]
+                     for r in range(tr.world_size)]
+            self._raise_found(found, earlier=True)
+            raise_on_problems([row[1:1 + STATUS_SLOTS] for row in table], cfg, cfg.num_experts)
+            max_tokens = max(row[0] for row in table)
+        else:
+            self._raise_found(earlier, earlier=True)
+            max_tokens = cfg.max_tokens
+            if T > max_tokens:
+                status[X_TOKENS] = T
+        bad = any(status)
+        if bad:  # take part with no tokens: the status travels with the rows to every rank
+            x_TH = w1.new_empty(0, cfg.hidden)
+            topk_idx = torch.empty(0, cfg.top_k, dtype=torch.int64, device=w1.device)
+            topk_weights = w1.new_empty(0, cfg.top_k, dtype=torch.float32)
+        else:
+            x_TH = x.reshape(-1, cfg.hidden)
+            if topk_idx is None:
+                topk_idx, topk_weights = self.router(x_TH)
+        W = max(1, min(W, max_tokens))
+        plan = sender_plan(topk_idx, topk_weights, cfg.num_experts, tr.world_size, W,
+                           wave_capacity(max_tokens, W, cfg.capacity_factor), status if bad else None)
+        y_TH, found = chunked_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout)
+        if bad or not found.is_cuda:  # read now: on the CPU it costs nothing, on CUDA this is an error path
+            self._raise_found(found.tolist())
+        else:
+            self._posted.post(found)
+        return y_TH.view(x.shape)
+
+    def _raise_found(self, found, earlier: bool = False) -> None:
+        """Raise `InputError` for a `[n][STATUS_SLOTS]` table of findings, if any."""
+        if found is None or not any(map(any, found)):
+            return
+        if earlier:
+            self._posted.clear()
+        try:
+            raise_on_problems(found, self.config, self.config.num_experts)
+        except InputError as e:
+            if earlier:
+                raise InputError(f"{e}\n(found on the device during an earlier call of this layer)") from None
+            raise
+
+    def check_errors(self) -> None:
+        """Wait for the device and raise `InputError` for what earlier calls found there
+        (token waves on CUDA report a call's input problems at the next call; this is the
+        explicit, blocking point). Collective only in the sense that every rank finds the
+        same table: each rank may call it alone."""
+        self._raise_found(self._posted.settle(), earlier=True)

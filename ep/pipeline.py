@@ -57,7 +57,8 @@ def run_waves(
     start_in: Callable[[int], stages.InFlight],
     compute: Callable[[int], Callable[[], stages.InFlight]],
     math_first: bool,
-) -> None:
+    wait_out: bool = True,
+) -> List[stages.InFlight]:
     """Drive W waves. `compute(w)` issues wave w's math and returns the call that starts
     its outbound transfer.
 
@@ -67,7 +68,8 @@ def run_waves(
     as it is issued): every inbound transfer first, so they all fly during wave 0's math.
     Either way the transport runs its transfers in issue order, with every inbound transfer
     ahead of every outbound one (an outbound transfer waits for its wave's math, and must
-    not hold up a later wave's rows). Then every outbound transfer is waited for."""
+    not hold up a later wave's rows). Then every outbound transfer is waited for (or, with
+    `wait_out=False`, returned in flight, so the caller can issue more work first)."""
     inbound: List[stages.InFlight] = []
     outbound: List[stages.InFlight] = []
     early = 1 if math_first else num_waves  # inbound transfers started before wave 0's math
@@ -86,9 +88,11 @@ def run_waves(
         with _range(f"ep.compute[{w}]"):
             inbound[w].wait()
             outbound.append(compute(w)())
-    with _range("ep.out"):
-        for flight in outbound:
-            flight.wait()
+    if wait_out:
+        with _range("ep.out"):
+            for flight in outbound:
+                flight.wait()
+    return outbound
 
 
 class WavedExperts(torch.autograd.Function):

@@ -91,9 +91,12 @@ def test_config_rejects(field, value, needle):
 
 
 def test_layer_rejects_shapes_it_cannot_split():
-    # one process: 6 experts over 1 rank is fine, but 7 waves over 6 local experts is not
+    # one process: 6 experts over 1 rank is fine, but 7 expert waves over 6 local experts is not
     with pytest.raises(ValueError, match=r"num_waves \(7\) must be <= the local experts per rank \(6"):
-        ep.ExpertParallelMoE(ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=6, top_k=2, num_waves=7))
+        ep.ExpertParallelMoE(ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=6, top_k=2, num_waves=7,
+                                          wave_split="experts"))
+    # token waves cut the tokens, not the experts: 7 waves are fine there
+    ep.ExpertParallelMoE(ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=6, top_k=2, num_waves=7))
 
 
 def check_copy_engines_need_cuda(rank, n):

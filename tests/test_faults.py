@@ -18,23 +18,37 @@ class Injected(RuntimeError):
     pass
 
 
-def check_fault(rank, n, mode, stage):
-    cfg = ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=4 * n, top_k=3, num_waves=4)
+# where a fault is injected: (module, function, direction); the fault hits its second call
+# in the faulty step, i.e. wave 1 (the functions run once per wave)
+STAGES = {
+    ("experts", "forward"): ("ep.stages", "linear1"),
+    ("experts", "backward"): ("ep.stages", "experts_backward"),
+    ("tokens", "forward"): ("ep.chunk_pipeline", "linear1"),
+    ("tokens", "backward"): ("ep.chunk_pipeline", "linear2_backward_data"),
+}
+
+
+def check_fault(rank, n, mode, split, direction):
+    import importlib
+
+    cfg = ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=4 * n, top_k=3, num_waves=4, wave_split=split)
     layer = ep.ExpertParallelMoE(cfg).double()
     x = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
     layer(x).sum().backward()  # a good step first
     if rank == 1:
-        original = getattr(ep.stages, stage)
+        module_name, name = STAGES[(split, direction)]
+        module = importlib.import_module(module_name)
+        original, calls = getattr(module, name), [0]
 
         def faulty(*args, **kwargs):
-            wave = args[3] if stage == "linear1" else args[7]
-            if wave == 1:
+            calls[0] += 1
+            if calls[0] == 2:  # wave 1
                 if mode == "kill":
                     os._exit(17)
-                raise Injected(f"injected fault in {stage}, wave 1")
+                raise Injected(f"injected fault in {name}, wave 1")
             return original(*args, **kwargs)
 
-        setattr(ep.stages, stage, faulty)
+        setattr(module, name, faulty)
     t0 = time.monotonic()
     try:
         layer(x).sum().backward()
@@ -47,11 +61,11 @@ def check_fault(rank, n, mode, stage):
 
 
 @pytest.mark.parametrize("mode", ["raise", "kill"])
-@pytest.mark.parametrize("stage", ["linear1", "experts_backward"])
-def test_fault_stops_every_rank(mode, stage):
+@pytest.mark.parametrize("split,direction", sorted(STAGES))
+def test_fault_stops_every_rank(mode, split, direction):
     t0 = time.monotonic()
-    out = run_world(3, check_fault, mode, stage, timeout_s=TIMEOUT_S, may_die=(1,) if mode == "kill" else (),
-                    barrier=False)
+    out = run_world(3, check_fault, mode, split, direction, timeout_s=TIMEOUT_S,
+                    may_die=(1,) if mode == "kill" else (), barrier=False)
     wall = time.monotonic() - t0
     if mode == "raise":
         assert out[1][0] == "injected"
@@ -61,7 +75,6 @@ def test_fault_stops_every_rank(mode, stage):
         what, seconds, msg = out[rank]
         assert what == "stopped", out[rank]
         assert seconds < TIMEOUT_S + 5, f"rank {rank} took {seconds:.1f} s to stop"
-        direction = "forward" if stage == "linear1" else "backward"
         assert re.search(rf"rank {rank} failed waiting for .*{direction}.* of wave \d", msg), msg
-    print(f"{mode} in {stage}: others stopped after "
+    print(f"{mode} in the {split} split's {direction}: others stopped after "
           f"{max(out[r][1] for r in (0, 2)):.2f} s (world {wall:.1f} s)")

@@ -15,10 +15,11 @@ from tests.world import run_world
 TOL = 1e-10
 
 
-def build_layer(p, n, rank, num_waves, score_func="softmax", norm_topk=True, dedup_across_waves=True):
+def build_layer(p, n, rank, num_waves, score_func="softmax", norm_topk=True, dedup_across_waves=True,
+                wave_split="tokens"):
     cfg = ep.MoEConfig(
         hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=num_waves,
-        score_func=score_func, norm_topk=norm_topk, dedup_across_waves=dedup_across_waves,
+        score_func=score_func, norm_topk=norm_topk, dedup_across_waves=dedup_across_waves, wave_split=wave_split,
     )
     layer = ep.ExpertParallelMoE(cfg).double()
     El = p.E // n
@@ -76,11 +77,12 @@ def check_matrix(rank, n, cases):
         score_func = case.pop("score_func", "softmax")
         norm_topk = case.pop("norm_topk", True)
         across = case.pop("dedup_across_waves", True)
+        split = case.pop("wave_split", "tokens")
         p = make_problem(n, **case)
         ref = run_reference(p, n, rank, score_func, norm_topk)
         first = None
         for W in (1, 2, 4):
-            got = run_layer(build_layer(p, n, rank, W, score_func, norm_topk, across), p, rank)
+            got = run_layer(build_layer(p, n, rank, W, score_func, norm_topk, across, split), p, rank)
             for name, want in ref.items():
                 if want is None:
                     continue
@@ -105,23 +107,27 @@ def _cases(seed):
         cases.append(dict(k=k, tokens=tokens, routing=routing, seed=seed + i))
     cases.append(dict(k=2, tokens="uneven", routing="router", score_func="sigmoid", norm_topk=False, seed=seed + 99))
     cases.append(dict(k=4, tokens="uneven", routing="router", score_func="sigmoid", norm_topk=True, seed=seed + 98))
+    # the expert-wave engine: both deduplication modes
+    for i, (k, routing) in enumerate(itertools.product((1, 2, 4), ("router", "skewed", "starve"))):
+        cases.append(dict(k=k, tokens="one_empty", routing=routing, wave_split="experts", seed=seed + 50 + i))
     for k in (1, 2, 4):
-        cases.append(dict(k=k, tokens="one_empty", routing="skewed", dedup_across_waves=False, seed=seed + 90 + k))
+        cases.append(dict(k=k, tokens="one_empty", routing="skewed", dedup_across_waves=False, wave_split="experts",
+                          seed=seed + 90 + k))
     return cases
 
 
 @pytest.mark.parametrize("n", [2, 4, 8])
 def test_layer_matches_reference(n):
     """Forward and all gradients, W in {1,2,4}, k in {1,2,4}, uneven / empty-rank tokens,
-    router / skewed / starved-rank routing, softmax and sigmoid."""
+    router / skewed / starved-rank routing, softmax and sigmoid; token and expert waves."""
     out = run_world(n, check_matrix, _cases(seed=10 * n), timeout_s=300)
     assert out == [len(_cases(0))] * n
 
 
 def check_no_tokens_anywhere(rank, n):
     p = make_problem(n, k=2, tokens="none")
-    for W in (1, 4):
-        got = run_layer(build_layer(p, n, rank, W), p, rank)
+    for W, split in itertools.product((1, 4), ("tokens", "experts")):
+        got = run_layer(build_layer(p, n, rank, W, wave_split=split), p, rank)
         assert got["y"].shape == (0, p.H)
         assert torch.count_nonzero(got["dw1"]) == 0 and torch.count_nonzero(got["dw2"]) == 0
     return True
@@ -133,15 +139,16 @@ def test_no_tokens_on_any_rank():
 
 def check_deterministic(rank, n):
     """20 repeats of forward and backward, per W: bitwise identical outputs and gradients."""
-    for routing in ("router", "skewed"):
+    for routing, split in itertools.product(("router", "skewed"), ("tokens", "experts")):
         p = make_problem(n, k=4, routing=routing, seed=5)
         for W in (1, 2, 4):
-            first = run_layer(build_layer(p, n, rank, W), p, rank)
+            first = run_layer(build_layer(p, n, rank, W, wave_split=split), p, rank)
             for _ in range(19):
-                again = run_layer(build_layer(p, n, rank, W), p, rank)
+                again = run_layer(build_layer(p, n, rank, W, wave_split=split), p, rank)
                 for name in first:
                     if first[name] is not None:
-                        assert torch.equal(first[name], again[name]), f"{routing} W={W} {name} not bitwise identical"
+                        assert torch.equal(first[name], again[name]), \
+                            f"{split} {routing} W={W} {name} not bitwise identical"
     return True
 
 

@@ -61,6 +61,30 @@ def test_plain_sums_match_torch(triton_rows, with_weights):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+def test_strided_rows_match_torch(triton_rows):
+    """Rows inside wider rows (the data part of `ep.layout` rows): sums and gathers."""
+    from ep.kernels.permute import gather_rows_into, reduce_rows
+
+    src, items, weights = _case(5)
+    wide_src = torch.full((src.shape[0], 48), float("nan"))
+    wide_src[:, :src.shape[1]] = src
+    wide_got = torch.full((items.shape[0], 50), float("nan"))
+    want = torch.empty(items.shape[0], src.shape[1])
+    reduce_rows(src, items, want, weights)
+    triton_rows.reduce_rows_triton(wide_src[:, :src.shape[1]], items, wide_got[:, :src.shape[1]], weights,
+                                   None, None, None, None)
+    torch.testing.assert_close(wide_got[:, :src.shape[1]], want, rtol=1e-6, atol=1e-6)
+    assert wide_got[:, src.shape[1]:].isnan().all()  # nothing written past the row's data
+    index = torch.tensor([3, -1, 0, 39, -1, 7])
+    got = torch.full((6, 50), float("nan"))
+    triton_rows.gather_rows_triton(wide_src[:, :src.shape[1]], index, got[:, :src.shape[1]])
+    want = torch.full((6, 50), float("nan"))
+    gather_rows_into(src, index, want[:, :src.shape[1]])
+    keep = index >= 0  # rows with index -1: unspecified in the torch path, untouched by the kernel
+    torch.testing.assert_close(got[keep], want[keep], equal_nan=True)
+    assert got[~keep].isnan().all()
+
+
 def test_partial_sums_carry_and_leave(triton_rows):
     from ep.kernels.permute import reduce_rows
 

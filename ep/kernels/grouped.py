@@ -1,13 +1,16 @@
 """Grouped matrix products over a contiguous range of experts.
 
-Rows of `x` are grouped by expert, `counts[e]` rows for expert e, in expert order. On
-CUDA in bf16 these go to `torch._grouped_mm` (one launch for all experts); elsewhere a
-plain loop of matmuls (the CPU has no float64 grouped kernel, and its `_grouped_mm`
-backward fails, so this path has its own backward in `ep.experts`).
+Rows of `x` are grouped by expert, `counts[e]` rows for expert e, in expert order; rows
+past the last group (a buffer sized by a bound) are ignored. On CUDA in bf16 these go to
+`torch._grouped_mm` (one launch for all experts, the counts read on the device from
+`offs`); elsewhere a plain loop of matmuls (the CPU has no float64 grouped kernel, and its
+`_grouped_mm` backward fails, so this path has its own backward in `ep.experts`), which
+needs the counts on the host: given, or read from `offs` (free on the CPU; on CUDA in
+other dtypes, a device sync).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -16,24 +19,32 @@ def _use_grouped_kernel(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
 
 
+def _host_counts(counts: Optional[Sequence[int]], offs: Optional[torch.Tensor]) -> Sequence[int]:
+    if counts is not None:
+        return counts
+    ends: List[int] = offs.tolist()
+    return [b - a for a, b in zip([0] + ends[:-1], ends)]
+
+
 def grouped_mm(
     x_MK: torch.Tensor,
     w_EKN: torch.Tensor,
-    counts: Sequence[int],
+    counts: Optional[Sequence[int]],
     offs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`out[rows of e] = x[rows of e] @ w[e]` for every expert e.
 
     Args:
-        x_MK: `[M, K]`, M = sum(counts), rows in expert order.
+        x_MK: `[M, K]`, M >= sum(counts), rows in expert order (rows past the groups ignored).
         w_EKN: `[E, K, N]` (any strides with a unit stride in the last two dims).
-        counts: `[E]` host ints.
+        counts: `[E]` host ints, or None (then read from `offs`).
         offs: `[E]` int32 cumulative counts on x's device (the GPU kernel's form of counts).
     Returns:
-        `[M, N]` in x's dtype.
+        `[M, N]` in x's dtype (rows past the groups: unspecified).
     """
     if offs is not None and _use_grouped_kernel(x_MK):
         return torch._grouped_mm(x_MK, w_EKN, offs=offs)
+    counts = _host_counts(counts, offs)
     out = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
     start = 0
     for e, c in enumerate(counts):
@@ -44,20 +55,25 @@ def grouped_mm(
 
 
 def grouped_mm_wgrad(
-    x_MK: torch.Tensor, dy_MN: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None
+    x_MK: torch.Tensor, dy_MN: torch.Tensor, counts: Optional[Sequence[int]], offs: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """`dw[e] = x[rows of e]^T @ dy[rows of e]`; zero for experts with no rows.
 
+    Args:
+        counts: `[E]` host ints, or None: then every group must have rows (the CUDA kernel
+            does not write the result of an empty group, and which ones are empty is not
+            known on the host; `ep.chunks` keeps one zero row in every group).
     Returns:
         `[E, K, N]` in x's dtype.
     """
-    E = len(counts)
     if offs is not None and _use_grouped_kernel(x_MK):
         dw = torch._grouped_mm(x_MK.t(), dy_MN, offs=offs)
-        for e, c in enumerate(counts):
+        for e, c in enumerate(counts or ()):
             if c == 0:  # a group with no rows is not written by the kernel
                 dw[e].zero_()
         return dw
+    counts = _host_counts(counts, offs)
+    E = len(counts)
     dw = x_MK.new_zeros(E, x_MK.shape[1], dy_MN.shape[1])
     start = 0
     for e, c in enumerate(counts):

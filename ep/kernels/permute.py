@@ -22,6 +22,24 @@ def gather_rows(x_MH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
     return x_MH[index_N]  # on CPU faster than index_select
 
 
+def gather_rows_into(x_MH: torch.Tensor, index_N: torch.Tensor, out_NH: torch.Tensor) -> None:
+    """`out[i] = x[index[i]]` where `index[i] >= 0`; rows with index -1 get unspecified values.
+
+    Args:
+        x_MH: `[M, H]` (rows may be strided).
+        index_N: `[N]` int64.
+        out_NH: `[N, H]`, any row stride (e.g. the data part of `ep.layout` rows).
+    """
+    if index_N.numel() == 0 or x_MH.shape[0] == 0:
+        return
+    if use_triton(x_MH):
+        from .triton_rows import gather_rows_triton
+
+        gather_rows_triton(x_MH, index_N, out_NH)
+        return
+    out_NH.copy_(x_MH[index_N.clamp(min=0)])
+
+
 @lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether triton imports here (checked once)."""
@@ -56,9 +74,9 @@ def reduce_rows(
     `out_pos[n] >= 0` (the row is complete), else `acc[rows[n]] = v[n]` (kept for later).
 
     Args:
-        src_MH: `[M, H]`.
+        src_MH: `[M, H]` (rows may be strided).
         items_NK: `[N, K]` int64 row indices into src, -1 for none.
-        out: output rows, cast to out's dtype.
+        out: output rows (rows may be strided), cast to out's dtype.
         weights_NK: `[N, K]` or None (unit weights).
         acc_RH: `[R, H]` accumulator of at least fp32.
         rows_N, carry_N (bool), out_pos_N (int64): with acc_RH, see above.

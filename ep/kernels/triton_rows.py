@@ -17,7 +17,7 @@ import triton.language as tl
 @triton.jit
 def _reduce_rows_kernel(
     src, items, weights, acc, rows, carry, out_pos, out,
-    H, K: tl.constexpr, HAS_W: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr,
+    H, src_stride, out_stride, K: tl.constexpr, HAS_W: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -29,16 +29,41 @@ def _reduce_rows_kernel(
         total += tl.load(acc + row * H + cols, mask=inb & keep, other=0.0).to(tl.float32)
     for j in tl.static_range(K):
         i = tl.load(items + n * K + j)
-        term = tl.load(src + tl.maximum(i, 0) * H + cols, mask=inb & (i >= 0), other=0.0).to(tl.float32)
+        term = tl.load(src + tl.maximum(i, 0) * src_stride + cols, mask=inb & (i >= 0), other=0.0).to(tl.float32)
         if HAS_W:
             term = term * tl.load(weights + n * K + j).to(tl.float32)
         total += term
     if HAS_ACC:
         dst = tl.load(out_pos + n)
-        tl.store(out + tl.maximum(dst, 0) * H + cols, total.to(out.dtype.element_ty), mask=inb & (dst >= 0))
+        tl.store(out + tl.maximum(dst, 0) * out_stride + cols, total.to(out.dtype.element_ty), mask=inb & (dst >= 0))
         tl.store(acc + row * H + cols, total.to(acc.dtype.element_ty), mask=inb & (dst < 0))
     else:
-        tl.store(out + n * H + cols, total.to(out.dtype.element_ty), mask=inb)
+        tl.store(out + n * out_stride + cols, total.to(out.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _gather_rows_kernel(src, index, out, H, src_stride, out_stride, BLOCK: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    i = tl.load(index + n)
+    if i >= 0:
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        inb = cols < H
+        tl.store(out + n * out_stride + cols, tl.load(src + i * src_stride + cols, mask=inb), mask=inb)
+
+
+def _unit_rows(t: torch.Tensor) -> bool:
+    return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1)
+
+
+def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
+    """`out[n] = src[index[n]]` where index[n] >= 0 (rows with -1 untouched); any row strides."""
+    N, H = out.shape
+    if N == 0 or H == 0:
+        return
+    assert _unit_rows(src) and _unit_rows(out) and index.is_contiguous() and src.dtype == out.dtype
+    block = min(1024, triton.next_power_of_2(H))
+    _gather_rows_kernel[(N, triton.cdiv(H, block))](src, index, out, H, src.stride(0), out.stride(0),
+                                                    BLOCK=block, num_warps=4)
 
 
 def reduce_rows_triton(
@@ -55,7 +80,8 @@ def reduce_rows_triton(
     if N == 0:
         return
     H = src.shape[1]
-    assert src.is_contiguous() and out.is_contiguous() and items.is_contiguous()
+    assert _unit_rows(src) and _unit_rows(out) and items.is_contiguous()
+    assert acc is None or acc.is_contiguous()
     block = min(1024, triton.next_power_of_2(H))
     has_acc = acc is not None
     dummy = items  # any tensor: never read when its flag is off
@@ -63,5 +89,5 @@ def reduce_rows_triton(
         src, items, weights.contiguous() if weights is not None else dummy,
         acc if has_acc else dummy, rows if has_acc else dummy,
         carry if has_acc else dummy, out_pos if has_acc else dummy, out,
-        H, K=K, HAS_W=weights is not None, HAS_ACC=has_acc, BLOCK=block, num_warps=4,
+        H, src.stride(0), out.stride(0), K=K, HAS_W=weights is not None, HAS_ACC=has_acc, BLOCK=block, num_warps=4,
     )

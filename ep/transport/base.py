@@ -7,7 +7,7 @@ caller's current stream (on CUDA) or the calling thread (on CPU) wait for the re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 
@@ -82,6 +82,15 @@ class Transport(ABC):
         ones = [1] * self.world_size
         self.all_to_all(out, inp.contiguous(), ones, ones, label).wait()
         return out
+
+    @abstractmethod
+    def host_exchange(self, values: Sequence[int], label: str = "host exchange") -> List[List[int]]:
+        """Blocking all-gather of a few host ints between the ranks' hosts, never through the
+        device: the caller's host does not wait for its GPU.
+
+        Returns:
+            `[world_size][len(values)]`: every rank's values, in rank order.
+        """
 
     def reserve(self, rows_per_peer: int) -> None:
         """Collective hint: no all-to-all from now on sends or receives more than

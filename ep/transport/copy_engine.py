@@ -162,6 +162,9 @@ class CopyEngineTransport(Transport):
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
         return self._nccl.exchange(inp, label)
 
+    def host_exchange(self, values, label: str = "host exchange"):
+        return self._nccl.host_exchange(values, label)
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         self._nccl.broadcast_(tensor, src)
 

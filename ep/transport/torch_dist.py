@@ -1,7 +1,7 @@
 """`TorchDistTransport`: all-to-all through `torch.distributed` (NCCL on GPUs, Gloo on CPUs)."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -57,11 +57,38 @@ class TorchDistTransport(Transport):
             raise CommunicationError(f"ep: rank {self.rank} failed starting {label}: {type(e).__name__}: {e}") from e
         return _WorkPending(work, label, self.rank)
 
+    def host_exchange(self, values: Sequence[int], label: str = "host exchange") -> List[List[int]]:
+        mine = torch.tensor(list(values), dtype=torch.int64)
+        if self.world_size == 1:
+            return [mine.tolist()]
+        group = self.group if self.backend == "gloo" else host_group(self.group)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        try:
+            work = dist.all_gather(out, mine, group=group, async_op=True)
+        except Exception as e:  # noqa: BLE001 - a peer may already be gone
+            raise CommunicationError(f"ep: rank {self.rank} failed starting {label}: {type(e).__name__}: {e}") from e
+        _WorkPending(work, label, self.rank).wait()
+        return [t.tolist() for t in out]
+
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         if self.world_size > 1:
             buf = tensor.to(self.device)
             dist.broadcast(buf, src=dist.get_global_rank(self.group, src), group=self.group)
             tensor.copy_(buf)
+
+
+_HOST_GROUPS: Dict[str, dist.ProcessGroup] = {}  # group name -> a Gloo group of the same ranks
+
+
+def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A Gloo group over `group`'s ranks, for exchanges between the hosts that must not go
+    through the GPUs. Made at the first use (every rank of `group` reaches it at the same
+    call; only they take part) and kept for the process: a named cache."""
+    name = group.group_name
+    if name not in _HOST_GROUPS:
+        ranks = dist.get_process_group_ranks(group)
+        _HOST_GROUPS[name] = dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)
+    return _HOST_GROUPS[name]
 
 
 class LocalTransport(Transport):
@@ -79,6 +106,9 @@ class LocalTransport(Transport):
 
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
         return inp.clone()
+
+    def host_exchange(self, values, label: str = "host exchange"):
+        return [list(values)]
 
     def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
         return None
