@@ -110,3 +110,41 @@ def choose_waves(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: tor
     best, _ = best_waves(layer, topo, rates, [w for w in CANDIDATES if w <= E_local],
                          "rank" if cfg.dedup_across_waves else "wave")
     return best
+
+
+# ---- token waves: W chosen by measuring the layer itself ---------------------------------
+TOKEN_CANDIDATES = (1, 2, 4, 8)
+_TOKEN_WAVES: Dict[Tuple, int] = {}  # per process: (shape, dtype, device, ranks, T's power of two, training) -> W
+
+
+def choose_token_waves(layer, x, topk_idx, topk_weights, status, max_tokens: int) -> int:
+    """The fastest W for a token-wave layer (`MoEConfig(wave_split="tokens", num_waves="auto")`).
+
+    At the first call of a key (layer shape, dtype, device, transport, ranks, power of two of
+    the largest token count, and whether the call trains), every rank times the layer's own
+    call on this call's input at W = 1, 2, 4, 8 (forward, or forward and backward of the
+    expert weights when autograd is on: `torch.autograd.grad`, so no `.grad` is touched),
+    median of three after a warm-up; every rank takes the slowest rank's time per W (one
+    exchange between the hosts), so all keep the same W. Cached for the process. Collective:
+    every rank of the group calls it in the same forward.
+    """
+    cfg, tr = layer.config, layer.transport
+    w1, w2 = layer.experts.w1, layer.experts.w2
+    training = torch.is_grad_enabled() and w1.requires_grad
+    key = (cfg.hidden, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, cfg.transport, tr.world_size, str(w1.device),
+           w1.dtype, 1 << max(max_tokens - 1, 0).bit_length(), training)
+    if key in _TOKEN_WAVES:
+        return _TOKEN_WAVES[key]
+    candidates = [W for W in TOKEN_CANDIDATES if W <= max(1, max_tokens)]
+
+    def call(W: int) -> None:
+        y = layer._run_tokens(x, topk_idx, topk_weights, W, status, max_tokens)
+        if training:
+            torch.autograd.grad(y, [w1, w2], torch.ones_like(y))
+
+    with torch.enable_grad() if training else torch.no_grad():
+        mine = [_timed(lambda W=W: call(W), w1.device) for W in candidates]
+    slowest = [max(col) for col in zip(*tr.host_exchange([round(ms * 1000) for ms in mine], "auto waves (host exchange)"))]
+    best = candidates[slowest.index(min(slowest))]
+    _TOKEN_WAVES[key] = best
+    return best

@@ -82,14 +82,14 @@ class ExpertParallelMoE(nn.Module):
         """
         cfg = self.config
         w1, w2 = self.experts.w1, self.experts.w2
+        if cfg.wave_split == "tokens":
+            return self._forward_tokens(x, topk_idx, topk_weights)
         if self.num_waves is None:  # "auto": collective, once (every rank is in this forward)
             from .auto import choose_waves
 
             tokens = x.numel() // cfg.hidden if x.shape and x.shape[-1] == cfg.hidden else 0
             self.num_waves = choose_waves(cfg, self.transport, w1, w2, tokens)
         W = self.num_waves
-        if cfg.wave_split == "tokens":
-            return self._forward_tokens(x, topk_idx, topk_weights, W)
         status = host_status(cfg, x, w1, topk_idx, topk_weights)
         if any(status):
             # take part in the count exchange with no tokens: every rank raises there
@@ -106,26 +106,44 @@ class ExpertParallelMoE(nn.Module):
         y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)
         return y_TH.view(x.shape)
 
-    def _forward_tokens(self, x, topk_idx, topk_weights, W: int) -> torch.Tensor:
+    def _forward_tokens(self, x, topk_idx, topk_weights) -> torch.Tensor:
         """Token waves (`ep.chunks`, `ep.chunk_pipeline`): no host sync on the way."""
+        cfg = self.config
+        status, max_tokens = self._token_bound(x, topk_idx, topk_weights)
+        W = cfg.num_waves
+        if W == "auto":  # the same W on every rank: chosen from what all ranks measured
+            from .auto import choose_token_waves
+
+            W = choose_token_waves(self, x, topk_idx, topk_weights, status, max_tokens)
+        self.num_waves = W
+        return self._run_tokens(x, topk_idx, topk_weights, W, status, max_tokens)
+
+    def _token_bound(self, x, topk_idx, topk_weights):
+        """This rank's host findings, and the most tokens of any rank in this call (from
+        `max_tokens`, or one exchange between the hosts, which also raises every rank's host
+        findings and earlier calls' device findings on every rank)."""
         cfg, tr = self.config, self.transport
-        w1, w2 = self.experts.w1, self.experts.w2
-        status = host_status(cfg, x, w1, topk_idx, topk_weights)
+        status = host_status(cfg, x, self.experts.w1, topk_idx, topk_weights)
         T = x.numel() // cfg.hidden if x.dim() and x.shape[-1] == cfg.hidden else 0
         earlier = self._posted.seen()
         if cfg.max_tokens is None:  # the ranks' hosts agree on the bound (and on earlier findings)
-            table = tr.host_exchange([T, *status, *(sum(earlier, []) if earlier else [0] * (tr.world_size * STATUS_SLOTS))],
-                                     "token counts (host exchange)")
-            found = [[max(row[1 + STATUS_SLOTS + r * STATUS_SLOTS + s] for row in table) for s in range(STATUS_SLOTS)]
-                     for r in range(tr.world_size)]
-            self._raise_found(found, earlier=True)
-            raise_on_problems([row[1:1 + STATUS_SLOTS] for row in table], cfg, cfg.num_experts)
+            S = STATUS_SLOTS
+            mail = sum(earlier, []) if earlier else [0] * (tr.world_size * S)
+            table = tr.host_exchange([T, *status, *mail], "token counts (host exchange)")
+            seen = [max(col) for col in zip(*(row[1 + S:] for row in table))]  # what any rank's host has seen
+            self._raise_found([seen[r * S:(r + 1) * S] for r in range(tr.world_size)], earlier=True)
+            raise_on_problems([row[1:1 + S] for row in table], cfg, cfg.num_experts)
             max_tokens = max(row[0] for row in table)
         else:
             self._raise_found(earlier, earlier=True)
             max_tokens = cfg.max_tokens
             if T > max_tokens:
                 status[X_TOKENS] = T
+        return status, max_tokens
+
+    def _run_tokens(self, x, topk_idx, topk_weights, W: int, status, max_tokens: int) -> torch.Tensor:
+        cfg, tr = self.config, self.transport
+        w1, w2 = self.experts.w1, self.experts.w2
         bad = any(status)
         if bad:  # take part with no tokens: the status travels with the rows to every rank
             x_TH = w1.new_empty(0, cfg.hidden)

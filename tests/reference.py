@@ -35,3 +35,19 @@ def reference_moe(x, w1, w2, topk_idx, topk_weights):
         a = gate / (1.0 + torch.exp(-gate)) * up
         y = y + topk_weights[:, j:j + 1] * torch.einsum("tf,tfh->th", a, w2[e])
     return y
+
+
+def reference_moe_by_expert(x, w1, w2, topk_idx, topk_weights):
+    """The same function as `reference_moe`, one expert at a time: memory O(T x F) instead of
+    O(T x H x F), for shapes where gathering every token's weights does not fit (the README's)."""
+    F = w2.shape[1]
+    y = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        t, j = (topk_idx == e).nonzero(as_tuple=True)
+        if t.numel() == 0:
+            continue
+        h = x[t] @ w1[e]
+        gate, up = h[:, :F], h[:, F:]
+        a = gate / (1.0 + torch.exp(-gate)) * up
+        y = y.index_add(0, t, topk_weights[t, j].unsqueeze(1) * (a @ w2[e]))
+    return y

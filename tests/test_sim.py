@@ -123,9 +123,9 @@ def test_config_accepts_auto_only_as_word():
         ep.MoEConfig(hidden=8, ffn_hidden=8, num_experts=4, top_k=2, num_waves="fast")
 
 
-def _auto_rank(rank, n):
+def _auto_rank(rank, n, split):
     torch.manual_seed(0)
-    cfg = ep.MoEConfig(hidden=16, ffn_hidden=8, num_experts=4 * n, top_k=2, num_waves="auto")
+    cfg = ep.MoEConfig(hidden=16, ffn_hidden=8, num_experts=4 * n, top_k=2, num_waves="auto", wave_split=split)
     layer = ep.ExpertParallelMoE(cfg).double()
     torch.manual_seed(100 + rank)
     x = torch.randn(24 + 8 * rank, 16, dtype=torch.float64)  # ranks differ in tokens
@@ -147,10 +147,12 @@ def _auto_rank(rank, n):
     return chosen, layer.num_waves, err, torch.equal(y, y2)
 
 
-def test_auto_picks_one_w_on_every_rank_and_stays_correct():
-    results = run_world(4, _auto_rank)
+@pytest.mark.parametrize("split", ["tokens", "experts"])
+def test_auto_picks_one_w_on_every_rank_and_stays_correct(split):
+    results = run_world(4, _auto_rank, split)
     chosen = {r[0] for r in results}
-    assert len(chosen) == 1 and chosen.pop() in (1, 2, 4)  # 4 local experts: W <= 4
+    # expert waves: 4 local experts, so W <= 4; token waves: measured among 1, 2, 4, 8
+    assert len(chosen) == 1 and chosen.pop() in ((1, 2, 4) if split == "experts" else (1, 2, 4, 8))
     for c, kept, err, same in results:
         assert kept == c and err < 1e-10 and same
 
