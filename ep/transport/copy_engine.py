@@ -162,6 +162,6 @@ class CopyEngineTransport(Transport):
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
         return self._nccl.exchange(inp, label)
 
-    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
-        self._nccl.broadcast_(tensor, src)
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0, label: str = "broadcast") -> None:
+        self._nccl.broadcast_(tensor, src, label)
 
