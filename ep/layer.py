@@ -1,7 +1,7 @@
 """`ExpertParallelMoE`: router -> plan -> pipeline (transport, experts, kernels)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -13,6 +13,7 @@ from .experts import Experts
 from .pipeline import waved_experts
 from .plan import make_plan
 from .router import Router
+from .shared import SharedExperts
 from .transport import make_transport
 
 
@@ -20,16 +21,25 @@ class ExpertParallelMoE(nn.Module):
     """A Mixture-of-Experts layer whose experts are spread over the ranks of `group`.
 
     Rank r of n owns global experts `r*E/n ... (r+1)*E/n - 1`. Parameters:
-    `router.weight [E, H]` (replicated: broadcast from the group's rank 0 when built),
-    `experts.w1 [E_local, H, 2F]` (gate columns `[:F]`, up `[F:]`), `experts.w2 [E_local, F, H]`.
+    `router.weight [E, H]` and the buffer `router.e_score_correction_bias [E]` (float32),
+    `experts.w1 [E_local, H, 2F]` (gate columns `[:F]`, up `[F:]`), `experts.w2 [E_local, F, H]`,
+    and with `num_shared_experts` > 0 `shared_experts.w1 [H, 2Fs]`, `shared_experts.w2 [Fs, H]`.
+    The router and the shared experts are replicated: the first forward checks that every
+    rank has the same configuration and broadcasts them from the group's rank 0.
+
+    Construction makes no collective (the layer can be built on the meta device, then
+    `to_empty(device=...)` and `reset_parameters()`).
 
     Forward, numbered as it runs:
-        1. route: logits `x @ router.weight.T` in at least fp32, softmax/sigmoid, top-k,
-           renormalised (skipped when the caller passes `topk_idx` and `topk_weights`);
+        0. (first forward only) the configuration check and the replicated weights' broadcast;
+        1. route: logits `x @ router.weight.T` in at least fp32, scores, top-k of the biased
+           scores (within the best groups), weights (skipped when the caller passes
+           `topk_idx` and `topk_weights`);
         2. plan: destination rank, local expert and wave of every (token, slot); one
            exchange of counts, read on the host (the layer's only host sync);
         3. waves: dispatch, linear1, linear2, combine of wave w while wave w+1 is in
-           flight (`ep.pipeline`); backward runs the mirror schedule.
+           flight (`ep.pipeline`); backward runs the mirror schedule;
+        4. shared experts (when configured): added to the routed output.
 
     Args:
         config: the layer's shape and knobs.
@@ -40,15 +50,40 @@ class ExpertParallelMoE(nn.Module):
     def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
         self.config = config
-        self.transport = make_transport(group, config.transport)
-        check_same_config(config, self.transport)  # first: a bad config raises on every rank alike
+        self.transport = make_transport(group, config.transport, config.timeout_s)
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
         self.router = Router(config)
         self.experts = Experts(self.num_local_experts, config.hidden, config.ffn_hidden)
+        self.shared_experts: Optional[SharedExperts] = None
+        if config.num_shared_experts:
+            self.shared_experts = SharedExperts(
+                config.hidden, config.ffn_hidden * config.num_shared_experts, config.swiglu_limit
+            )
         self.num_waves: Optional[int] = None if config.num_waves == "auto" else config.num_waves
         """W in use: the config's, or for "auto" the one chosen at the first forward."""
+        self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
+
+    def reset_parameters(self) -> None:
+        """Fresh initial values (as construction draws them, in the same order)."""
+        for module in (self.router, self.experts, self.shared_experts):
+            if module is not None:
+                module.reset_parameters()
+
+    def replicated_tensors(self) -> List[torch.Tensor]:
+        """The tensors every rank holds alike: the router's weight and bias, the shared experts'."""
+        out = [self.router.weight, self.router.e_score_correction_bias]
+        if self.shared_experts is not None:
+            out += [self.shared_experts.w1, self.shared_experts.w2]
+        return out
+
+    def _sync_replicas(self) -> None:
+        """Collective, once: every rank's config must agree (else `InputError` on every rank),
+        then the replicated tensors are broadcast from rank 0."""
+        check_same_config(self.config, self.transport)
         with torch.no_grad():
-            self.transport.broadcast_(self.router.weight.data, src=0)
+            for t in self.replicated_tensors():
+                self.transport.broadcast_(t.data, src=0, label="replicated weights' broadcast (first forward)")
+        self._replicas_synced = True
 
     @property
     def rank(self) -> int:
@@ -72,12 +107,17 @@ class ExpertParallelMoE(nn.Module):
         Returns:
             `[..., H]` like x.
         Raises:
-            InputError: on every rank when any rank's input is invalid (wrong shape, dtype
+            InputError: on every rank when the ranks' configurations differ (first forward),
+                or any rank's input is invalid (wrong shape, dtype
                 or device; expert ids out of range or repeated within a token; NaN/Inf
                 weights, which is also how NaN/Inf router logits surface).
+            CommunicationError: when a peer fails, dies or stalls: within `config.timeout_s` on
+                Gloo, naming the stage and wave waited for (see `ep.transport.torch_dist`).
         """
         cfg = self.config
         w1, w2 = self.experts.w1, self.experts.w2
+        if not self._replicas_synced:
+            self._sync_replicas()
         if self.num_waves is None:  # "auto": collective, once (every rank is in this forward)
             from .auto import choose_waves
 
@@ -97,5 +137,7 @@ class ExpertParallelMoE(nn.Module):
             topk_idx, cfg.num_experts, W, self.transport, topk_weights, cfg.dedup_across_waves,
             config=cfg,
         )
-        y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)
+        y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout, cfg.swiglu_limit)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)  # step 4, a call of its own: it may be issued earlier
         return y_TH.view(x.shape)
