@@ -75,11 +75,11 @@ class Router(nn.Module):
         cfg = self.config
         choice_TE = scores_TE.detach() + self.e_score_correction_bias.to(scores_TE.dtype)
         if cfg.n_group > 1:
-            T, G = choice_TE.shape[0], cfg.n_group
-            group_TG = choice_TE.view(T, G, -1).topk(2, dim=-1).values.sum(dim=-1)
+            T, G, size = choice_TE.shape[0], cfg.n_group, cfg.num_experts // cfg.n_group
+            group_TG = choice_TE.view(T, G, size).topk(2, dim=-1).values.sum(dim=-1)
             best_TG = group_TG.topk(cfg.topk_group, dim=-1).indices
             keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_TG, True)
-            keep_TE = keep_TG.unsqueeze(2).expand(T, G, cfg.num_experts // G).reshape(T, -1)
+            keep_TE = keep_TG.unsqueeze(2).expand(T, G, size).reshape(T, cfg.num_experts)
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         return torch.topk(choice_TE, cfg.top_k, dim=-1).indices
 
