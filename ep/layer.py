@@ -76,9 +76,12 @@ class ExpertParallelMoE(nn.Module):
             out += [self.shared_experts.w1, self.shared_experts.w2]
         return out
 
-    def _sync_replicas(self) -> None:
-        """Collective, once: every rank's config must agree (else `InputError` on every rank),
-        then the replicated tensors are broadcast from rank 0."""
+    def sync_replicas(self) -> None:
+        """Collective, once (later calls return at once): every rank's config must agree (else
+        `InputError` on every rank), then the replicated tensors are broadcast from rank 0.
+        The first forward calls it; call it before using `router` outside the layer."""
+        if self._replicas_synced:
+            return
         check_same_config(self.config, self.transport)
         with torch.no_grad():
             for t in self.replicated_tensors():
@@ -116,8 +119,7 @@ class ExpertParallelMoE(nn.Module):
         """
         cfg = self.config
         w1, w2 = self.experts.w1, self.experts.w2
-        if not self._replicas_synced:
-            self._sync_replicas()
+        self.sync_replicas()
         if self.num_waves is None:  # "auto": collective, once (every rank is in this forward)
             from .auto import choose_waves
 
