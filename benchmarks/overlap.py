@@ -1,25 +1,33 @@
-"""The overlap benchmark: how much of the all-to-all do the waves hide?
+"""The overlap benchmark: the whole layer call, and how much of the all-to-all the waves hide.
 
 With no arguments on a CPU host it starts a 4-rank Gloo simulation (`ep.launch`) at the
 small `cpu-small` preset. Under torchrun (or `ep.launch`) it runs in place; on GPUs it
-uses NCCL (presets `dsv3`, `wide`, `decode`; several at once: `--preset dsv3,wide`).
+uses NCCL (presets `dsv3`, `wide`, `decode`, `v4flash`; several at once: `--preset dsv3,wide`).
 
 It measures, per rank, with device events (CUDA) or a barrier-aligned wall clock (CPU),
 after warm-up, the median of `--iters` runs, and reports the max over ranks:
-- each stage alone on the W=1 plan: dispatch, linear1, linear2, combine (permutes included
-  in the stage that does them), and route+plan;
-- the layer's expert part (plan given) for each W, forward and forward+backward, for each
-  SM carveout in `--carveouts` (CUDA only);
-- comm = dispatch + combine (the fastest transport's, with `--transports`), compute =
-  linear1 + linear2, ideal = max(comm, compute),
-  overlap efficiency = (W=1 - waved) / (W=1 - ideal), speedup over W=1 (and over the
-  naive hand-written layer, `--naive`);
-- bytes on the wire: rows sent to other ranks x H x element size, per W.
-"host ms" is the time the host took to issue the forward (on CUDA the device may still be
-running when it returns; on CPU it is the whole call): where it is close to "fwd ms", the
-layer is paced by the host, not the device. It prints a table per preset on rank 0 and writes all of it as JSON (`--json`); with
-`--trace-dir` it also saves a profiler timeline (Chrome trace JSON and a PNG) of one
-waved forward and forward+backward per preset.
+- each stage alone on the expert-wave W=1 plan: dispatch, linear1, linear2, combine
+  (permutes included in the stage that does them), and route+plan; comm = dispatch +
+  combine (the fastest transport's), compute = linear1 + linear2, ideal = max(comm, compute);
+- per variant (wave split x transport x W x SM carveout; `auto` too): the whole call as a
+  user makes it, `layer(x, topk_idx=..., topk_weights=...)` (routing given, plan included),
+  forward ("fwd") and forward+backward ("fwd+bwd", grads set to None before each, as
+  `zero_grad(set_to_none=True)` does); the host time to issue the forward ("host"); the
+  forward of ten calls issued back to back, per call ("b2b": what a model of many layers
+  sees when the host runs ahead); the expert part alone with the plan made beforehand
+  ("plan given"), from which overlap efficiency = (W=1 - waved) / (W=1 - ideal);
+- with `--graphs` (CUDA, token waves): the same call captured in a CUDA graph, forward and
+  forward+backward, and the host time of a replay;
+- bytes on the wire per rank: rows sent to other ranks x row bytes (token waves: the fixed
+  regions, padding included).
+`--no-p2p` runs NCCL with peer access off (`NCCL_P2P_DISABLE=1`: rows go through host
+memory, ~22 GB/s on the H200 hosts), a stand-in for a link between hosts where the
+all-to-all is as long as the expert math; `--nccl-ctas N` limits NCCL to N CTAs
+(`NCCL_MIN_CTAS`/`NCCL_MAX_CTAS`), the communication side of an SM partition whose other
+side is `--carveouts`. It prints a table per preset on rank 0 and writes all of it as JSON
+(`--json`), with `records` in the schema of `benchmarks/results/summary.json`
+(`benchmarks/summary.py` appends them); with `--trace-dir` it also saves profiler timelines
+(Chrome trace JSON and a PNG) of the best waved forward and forward+backward per preset.
 """
 from __future__ import annotations
 
@@ -39,6 +47,8 @@ import torch.distributed as dist
 
 import ep
 from ep import stages
+from ep.chunk_pipeline import chunked_experts
+from ep.chunks import sender_plan, wave_capacity
 from ep.pipeline import waved_experts
 from ep.plan import make_plan
 from ep.transport import TorchDistTransport, make_transport
@@ -49,18 +59,25 @@ PRESETS: Dict[str, Dict] = {
     "dsv3": dict(T=4096, H=7168, F=2048, local_experts=32, k=8, dtype="bfloat16"),
     "wide": dict(T=4096, H=4096, F=1408, local_experts=16, k=6, dtype="bfloat16"),
     "decode": dict(T=128, H=7168, F=2048, local_experts=32, k=8, dtype="bfloat16"),
+    # DeepSeek-V4-Flash-like: 256 experts over all ranks, one shared expert
+    "v4flash": dict(T=4096, H=4096, F=2048, experts=256, k=6, shared=1, dtype="bfloat16"),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"comma-separated, from {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
+    p.add_argument("--splits", default="tokens,experts", help="comma-separated wave splits: tokens, experts")
     p.add_argument("--waves", default="1,2,4,auto",
-                   help="comma-separated W values, or auto (the W ep.sim picks from rates measured here); 1 is always measured")
+                   help="comma-separated W values, or auto (the layer's own choice); 1 is always measured")
     p.add_argument("--carveouts", default="0", help="comma-separated SM carveouts for the waved runs (CUDA)")
     p.add_argument("--transports", default="nccl",
                    help="comma-separated: nccl (torch.distributed), copy_engine (CUDA symmetric memory, one host)")
-    p.add_argument("--dedup", default="rank", help="comma-separated: rank (once per rank), wave (once per rank and wave)")
+    p.add_argument("--dedup", default="rank", help="expert waves: comma-separated rank (once per rank), wave (once per rank and wave)")
+    p.add_argument("--graphs", action="store_true", help="also time token-wave calls captured in CUDA graphs")
+    p.add_argument("--no-p2p", action="store_true", help="NCCL without peer access (NCCL_P2P_DISABLE=1): the comm-bound regime")
+    p.add_argument("--nccl-ctas", type=int, default=None, help="NCCL_MIN_CTAS = NCCL_MAX_CTAS = N")
+    p.add_argument("--run-name", default=None, help="the run's name in the records (e.g. r16_h200x2)")
     p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 10 CPU, 20 GPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 CPU, 5 GPU)")
     p.add_argument("--no-backward", action="store_true", help="skip the forward+backward rows")
@@ -84,14 +101,23 @@ class Timer:
 
     def __init__(self, device: torch.device, warmup: int, iters: int) -> None:
         self.device, self.warmup, self.iters = device, warmup, iters
+        self.last_host_ms = float("nan")
 
-    def __call__(self, fn: Callable[[], object]) -> float:
-        for _ in range(self.warmup):
+    def _max_over_ranks(self, *values: float) -> List[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t.tolist()
+
+    def __call__(self, fn: Callable[[], object], calls: int = 1) -> float:
+        """Per call of `fn`; with `calls` > 1, that many calls are issued back to back per
+        timed run (no sync between them) and the time is divided by them (a quarter of the
+        timed runs, one warm-up run: each holds `calls` calls)."""
+        for _ in range(self.warmup if calls == 1 else 1):
             fn()
         times: List[float] = []
         host: List[float] = []
         cuda = self.device.type == "cuda"
-        for _ in range(self.iters):
+        for _ in range(self.iters if calls == 1 else max(3, self.iters // 4)):
             if cuda:
                 torch.cuda.synchronize()
             dist.barrier()
@@ -99,20 +125,19 @@ class Timer:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
                 h0 = time.perf_counter()
-                fn()
-                host.append((time.perf_counter() - h0) * 1e3)  # issuing it (the device may still run)
+                for _ in range(calls):
+                    fn()
+                host.append((time.perf_counter() - h0) * 1e3 / calls)  # issuing it (the device may still run)
                 end.record()
                 end.synchronize()
-                times.append(start.elapsed_time(end))
+                times.append(start.elapsed_time(end) / calls)
             else:
                 t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        med = torch.tensor([statistics.median(times), statistics.median(host or times)], dtype=torch.float64,
-                           device=self.device)
-        dist.all_reduce(med, op=dist.ReduceOp.MAX)
-        self.last_host_ms = med[1].item()
-        return med[0].item()
+                for _ in range(calls):
+                    fn()
+                times.append((time.perf_counter() - t0) * 1e3 / calls)
+        ms, self.last_host_ms = self._max_over_ranks(statistics.median(times), statistics.median(host or times))
+        return ms
 
 
 def git_commit() -> str:
@@ -129,52 +154,79 @@ def git_commit() -> str:
         return "unknown"
 
 
+def regime(device: torch.device) -> str:
+    """"nvlink" (NCCL with peer access), "no_p2p" (NCCL_P2P_DISABLE=1), or "cpu" (Gloo)."""
+    if device.type != "cuda":
+        return "cpu"
+    return "no_p2p" if os.environ.get("NCCL_P2P_DISABLE") == "1" else "nvlink"
+
+
 def environment(device: torch.device) -> dict:
     return {
         "world_size": dist.get_world_size(), "backend": dist.get_backend(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-        "commit": git_commit(), "command": " ".join(sys.argv),
+        "commit": git_commit(), "command": " ".join(sys.argv), "regime": regime(device),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timing": "cuda events, median, max over ranks" if device.type == "cuda" else "wall clock after a barrier, median, max over ranks",
     }
 
 
+def local_experts(P: Dict, n: int) -> int:
+    return P["experts"] // n if "experts" in P else P["local_experts"]
+
+
+def variant_layer(base: "ep.ExpertParallelMoE", **knobs) -> "ep.ExpertParallelMoE":
+    """A layer with other knobs that shares `base`'s parameters (built on the meta device:
+    no second copy of the experts)."""
+    c = base.config
+    cfg = ep.MoEConfig(hidden=c.hidden, ffn_hidden=c.ffn_hidden, num_experts=c.num_experts, top_k=c.top_k,
+                       num_shared_experts=c.num_shared_experts, **knobs)
+    with torch.device("meta"):
+        layer = ep.ExpertParallelMoE(cfg)
+    layer.router, layer.experts, layer.shared_experts = base.router, base.experts, base.shared_experts
+    return layer
+
+
 def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     rank, n = dist.get_rank(), dist.get_world_size()
     P = PRESETS[preset_name]
+    E_local = local_experts(P, n)
+    E = E_local * n
     dtype = getattr(torch, P["dtype"])
     cuda = device.type == "cuda"
     wave_args = [w.strip() for w in args.waves.split(",")]
-    want_auto = "auto" in wave_args
-    waves = sorted({1, *(int(w) for w in wave_args if w != "auto")})
-    waves = [W for W in waves if W <= P["local_experts"]]
+    fixed = sorted({1, *(int(w) for w in wave_args if w != "auto")})
     carveouts = sorted({int(c) for c in args.carveouts.split(",")}) if cuda else [0]
     dedups = [d.strip() for d in args.dedup.split(",")]
+    splits = [t.strip() for t in args.splits.split(",")]
+    kinds = [t.strip() for t in args.transports.split(",")]
     if any(d not in ("rank", "wave") for d in dedups):
         raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
+    if any(t not in ep.config.WAVE_SPLITS for t in splits):
+        raise SystemExit(f"--splits takes {ep.config.WAVE_SPLITS}, got {args.splits!r}")
+    if any(t not in ep.config.TRANSPORTS for t in kinds) or ("copy_engine" in kinds and not cuda):
+        raise SystemExit(f"--transports takes nccl and (on CUDA) copy_engine, got {args.transports!r}")
     if args.routing not in ("router", "powerlaw4", "hot"):
         raise SystemExit(f"--routing takes router, powerlaw4 or hot, got {args.routing!r}")
     iters = args.iters or (20 if cuda else 10)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     timer = Timer(device, warmup, iters)
 
-    E = P["local_experts"] * n
-    torch.manual_seed(args.seed + 17)  # the router is replicated: same init everywhere
-    cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"])
+    torch.manual_seed(args.seed + 17)  # replicated weights: the same init everywhere
+    cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"],
+                       num_shared_experts=P.get("shared", 0))
     layer = ep.ExpertParallelMoE(cfg).to(device=device, dtype=dtype)
     torch.manual_seed(args.seed * 1000 + rank)
     x = torch.randn(P["T"], P["H"], device=device, dtype=dtype)
     dy = torch.randn_like(x)
     w1, w2 = layer.experts.w1.detach(), layer.experts.w2.detach()
     tr = TorchDistTransport()
-    kinds = [t.strip() for t in args.transports.split(",")]
-    if any(t not in ep.config.TRANSPORTS for t in kinds) or ("copy_engine" in kinds and not cuda):
-        raise SystemExit(f"--transports takes nccl and (on CUDA) copy_engine, got {args.transports!r}")
     transports = {t: (tr if t == "nccl" else make_transport(None, t)) for t in kinds}
     with torch.no_grad():
+        layer.sync_replicas()
         idx, tw = layer.router(x)
     if args.routing != "router":  # skewed routing: the same hot experts seen from every rank
         from tests.cases import skewed_routing
@@ -188,32 +240,25 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     acc = torch.promote_types(dtype, torch.float32)
     elem = x.element_size()
 
-    variants = [(W, c, d, False, t) for t in kinds for d in dedups for W in waves for c in (carveouts if W > 1 else [0])]
-    if want_auto:  # the model's choice from rates measured now (as MoEConfig(num_waves="auto") does)
-        from ep.auto import choose_waves
-
-        auto_cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"], num_waves="auto",
-                                dedup_across_waves=dedups[0] == "rank", transport=kinds[0])
-        auto_tr = transports[kinds[0]]
-        t0 = time.perf_counter()
-        W_auto = choose_waves(auto_cfg, auto_tr, w1, w2, P["T"])  # first call: probes and caches
-        auto_first_ms = (time.perf_counter() - t0) * 1e3
-        t0 = time.perf_counter()
-        choose_waves(auto_cfg, auto_tr, w1, w2, P["T"])  # cached figures: only the model and one exchange
-        auto_cached_ms = (time.perf_counter() - t0) * 1e3
-        log(f"  num_waves=auto picks W={W_auto} (deciding took {auto_first_ms:.1f} ms the first time, "
-            f"{auto_cached_ms:.1f} ms with the figures cached)")
-        variants.append((W_auto, carveouts[0], dedups[0], True, kinds[0]))
-    steps = 5 + 2 * (len(kinds) - 1) + len(variants) * (1 if args.no_backward else 2) + int(args.naive)
+    variants = []
+    for kind in kinds:
+        for split in splits:
+            for dedup in (dedups if split == "experts" else ["rank"]):
+                for W in fixed + (["auto"] if "auto" in wave_args else []):
+                    if split == "experts" and W != "auto" and W > E_local:
+                        continue
+                    for carve in (carveouts if W != 1 else [0]):
+                        variants.append(dict(split=split, transport=kind, W=W, carveout=carve, dedup=dedup))
+    steps = 5 + 2 * (len(kinds) - 1) + len(variants) * (3 + (0 if args.no_backward else 1)) + int(args.naive)
     step = [0]
 
-    def measure(name: str, fn) -> float:
+    def measure(name: str, fn, calls: int = 1) -> float:
         step[0] += 1
-        ms = timer(fn)
+        ms = timer(fn, calls)
         log(f"  [{step[0]}/{steps}] {preset_name}: {name}: {ms:.3f} ms")
         return ms
 
-    # ---- each stage alone, W=1, full machine --------------------------------------
+    # ---- each stage alone, W=1, full machine (the expert-wave plan's stages) ------------
     def route_and_plan():
         idx_, tw_ = layer.router(x)
         make_plan(idx_, E, 1, tr, tw_)
@@ -238,7 +283,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
                 "combine": measure(f"combine alone{tag}", combine_alone),
             }
         return {
-            "route+plan": measure("route + plan (W=1)", route_and_plan),
+            "route+plan": measure("route + plan (W=1, expert waves)", route_and_plan),
             "dispatch": measure("dispatch alone", lambda: stages.dispatch(x, rows_all, plan1, 0, tr).wait()),
             "linear1": measure("linear1 alone", lambda: stages.linear1(rows_all, w1, plan1, 0)),
             "linear2": measure("linear2 alone", lambda: stages.linear2(h, w2, plan1, 0)),
@@ -253,6 +298,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
                 ce = stages_alone(transports[t], only_comm=True, tag=f" ({t})")
                 comm_by_transport[t] = ce["dispatch"] + ce["combine"]
                 st.update({f"dispatch ({t})": ce["dispatch"], f"combine ({t})": ce["combine"]})
+        if layer.shared_experts is not None:
+            st["shared expert"] = measure("shared expert alone", lambda: layer.shared_experts(x))
     if args.trace_dir and cuda:
         profile_table(args.trace_dir, f"plan_{preset_name}_n{n}", route_and_plan)
     comm = min(comm_by_transport.values())  # the fastest transport's
@@ -266,56 +313,129 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         with torch.no_grad():
             naive_ms = measure("naive layer forward", lambda: naive_forward(x, idx, tw, w1, w2, E))
 
-    # ---- the layer's expert part per variant ----------------------------------------
+    # ---- the whole call per variant ------------------------------------------------------
+    max_tokens = max(row[0] for row in tr.host_exchange([P["T"]]))
     rows = []
-    for W, carve, dedup, auto, kind in variants:
-        tr = transports[kind]
-        plan = make_plan(idx, E, W, tr, tw, dedup_across_waves=(dedup == "rank"))
-        label = f"W={'auto->' if auto else ''}{W} carveout={carve} dedup={dedup} {kind}"
+    for v in variants:
+        lv = variant_layer(layer, num_waves=v["W"], wave_split=v["split"], transport=v["transport"],
+                           sm_carveout=v["carveout"], dedup_across_waves=v["dedup"] == "rank")
+        row = dict(v, auto=v["W"] == "auto")
+        if row["auto"]:
+            with torch.no_grad():
+                t0 = time.perf_counter()
+                lv(x, topk_idx=idx, topk_weights=tw)  # the first call decides (and is not timed below)
+                row["auto_decide_ms"] = (time.perf_counter() - t0) * 1e3
+            row["W"] = lv.num_waves
+        W = row["W"]
+        label = (f"{v['split']} W={'auto->' if row['auto'] else ''}{W} carveout={v['carveout']} "
+                 f"{v['transport']}{' dedup=' + v['dedup'] if v['split'] == 'experts' else ''}")
+        call = lambda: lv(x, topk_idx=idx, topk_weights=tw)  # noqa: E731
         with torch.no_grad():
-            fwd = measure(f"{label} forward", lambda: waved_experts(x, tw, w1, w2, plan, tr, carve))
-        row = {"W": W, "auto": auto, "carveout": carve, "dedup": dedup, "transport": kind, "fwd_ms": fwd,
-               "fwd_host_ms": timer.last_host_ms}
+            row["fwd_ms"] = measure(f"{label} forward", call)
+            row["host_ms"] = timer.last_host_ms
+            row["b2b_fwd_ms"] = measure(f"{label} forward, 10 back to back", call, calls=10)
+            kt = transports[v["transport"]]
+            if v["split"] == "tokens":
+                Wt = max(1, min(W, max_tokens))
+                plan = sender_plan(idx, tw, E, n, Wt, wave_capacity(max_tokens, Wt))
+                given = lambda: chunked_experts(x, tw, w1, w2, plan, kt, v["carveout"])  # noqa: E731
+                cap = plan.capacity
+                remote = (n - 1) * Wt * cap  # the fixed regions for other ranks, padding included
+                row_bytes = ep.layout.RowLayout(P["H"], P["k"], dtype).width * elem
+                routes = int((plan.route_row >= 0).sum().item())
+            else:
+                plan = make_plan(idx, E, W, kt, tw, dedup_across_waves=v["dedup"] == "rank")
+                given = lambda: waved_experts(x, tw, w1, w2, plan, kt, v["carveout"])  # noqa: E731
+                remote = sum(sum(c[r] for c in plan.send_counts) for r in range(n) if r != rank)
+                row_bytes, routes = P["H"] * elem, plan.num_routes_sent
+            row["plan_given_fwd_ms"] = measure(f"{label} forward, plan given", given)
+            del plan, given
         if not args.no_backward:
-            w1g, w2g = w1.clone().requires_grad_(True), w2.clone().requires_grad_(True)
             xg, twg = x.clone().requires_grad_(True), tw.clone().requires_grad_(True)
 
             def fwd_bwd():
-                waved_experts(xg, twg, w1g, w2g, plan, tr, carve).backward(dy)
+                lv.zero_grad(set_to_none=True)
+                lv(xg, topk_idx=idx, topk_weights=twg).backward(dy)
 
-            row["fwdbwd_ms"] = measure(f"{label} forward+backward", fwd_bwd)
-            del w1g, w2g, xg, twg
-        remote = sum(sum(c[r] for c in plan.send_counts) for r in range(n) if r != rank)
-        wire = torch.tensor([remote * P["H"] * elem, plan.num_routes_sent], dtype=torch.float64, device=device)
+            row["fwd_bwd_ms"] = measure(f"{label} forward+backward", fwd_bwd)
+            lv.zero_grad(set_to_none=True)
+            del xg, twg
+        wire = torch.tensor([remote * row_bytes, routes], dtype=torch.float64, device=device)
         dist.all_reduce(wire, op=dist.ReduceOp.MAX)
         row["dispatch_wire_bytes_max_rank"] = int(wire[0].item())
         row["rows_per_token_max_rank"] = wire[1].item() / max(P["T"], 1)
         rows.append(row)
-        if args.trace_dir and W == max(waves) and carve == carveouts[-1] and dedup == dedups[0] and not auto:
-            save_trace(args.trace_dir, f"{preset_name}_n{n}_W{W}_c{carve}_{kind}", device,
-                       lambda: waved_experts(x, tw, w1, w2, plan, tr, carve),
-                       None if args.no_backward else lambda: waved_experts(
-                           x.clone().requires_grad_(True), tw, w1.clone().requires_grad_(True),
-                           w2.clone().requires_grad_(True), plan, tr, carve).backward(dy))
+        if args.graphs and cuda and v["split"] == "tokens":
+            rows.append(graph_row(row, lv, x, idx, tw, dy, timer, measure, label, args.no_backward))
+        del lv
 
-    base = {(d, t): next(r for r in rows if r["W"] == 1 and r["dedup"] == d and r["transport"] == t and not r["auto"])
-            for d in dedups for t in kinds}
+    base = {}
     for r in rows:
-        seq = base[(r["dedup"], r["transport"])]
+        if r["W"] == 1 and not r["auto"] and not r.get("graph"):
+            base.setdefault((r["split"], r["transport"], r["dedup"]), r)
+    for r in rows:
+        seq = base.get((r["split"], r["transport"], r["dedup"]))
+        if seq is None:
+            continue
         r["speedup_vs_w1"] = seq["fwd_ms"] / r["fwd_ms"]
-        r["overlap_efficiency"] = (seq["fwd_ms"] - r["fwd_ms"]) / (seq["fwd_ms"] - ideal) if seq["fwd_ms"] > ideal else None
+        if "plan_given_fwd_ms" in r:
+            t1, tw_ = seq["plan_given_fwd_ms"], r["plan_given_fwd_ms"]
+            r["overlap_efficiency"] = (t1 - tw_) / (t1 - ideal) if t1 > ideal else None
         r["over_ideal"] = r["fwd_ms"] / ideal
         if naive_ms is not None:
             r["speedup_vs_naive"] = naive_ms / r["fwd_ms"]
-        if "fwdbwd_ms" in r:
-            r["fwdbwd_speedup_vs_w1"] = seq["fwdbwd_ms"] / r["fwdbwd_ms"]
+        if "fwd_bwd_ms" in r and "fwd_bwd_ms" in seq:
+            r["fwd_bwd_speedup_vs_w1"] = seq["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    if args.trace_dir and cuda:
+        waved = [r for r in rows if r["split"] == "tokens" and r["W"] > 1 and not r.get("graph")
+                 and r["transport"] == kinds[0]]
+        best = min(waved, key=lambda r: r["fwd_ms"]) if waved else None
+        if best is not None:
+            lv = variant_layer(layer, num_waves=best["W"], wave_split="tokens", transport=best["transport"],
+                               sm_carveout=best["carveout"])
+
+            def fwd_bwd_traced():
+                lv(x.clone().requires_grad_(True), topk_idx=idx, topk_weights=tw).backward(dy)
+                lv.zero_grad(set_to_none=True)
+
+            save_trace(args.trace_dir, f"{preset_name}_n{n}_{regime(device)}_W{best['W']}_c{best['carveout']}_{best['transport']}",
+                       device, lambda: lv(x, topk_idx=idx, topk_weights=tw), None if args.no_backward else fwd_bwd_traced)
     return {
-        "preset": preset_name, **P, "num_experts": E, "iters": iters, "warmup": warmup,
+        "preset": preset_name, **P, "local_experts": E_local, "num_experts": E, "iters": iters, "warmup": warmup,
         "routing": args.routing, "expert_load_max_over_mean": load_max_over_mean,
-        "stages_ms": st, "comm_ms": comm, "comm_ms_by_transport": comm_by_transport, "compute_ms": compute, "ideal_ms": ideal,
-        "naive_fwd_ms": naive_ms, "layers": rows,
-        "auto": {"W": W_auto, "first_call_ms": auto_first_ms, "cached_call_ms": auto_cached_ms} if want_auto else None,
+        "stages_ms": st, "comm_ms": comm, "comm_ms_by_transport": comm_by_transport, "compute_ms": compute,
+        "ideal_ms": ideal, "naive_fwd_ms": naive_ms, "layers": rows,
     }
+
+
+def graph_row(row: dict, lv, x, idx, tw, dy, timer: Timer, measure, label: str, no_backward: bool) -> dict:
+    """The same call captured in CUDA graphs (forward; forward+backward), timed by replays."""
+    out = dict(row, graph=True)
+    for key in ("b2b_fwd_ms", "plan_given_fwd_ms", "fwd_bwd_ms", "auto_decide_ms"):
+        out.pop(key, None)
+    xg, twg = x.clone().requires_grad_(True), tw.clone().requires_grad_(True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
+        for _ in range(2):
+            lv(xg, topk_idx=idx, topk_weights=twg).backward(dy)
+    torch.cuda.current_stream().wait_stream(side)
+    lv.zero_grad(set_to_none=True)
+    xg.grad = twg.grad = None
+    g_fwd = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g_fwd):
+        lv(x, topk_idx=idx, topk_weights=tw)
+    out["fwd_ms"] = measure(f"{label} forward, CUDA graph", g_fwd.replay)
+    out["host_ms"] = timer.last_host_ms
+    if not no_backward:
+        g_step = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_step):
+            lv(xg, topk_idx=idx, topk_weights=twg).backward(dy)
+        out["fwd_bwd_ms"] = measure(f"{label} forward+backward, CUDA graph", g_step.replay)
+        del g_step
+    del g_fwd
+    lv.zero_grad(set_to_none=True)
+    return out
 
 
 def profile_table(trace_dir: str, name: str, fn) -> None:
@@ -366,8 +486,9 @@ def save_trace(trace_dir: str, name: str, device: torch.device, fwd, fwd_bwd) ->
 def format_table(r: dict, meta: dict) -> str:
     lines = [
         f"overlap benchmark: preset {r['preset']} (T={r['T']}/rank, H={r['H']}, F={r['F']}, "
-        f"E={r['num_experts']} ({r['local_experts']}/rank), k={r['k']}, {r['dtype']}), "
-        f"{meta['world_size']} ranks, {meta['backend']}, {meta['device']}",
+        f"E={r['num_experts']} ({r['local_experts']}/rank), k={r['k']}"
+        + (f", {r['shared']} shared expert" if r.get("shared") else "") + f", {r['dtype']}), "
+        f"{meta['world_size']} ranks, {meta['backend']} ({meta['regime']}), {meta['device']}",
         f"routing: {r['routing']} (expert load max/mean {r['expert_load_max_over_mean']:.2f})",
         f"times in ms: {meta['timing']}",
         "",
@@ -382,22 +503,50 @@ def format_table(r: dict, meta: dict) -> str:
     ]
     if r["naive_fwd_ms"] is not None:
         lines.append(f"  {'naive layer fwd':<17} {r['naive_fwd_ms']:8.3f}   (per-slot a2a, index gathers, index_add_)")
-    lines += ["", "layer (plan given)            fwd ms  host ms  vs W=1  /ideal  overlap eff  fwd+bwd ms  vs W=1  rows/token  dispatch MB"]
+    nan = float("nan")
+    lines += ["", "whole call layer(x, topk_idx, topk_weights)   fwd ms  host ms  b2b ms  vs W=1  plan given  "
+                  "overlap eff  fwd+bwd ms  vs W=1  rows/token  dispatch MB"]
     for row in r["layers"]:
-        eff = row["overlap_efficiency"]
-        label = (f"W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']} {row['dedup']}"
-                 + ("" if row.get("transport", "nccl") == "nccl" else " CE"))
+        eff = row.get("overlap_efficiency")
+        label = (f"{row['split'][:6]} W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']}"
+                 + (" CE" if row["transport"] == "copy_engine" else "")
+                 + (f" {row['dedup']}" if row["split"] == "experts" else "") + (" graph" if row.get("graph") else ""))
         lines.append(
-            f"  {label:<26} {row['fwd_ms']:8.3f}  {row.get('fwd_host_ms', float('nan')):7.3f}  "
-            f"{row['speedup_vs_w1']:5.2f}x  {row['over_ideal']:5.2f}x  "
+            f"  {label:<43} {row['fwd_ms']:8.3f}  {row.get('host_ms', nan):7.3f}  {row.get('b2b_fwd_ms', nan):6.3f}  "
+            f"{row.get('speedup_vs_w1', nan):5.2f}x  {row.get('plan_given_fwd_ms', nan):10.3f}  "
             f"{'n/a' if eff is None else f'{eff:.2f}':>11}  "
-            f"{row.get('fwdbwd_ms', float('nan')):10.3f}  {row.get('fwdbwd_speedup_vs_w1', float('nan')):5.2f}x  "
+            f"{row.get('fwd_bwd_ms', nan):10.3f}  {row.get('fwd_bwd_speedup_vs_w1', nan):5.2f}x  "
             f"{row['rows_per_token_max_rank']:10.2f}  {row['dispatch_wire_bytes_max_rank'] / 1e6:11.2f}"
         )
     return "\n".join(lines)
 
 
+def records(result: dict, run_name: Optional[str]) -> List[dict]:
+    """One record per measured row, in the schema of `benchmarks/results/summary.json`."""
+    meta = result["meta"]
+    out = []
+    for r in result["runs"]:
+        for row in r["layers"]:
+            out.append(dict(
+                run=run_name, commit=meta["commit"], gpus=meta["world_size"], device=meta["device"],
+                torch=meta["torch"], nccl=meta["nccl"], date=meta["date"], preset=r["preset"], regime=meta["regime"],
+                nccl_ctas=meta["env"].get("NCCL_MAX_CTAS"), transport=row["transport"], wave_split=row["split"],
+                dedup=row["dedup"] if row["split"] == "experts" else None, num_waves=row["W"],
+                auto_from="auto" if row.get("auto") else None, sm_carveout=row["carveout"], graph=bool(row.get("graph")),
+                shared_experts=r.get("shared", 0),
+                fwd_ms=row["fwd_ms"], fwd_bwd_ms=row.get("fwd_bwd_ms"), plan_given_fwd_ms=row.get("plan_given_fwd_ms"),
+                host_ms=row.get("host_ms"), b2b_fwd_ms=row.get("b2b_fwd_ms"), comm_ms=r["comm_ms"],
+                compute_ms=r["compute_ms"], ideal_ms=r["ideal_ms"], overlap_efficiency=row.get("overlap_efficiency"),
+                rows_per_token=row["rows_per_token_max_rank"], dispatch_wire_bytes=row["dispatch_wire_bytes_max_rank"],
+            ))
+    return out
+
+
 def run(args) -> dict:
+    if args.no_p2p:  # read by NCCL when its communicators are made, after this
+        os.environ["NCCL_P2P_DISABLE"] = "1"
+    if args.nccl_ctas:
+        os.environ["NCCL_MIN_CTAS"] = os.environ["NCCL_MAX_CTAS"] = str(args.nccl_ctas)
     ep.init_distributed()
     rank = dist.get_rank()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -419,6 +568,7 @@ def run(args) -> dict:
         log(format_table(r, meta))
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    result["records"] = records(result, args.run_name)
     if rank == 0 and args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:

@@ -1,38 +1,48 @@
-"""Markdown tables from an overlap benchmark JSON (for `benchmarks/results/README.md`).
+"""Markdown tables for `benchmarks/results/README.md`, made from `benchmarks/results/summary.json`.
 
-    python benchmarks/results_table.py benchmarks/results/runs/r11_h200x2_overlap.json
+    python benchmarks/results_table.py r16_h200x2 [more runs]
+
+One table per (run, regime, preset): every measured row of the whole call
+`layer(x, topk_idx=..., topk_weights=...)`, forward and forward+backward, with the expert
+part alone ("plan given"), the host's issue time, and overlap efficiency.
 """
 from __future__ import annotations
 
-import json
+import os
 import sys
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from summary import load  # noqa: E402
 
 
-def tables(path: str) -> str:
-    with open(path) as f:
-        d = json.load(f)
+def _f(v, fmt="{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def tables(runs) -> str:
+    groups = defaultdict(list)
+    for r in load():
+        if r["run"] in runs:
+            groups[(r["run"], r["regime"], r["preset"])].append(r)
     out = []
-    for r in d["runs"]:
-        st = r["stages_ms"]
-        stages = ", ".join(f"{k} {v:.2f}" for k, v in st.items())
-        naive = f"; naive layer {r['naive_fwd_ms']:.2f}" if r.get("naive_fwd_ms") else ""
-        out += [f"**{r['preset']}** (T={r['T']}/rank, H={r['H']}, F={r['F']}, {r['local_experts']} experts/rank, "
-                f"k={r['k']}): {stages}; comm {r['comm_ms']:.2f}, compute {r['compute_ms']:.2f}, "
-                f"ideal {r['ideal_ms']:.2f}{naive}", "",
-                "| transport | W | carveout | fwd | host | vs W=1 | / ideal | fwd+bwd | vs W=1 | vs naive | rows/token |",
+    for (run, regime, preset), rows in groups.items():
+        first = rows[0]
+        out += [f"**{preset}**, {regime}, run {run} ({first['gpus']} x {first['device']}, torch {first['torch']}, "
+                f"NCCL {first['nccl']}, commit {first['commit'][:12]}): comm {first['comm_ms']:.2f}, "
+                f"compute {first['compute_ms']:.2f}, ideal {first['ideal_ms']:.2f} ms", "",
+                "| split | transport | W | carveout | graph | fwd | host | b2b fwd | plan given | overlap eff | fwd+bwd |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for row in r["layers"]:
-            w = f"auto -> {row['W']}" if row.get("auto") else str(row["W"])
-            naive_x = f"{row['speedup_vs_naive']:.2f}x" if "speedup_vs_naive" in row else "-"
-            out.append(
-                f"| {row.get('transport', 'nccl')} | {w} | {row['carveout']} | {row['fwd_ms']:.2f} | "
-                f"{row.get('fwd_host_ms', float('nan')):.2f} | {row['speedup_vs_w1']:.2f}x | {row['over_ideal']:.2f}x | "
-                f"{row.get('fwdbwd_ms', float('nan')):.2f} | {row.get('fwdbwd_speedup_vs_w1', float('nan')):.2f}x | "
-                f"{naive_x} | {row['rows_per_token_max_rank']:.2f} |")
+        for r in rows:
+            w = f"auto -> {r['num_waves']}" if r["auto_from"] else str(r["num_waves"])
+            split = r["wave_split"] + (f" ({r['dedup']})" if r.get("dedup") and r["dedup"] != "rank" else "")
+            out.append(f"| {split} | {r['transport']} | {w} | {r['sm_carveout']} | {'yes' if r['graph'] else ''} | "
+                       f"{_f(r['fwd_ms'])} | {_f(r['host_ms'])} | {_f(r['b2b_fwd_ms'])} | {_f(r['plan_given_fwd_ms'])} | "
+                       f"{_f(r['overlap_efficiency'])} | {_f(r['fwd_bwd_ms'])} |")
         out.append("")
     return "\n".join(out)
 
 
 if __name__ == "__main__":
-    for p in sys.argv[1:]:
-        print(tables(p))
+    print(tables(sys.argv[1:]))

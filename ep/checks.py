@@ -2,12 +2,13 @@
 
 A rank that finds a problem locally cannot just raise: the others would wait for it in
 the next collective. So each rank's findings travel in an exchange every rank makes
-anyway (the construction's fingerprint exchange, the plan's count exchange), and every
+anyway (the first forward's fingerprint exchange, the plan's count exchange), and every
 rank raises the same `InputError`, naming the rank, the argument, what was expected and
 what was found.
 """
 from __future__ import annotations
 
+import struct
 from typing import List, Optional, Sequence
 
 import torch
@@ -117,30 +118,41 @@ def raise_on_problems(status_by_rank: Sequence[Sequence[int]], cfg: MoEConfig, n
         raise InputError("ep.ExpertParallelMoE: invalid input\n  " + "\n  ".join(lines))
 
 
-# ---- construction: the same configuration everywhere -----------------------------------
+# ---- the same configuration everywhere ---------------------------------------------------
 _FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "score_func",
                        "norm_topk", "dedup_across_waves", "sm_carveout", "transport", "wave_split", "max_tokens",
-                       "capacity_factor")
+                       "capacity_factor", "n_group", "topk_group", "routed_scaling_factor", "swiglu_limit",
+                       "num_shared_experts", "timeout_s")
+_CHOICES = {"score_func": SCORE_FUNCS, "transport": TRANSPORTS, "wave_split": WAVE_SPLITS}
+_FLOATS = ("capacity_factor", "routed_scaling_factor", "swiglu_limit", "timeout_s")
+_NONE = -1  # a float field's None (its int64 is a NaN's bit pattern, which no valid value has)
+
+
+def _encode(name: str, v) -> int:
+    if name in _CHOICES:
+        return _CHOICES[name].index(v)
+    if name == "num_waves" and v == "auto":
+        return 0
+    if name in _FLOATS:
+        return _NONE if v is None else struct.unpack("<q", struct.pack("<d", float(v)))[0]
+    return _NONE if v is None else int(v)  # max_tokens: None, or a positive int
+
+
+def _decode(name: str, code: int):
+    if name in _CHOICES:
+        return _CHOICES[name][code] if 0 <= code < len(_CHOICES[name]) else code
+    if name == "num_waves" and code == 0:
+        return "auto"
+    if name in _FLOATS:
+        return None if code == _NONE else struct.unpack("<d", struct.pack("<q", code))[0]
+    if name == "max_tokens" and code == _NONE:
+        return None
+    return bool(code) if name in ("norm_topk", "dedup_across_waves") else code
 
 
 def fingerprint(cfg: MoEConfig) -> List[int]:
-    out = []
-    for name in _FINGERPRINT_FIELDS:
-        v = getattr(cfg, name)
-        if name == "score_func":
-            v = SCORE_FUNCS.index(v)
-        elif name == "num_waves" and v == "auto":
-            v = 0
-        elif name == "transport":
-            v = TRANSPORTS.index(v)
-        elif name == "wave_split":
-            v = WAVE_SPLITS.index(v)
-        elif name == "max_tokens":
-            v = -1 if v is None else v
-        elif name == "capacity_factor":
-            v = round(v * 1_000_000)  # millionths: an int that equal factors share
-        out.append(int(v))
-    return out
+    """Every field that must agree across ranks, as int64s (floats by their bits)."""
+    return [_encode(name, getattr(cfg, name)) for name in _FINGERPRINT_FIELDS]
 
 
 def check_same_config(cfg: MoEConfig, transport) -> None:
@@ -149,9 +161,9 @@ def check_same_config(cfg: MoEConfig, transport) -> None:
     if n == 1:
         return
     mine = torch.tensor(fingerprint(cfg), dtype=torch.int64)
-    theirs = transport.exchange(mine.unsqueeze(0).expand(n, -1).contiguous(), "config check (construction)").tolist()
+    theirs = transport.exchange(mine.unsqueeze(0).expand(n, -1).contiguous(), "config check (first forward)").tolist()
     diffs = [
-        f"rank {r}: {name}={v!r} where rank {transport.rank} has {m!r}"
+        f"rank {r}: {name}={_decode(name, v)!r} where rank {transport.rank} has {_decode(name, m)!r}"
         for r, row in enumerate(theirs)
         for name, v, m in zip(_FINGERPRINT_FIELDS, row, mine.tolist())
         if v != m

@@ -45,11 +45,13 @@ class ChunkedExperts(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: ChunkPlan, transport: Transport, sm_carveout: int):
+    def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: ChunkPlan, transport: Transport, sm_carveout: int,
+                swiglu_limit: Optional[float]):
         H, device = x_TH.shape[1], x_TH.device
         layout = RowLayout(H, plan.top_k, x_TH.dtype)
         W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
         splits = [cap] * n
+        transport.reserve(cap)  # the same on every rank: transports with fixed buffers size them from it
         x_TH = x_TH.contiguous()
 
         send = layout.empty(W * N, device)
@@ -70,8 +72,8 @@ class ChunkedExperts(torch.autograd.Function):
             rows = recv[w]
             it = wave_items(layout.ids(rows[:N]), layout.weights(rows[:N]), plan.num_local_experts, plan.item_capacity)
             with carve:
-                h = linear1(gather_rows(layout.data(rows), it.item_row), w1, None, it.offs)
-                o = linear2(h, w2, None, it.offs)
+                h = linear1(gather_rows(layout.data(rows), it.item_row, it.count), w1, None, it.offs)
+                o = linear2(h, w2, None, it.offs, swiglu_limit)
             sums = x_TH.new_empty(N, H)
             reduce_rows(o, it.slot_item, sums, layout.weights(rows[:N]))
             items[w], hidden[w] = it, h
@@ -89,7 +91,8 @@ class ChunkedExperts(torch.autograd.Function):
         ctx.mark_non_differentiable(status)
 
         ctx.plan = replace(plan, **{name: None for name in _PLAN_TENSORS})
-        ctx.transport, ctx.sm_carveout, ctx.w_dtype = transport, sm_carveout, topk_weights_TK.dtype
+        ctx.transport, ctx.sm_carveout, ctx.swiglu_limit = transport, sm_carveout, swiglu_limit
+        ctx.w_dtype = topk_weights_TK.dtype
         ctx.save_for_backward(
             w1, w2, recv, *(getattr(plan, name) for name in _PLAN_TENSORS), *hidden,
             *(getattr(it, name) for it in items for name in _ITEM_TENSORS),
@@ -127,9 +130,10 @@ class ChunkedExperts(torch.autograd.Function):
 
         def compute(w: int) -> Callable[[], Pending]:
             it = items[w]
-            dz[w] = gather_rows(recv_dy[w], it.item_row)
+            dz[w] = gather_rows(recv_dy[w], it.item_row, it.count)
             with carve:
-                dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs)
+                dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
+                                                                ctx.swiglu_limit)
                 dx_I = linear1_backward_data(dh[w], w1, None, it.offs)
             hidden[w] = None
             rows = layout.empty(N, device)
@@ -142,14 +146,16 @@ class ChunkedExperts(torch.autograd.Function):
         with _range("ep.weight_grads"), carve:  # beside the last transfers
             if W == 1:
                 it = items[0]
-                x_I = gather_rows(layout.data(recv[0]), it.item_row)
+                x_I = gather_rows(layout.data(recv[0]), it.item_row, it.count)
                 dw1 = grouped_mm_wgrad(x_I, dh[0], None, it.offs)
                 dw2 = grouped_mm_wgrad(wa[0], dz[0], None, it.offs)
             else:
                 order, rows, offs = expert_major(items, N, plan.num_local_experts)
-                dw1 = grouped_mm_wgrad(gather_rows(layout.data(recv.view(-1, layout.width)), rows),
-                                       torch.cat(dh)[order], None, offs)
-                dw2 = grouped_mm_wgrad(torch.cat(wa)[order], gather_rows(recv_dy.view(-1, H), rows), None, offs)
+                used = offs[-1]
+                dw1 = grouped_mm_wgrad(gather_rows(layout.data(recv.view(-1, layout.width)), rows, used),
+                                       gather_rows(torch.cat(dh), order, used), None, offs)
+                dw2 = grouped_mm_wgrad(gather_rows(torch.cat(wa), order, used),
+                                       gather_rows(recv_dy.view(-1, H), rows, used), None, offs)
         for flight in flights:
             flight.wait()
         dx_TH = torch.empty_like(dy_TH)
@@ -157,7 +163,7 @@ class ChunkedExperts(torch.autograd.Function):
             reduce_rows(layout.data(back), plan.route_row, dx_TH)
         slot_row = plan.route_row.gather(1, plan.slot_rank)  # [T, k]: the row each slot's gradient came back in
         dtopk_TK = torch.where(slot_row >= 0, layout.weights(back).gather(0, slot_row.clamp(min=0)), 0)
-        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None
+        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None
 
 
 def chunked_experts(
@@ -168,7 +174,8 @@ def chunked_experts(
     plan: ChunkPlan,
     transport: Transport,
     sm_carveout: int = 0,
+    swiglu_limit: Optional[float] = None,
 ):
     """Differentiable expert part of the layer in token waves: `[T, H]` in, (`[T, H]`, the
     ranks' status `[n, STATUS_SLOTS]`) out."""
-    return ChunkedExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout)
+    return ChunkedExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit)

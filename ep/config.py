@@ -1,10 +1,11 @@
 """`MoEConfig`: the shape and the knobs of one expert-parallel MoE layer."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
-SCORE_FUNCS = ("softmax", "sigmoid")
+SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TRANSPORTS = ("nccl", "copy_engine")
 WAVE_SPLITS = ("tokens", "experts")
 
@@ -40,8 +41,25 @@ class MoEConfig:
             per sending rank and wave. 1 never overflows; lower saves memory, and a call
             whose routes do not fit raises `InputError` on every rank (on CUDA at the
             rank's next call, or `ExpertParallelMoE.check_errors()`): never a silent drop.
-        score_func: "softmax" (over all E) or "sigmoid".
+        score_func: "softmax" (over all E), "sigmoid", or "sqrtsoftplus"
+            (`sqrt(softplus(logit))`, DeepSeek-V4's).
         norm_topk: renormalise the k selected scores to sum to 1.
+        n_group, topk_group: group-limited choice (DeepSeek-V3's): the E experts form
+            `n_group` equal groups; a group's score is the sum of its two highest biased
+            scores, and a token chooses its k experts from its `topk_group` best groups
+            only. 1, 1 (the default): no groups.
+        routed_scaling_factor: the routing weights (after `norm_topk`) are multiplied by it.
+        swiglu_limit: None, or the clamp of the routed and shared experts' SwiGLU input
+            (DeepSeek-V4's): `gate.clamp(max=limit)`, `up.clamp(-limit, limit)` before
+            `silu(gate) * up`.
+        num_shared_experts: 0, or the width of the dense shared expert beside the routed
+            ones in units of `ffn_hidden` (`Fs = ffn_hidden * num_shared_experts`);
+            `y = routed(x) + shared(x)`, replicated on every rank like the router.
+        timeout_s: the longest any wait inside the layer lasts on Gloo (CPU) ranks, however
+            the process group was made: a stalled or dead peer becomes a
+            `CommunicationError` naming the stage and wave waited for. On NCCL the layer
+            never waits on the host; there NCCL's watchdog ends a hung collective after
+            the group's own timeout (`ep.init_distributed(timeout_s=...)`).
         dedup_across_waves: "experts" split: a token travels to a rank once, in the first wave that needs
             it there, and its summed result comes back once, after the last (True: W=1's
             bytes for any W); or once per (rank, wave) (False: more bytes, but each
@@ -67,9 +85,15 @@ class MoEConfig:
     wave_split: str = "tokens"
     max_tokens: Optional[int] = None
     capacity_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    swiglu_limit: Optional[float] = None
+    num_shared_experts: int = 0
+    timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves"):
+        for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "n_group", "topk_group"):
             value = getattr(self, name)
             if name == "num_waves" and value == "auto":
                 continue
@@ -89,8 +113,34 @@ class MoEConfig:
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"MoEConfig.transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        if isinstance(self.sm_carveout, bool) or not isinstance(self.sm_carveout, int) or self.sm_carveout < 0:
-            raise ValueError(f"MoEConfig.sm_carveout must be an int >= 0, got {self.sm_carveout!r}")
+        for name in ("sm_carveout", "num_shared_experts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"MoEConfig.{name} must be an int >= 0, got {value!r}")
+        if self.num_experts % self.n_group:
+            raise ValueError(
+                f"MoEConfig.n_group must divide num_experts ({self.num_experts}), got {self.n_group}"
+            )
+        group_size = self.num_experts // self.n_group
+        if self.n_group > 1 and group_size < 2:
+            raise ValueError(
+                f"MoEConfig.n_group must leave at least 2 experts per group (a group scores by its two best), "
+                f"got {self.n_group} groups of {self.num_experts} experts"
+            )
+        if self.topk_group > self.n_group:
+            raise ValueError(f"MoEConfig.topk_group must be <= n_group ({self.n_group}), got {self.topk_group}")
+        if self.top_k > self.topk_group * group_size:
+            raise ValueError(
+                f"MoEConfig.top_k ({self.top_k}) must be <= the experts of the topk_group best groups "
+                f"({self.topk_group} x {group_size})"
+            )
+        for name, allow_none in (("routed_scaling_factor", False), ("swiglu_limit", True), ("timeout_s", False)):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                what = "None or a finite number > 0" if allow_none else "a finite number > 0"
+                raise ValueError(f"MoEConfig.{name} must be {what}, got {value!r}")
         if self.wave_split not in WAVE_SPLITS:
             raise ValueError(f"MoEConfig.wave_split must be one of {WAVE_SPLITS}, got {self.wave_split!r}")
         if self.max_tokens is not None and (

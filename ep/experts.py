@@ -1,7 +1,8 @@
 """The experts: SwiGLU MLPs over a contiguous range of local experts, forward and backward.
 
 Rows arrive grouped by expert (`counts[e]` rows for expert e). linear1 is `h = x @ w1`;
-linear2 is SwiGLU (`a = silu(gate) * up`, gate = columns `[:F]` of h, up = `[F:]`) then `a @ w2`.
+linear2 is SwiGLU (`a = silu(gate) * up`, gate = columns `[:F]` of h, up = `[F:]`, both
+clamped first when a `swiglu_limit` is given) then `a @ w2`.
 Backward is written out by hand so the pipeline can run it wave by wave.
 """
 from __future__ import annotations
@@ -27,8 +28,17 @@ class Experts(nn.Module):
         super().__init__()
         self.w1 = nn.Parameter(torch.empty(num_local_experts, hidden, 2 * ffn_hidden))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, ffn_hidden, hidden))
-        nn.init.normal_(self.w1, std=hidden ** -0.5)
-        nn.init.normal_(self.w2, std=ffn_hidden ** -0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.w1, std=self.w1.shape[1] ** -0.5)
+        nn.init.normal_(self.w2, std=self.w2.shape[1] ** -0.5)
+
+
+def _rows_in_use(counts: Optional[Sequence[int]], offs: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Without host counts, the rows in use are `offs[-1]` on the device (buffers sized by a
+    bound: the kernels skip the rows past it)."""
+    return offs[-1] if counts is None and offs is not None and offs.numel() else None
 
 
 def linear1(x_IH: torch.Tensor, w1_EH2F: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -36,9 +46,12 @@ def linear1(x_IH: torch.Tensor, w1_EH2F: torch.Tensor, counts: Sequence[int], of
     return grouped_mm(x_IH, w1_EH2F, counts, offs)
 
 
-def linear2(h_I2F: torch.Tensor, w2_EFH: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`o = swiglu(h) @ w2[e]` per expert -> `[I, H]`."""
-    return grouped_mm(swiglu(h_I2F), w2_EFH, counts, offs)
+def linear2(
+    h_I2F: torch.Tensor, w2_EFH: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None,
+    swiglu_limit: Optional[float] = None,
+) -> torch.Tensor:
+    """`o = swiglu(h) @ w2[e]` per expert -> `[I, H]` (h clamped by `swiglu_limit` when given)."""
+    return grouped_mm(swiglu(h_I2F, swiglu_limit, _rows_in_use(counts, offs)), w2_EFH, counts, offs)
 
 
 def linear2_backward(
@@ -48,15 +61,16 @@ def linear2_backward(
     w2_EFH: torch.Tensor,
     counts: Sequence[int],
     offs: Optional[torch.Tensor] = None,
+    swiglu_limit: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of `z = weight * (swiglu(h) @ w2)` for the gradient `dz` of each item's row.
+    """Backward of `z = weight * (swiglu(h) @ w2)` for the gradient `dz` of each item's row
+    (`swiglu_limit`: the forward's).
 
     Returns:
         dh `[I, 2F]` (h's dtype, SwiGLU's backward included), dw2 `[E, F, H]`,
         dweight `[I]` (at least fp32).
     """
-    g_IF = grouped_mm(dz_IH, w2_EFH.transpose(1, 2), counts, offs)  # dz @ w2^T
-    dh_I2F, wa_IF, dweight_I = swiglu_backward_weighted(g_IF, h_I2F, weight_I)
+    dh_I2F, wa_IF, dweight_I = linear2_backward_data(dz_IH, h_I2F, weight_I, w2_EFH, counts, offs, swiglu_limit)
     dw2 = grouped_mm_wgrad(wa_IF, dz_IH, counts, offs)  # (w * a)^T @ dz
     return dh_I2F, dw2, dweight_I
 
@@ -69,7 +83,7 @@ def linear1_backward(
     offs: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Backward of `h = x @ w1[e]`. Returns dx `[I, H]` and dw1 `[E, H, 2F]`."""
-    dx_IH = grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)
+    dx_IH = linear1_backward_data(dh_I2F, w1_EH2F, counts, offs)
     dw1 = grouped_mm_wgrad(x_IH, dh_I2F, counts, offs)
     return dx_IH, dw1
 
@@ -81,11 +95,12 @@ def linear2_backward_data(
     w2_EFH: torch.Tensor,
     counts: Optional[Sequence[int]],
     offs: Optional[torch.Tensor] = None,
+    swiglu_limit: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The data part of `linear2_backward`: dh `[I, 2F]`, wa `[I, F]` (weight * swiglu(h),
     so that dw2 = wa^T @ dz, left to the caller) and dweight `[I]`."""
     g_IF = grouped_mm(dz_IH, w2_EFH.transpose(1, 2), counts, offs)  # dz @ w2^T
-    return swiglu_backward_weighted(g_IF, h_I2F, weight_I)
+    return swiglu_backward_weighted(g_IF, h_I2F, weight_I, swiglu_limit, _rows_in_use(counts, offs))
 
 
 def linear1_backward_data(

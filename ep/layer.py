@@ -1,7 +1,7 @@
 """`ExpertParallelMoE`: router -> plan -> pipeline (transport, experts, kernels)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,7 @@ from .experts import Experts
 from .pipeline import waved_experts
 from .plan import make_plan
 from .router import Router
+from .shared import SharedExperts
 from .transport import make_transport
 
 
@@ -22,16 +23,25 @@ class ExpertParallelMoE(nn.Module):
     """A Mixture-of-Experts layer whose experts are spread over the ranks of `group`.
 
     Rank r of n owns global experts `r*E/n ... (r+1)*E/n - 1`. Parameters:
-    `router.weight [E, H]` (replicated: broadcast from the group's rank 0 when built),
-    `experts.w1 [E_local, H, 2F]` (gate columns `[:F]`, up `[F:]`), `experts.w2 [E_local, F, H]`.
+    `router.weight [E, H]` and the buffer `router.e_score_correction_bias [E]` (float32),
+    `experts.w1 [E_local, H, 2F]` (gate columns `[:F]`, up `[F:]`), `experts.w2 [E_local, F, H]`,
+    and with `num_shared_experts` > 0 `shared_experts.w1 [H, 2Fs]`, `shared_experts.w2 [Fs, H]`.
+    The router and the shared experts are replicated: the first forward checks that every
+    rank has the same configuration and broadcasts them from the group's rank 0.
+
+    Construction makes no collective (the layer can be built on the meta device, then
+    `to_empty(device=...)` and `reset_parameters()`).
 
     Forward, numbered as it runs:
-        1. route: logits `x @ router.weight.T` in at least fp32, softmax/sigmoid, top-k,
-           renormalised (skipped when the caller passes `topk_idx` and `topk_weights`);
+        0. (first forward only) the configuration check and the replicated weights' broadcast;
+        1. route: logits `x @ router.weight.T` in at least fp32, scores, top-k of the biased
+           scores (within the best groups), weights (skipped when the caller passes
+           `topk_idx` and `topk_weights`);
         2. plan: destination rank, local expert and wave of every (token, slot); one
            exchange of counts, read on the host (the layer's only host sync);
         3. waves: dispatch, linear1, linear2, combine of wave w while wave w+1 is in
-           flight (`ep.pipeline`); backward runs the mirror schedule.
+           flight (`ep.pipeline`); backward runs the mirror schedule;
+        4. shared experts (when configured): added to the routed output.
 
     Args:
         config: the layer's shape and knobs.
@@ -42,17 +52,45 @@ class ExpertParallelMoE(nn.Module):
     def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None) -> None:
         super().__init__()
         self.config = config
-        self.transport = make_transport(group, config.transport)
-        check_same_config(config, self.transport)  # first: a bad config raises on every rank alike
+        self.transport = make_transport(group, config.transport, config.timeout_s)
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
         self.router = Router(config)
         self.experts = Experts(self.num_local_experts, config.hidden, config.ffn_hidden)
+        self.shared_experts: Optional[SharedExperts] = None
+        if config.num_shared_experts:
+            self.shared_experts = SharedExperts(
+                config.hidden, config.ffn_hidden * config.num_shared_experts, config.swiglu_limit
+            )
         self.num_waves: Optional[int] = None if config.num_waves == "auto" else config.num_waves
         """W in use: the config's, or for "auto" the one chosen at the first forward."""
-        with torch.no_grad():
-            self.transport.broadcast_(self.router.weight.data, src=0)
+        self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
         self._posted = PostedFindings()
         """Device findings of earlier calls (token waves on CUDA), raised at the next call."""
+
+    def reset_parameters(self) -> None:
+        """Fresh initial values (as construction draws them, in the same order)."""
+        for module in (self.router, self.experts, self.shared_experts):
+            if module is not None:
+                module.reset_parameters()
+
+    def replicated_tensors(self) -> List[torch.Tensor]:
+        """The tensors every rank holds alike: the router's weight and bias, the shared experts'."""
+        out = [self.router.weight, self.router.e_score_correction_bias]
+        if self.shared_experts is not None:
+            out += [self.shared_experts.w1, self.shared_experts.w2]
+        return out
+
+    def sync_replicas(self) -> None:
+        """Collective, once (later calls return at once): every rank's config must agree (else
+        `InputError` on every rank), then the replicated tensors are broadcast from rank 0.
+        The first forward calls it; call it before using `router` outside the layer."""
+        if self._replicas_synced:
+            return
+        check_same_config(self.config, self.transport)
+        with torch.no_grad():
+            for t in self.replicated_tensors():
+                self.transport.broadcast_(t.data, src=0, label="replicated weights' broadcast (first forward)")
+        self._replicas_synced = True
 
     @property
     def rank(self) -> int:
@@ -76,12 +114,16 @@ class ExpertParallelMoE(nn.Module):
         Returns:
             `[..., H]` like x.
         Raises:
-            InputError: on every rank when any rank's input is invalid (wrong shape, dtype
+            InputError: on every rank when the ranks' configurations differ (first forward),
+                or any rank's input is invalid (wrong shape, dtype
                 or device; expert ids out of range or repeated within a token; NaN/Inf
                 weights, which is also how NaN/Inf router logits surface).
+            CommunicationError: when a peer fails, dies or stalls: within `config.timeout_s` on
+                Gloo, naming the stage and wave waited for (see `ep.transport.torch_dist`).
         """
         cfg = self.config
         w1, w2 = self.experts.w1, self.experts.w2
+        self.sync_replicas()
         if cfg.wave_split == "tokens":
             return self._forward_tokens(x, topk_idx, topk_weights)
         if self.num_waves is None:  # "auto": collective, once (every rank is in this forward)
@@ -103,7 +145,9 @@ class ExpertParallelMoE(nn.Module):
             topk_idx, cfg.num_experts, W, self.transport, topk_weights, cfg.dedup_across_waves,
             config=cfg,
         )
-        y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout)
+        y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout, cfg.swiglu_limit)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)  # step 4, a call of its own: it may be issued earlier
         return y_TH.view(x.shape)
 
     def _forward_tokens(self, x, topk_idx, topk_weights) -> torch.Tensor:
@@ -156,7 +200,9 @@ class ExpertParallelMoE(nn.Module):
         W = max(1, min(W, max_tokens))
         plan = sender_plan(topk_idx, topk_weights, cfg.num_experts, tr.world_size, W,
                            wave_capacity(max_tokens, W, cfg.capacity_factor), status if bad else None)
-        y_TH, found = chunked_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout)
+        y_TH, found = chunked_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit)
+        if self.shared_experts is not None:
+            y_TH = y_TH + self.shared_experts(x_TH)
         if bad or not found.is_cuda:  # read now: on the CPU it costs nothing, on CUDA this is an error path
             self._raise_found(found.tolist())
         else:

@@ -20,7 +20,7 @@ transport's streams; the compute stream waits only for its own wave's data.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch.profiler import record_function
@@ -99,7 +99,8 @@ class WavedExperts(torch.autograd.Function):
     """`y = sum_j w[t, j] * expert_j(x[t])` over experts on all ranks, in waves."""
 
     @staticmethod
-    def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: DispatchPlan, transport: Transport, sm_carveout: int):
+    def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: DispatchPlan, transport: Transport, sm_carveout: int,
+                swiglu_limit: Optional[float] = None):
         if plan.recv_weights is None:
             raise ValueError("WavedExperts needs a plan made with topk_weights")
         acc = accumulate_dtype(x_TH.dtype)
@@ -115,7 +116,7 @@ class WavedExperts(torch.autograd.Function):
         def compute(w: int) -> Callable[[], stages.InFlight]:
             with carve:
                 h = stages.linear1(rows_all, w1, plan, w)
-                o = stages.linear2(h, w2, plan, w)
+                o = stages.linear2(h, w2, plan, w, swiglu_limit=swiglu_limit)
             hidden[w] = h
             return lambda: stages.combine(o, touch_weights[plan.touch_slice(w)], acc_all, back_all, plan, w, transport)
 
@@ -125,20 +126,16 @@ class WavedExperts(torch.autograd.Function):
         y_TH = torch.empty_like(x_TH)
         with _range("ep.unpermute"):
             stages.unpermute(back_all, plan, y_TH)
-        ctx.save_for_backward(w1, w2)
-        ctx.plan, ctx.transport, ctx.sm_carveout = plan, transport, sm_carveout
-        ctx.rows_all, ctx.hidden, ctx.weights_flat = rows_all, hidden, weights_flat
+        # every tensor through save_for_backward, so checkpointing and saved-tensor hooks see them;
+        # the plan (host ints and index tables, no activations) stays on ctx
+        ctx.save_for_backward(w1, w2, rows_all, weights_flat, *hidden)
+        ctx.plan, ctx.transport, ctx.sm_carveout, ctx.swiglu_limit = plan, transport, sm_carveout, swiglu_limit
         ctx.x_dtype, ctx.w_dtype = x_TH.dtype, topk_weights_TK.dtype
         return y_TH
 
     @staticmethod
     def backward(ctx, dy_TH):
-        if ctx.rows_all is None:
-            raise RuntimeError(
-                "ep: a second backward through the same forward (retain_graph=True) is not supported: "
-                "the layer frees its saved buffers in the first backward"
-            )
-        w1, w2 = ctx.saved_tensors
+        w1, w2, rows_all, weights_flat, *hidden = ctx.saved_tensors  # unpacked once (hooks may copy)
         plan: DispatchPlan = ctx.plan
         transport: Transport = ctx.transport
         dy_TH = dy_TH.to(ctx.x_dtype).contiguous()
@@ -146,7 +143,7 @@ class WavedExperts(torch.autograd.Function):
         dacc_all = stages.return_accumulator(plan, dy_TH)
         dback_all = stages.returned_rows(plan, dy_TH)
         dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        dweights_flat = torch.zeros_like(ctx.weights_flat)
+        dweights_flat = torch.zeros_like(weights_flat)
         carve = _SmCarveout(ctx.sm_carveout if plan.num_waves > 1 else 0, dy_TH.device)
 
         def compute(w: int) -> Callable[[], stages.InFlight]:
@@ -155,9 +152,9 @@ class WavedExperts(torch.autograd.Function):
             slots = plan.item_slot_flat[i0:i1]
             with carve:
                 dx_IH, dw1[e0:e1], dw2[e0:e1], dweight_I = stages.experts_backward(
-                    dz_all, ctx.rows_all, ctx.hidden[w], ctx.weights_flat[slots], w1, w2, plan, w
+                    dz_all, rows_all, hidden[w], weights_flat[slots], w1, w2, plan, w, swiglu_limit=ctx.swiglu_limit
                 )
-            ctx.hidden[w] = None
+            hidden[w] = None  # this wave's unpacked copy (the autograd graph frees its own after backward)
             dweights_flat[slots] = dweight_I
             return lambda: stages.dispatch_backward(dx_IH, dacc_all, dback_all, plan, w, transport)
 
@@ -167,9 +164,8 @@ class WavedExperts(torch.autograd.Function):
         dx_TH = torch.empty_like(dy_TH)
         with _range("ep.unpermute"):
             stages.unpermute(dback_all, plan, dx_TH)
-        ctx.rows_all = None
         dtopk_TK = stages.exchange_weight_grads(dweights_flat, plan, transport).to(ctx.w_dtype)
-        return dx_TH, dtopk_TK, dw1, dw2, None, None, None
+        return dx_TH, dtopk_TK, dw1, dw2, None, None, None, None
 
 
 def waved_experts(
@@ -180,6 +176,7 @@ def waved_experts(
     plan: DispatchPlan,
     transport: Transport,
     sm_carveout: int = 0,
+    swiglu_limit: Optional[float] = None,
 ) -> torch.Tensor:
     """Differentiable expert part of the layer: `[T, H]` in, `[T, H]` out (x's dtype)."""
-    return WavedExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout)
+    return WavedExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit)

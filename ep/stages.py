@@ -151,10 +151,12 @@ def linear1(rows_all: torch.Tensor, w1: torch.Tensor, plan: DispatchPlan, wave: 
     return _linear1(x_IH, w1[experts], plan.items_per_expert[experts], plan.wave_offs[wave])
 
 
-def linear2(h_I2F: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, wave: int) -> torch.Tensor:
-    """Stage 3: `o = swiglu(h) @ w2` -> `[I_w, H]`."""
+def linear2(
+    h_I2F: torch.Tensor, w2: torch.Tensor, plan: DispatchPlan, wave: int, swiglu_limit: Optional[float] = None,
+) -> torch.Tensor:
+    """Stage 3: `o = swiglu(h) @ w2` -> `[I_w, H]` (h clamped by `swiglu_limit` when given)."""
     _, experts = _items(plan, wave)
-    return _linear2(h_I2F, w2[experts], plan.items_per_expert[experts], plan.wave_offs[wave])
+    return _linear2(h_I2F, w2[experts], plan.items_per_expert[experts], plan.wave_offs[wave], swiglu_limit)
 
 
 def combine(
@@ -188,8 +190,9 @@ def experts_backward(
     w2: torch.Tensor,
     plan: DispatchPlan,
     wave: int,
+    swiglu_limit: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """linear2's then linear1's backward for wave w.
+    """linear2's then linear1's backward for wave w (`swiglu_limit`: the forward's).
 
     Args:
         dz_all: `[R_all, H]` output gradients of the received rows (landed for this wave).
@@ -201,7 +204,9 @@ def experts_backward(
     items, experts = _items(plan, wave)
     counts, offs = plan.items_per_expert[experts], plan.wave_offs[wave]
     rows = plan.item_row[items]
-    dh_I2F, dw2, dweight_I = linear2_backward(gather_rows(dz_all, rows), h_I2F, weight_I, w2[experts], counts, offs)
+    dh_I2F, dw2, dweight_I = linear2_backward(
+        gather_rows(dz_all, rows), h_I2F, weight_I, w2[experts], counts, offs, swiglu_limit
+    )
     dx_IH, dw1 = linear1_backward(dh_I2F, gather_rows(rows_all, rows), w1[experts], counts, offs)
     return dx_IH, dw1, dw2, dweight_I
 

@@ -63,15 +63,18 @@ def test_bad_input_raises_on_every_rank(case):
 
 
 def check_config_mismatch(rank, n):
-    kwargs = dict(num_waves=1) if rank == 2 else {}
-    msg = _expect_error(lambda: _layer(n, **kwargs), "disagree", "num_waves=1" if rank != 2 else "num_waves=2")
+    kwargs = dict(num_waves=1, swiglu_limit=7.5) if rank == 2 else dict(swiglu_limit=None)
+    layer = _layer(n, **kwargs)  # construction makes no collective: the first forward checks
+    x = torch.randn(4, 8, dtype=torch.float64)
+    msg = _expect_error(lambda: layer(x), "disagree", "num_waves=1" if rank != 2 else "num_waves=2")
     return msg
 
 
 def test_ranks_that_disagree_on_config():
     msgs = run_world(3, check_config_mismatch, timeout_s=30)
-    assert "rank 2: num_waves=1" in msgs[0] and "rank 2: num_waves=1" in msgs[1]
-    assert "num_waves=2 where rank 2 has 1" in msgs[2]
+    for m in msgs[:2]:
+        assert "rank 2: num_waves=1" in m and "rank 2: swiglu_limit=7.5 where" in m, m
+    assert "num_waves=2 where rank 2 has 1" in msgs[2] and "swiglu_limit=None where rank 2 has 7.5" in msgs[2]
 
 
 @pytest.mark.parametrize("field, value, needle", [
@@ -82,6 +85,14 @@ def test_ranks_that_disagree_on_config():
     ("norm_topk", 1, "norm_topk must be a bool"),
     ("transport", "mpi", "transport must be one of"),
     ("num_waves", "fast", "num_waves must be a positive int or 'auto'"),
+    ("score_func", "softplus", "score_func must be one of"),
+    ("n_group", 3, "n_group must divide num_experts"),
+    ("n_group", 8, "n_group must leave at least 2 experts per group"),
+    ("topk_group", 2, r"topk_group must be <= n_group \(1\)"),
+    ("routed_scaling_factor", 0.0, "routed_scaling_factor must be a finite number > 0"),
+    ("swiglu_limit", float("inf"), "swiglu_limit must be None or a finite number > 0"),
+    ("num_shared_experts", -1, "num_shared_experts must be an int >= 0"),
+    ("timeout_s", -3, "timeout_s must be a finite number > 0"),
 ])
 def test_config_rejects(field, value, needle):
     cfg = dict(hidden=8, ffn_hidden=6, num_experts=8, top_k=2)
@@ -134,3 +145,8 @@ def check_uneven_waves(rank, n):
 
 def test_uneven_waves_allowed():
     assert run_world(2, check_uneven_waves, timeout_s=60) == [True, True]
+
+
+def test_config_rejects_more_experts_than_the_groups_allow():
+    with pytest.raises(ValueError, match=r"top_k \(5\) must be <= the experts of the topk_group best groups \(2 x 2\)"):
+        ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=8, top_k=5, n_group=4, topk_group=2)

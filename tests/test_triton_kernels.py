@@ -85,6 +85,26 @@ def test_strided_rows_match_torch(triton_rows):
     assert got[~keep].isnan().all()
 
 
+def test_rows_in_use_bound_the_kernels(triton_rows, triton_swiglu):
+    """Buffers sized by a bound: rows past the device count are skipped (left as they were)."""
+    g = torch.Generator().manual_seed(6)
+    src = torch.randn(9, 20, generator=g)
+    index = torch.tensor([4, 0, 8, 2, 2, 7])
+    used = torch.tensor(4)
+    out = torch.full((6, 20), float("nan"))
+    triton_rows.gather_rows_triton(src, index, out, used)
+    torch.testing.assert_close(out[:4], src[index[:4]])
+    assert out[4:].isnan().all()
+    h = torch.randn(6, 2 * 12, generator=g)
+    a = triton_swiglu.swiglu_fwd_triton(h, None, used)
+    torch.testing.assert_close(a[:4], triton_swiglu.swiglu_fwd_triton(h[:4]), rtol=0, atol=0)
+    grad, weight = torch.randn(6, 12, generator=g), torch.rand(6, generator=g)
+    got = triton_swiglu.swiglu_bwd_triton(grad, h, weight, None, used)
+    want = triton_swiglu.swiglu_bwd_triton(grad[:4], h[:4], weight[:4])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a[:4], b, rtol=0, atol=0)
+
+
 def test_partial_sums_carry_and_leave(triton_rows):
     from ep.kernels.permute import reduce_rows
 
@@ -103,23 +123,27 @@ def test_partial_sums_carry_and_leave(triton_rows):
     torch.testing.assert_close(got_acc, want_acc, rtol=1e-6, atol=1e-6)
 
 
-def test_swiglu_matches_torch(triton_swiglu):
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_swiglu_matches_torch(triton_swiglu, limit):
     from ep.kernels.swiglu import swiglu, swiglu_backward_weighted
 
     g = torch.Generator().manual_seed(4)
     I, F = 9, 40  # F not a multiple of the block: masked tails
-    h = torch.randn(I, 2 * F, generator=g)
-    torch.testing.assert_close(triton_swiglu.swiglu_fwd_triton(h), swiglu(h), rtol=1e-5, atol=1e-6)
+    h = torch.randn(I, 2 * F, generator=g)  # with limit 0.5: most values are clamped
+    torch.testing.assert_close(triton_swiglu.swiglu_fwd_triton(h, limit), swiglu(h, limit), rtol=1e-5, atol=1e-6)
     grad = torch.randn(I, F, generator=g)
     weight = torch.rand(I, generator=g)
-    got = triton_swiglu.swiglu_bwd_triton(grad, h, weight)
-    want = swiglu_backward_weighted(grad, h, weight)
+    got = triton_swiglu.swiglu_bwd_triton(grad, h, weight, limit)
+    want = swiglu_backward_weighted(grad, h, weight, limit)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # and against autograd of the plain formula
+    # and against autograd of the plain formula (clamped as DeepSeek-V4's block clamps)
     hh = h.clone().requires_grad_(True)
     ww = weight.clone().requires_grad_(True)
-    a = torch.nn.functional.silu(hh[:, :F]) * hh[:, F:]
+    gate, up = hh[:, :F], hh[:, F:]
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    a = torch.nn.functional.silu(gate) * up
     ((ww.unsqueeze(1) * a) * grad).sum().backward()
     torch.testing.assert_close(got[0], hh.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], ww.grad, rtol=1e-5, atol=1e-5)

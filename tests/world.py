@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Any, Callable, List
 
 
-def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results, barrier):
+def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results, barrier, default_group_timeout=False):
     try:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         import torch
@@ -27,13 +27,9 @@ def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results, barri
 
         torch.set_num_threads(1)
         torch.manual_seed(1000 + rank)
-        dist.init_process_group(
-            "gloo",
-            init_method=f"file://{store_path}",
-            rank=rank,
-            world_size=world_size,
-            timeout=timedelta(seconds=timeout_s),
-        )
+        timeout = {} if default_group_timeout else dict(timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                                **timeout)
         try:
             out = fn(rank, world_size, *args)
             if barrier:
@@ -47,20 +43,22 @@ def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results, barri
 
 def run_world(
     world_size: int, fn: Callable[..., Any], *args: Any, timeout_s: float = 120.0, may_die: tuple = (),
-    barrier: bool = True,
+    barrier: bool = True, default_group_timeout: bool = False,
 ) -> List[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` Gloo ranks; return each rank's result.
 
-    `timeout_s` is also the process group's timeout. Ranks in `may_die` may end without a
-    result (a fault test kills them); their result is None. `barrier=False` skips the
-    closing barrier (for tests that leave the group broken on purpose).
+    `timeout_s` is also the process group's timeout, unless `default_group_timeout`: then
+    the group is made as a user would, with torch's default (30 minutes for Gloo). Ranks in
+    `may_die` may end without a result (a fault test kills them); their result is None.
+    `barrier=False` skips the closing barrier (for tests that leave the group broken on purpose).
     """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         procs = [
-            ctx.Process(target=_rank_main, args=(r, world_size, store, timeout_s, fn, args, results, barrier), daemon=True)
+            ctx.Process(target=_rank_main, args=(r, world_size, store, timeout_s, fn, args, results, barrier,
+                                                 default_group_timeout), daemon=True)
             for r in range(world_size)
         ]
         for p in procs:

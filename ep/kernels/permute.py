@@ -15,8 +15,17 @@ import torch
 from ..dtypes import accumulate_dtype
 
 
-def gather_rows(x_MH: torch.Tensor, index_N: torch.Tensor) -> torch.Tensor:
-    """`out[i] = x[index[i]]` -> `[N, H]`, contiguous, x's dtype."""
+def gather_rows(x_MH: torch.Tensor, index_N: torch.Tensor, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`out[i] = x[index[i]]` -> `[N, H]`, contiguous, x's dtype.
+
+    `rows`: optional 0-d device tensor, the rows in use: the GPU kernel skips later rows
+    (their values are then unspecified), for buffers sized by a bound."""
+    if rows is not None and use_triton(x_MH):
+        from .triton_rows import gather_rows_triton
+
+        out = x_MH.new_empty(index_N.shape[0], x_MH.shape[1])
+        gather_rows_triton(x_MH, index_N, out, rows)
+        return out
     if x_MH.is_cuda:
         return x_MH.index_select(0, index_N)
     return x_MH[index_N]  # on CPU faster than index_select

@@ -1,4 +1,4 @@
-"""Triton kernel for `ep.kernels.permute.reduce_rows` on CUDA.
+"""Triton kernels for `ep.kernels.permute.reduce_rows` and `gather_rows(_into)` on CUDA.
 
 One program per (output row, block of columns); the K slot loads are issued without
 branches (masked), so they are in flight together; fp32 accumulation; 16-byte accesses
@@ -42,8 +42,12 @@ def _reduce_rows_kernel(
 
 
 @triton.jit
-def _gather_rows_kernel(src, index, out, H, src_stride, out_stride, BLOCK: tl.constexpr):
+def _gather_rows_kernel(src, index, out, rows_used, H, src_stride, out_stride, BLOCK: tl.constexpr,
+                        HAS_ROWS: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        if n >= tl.load(rows_used):
+            return
     i = tl.load(index + n)
     if i >= 0:
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -55,15 +59,18 @@ def _unit_rows(t: torch.Tensor) -> bool:
     return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1)
 
 
-def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    """`out[n] = src[index[n]]` where index[n] >= 0 (rows with -1 untouched); any row strides."""
+def gather_rows_triton(src: torch.Tensor, index: torch.Tensor, out: torch.Tensor,
+                       rows: Optional[torch.Tensor] = None) -> None:
+    """`out[n] = src[index[n]]` where index[n] >= 0 (rows with -1 untouched), for n < rows
+    (a 0-d device tensor; all rows when None); any row strides."""
     N, H = out.shape
     if N == 0 or H == 0:
         return
     assert _unit_rows(src) and _unit_rows(out) and index.is_contiguous() and src.dtype == out.dtype
     block = min(1024, triton.next_power_of_2(H))
-    _gather_rows_kernel[(N, triton.cdiv(H, block))](src, index, out, H, src.stride(0), out.stride(0),
-                                                    BLOCK=block, num_warps=4)
+    _gather_rows_kernel[(N, triton.cdiv(H, block))](src, index, out, rows if rows is not None else index, H,
+                                                    src.stride(0), out.stride(0), BLOCK=block,
+                                                    HAS_ROWS=rows is not None, num_warps=4)
 
 
 def reduce_rows_triton(

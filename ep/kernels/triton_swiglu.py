@@ -7,10 +7,13 @@ Backward, fused with the parts of linear2's backward that are per item: given
     dh      = swiglu'(h) . (w * g)
     wa      = w * a              (so that dw2 = wa^T @ dz)
 one pass per row (reads g and h, writes dh and wa), fp32 arithmetic throughout.
+With `rows` (HAS_ROWS: a device count, for buffers sized by a bound) rows past it are
+skipped, their outputs unspecified. With a limit (HAS_LIMIT), gate and up are clamped first (`gate <= limit`,
+`-limit <= up <= limit`) and the gradient is 0 where the clamp cut, as autograd's clamp.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -18,19 +21,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _swiglu_fwd_kernel(h, a, F, BLOCK: tl.constexpr):
+def _swiglu_fwd_kernel(h, a, F, limit, rows_used, BLOCK: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_ROWS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        if row >= tl.load(rows_used):
+            return
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = cols < F
     gate = tl.load(h + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
     up = tl.load(h + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_LIMIT:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
     out = gate * tl.sigmoid(gate) * up
     tl.store(a + row * F + cols, out.to(a.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _swiglu_bwd_kernel(g, h, w, dh, wa, dweight, F: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_bwd_kernel(g, h, w, dh, wa, dweight, limit, rows_used, F: tl.constexpr, BLOCK: tl.constexpr,
+                       HAS_LIMIT: tl.constexpr, HAS_ROWS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    if HAS_ROWS:
+        if row >= tl.load(rows_used):
+            return
     weight = tl.load(w + row).to(tl.float32)
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, F, BLOCK):
@@ -39,34 +52,52 @@ def _swiglu_bwd_kernel(g, h, w, dh, wa, dweight, F: tl.constexpr, BLOCK: tl.cons
         gate = tl.load(h + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
         up = tl.load(h + row * 2 * F + F + cols, mask=m, other=0.0).to(tl.float32)
         gv = tl.load(g + row * F + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_LIMIT:
+            gate_in = gate <= limit
+            up_in = (up >= -limit) & (up <= limit)
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
         sig = tl.sigmoid(gate)
         silu = gate * sig
         act = silu * up
         total += gv * act
         da = weight * gv
-        tl.store(dh + row * 2 * F + cols, (da * up * sig * (1.0 + gate * (1.0 - sig))).to(dh.dtype.element_ty), mask=m)
-        tl.store(dh + row * 2 * F + F + cols, (da * silu).to(dh.dtype.element_ty), mask=m)
+        dgate = da * up * sig * (1.0 + gate * (1.0 - sig))
+        dup = da * silu
+        if HAS_LIMIT:
+            dgate = tl.where(gate_in, dgate, 0.0)
+            dup = tl.where(up_in, dup, 0.0)
+        tl.store(dh + row * 2 * F + cols, dgate.to(dh.dtype.element_ty), mask=m)
+        tl.store(dh + row * 2 * F + F + cols, dup.to(dh.dtype.element_ty), mask=m)
         tl.store(wa + row * F + cols, (weight * act).to(wa.dtype.element_ty), mask=m)
     tl.store(dweight + row, tl.sum(total, axis=0))
 
 
-def swiglu_fwd_triton(h: torch.Tensor) -> torch.Tensor:
+def swiglu_fwd_triton(h: torch.Tensor, limit: Optional[float] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`rows`: an optional 0-d device int tensor, the rows in use (later rows are skipped)."""
     I, F2 = h.shape
     F = F2 // 2
     a = h.new_empty(I, F)
     if I:
         block = min(1024, triton.next_power_of_2(F))
-        _swiglu_fwd_kernel[(I, triton.cdiv(F, block))](h.contiguous(), a, F, BLOCK=block, num_warps=4)
+        _swiglu_fwd_kernel[(I, triton.cdiv(F, block))](h.contiguous(), a, F, float(limit or 0.0),
+                                                       rows if rows is not None else a, BLOCK=block,
+                                                       HAS_LIMIT=limit is not None, HAS_ROWS=rows is not None,
+                                                       num_warps=4)
     return a
 
 
-def swiglu_bwd_triton(g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def swiglu_bwd_triton(
+    g: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, limit: Optional[float] = None,
+    rows: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     I, F = g.shape
     dh = h.new_empty(I, 2 * F)
     wa = h.new_empty(I, F)
     dweight = torch.empty(I, dtype=torch.float32, device=h.device)
     if I:
         block = min(2048, triton.next_power_of_2(F))
-        _swiglu_bwd_kernel[(I,)](g.contiguous(), h.contiguous(), weight.float().contiguous(), dh, wa, dweight, F,
-                                 BLOCK=block, num_warps=8)
+        _swiglu_bwd_kernel[(I,)](g.contiguous(), h.contiguous(), weight.float().contiguous(), dh, wa, dweight,
+                                 float(limit or 0.0), rows if rows is not None else dweight, F, BLOCK=block,
+                                 HAS_LIMIT=limit is not None, HAS_ROWS=rows is not None, num_warps=8)
     return dh, wa, dweight

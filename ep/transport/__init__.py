@@ -13,7 +13,9 @@ from .torch_dist import LocalTransport, TorchDistTransport
 _COPY_ENGINES: dict = {}  # group name -> its CopyEngineTransport, shared by every layer on the group
 
 
-def make_transport(group: Optional[dist.ProcessGroup] = None, kind: str = "nccl") -> Transport:
+def make_transport(
+    group: Optional[dist.ProcessGroup] = None, kind: str = "nccl", timeout_s: Optional[float] = None
+) -> Transport:
     """The transport for `group` (the default group when None).
 
     kind "nccl": `torch.distributed`'s all-to-all (NCCL on GPUs, Gloo on CPUs); "copy_engine":
@@ -22,6 +24,7 @@ def make_transport(group: Optional[dist.ProcessGroup] = None, kind: str = "nccl"
     sized for the largest layer once, not once per layer (a model's layers run one after
     another on the transport's stream, and every rank makes the same calls in the same order).
     With torch.distributed not initialised and no group given: a one-process world.
+    `timeout_s` bounds every host wait on a Gloo group (`TorchDistTransport`).
     """
     if kind not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
@@ -32,9 +35,9 @@ def make_transport(group: Optional[dist.ProcessGroup] = None, kind: str = "nccl"
 
         name = (group if group is not None else dist.group.WORLD).group_name
         if name not in _COPY_ENGINES:
-            _COPY_ENGINES[name] = CopyEngineTransport(group)
+            _COPY_ENGINES[name] = CopyEngineTransport(group, timeout_s)
         return _COPY_ENGINES[name]
-    return TorchDistTransport(group)
+    return TorchDistTransport(group, timeout_s)
 
 
 __all__ = ["CommunicationError", "Done", "Pending", "Transport", "TorchDistTransport", "LocalTransport", "make_transport"]

@@ -98,5 +98,5 @@ class Transport(ABC):
         with preallocated buffers size them from it; others ignore it."""
 
     @abstractmethod
-    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
-        """Blocking, in place: every rank ends with `src`'s values."""
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0, label: str = "broadcast") -> None:
+        """Blocking, in place: every rank ends with `src`'s values (`label`: what it is, for errors)."""

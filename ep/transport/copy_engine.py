@@ -43,8 +43,8 @@ class _EventPending(Pending):
 class CopyEngineTransport(Transport):
     """All-to-all through symmetric memory and the copy engines (one host, CUDA)."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
-        self._nccl = TorchDistTransport(group)
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout_s: Optional[float] = None) -> None:
+        self._nccl = TorchDistTransport(group, timeout_s)  # its exchanges between the hosts are bounded by it
         if self._nccl.backend != "nccl":
             raise ValueError(f"CopyEngineTransport needs CUDA ranks (an NCCL group), got backend {self._nccl.backend!r}")
         import torch.distributed._symmetric_memory as symm_mem
@@ -165,6 +165,6 @@ class CopyEngineTransport(Transport):
     def host_exchange(self, values, label: str = "host exchange"):
         return self._nccl.host_exchange(values, label)
 
-    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
-        self._nccl.broadcast_(tensor, src)
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0, label: str = "broadcast") -> None:
+        self._nccl.broadcast_(tensor, src, label)
 

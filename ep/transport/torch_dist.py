@@ -1,6 +1,18 @@
-"""`TorchDistTransport`: all-to-all through `torch.distributed` (NCCL on GPUs, Gloo on CPUs)."""
+"""`TorchDistTransport`: all-to-all through `torch.distributed` (NCCL on GPUs, Gloo on CPUs).
+
+Timeouts. On Gloo every wait is the host's, so each is bounded by the transport's
+`timeout_s` (`MoEConfig.timeout_s`) through `Work.wait(timeout)`, whatever timeout the
+process group was made with (torch's default for Gloo is 30 minutes): a peer that stalls,
+raises or dies becomes a `CommunicationError` naming what was waited for (stage, wave,
+direction). On NCCL `Pending.wait()` only makes the caller's stream wait, and the host must
+never wait for the device (it would serialise the pipeline and break CUDA graphs), so no
+host-side timed wait is added: a hung collective is ended by NCCL's watchdog after the
+group's own timeout (`ep.init_distributed(timeout_s=...)` passes one; a group made by hand
+has torch's default).
+"""
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -10,15 +22,19 @@ from .base import CommunicationError, Done, Pending, Transport
 
 
 class _WorkPending(Pending):
-    def __init__(self, work: Optional[dist.Work], label: str, rank: int) -> None:
-        self._work, self._label, self._rank = work, label, rank
+    def __init__(self, work: Optional[dist.Work], label: str, rank: int, timeout: Optional[timedelta]) -> None:
+        self._work, self._label, self._rank, self._timeout = work, label, rank, timeout
 
     def wait(self) -> None:
-        # NCCL: the current stream waits for the collective's stream; Gloo: the thread waits.
+        # NCCL: the current stream waits for the collective's stream; Gloo: the thread waits,
+        # for at most the timeout.
         if self._work is not None:
             work, self._work = self._work, None
             try:
-                work.wait()
+                if self._timeout is None:
+                    work.wait()
+                elif not work.wait(timeout=self._timeout):
+                    raise TimeoutError(f"not done after {self._timeout.total_seconds():g} s")
             except Exception as e:  # noqa: BLE001 - re-raised with what this rank was doing
                 raise CommunicationError(
                     f"ep: rank {self._rank} failed waiting for {self._label}: {type(e).__name__}: {e}"
@@ -33,7 +49,7 @@ class TorchDistTransport(Transport):
     at the time of the call.
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, timeout_s: Optional[float] = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError(
                 "TorchDistTransport needs torch.distributed initialised; call ep.init_distributed()"
@@ -44,6 +60,10 @@ class TorchDistTransport(Transport):
         self.backend = dist.get_backend(self.group)
         # where this group's tensors must live (NCCL: the current GPU)
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        # host waits are bounded on Gloo only (see the module's docstring); exchanges between
+        # the hosts (`host_exchange`, over Gloo whatever the backend) always are
+        self.host_timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        self.timeout = self.host_timeout if self.backend == "gloo" else None
 
     def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all") -> Pending:
         if self.world_size == 1:
@@ -55,7 +75,7 @@ class TorchDistTransport(Transport):
             )
         except Exception as e:  # noqa: BLE001 - a peer may already be gone
             raise CommunicationError(f"ep: rank {self.rank} failed starting {label}: {type(e).__name__}: {e}") from e
-        return _WorkPending(work, label, self.rank)
+        return _WorkPending(work, label, self.rank, self.timeout)
 
     def host_exchange(self, values: Sequence[int], label: str = "host exchange") -> List[List[int]]:
         mine = torch.tensor(list(values), dtype=torch.int64)
@@ -67,13 +87,17 @@ class TorchDistTransport(Transport):
             work = dist.all_gather(out, mine, group=group, async_op=True)
         except Exception as e:  # noqa: BLE001 - a peer may already be gone
             raise CommunicationError(f"ep: rank {self.rank} failed starting {label}: {type(e).__name__}: {e}") from e
-        _WorkPending(work, label, self.rank).wait()
+        _WorkPending(work, label, self.rank, self.host_timeout).wait()
         return [t.tolist() for t in out]
 
-    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0, label: str = "broadcast") -> None:
         if self.world_size > 1:
             buf = tensor.to(self.device)
-            dist.broadcast(buf, src=dist.get_global_rank(self.group, src), group=self.group)
+            try:
+                work = dist.broadcast(buf, src=dist.get_global_rank(self.group, src), group=self.group, async_op=True)
+            except Exception as e:  # noqa: BLE001 - a peer may already be gone
+                raise CommunicationError(f"ep: rank {self.rank} failed starting {label}: {type(e).__name__}: {e}") from e
+            _WorkPending(work, label, self.rank, self.timeout).wait()
             tensor.copy_(buf)
 
 
@@ -110,5 +134,5 @@ class LocalTransport(Transport):
     def host_exchange(self, values, label: str = "host exchange"):
         return [list(values)]
 
-    def broadcast_(self, tensor: torch.Tensor, src: int = 0) -> None:
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0, label: str = "broadcast") -> None:
         return None
