@@ -70,6 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--splits", default="tokens,experts", help="comma-separated wave splits: tokens, experts")
     p.add_argument("--waves", default="1,2,4,auto",
                    help="comma-separated W values, or auto (the layer's own choice); 1 is always measured")
+    p.add_argument("--expert-waves", default=None, help="W values for the expert-wave split (default: --waves)")
     p.add_argument("--carveouts", default="0", help="comma-separated SM carveouts for the waved runs (CUDA)")
     p.add_argument("--transports", default="nccl",
                    help="comma-separated: nccl (torch.distributed), copy_engine (CUDA symmetric memory, one host)")
@@ -198,7 +199,6 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     dtype = getattr(torch, P["dtype"])
     cuda = device.type == "cuda"
     wave_args = [w.strip() for w in args.waves.split(",")]
-    fixed = sorted({1, *(int(w) for w in wave_args if w != "auto")})
     carveouts = sorted({int(c) for c in args.carveouts.split(",")}) if cuda else [0]
     dedups = [d.strip() for d in args.dedup.split(",")]
     splits = [t.strip() for t in args.splits.split(",")]
@@ -240,11 +240,14 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     acc = torch.promote_types(dtype, torch.float32)
     elem = x.element_size()
 
+    expert_args = [w.strip() for w in (args.expert_waves or args.waves).split(",")]
+    wave_lists = {"tokens": wave_args, "experts": expert_args}
     variants = []
     for kind in kinds:
         for split in splits:
+            listed = wave_lists[split]
             for dedup in (dedups if split == "experts" else ["rank"]):
-                for W in fixed + (["auto"] if "auto" in wave_args else []):
+                for W in sorted({1, *(int(w) for w in listed if w != "auto")}) + (["auto"] if "auto" in listed else []):
                     if split == "experts" and W != "auto" and W > E_local:
                         continue
                     for carve in (carveouts if W != 1 else [0]):

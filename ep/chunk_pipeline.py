@@ -17,7 +17,9 @@ weight gradients sum over every wave: they run once, after the last wave's data 
 (beside the last transfers), over all waves' items in expert order (`ep.chunks.expert_major`).
 
 Nothing here reads a device value on the host: the layer can be captured in a CUDA graph.
-Streams and events come from the transport's `Pending`s and `ep.pipeline.run_waves`.
+Streams and events come from the transport's `Pending`s and `ep.pipeline`: every transfer is
+issued with `issue_after` its inputs' `ready_point`, so it waits for them only (not for the math of
+waves issued before it), and `run_waves` orders the issue.
 """
 from __future__ import annotations
 
@@ -26,14 +28,14 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .chunks import ChunkPlan, WaveItems, expert_major, pack_slot_tables, wave_items
+from .chunks import ChunkPlan, WaveItems, expert_major, pack_rows, wave_items
 from .experts import linear1, linear1_backward_data, linear2, linear2_backward_data
 from .kernels import gather_rows, gather_rows_into, grouped_mm_wgrad, reduce_rows
 from .layout import STATUS_WORDS, RowLayout
-from .pipeline import _range, _SmCarveout, run_waves
+from .pipeline import _range, _SmCarveout, issue_after, ready_point, run_waves
 from .transport import Pending, Transport
 
-_PLAN_TENSORS = ("route_row", "row_token", "slot_rank", "slot_expert", "status")
+_PLAN_TENSORS = ("route_row", "row_token", "topk_idx", "status")
 _ITEM_TENSORS = ("item_row", "item_weight", "item_expert", "offs", "slot_item")
 
 
@@ -55,8 +57,8 @@ class ChunkedExperts(torch.autograd.Function):
         x_TH = x_TH.contiguous()
 
         send = layout.empty(W * N, device)
-        gather_rows_into(x_TH, plan.row_token, layout.data(send))
-        pack_slot_tables(plan, topk_weights_TK, layout, send)
+        pack_rows(x_TH, topk_weights_TK, plan, layout, send)
+        packed = ready_point(device)
         recv = layout.empty(W * (N + 1), device).view(W, N + 1, layout.width)
         recv[:, N].zero_()  # each wave's zero row: the anchors' source
         back = x_TH.new_empty(W * N, H)
@@ -65,20 +67,21 @@ class ChunkedExperts(torch.autograd.Function):
         carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
 
         def dispatch(w: int) -> Pending:
-            return transport.all_to_all(recv[w, :N], send[plan.wave_rows(w)], splits, splits,
-                                        f"dispatch (forward) of wave {w}")
+            return issue_after(device, packed, lambda: transport.all_to_all(
+                recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}"))
 
         def compute(w: int) -> Callable[[], Pending]:
             rows = recv[w]
-            it = wave_items(layout.ids(rows[:N]), layout.weights(rows[:N]), plan.num_local_experts, plan.item_capacity)
+            it = wave_items(layout, rows[:N], plan.num_local_experts, plan.item_capacity)
             with carve:
                 h = linear1(gather_rows(layout.data(rows), it.item_row, it.count), w1, None, it.offs)
                 o = linear2(h, w2, None, it.offs, swiglu_limit)
             sums = x_TH.new_empty(N, H)
             reduce_rows(o, it.slot_item, sums, layout.weights(rows[:N]))
             items[w], hidden[w] = it, h
-            return lambda: transport.all_to_all(back[plan.wave_rows(w)], sums, splits, splits,
-                                                f"combine (forward) of wave {w}")
+            summed = ready_point(device)
+            return lambda: issue_after(device, summed, lambda: transport.all_to_all(
+                back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}"))
 
         run_waves(W, dispatch, compute, math_first=x_TH.is_cuda)
         y_TH = torch.empty_like(x_TH)
@@ -116,6 +119,7 @@ class ChunkedExperts(torch.autograd.Function):
 
         send = dy_TH.new_empty(W * N, H)
         gather_rows_into(dy_TH, plan.row_token, send)
+        packed = ready_point(device)
         recv_dy = dy_TH.new_empty(W, N + 1, H)
         recv_dy[:, N].zero_()
         back = layout.empty(W * N, device)
@@ -125,8 +129,8 @@ class ChunkedExperts(torch.autograd.Function):
         carve = _SmCarveout(ctx.sm_carveout if W > 1 else 0, device)
 
         def combine_backward(w: int) -> Pending:
-            return transport.all_to_all(recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits,
-                                        f"combine backward of wave {w}")
+            return issue_after(device, packed, lambda: transport.all_to_all(
+                recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}"))
 
         def compute(w: int) -> Callable[[], Pending]:
             it = items[w]
@@ -139,8 +143,9 @@ class ChunkedExperts(torch.autograd.Function):
             rows = layout.empty(N, device)
             reduce_rows(dx_I, it.slot_item, layout.data(rows))
             layout.weights(rows).copy_(torch.where(it.slot_item >= 0, dweight_I[it.slot_item.clamp(min=0)], 0))
-            return lambda: transport.all_to_all(back[plan.wave_rows(w)], rows, splits, splits,
-                                                f"dispatch backward of wave {w}")
+            summed = ready_point(device)
+            return lambda: issue_after(device, summed, lambda: transport.all_to_all(
+                back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}"))
 
         flights = run_waves(W, combine_backward, compute, math_first=dy_TH.is_cuda, wait_out=False)
         with _range("ep.weight_grads"), carve:  # beside the last transfers
@@ -161,7 +166,7 @@ class ChunkedExperts(torch.autograd.Function):
         dx_TH = torch.empty_like(dy_TH)
         with _range("ep.unpermute"):
             reduce_rows(layout.data(back), plan.route_row, dx_TH)
-        slot_row = plan.route_row.gather(1, plan.slot_rank)  # [T, k]: the row each slot's gradient came back in
+        slot_row = plan.route_row.gather(1, plan.topk_idx // plan.num_local_experts)  # [T, k]: each slot's row back
         dtopk_TK = torch.where(slot_row >= 0, layout.weights(back).gather(0, slot_row.clamp(min=0)), 0)
         return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None
 

@@ -21,6 +21,7 @@ transports move it as any other tensor of rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -50,7 +51,7 @@ class RowLayout:
     def acc_dtype(self) -> torch.dtype:
         return accumulate_dtype(self.dtype)
 
-    @property
+    @cached_property
     def _sizes(self):
         es = torch.empty(0, dtype=self.dtype).element_size()
         acc_es = torch.empty(0, dtype=self.acc_dtype).element_size()

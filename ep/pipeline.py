@@ -20,7 +20,7 @@ transport's streams; the compute stream waits only for its own wave's data.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import torch
 from torch.profiler import record_function
@@ -29,6 +29,8 @@ from . import stages
 from .dtypes import accumulate_dtype
 from .plan import DispatchPlan
 from .transport import Transport
+
+Started = TypeVar("Started")
 
 
 class _SmCarveout:
@@ -45,6 +47,38 @@ class _SmCarveout:
     def __exit__(self, *exc):
         if self.sms:
             torch._C._set_sm_carveout_experimental(self._before)
+
+
+_ISSUE_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}  # per device: the stream collectives are issued from
+
+
+def ready_point(device: torch.device) -> Optional[torch.cuda.Event]:
+    """On CUDA, an event marking the work issued so far on the current stream (None elsewhere)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+def issue_after(device: torch.device, ready: Optional[torch.cuda.Event], start: Callable[[], Started]) -> Started:
+    """Start a transfer that waits for `ready` (the point its inputs were complete), not for
+    what the caller issued after that point.
+
+    NCCL (and the copy-engine transport) order a transfer after everything queued on the
+    stream it is issued from. Issued from the compute stream, wave w's dispatch would wait
+    for wave 0's math (issued first, so the device computes while the host goes on). On
+    CUDA the transfer is therefore issued from a side stream that first waits for `ready`
+    and nothing more; `Pending.wait()` still joins it back into the compute stream. A named
+    cache: one side stream per device, for the process. Elsewhere (CPU) it calls `start`."""
+    if device.type != "cuda":
+        return start()
+    side = _ISSUE_STREAMS.get(device)
+    if side is None:
+        side = _ISSUE_STREAMS[device] = torch.cuda.Stream(device)
+    side.wait_event(ready)
+    with torch.cuda.stream(side):
+        return start()
 
 
 def _range(name: str):

@@ -30,7 +30,10 @@ log="$OUT/log_n$n.txt"
 run() { torchrun --standalone --nproc-per-node "$n" "$@"; }
 rc=0
 echo "== correctness (bf16 vs float64 reference; sync-free step; CUDA graphs), $n GPUs" | tee -a "$log"
-run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$log" || rc=1
+if ! run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$log"; then
+  echo "correctness failed: no benchmark of a wrong layer" | tee -a "$log"
+  exit 1
+fi
 echo "== the README's example: one process, no launcher, one GPU" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 python3 tests/readme_example.py --json "$OUT/readme_n1.json" 2>&1 | tee -a "$log" || rc=1
 echo "== launchers on the GPUs: torchrun and mpirun, NCCL, the layer against the reference" | tee -a "$log"
@@ -43,11 +46,11 @@ else
 fi
 transports=nccl; [ "$n" -gt 1 ] && transports=nccl,copy_engine  # the copy engines need peers
 if [ $quick = 1 ]; then
-  nvlink=(--preset dsv3,decode --waves 1,2,auto --carveouts 0)
-  no_p2p=(--preset dsv3 --waves 1,2,4,auto --carveouts 0,16)
+  nvlink=(--preset dsv3,decode --waves 1,2,auto --expert-waves 1 --carveouts 0)
+  no_p2p=(--preset dsv3 --waves 1,2,4,auto --expert-waves 1,4 --carveouts 0,16)
 else
-  nvlink=(--preset dsv3,wide,decode,v4flash --waves 1,2,4,auto --carveouts 0)
-  no_p2p=(--preset dsv3 --waves 1,2,4,8,auto --carveouts 0,16)
+  nvlink=(--preset dsv3,wide,decode,v4flash --waves 1,2,4,auto --expert-waves 1 --carveouts 0)
+  no_p2p=(--preset dsv3 --waves 1,2,4,8,auto --expert-waves 1,4 --carveouts 0,16)
 fi
 echo "== overlap benchmark, NVLink, $n GPUs" | tee -a "$log"
 run benchmarks/overlap.py "${nvlink[@]}" --splits tokens,experts --transports $transports --graphs --run-name "$RUN" \

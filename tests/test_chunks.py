@@ -5,7 +5,7 @@ import torch
 
 import ep
 from ep.checks import ROWS_OVER, STATUS_SLOTS, InputError
-from ep.chunks import expert_major, pack_slot_tables, sender_plan, wave_capacity, wave_items, wave_tokens
+from ep.chunks import expert_major, pack_rows, sender_plan, wave_capacity, wave_items, wave_tokens
 from ep.layout import RowLayout
 from tests.world import run_world
 
@@ -38,16 +38,29 @@ def test_slot_tables_by_hand():
     plan = sender_plan(idx, w, 4, 2, 2, capacity=2)
     layout = RowLayout(hidden=3, top_k=2, dtype=torch.float64)
     rows = layout.empty(8, "cpu")
-    pack_slot_tables(plan, w, layout, rows)
+    x = torch.arange(12, dtype=torch.float64).view(4, 3)
+    pack_rows(x, w, plan, layout, rows)
     # row 2 is token 0 at rank 1: its slot 1 (expert 3 = rank 1's local 1) is served there
     assert layout.ids(rows).tolist() == [[0, -1], [1, 0], [-1, 1], [-1, -1], [-1, 1], [-1, -1], [0, 1], [1, -1]]
     assert layout.weights(rows)[2].tolist() == [0.0, 0.25] and layout.weights(rows)[7].tolist() == [8.0, 0.0]
+    used = plan.row_token >= 0
+    assert torch.equal(layout.data(rows)[used], x[plan.row_token[used]])
+    assert (layout.status(rows) == 0).all()
+
+
+def received(ids, weights):
+    """Received rows carrying these slot tables (float64 rows: the torch path)."""
+    layout = RowLayout(hidden=4, top_k=ids.shape[1], dtype=torch.float64)
+    rows = layout.empty(ids.shape[0], "cpu")
+    layout.ids(rows).copy_(ids)
+    layout.weights(rows).copy_(weights)
+    return layout, rows
 
 
 def test_wave_items_by_hand():
     ids = torch.tensor([[1, 0], [-1, 1], [0, -1]], dtype=torch.int32)
     w = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], dtype=torch.float64)
-    it = wave_items(ids, w, num_local_experts=2, item_capacity=8)
+    it = wave_items(*received(ids, w), num_local_experts=2, item_capacity=8)
     # expert 0: its anchor, (row 0, slot 1), (row 2, slot 0); expert 1: anchor, (0, 0), (1, 1)
     assert it.offs.tolist() == [3, 6]
     assert it.item_row.tolist() == [3, 0, 2, 3, 0, 1, 3, 3]  # 3 = N: the zero row
@@ -57,11 +70,12 @@ def test_wave_items_by_hand():
 
 
 def test_expert_major_by_hand():
-    a = wave_items(torch.tensor([[1, 0], [-1, 1], [0, -1]], dtype=torch.int32), torch.ones(3, 2), 2, 8)
-    b = wave_items(torch.tensor([[0, -1], [-1, -1], [-1, 1]], dtype=torch.int32), torch.ones(3, 2), 2, 8)
+    a = wave_items(*received(torch.tensor([[1, 0], [-1, 1], [0, -1]], dtype=torch.int32), torch.ones(3, 2)), 2, 8)
+    b = wave_items(*received(torch.tensor([[0, -1], [-1, -1], [-1, 1]], dtype=torch.int32), torch.ones(3, 2)), 2, 8)
     order, rows, offs = expert_major([a, b], rows_per_wave=3, num_local_experts=2)
     assert order.tolist() == [0, 1, 2, 8, 9, 3, 4, 5, 10, 11, 6, 7, 12, 13, 14, 15]
-    assert rows.tolist() == [3, 0, 2, 7, 4, 3, 0, 1, 7, 6, 3, 3, 7, 7, 7, 7]  # wave b's rows from 4 = N + 1
+    # wave b's rows from 4 = N + 1; unused items (past each wave's count) last, row 0
+    assert rows.tolist() == [3, 0, 2, 7, 4, 3, 0, 1, 7, 6, 0, 0, 0, 0, 0, 0]
     assert offs.tolist() == [5, 10]
 
 

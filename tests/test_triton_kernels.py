@@ -227,3 +227,89 @@ def test_route_tables_match_torch(triton_plan, n, E_local, W, k, T, across, weig
     got = triton_plan.route_tables_triton(first, fw, idx, w, send_counts, E_local)
     for name, a, b in zip(("route_slot", "slot_route", "table"), got, want):
         assert torch.equal(a, b), f"{name}:\n{a}\nvs\n{b}"
+
+
+@pytest.fixture(scope="module")
+def triton_chunks():
+    yield _fresh("ep.kernels.triton_chunks")
+    sys.modules.pop("ep.kernels.triton_chunks", None)
+
+
+def _routing(seed, T, E, k, bad=False):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
+    w = torch.rand(T, k, generator=g)
+    if bad and T > 3:
+        idx[1, 0] = E + 2  # out of range
+        idx[2, 1 % k] = idx[2, 0] if k > 1 else -1  # a repeat (or out of range at k=1)
+        w[3, 0] = float("nan")
+    return idx, w
+
+
+@pytest.mark.parametrize("T, n, E_local, k, W, cap_factor, bad", [
+    (37, 2, 4, 3, 1, 1.0, False), (50, 3, 2, 4, 4, 1.0, True), (29, 4, 3, 2, 3, 0.4, False), (0, 2, 2, 2, 2, 1.0, False),
+    (9, 1, 5, 5, 2, 1.0, True),
+])
+def test_route_rows_match_torch(triton_chunks, T, n, E_local, k, W, cap_factor, bad):
+    from ep.checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE
+    from ep.chunks import sender_plan, wave_capacity
+
+    E = n * E_local
+    idx, w = _routing(T * 10 + n, T, E, k, bad)
+    cap = wave_capacity(T, W, cap_factor)
+    want = sender_plan(idx, w, E, n, W, cap)  # the torch path, on the CPU
+    route, row_token, status = triton_chunks.route_rows_triton(idx, w, E, n, W, cap, STATUS_SLOTS,
+                                                                (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+    assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
+    assert status.tolist() == want.status.tolist()
+
+
+@pytest.mark.parametrize("n, E_local, k, W", [(2, 4, 3, 2), (3, 2, 4, 1)])
+def test_pack_rows_match_torch(triton_chunks, n, E_local, k, W):
+    from ep.chunks import pack_rows, sender_plan, wave_capacity
+    from ep.layout import RowLayout
+
+    T, H, E = 21, 13, n * E_local
+    idx, w = _routing(7 + n, T, E, k)
+    x = torch.randn(T, H)
+    plan = sender_plan(idx, w, E, n, W, wave_capacity(T, W))
+    layout = RowLayout(H, k, torch.float32)
+    want = layout.empty(plan.row_token.shape[0], "cpu")
+    pack_rows(x.double(), w, plan, RowLayout(H, k, torch.float64), layout_rows := RowLayout(H, k, torch.float64).empty(
+        plan.row_token.shape[0], "cpu"))
+    got = torch.full_like(want, float("nan"))
+    triton_chunks.pack_rows_triton(x, plan.topk_idx, w, plan.row_token, plan.status, layout.data(got), layout.ids(got),
+                                   layout.weights(got), layout.status(got), E, n, plan.capacity)
+    ref = RowLayout(H, k, torch.float64)
+    used = plan.row_token >= 0
+    assert torch.equal(layout.data(got)[used], x[plan.row_token[used]])
+    assert torch.equal(layout.ids(got), ref.ids(layout_rows))
+    torch.testing.assert_close(layout.weights(got), ref.weights(layout_rows).float(), rtol=0, atol=0)
+    assert torch.equal(layout.status(got), ref.status(layout_rows))
+
+
+@pytest.mark.parametrize("N, k, E_local, empty_share", [(40, 3, 5, 0.3), (7, 8, 2, 0.6), (0, 2, 3, 0.0), (130, 4, 16, 0.1)])
+def test_wave_items_match_torch(triton_chunks, N, k, E_local, empty_share):
+    from ep.chunks import wave_items
+    from ep.layout import RowLayout
+
+    g = torch.Generator().manual_seed(N + k)
+    ids = torch.randint(0, E_local, (N, k), generator=g, dtype=torch.int32)
+    ids[torch.rand(N, k, generator=g) < empty_share] = -1
+    weights = torch.rand(N, k, generator=g)
+    layout = RowLayout(5, k, torch.float64)
+    rows = layout.empty(N, "cpu")
+    layout.ids(rows).copy_(ids)
+    layout.weights(rows).copy_(weights.double())
+    cap = N * min(k, E_local) + E_local
+    want = wave_items(layout, rows, E_local, cap)  # torch path (float64 rows)
+    f32 = RowLayout(5, k, torch.float32)
+    rows32 = f32.empty(N, "cpu")
+    f32.ids(rows32).copy_(ids)
+    f32.weights(rows32).copy_(weights)
+    item_row, item_weight, item_expert, offs, slot_item = triton_chunks.wave_items_triton(
+        f32.ids(rows32), f32.weights(rows32), E_local, cap)
+    used = int(want.offs[-1])
+    assert torch.equal(offs, want.offs) and torch.equal(slot_item, want.slot_item)
+    assert torch.equal(item_row[:used], want.item_row[:used]) and torch.equal(item_expert[:used], want.item_expert[:used])
+    torch.testing.assert_close(item_weight[:used], want.item_weight[:used].float(), rtol=0, atol=0)

@@ -1,0 +1,211 @@
+"""Triton kernels for the token-wave plan (`ep.chunks`) on CUDA: a handful of launches where
+the torch path takes ~60 small ops (the host's issue time, not the device's, paced the call).
+
+- `route_rows_triton`: programs per (wave x rank, block of the wave's tokens) count each
+  block's routes, then (after the blocks' prefix sums) give each route (token, rank) its row
+  in that region, in token order (no sort); they also count the input checks and the
+  routes past the capacity.
+- `pack_rows_triton`: one program per (sent row, block of columns) copies the token's hidden
+  vector and writes the row's slot table and status (`ep.layout`).
+- `wave_items_triton`: a counting sort of a wave's received slots by local expert, stable in
+  (row, slot) order: per block of rows, counts per expert (integer atomics: exact, order-free),
+  their prefix sums in torch, then each slot's place (its rank among the block's slots of the
+  same expert). Items past the count in use are left unwritten (consumers stop at `offs[-1]`).
+Their results equal the torch path's, element for element (tests/test_triton_kernels.py).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _wave_block(idx_ptr, T, E, E_local, n, W, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+    """Program (wave x rank, block): its tokens, their loaded ids and whether each has the rank."""
+    wd = tl.program_id(0)
+    w, d = wd // n, wd % n
+    t1 = ((w + 1) * T + W - 1) // W
+    tok = (w * T + W - 1) // W + tl.program_id(1) * BT + tl.arange(0, BT)
+    vt = tok < t1
+    slot = tl.arange(0, KP)
+    valid = vt[:, None] & (slot[None, :] < K)
+    offs = tok[:, None].to(tl.int64) * K + slot[None, :]
+    raw = tl.load(idx_ptr + offs, mask=valid, other=0)
+    e = tl.minimum(tl.maximum(raw, 0), E - 1)
+    has = tl.max((valid & (e // E_local == d)).to(tl.int32), axis=1)  # [BT]
+    return w, d, tok, vt, slot, valid, offs, raw, has
+
+
+@triton.jit
+def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, T, E, E_local, n, W, NB,
+                        K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr,
+                        SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr):
+    w, d, tok, vt, slot, valid, offs, raw, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+    tl.store(counts_ptr + tl.program_id(0) * NB + tl.program_id(1), tl.sum(has, axis=0))
+    if d == 0:  # each token's input checks, once (by its wave's first rank)
+        tl.atomic_add(status_ptr + SLOT_RANGE, tl.sum(tl.sum((valid & ((raw < 0) | (raw >= E))).to(tl.int32), axis=1), axis=0))
+        pair = valid[:, :, None] & valid[:, None, :] & (slot[None, :, None] < slot[None, None, :])
+        rep = tl.max(tl.max((pair & (raw[:, :, None] == raw[:, None, :])).to(tl.int32), axis=2), axis=1)
+        tl.atomic_add(status_ptr + SLOT_REPEAT, tl.sum(tl.where(vt & (rep > 0), 1, 0), axis=0))
+        if HAS_W:
+            wt = tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            bad = tl.max((valid & ((wt != wt) | (tl.abs(wt) == float("inf")))).to(tl.int32), axis=1)
+            tl.atomic_add(status_ptr + SLOT_NONFINITE, tl.sum(tl.where(vt & (bad > 0), 1, 0), axis=0))
+
+
+@triton.jit
+def _route_place_kernel(idx_ptr, before_ptr, route_ptr, row_token_ptr, status_ptr, T, E, E_local, n, W, NB, cap,
+                        K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, SLOT_OVER: tl.constexpr):
+    w, d, tok, vt, slot, valid, offs, raw, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+    pos = tl.load(before_ptr + tl.program_id(0) * NB + tl.program_id(1)) + tl.cumsum(has, axis=0) - has
+    fits = pos < cap
+    route = tl.where((has > 0) & fits, (w * n + d) * cap + pos, -1)
+    tl.store(route_ptr + tok.to(tl.int64) * n + d, route.to(tl.int64), mask=vt)
+    tl.store(row_token_ptr + route, tok.to(tl.int64), mask=vt & (has > 0) & fits)
+    tl.atomic_add(status_ptr + SLOT_OVER, tl.sum(tl.where(vt & (has > 0) & ~fits, 1, 0), axis=0))
+
+
+def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_experts: int, num_ranks: int,
+                      num_waves: int, capacity: int, status_slots: int, slots: Tuple[int, int, int, int]):
+    """Returns route_row `[T, n]` int64, row_token `[W * n * capacity]` int64 and the status
+    `[status_slots]` int32 (slots: range, repeat, nonfinite, over capacity). Programs per
+    (wave x rank, block of the wave's tokens): a count pass, the blocks' prefix sums, a
+    place pass (each route's row: the rank's routes from earlier tokens of the wave)."""
+    T, k = idx.shape
+    n, W = num_ranks, num_waves
+    dev = idx.device
+    route = torch.empty(T, n, dtype=torch.int64, device=dev)
+    row_token = torch.full((W * n * capacity,), -1, dtype=torch.int64, device=dev)
+    status = torch.zeros(status_slots, dtype=torch.int32, device=dev)
+    if T == 0:
+        return route, row_token, status
+    kp = triton.next_power_of_2(k)
+    block = max(16, min(256, 2048 // (kp * kp)))
+    NB = triton.cdiv(-(-T // W), block)
+    idx = idx.contiguous()
+    w = weights.detach().contiguous() if weights is not None else idx
+    counts = torch.empty(W * n, NB, dtype=torch.int32, device=dev)
+    args = (T, num_experts, num_experts // n, n, W, NB)
+    _route_count_kernel[(W * n, NB)](idx, w, counts, status, *args, K=k, KP=kp, HAS_W=weights is not None, BT=block,
+                                     SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2], num_warps=4)
+    before = counts.cumsum(1, dtype=torch.int32) - counts  # routes of earlier blocks of the wave
+    _route_place_kernel[(W * n, NB)](idx, before, route, row_token, status, *args, capacity, K=k, KP=kp, BT=block,
+                                     SLOT_OVER=slots[3], num_warps=4)
+    return route, row_token, status
+
+
+@triton.jit
+def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids_ptr, wts_ptr, st_ptr,
+                 H, x_stride, data_stride, meta_stride, wts_stride, E, E_local, n, cap,
+                 K: tl.constexpr, KP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_W: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    t = tl.load(row_token_ptr + row)
+    cols = cb * BLOCK + tl.arange(0, BLOCK)
+    inb = cols < H
+    if t >= 0:
+        tl.store(data_ptr + row * data_stride + cols, tl.load(x_ptr + t * x_stride + cols, mask=inb), mask=inb)
+    if cb == 0:
+        d = (row // cap) % n
+        slot = tl.arange(0, KP)
+        ms = slot < K
+        used = ms & (t >= 0)
+        e = tl.load(idx_ptr + tl.maximum(t, 0) * K + slot, mask=used, other=0)
+        e = tl.minimum(tl.maximum(e, 0), E - 1)
+        here = used & (e // E_local == d)
+        tl.store(ids_ptr + row * meta_stride + slot, tl.where(here, e % E_local, -1).to(tl.int32), mask=ms)
+        if HAS_W:
+            wt = tl.load(w_ptr + tl.maximum(t, 0) * K + slot, mask=here, other=0.0)
+        else:
+            wt = tl.zeros([KP], dtype=tl.float32)
+        tl.store(wts_ptr + row * wts_stride + slot, wt.to(wts_ptr.dtype.element_ty), mask=ms)
+        s = tl.arange(0, SP)
+        tl.store(st_ptr + row * meta_stride + s, tl.load(status_ptr + s, mask=s < S, other=0), mask=s < S)
+
+
+def pack_rows_triton(x: torch.Tensor, idx: torch.Tensor, weights: Optional[torch.Tensor], row_token: torch.Tensor,
+                     status: torch.Tensor, data: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, st: torch.Tensor,
+                     num_experts: int, num_ranks: int, capacity: int) -> None:
+    """Rows `row_token`'s tokens: data `[R, H]`, ids `[R, k]` int32, weights `[R, k]`, status
+    `[R, S]` int32 (views into the rows, one row stride for ids and status)."""
+    R, H = data.shape
+    if R == 0:
+        return
+    k, S = ids.shape[1], st.shape[1]
+    assert ids.stride(0) == st.stride(0) and idx.is_contiguous() and x.stride(1) == 1
+    block = min(1024, triton.next_power_of_2(H))
+    w = weights.detach().contiguous() if weights is not None else wts
+    _pack_kernel[(R, triton.cdiv(H, block))](
+        x, idx, w, row_token, status, data, ids, wts, st, H, x.stride(0), data.stride(0), ids.stride(0), wts.stride(0),
+        num_experts, num_experts // num_ranks, num_ranks, capacity, K=k, KP=triton.next_power_of_2(k), S=S,
+        SP=triton.next_power_of_2(S), HAS_W=weights is not None, BLOCK=block, num_warps=4,
+    )
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, N, B, ids_stride, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
+    b = tl.program_id(0)
+    rows = b * BR + tl.arange(0, BR)
+    slot = tl.arange(0, KP)
+    m = (rows[:, None] < N) & (slot[None, :] < K)
+    e = tl.load(ids_ptr + rows[:, None].to(tl.int64) * ids_stride + slot[None, :], mask=m, other=-1)
+    tl.atomic_add(counts_ptr + e.to(tl.int64) * B + b, tl.full([BR, KP], 1, tl.int32), mask=m & (e >= 0))
+
+
+@triton.jit
+def _place_kernel(ids_ptr, w_ptr, start_ptr, anchor_ptr, slot_item_ptr, item_row_ptr, item_w_ptr, item_e_ptr,
+                  N, B, E_local, I, ids_stride, w_stride,
+                  K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, EP: tl.constexpr):
+    b = tl.program_id(0)
+    s = tl.arange(0, BR * KP)
+    row = b * BR + s // KP
+    slot = s % KP
+    m = (row < N) & (slot < K)
+    e = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + slot, mask=m, other=-1)
+    valid = m & (e >= 0)
+    earlier = (e[:, None] == e[None, :]) & valid[None, :] & (s[None, :] < s[:, None])
+    within = tl.sum(earlier.to(tl.int32), axis=1)
+    pos = tl.load(start_ptr + tl.maximum(e, 0).to(tl.int64) * B + b, mask=valid, other=0) + within
+    valid = valid & (pos < I)  # past the capacity only with repeated ids in a row (an input error, reported)
+    tl.store(slot_item_ptr + row.to(tl.int64) * K + slot, tl.where(valid, pos, -1).to(tl.int64), mask=m)
+    tl.store(item_row_ptr + pos, row.to(tl.int64), mask=valid)
+    tl.store(item_w_ptr + pos, tl.load(w_ptr + row.to(tl.int64) * w_stride + slot, mask=valid, other=0.0), mask=valid)
+    tl.store(item_e_ptr + pos, e.to(tl.int64), mask=valid)
+    if b == 0:  # the anchors: first of each expert's group, the zero row N, weight 0
+        ex = tl.arange(0, EP)
+        at = tl.load(anchor_ptr + ex, mask=ex < E_local, other=0)
+        me = (ex < E_local) & (at < I)
+        tl.store(item_row_ptr + at, tl.full([EP], 0, tl.int64) + N, mask=me)
+        tl.store(item_w_ptr + at, tl.zeros([EP], dtype=item_w_ptr.dtype.element_ty), mask=me)
+        tl.store(item_e_ptr + at, ex.to(tl.int64), mask=me)
+
+
+def wave_items_triton(ids: torch.Tensor, weights: torch.Tensor, num_local_experts: int, item_capacity: int):
+    """Returns item_row `[I]`, item_weight `[I]`, item_expert `[I]` (int64), offs `[E_local]`
+    int32 and slot_item `[N, k]` int64, as `ep.chunks.wave_items`; entries past `offs[-1]`
+    are unspecified."""
+    N, k = ids.shape
+    E_local, dev = num_local_experts, ids.device
+    kp = triton.next_power_of_2(k)
+    br = max(1, 128 // kp)
+    B = max(1, triton.cdiv(N, br))
+    counts = torch.zeros(E_local, B, dtype=torch.int32, device=dev)
+    if N:
+        _count_kernel[(B,)](ids, counts, N, B, ids.stride(0), K=k, KP=kp, BR=br, num_warps=4)
+    incl = counts.cumsum(1)  # [E_local, B]: along the blocks, the inner dimension
+    total = incl[:, -1]
+    ends = (total + 1).cumsum(0)  # each expert's group: its anchor, then its items
+    start = (ends - total).unsqueeze(1) + incl - counts
+    anchor = ends - total - 1
+    item_row = torch.empty(item_capacity, dtype=torch.int64, device=dev)
+    item_weight = torch.empty(item_capacity, dtype=weights.dtype, device=dev)
+    item_expert = torch.empty(item_capacity, dtype=torch.int64, device=dev)
+    slot_item = torch.empty(N, k, dtype=torch.int64, device=dev)
+    _place_kernel[(B,)](ids, weights, start, anchor, slot_item, item_row, item_weight, item_expert, N, B, E_local,
+                        item_capacity, ids.stride(0), weights.stride(0), K=k, KP=kp, BR=br,
+                        EP=triton.next_power_of_2(E_local), num_warps=4)
+    return item_row, item_weight, item_expert, ends.clamp(max=item_capacity).to(torch.int32), slot_item
