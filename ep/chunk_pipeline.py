@@ -3,8 +3,8 @@
 Forward, per layer (`ep.chunks` made the plan; every size below is fixed before the call):
     1. gather every route's row into its place among the sent rows, with its slot table
        (`ep.layout`): one pass for all waves;
-    2. dispatch(w) sends wave w's n regions (one all-to-all of n x capacity rows each way);
-       on CUDA wave 0's math is issued right after dispatch(0), then the later dispatches;
+    2. dispatch(w) sends wave w's n regions (one all-to-all of n x capacity rows each way),
+       every wave's at once (each waits only for the pack, `ep.pipeline.issue_after`);
     3. per wave as its rows land: the items in expert order from the rows' slot tables
        (`ep.chunks.wave_items`), linear1 and linear2 over all local experts (grouped GEMMs
        that read their group sizes on the device), each row's weighted sum over its items
@@ -83,7 +83,7 @@ class ChunkedExperts(torch.autograd.Function):
             return lambda: issue_after(device, summed, lambda: transport.all_to_all(
                 back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}"))
 
-        run_waves(W, dispatch, compute, math_first=x_TH.is_cuda)
+        run_waves(W, dispatch, compute, math_first=False)  # dispatches wait for the pack only: all go first
         y_TH = torch.empty_like(x_TH)
         with _range("ep.unpermute"):
             reduce_rows(back, plan.route_row, y_TH)
@@ -147,7 +147,7 @@ class ChunkedExperts(torch.autograd.Function):
             return lambda: issue_after(device, summed, lambda: transport.all_to_all(
                 back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}"))
 
-        flights = run_waves(W, combine_backward, compute, math_first=dy_TH.is_cuda, wait_out=False)
+        flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
         with _range("ep.weight_grads"), carve:  # beside the last transfers
             if W == 1:
                 it = items[0]

@@ -9,6 +9,8 @@
 #   overlap_nN_no_p2p.json, traces_nN.tgz
 # usage: scripts/gpu_bench.sh [NGPUS] [--quick]
 #   --quick: dsv3 and decode only, fewer variants (a development run of ~4 minutes)
+#   EP_PRESETS, EP_WAVES: the NVLink run's presets and token-wave W values (default
+#   dsv3,wide,decode,v4flash and 1,2,4,auto); EP_RUN: the run's name in the records
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -49,7 +51,7 @@ if [ $quick = 1 ]; then
   nvlink=(--preset dsv3,decode --waves 1,2,auto --expert-waves 1 --carveouts 0)
   no_p2p=(--preset dsv3 --waves 1,2,4,auto --expert-waves 1,4 --carveouts 0,16)
 else
-  nvlink=(--preset dsv3,wide,decode,v4flash --waves 1,2,4,auto --expert-waves 1 --carveouts 0)
+  nvlink=(--preset "${EP_PRESETS:-dsv3,wide,decode,v4flash}" --waves "${EP_WAVES:-1,2,4,auto}" --expert-waves 1 --carveouts 0)
   no_p2p=(--preset dsv3 --waves 1,2,4,8,auto --expert-waves 1,4 --carveouts 0,16)
 fi
 echo "== overlap benchmark, NVLink, $n GPUs" | tee -a "$log"
@@ -57,7 +59,7 @@ run benchmarks/overlap.py "${nvlink[@]}" --splits tokens,experts --transports $t
     --trace-dir "$OUT/traces" --json "$OUT/overlap_n${n}_nvlink.json" 2>&1 | tee -a "$log" || rc=1
 if [ "$n" -gt 1 ]; then
   echo "== overlap benchmark, NCCL without peer access (the comm-bound regime), $n GPUs" | tee -a "$log"
-  run benchmarks/overlap.py --no-p2p "${no_p2p[@]}" --splits tokens,experts --transports nccl --run-name "$RUN" \
+  run benchmarks/overlap.py --no-p2p "${no_p2p[@]}" --splits tokens,experts --transports nccl --graphs --run-name "$RUN" \
       --trace-dir "$OUT/traces" --json "$OUT/overlap_n${n}_no_p2p.json" 2>&1 | tee -a "$log" || rc=1
 fi
 if [ -d "$OUT/traces" ]; then

@@ -157,9 +157,11 @@ def _count_kernel(ids_ptr, counts_ptr, N, B, ids_stride, K: tl.constexpr, KP: tl
 
 
 @triton.jit
-def _place_kernel(ids_ptr, w_ptr, start_ptr, anchor_ptr, slot_item_ptr, item_row_ptr, item_w_ptr, item_e_ptr,
-                  N, B, E_local, I, ids_stride, w_stride,
+def _place_kernel(ids_ptr, w_ptr, incl_ptr, counts_ptr, ends_ptr, slot_item_ptr, item_row_ptr, item_w_ptr, item_e_ptr,
+                  offs_ptr, N, B, E_local, I, ids_stride, w_stride,
                   K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, EP: tl.constexpr):
+    # expert e's group: [ends[e] - total[e] - 1, ends[e]): its anchor, then its items; block b's
+    # items of e start after the anchor and the earlier blocks' (incl - counts: exclusive)
     b = tl.program_id(0)
     s = tl.arange(0, BR * KP)
     row = b * BR + s // KP
@@ -169,19 +171,24 @@ def _place_kernel(ids_ptr, w_ptr, start_ptr, anchor_ptr, slot_item_ptr, item_row
     valid = m & (e >= 0)
     earlier = (e[:, None] == e[None, :]) & valid[None, :] & (s[None, :] < s[:, None])
     within = tl.sum(earlier.to(tl.int32), axis=1)
-    pos = tl.load(start_ptr + tl.maximum(e, 0).to(tl.int64) * B + b, mask=valid, other=0) + within
+    ec = tl.maximum(e, 0).to(tl.int64)
+    first = tl.load(ends_ptr + ec, mask=valid, other=0) - tl.load(incl_ptr + ec * B + B - 1, mask=valid, other=0)
+    at = ec * B + b
+    pos = first + tl.load(incl_ptr + at, mask=valid, other=0) - tl.load(counts_ptr + at, mask=valid, other=0) + within
     valid = valid & (pos < I)  # past the capacity only with repeated ids in a row (an input error, reported)
     tl.store(slot_item_ptr + row.to(tl.int64) * K + slot, tl.where(valid, pos, -1).to(tl.int64), mask=m)
     tl.store(item_row_ptr + pos, row.to(tl.int64), mask=valid)
     tl.store(item_w_ptr + pos, tl.load(w_ptr + row.to(tl.int64) * w_stride + slot, mask=valid, other=0.0), mask=valid)
     tl.store(item_e_ptr + pos, e.to(tl.int64), mask=valid)
-    if b == 0:  # the anchors: first of each expert's group, the zero row N, weight 0
+    if b == 0:  # the anchors (first of each group: the zero row N, weight 0) and offs
         ex = tl.arange(0, EP)
-        at = tl.load(anchor_ptr + ex, mask=ex < E_local, other=0)
+        ends = tl.load(ends_ptr + ex, mask=ex < E_local, other=0)
+        at = ends - tl.load(incl_ptr + ex.to(tl.int64) * B + B - 1, mask=ex < E_local, other=0) - 1
         me = (ex < E_local) & (at < I)
         tl.store(item_row_ptr + at, tl.full([EP], 0, tl.int64) + N, mask=me)
         tl.store(item_w_ptr + at, tl.zeros([EP], dtype=item_w_ptr.dtype.element_ty), mask=me)
         tl.store(item_e_ptr + at, ex.to(tl.int64), mask=me)
+        tl.store(offs_ptr + ex, tl.minimum(ends, I).to(tl.int32), mask=ex < E_local)
 
 
 def wave_items_triton(ids: torch.Tensor, weights: torch.Tensor, num_local_experts: int, item_capacity: int):
@@ -197,15 +204,13 @@ def wave_items_triton(ids: torch.Tensor, weights: torch.Tensor, num_local_expert
     if N:
         _count_kernel[(B,)](ids, counts, N, B, ids.stride(0), K=k, KP=kp, BR=br, num_warps=4)
     incl = counts.cumsum(1)  # [E_local, B]: along the blocks, the inner dimension
-    total = incl[:, -1]
-    ends = (total + 1).cumsum(0)  # each expert's group: its anchor, then its items
-    start = (ends - total).unsqueeze(1) + incl - counts
-    anchor = ends - total - 1
+    ends = (incl[:, -1] + 1).cumsum(0)  # each expert's group: its anchor, then its items
     item_row = torch.empty(item_capacity, dtype=torch.int64, device=dev)
     item_weight = torch.empty(item_capacity, dtype=weights.dtype, device=dev)
     item_expert = torch.empty(item_capacity, dtype=torch.int64, device=dev)
+    offs = torch.empty(E_local, dtype=torch.int32, device=dev)
     slot_item = torch.empty(N, k, dtype=torch.int64, device=dev)
-    _place_kernel[(B,)](ids, weights, start, anchor, slot_item, item_row, item_weight, item_expert, N, B, E_local,
-                        item_capacity, ids.stride(0), weights.stride(0), K=k, KP=kp, BR=br,
+    _place_kernel[(B,)](ids, weights, incl, counts, ends, slot_item, item_row, item_weight, item_expert, offs, N, B,
+                        E_local, item_capacity, ids.stride(0), weights.stride(0), K=k, KP=kp, BR=br,
                         EP=triton.next_power_of_2(E_local), num_warps=4)
-    return item_row, item_weight, item_expert, ends.clamp(max=item_capacity).to(torch.int32), slot_item
+    return item_row, item_weight, item_expert, offs, slot_item

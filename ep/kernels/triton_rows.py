@@ -17,7 +17,7 @@ import triton.language as tl
 @triton.jit
 def _reduce_rows_kernel(
     src, items, weights, acc, rows, carry, out_pos, out,
-    H, src_stride, out_stride, K: tl.constexpr, HAS_W: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr,
+    H, src_stride, out_stride, w_stride, K: tl.constexpr, HAS_W: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -31,7 +31,7 @@ def _reduce_rows_kernel(
         i = tl.load(items + n * K + j)
         term = tl.load(src + tl.maximum(i, 0) * src_stride + cols, mask=inb & (i >= 0), other=0.0).to(tl.float32)
         if HAS_W:
-            term = term * tl.load(weights + n * K + j).to(tl.float32)
+            term = term * tl.load(weights + n * w_stride + j).to(tl.float32)
         total += term
     if HAS_ACC:
         dst = tl.load(out_pos + n)
@@ -89,12 +89,13 @@ def reduce_rows_triton(
     H = src.shape[1]
     assert _unit_rows(src) and _unit_rows(out) and items.is_contiguous()
     assert acc is None or acc.is_contiguous()
+    assert weights is None or weights.shape[1] <= 1 or weights.stride(1) == 1  # rows may be strided (`ep.layout`)
     block = min(1024, triton.next_power_of_2(H))
     has_acc = acc is not None
     dummy = items  # any tensor: never read when its flag is off
     _reduce_rows_kernel[(N, triton.cdiv(H, block))](
-        src, items, weights.contiguous() if weights is not None else dummy,
+        src, items, weights if weights is not None else dummy,
         acc if has_acc else dummy, rows if has_acc else dummy,
         carry if has_acc else dummy, out_pos if has_acc else dummy, out,
-        H, src.stride(0), out.stride(0), K=K, HAS_W=weights is not None, HAS_ACC=has_acc, BLOCK=block, num_warps=4,
+        H, src.stride(0), out.stride(0), weights.stride(0) if weights is not None else K, K=K, HAS_W=weights is not None, HAS_ACC=has_acc, BLOCK=block, num_warps=4,
     )
