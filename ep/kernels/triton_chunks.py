@@ -183,11 +183,11 @@ def _place_kernel(ids_ptr, w_ptr, incl_ptr, counts_ptr, ends_ptr, slot_item_ptr,
     if b == 0:  # the anchors (first of each group: the zero row N, weight 0) and offs
         ex = tl.arange(0, EP)
         ends = tl.load(ends_ptr + ex, mask=ex < E_local, other=0)
-        at = ends - tl.load(incl_ptr + ex.to(tl.int64) * B + B - 1, mask=ex < E_local, other=0) - 1
-        me = (ex < E_local) & (at < I)
-        tl.store(item_row_ptr + at, tl.full([EP], 0, tl.int64) + N, mask=me)
-        tl.store(item_w_ptr + at, tl.zeros([EP], dtype=item_w_ptr.dtype.element_ty), mask=me)
-        tl.store(item_e_ptr + at, ex.to(tl.int64), mask=me)
+        anchor = ends - tl.load(incl_ptr + ex.to(tl.int64) * B + B - 1, mask=ex < E_local, other=0) - 1
+        me = (ex < E_local) & (anchor < I)
+        tl.store(item_row_ptr + anchor, tl.full([EP], 0, tl.int64) + N, mask=me)
+        tl.store(item_w_ptr + anchor, tl.zeros([EP], dtype=item_w_ptr.dtype.element_ty), mask=me)
+        tl.store(item_e_ptr + anchor, ex.to(tl.int64), mask=me)
         tl.store(offs_ptr + ex, tl.minimum(ends, I).to(tl.int32), mask=ex < E_local)
 
 
