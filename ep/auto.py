@@ -114,14 +114,15 @@ def choose_waves(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: tor
 
 # ---- token waves: W chosen by measuring the layer itself ---------------------------------
 TOKEN_CANDIDATES = (1, 2, 4, 8)
-_TOKEN_WAVES: Dict[Tuple, int] = {}  # per process: (shape, dtype, device, ranks, T's power of two, training) -> W
+_TOKEN_WAVES: Dict[Tuple, int] = {}  # per process: (shape, knobs, dtype, device, ranks, T's power of two, training) -> W
 
 
 def choose_token_waves(layer, x, topk_idx, topk_weights, status, max_tokens: int) -> int:
     """The fastest W for a token-wave layer (`MoEConfig(wave_split="tokens", num_waves="auto")`).
 
-    At the first call of a key (layer shape, dtype, device, transport, ranks, power of two of
-    the largest token count, and whether the call trains), every rank times the layer's own
+    At the first call of a key (layer shape, dtype, device, transport, SM carveout, capacity,
+    ranks, power of two of the largest token count, and whether the call trains: everything
+    the timing depends on), every rank times the layer's own
     call on this call's input at W = 1, 2, 4, 8 (forward, or forward and backward of the
     expert weights when autograd is on: `torch.autograd.grad`, so no `.grad` is touched),
     median of three after a warm-up; every rank takes the slowest rank's time per W (one
@@ -131,8 +132,9 @@ def choose_token_waves(layer, x, topk_idx, topk_weights, status, max_tokens: int
     cfg, tr = layer.config, layer.transport
     w1, w2 = layer.experts.w1, layer.experts.w2
     training = torch.is_grad_enabled() and w1.requires_grad
-    key = (cfg.hidden, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, cfg.transport, tr.world_size, str(w1.device),
-           w1.dtype, 1 << max(max_tokens - 1, 0).bit_length(), training)
+    key = (cfg.hidden, cfg.ffn_hidden, cfg.num_experts, cfg.top_k, cfg.transport, cfg.sm_carveout, cfg.capacity_factor,
+           cfg.swiglu_limit is not None, cfg.num_shared_experts, tr.world_size, str(w1.device), w1.dtype,
+           1 << max(max_tokens - 1, 0).bit_length(), training)
     if key in _TOKEN_WAVES:
         return _TOKEN_WAVES[key]
     candidates = [W for W in TOKEN_CANDIDATES if W <= max(1, max_tokens)]
