@@ -1,0 +1,92 @@
+"""The Triton kernels of the token-wave path, compiled for the H200 (sm_90) on this CPU host.
+
+Triton's interpreter (tests/test_triton_kernels.py) checks what the kernels compute but not
+whether the compiler accepts them: r17's first GPU run failed on a kernel the interpreter had
+passed (a name redefined with another shape in a branch). This compiles each kernel, with
+the argument types the layer gives it, from Python down to PTX (and the cubin where Triton
+carries its assembler), no GPU needed. It runs in a fresh process: the interpreter tests
+switch Triton's interpreter on for this one (`python tests/test_triton_compile.py` runs it
+alone).
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+P = lambda t: "*" + t  # noqa: E731  a pointer argument
+I32 = "i32"
+COMMON = dict(T=I32, E=I32, E_local=I32, n=I32, W=I32, NB=I32)
+
+
+def _cases():
+    from ep.kernels import triton_chunks as tc
+    from ep.kernels import triton_rows as tr
+    from ep.kernels import triton_swiglu as ts
+
+    return [
+        (tc._route_count_kernel, dict(idx_ptr=P("i64"), w_ptr=P("fp32"), counts_ptr=P("i32"), status_ptr=P("i32"), **COMMON),
+         dict(K=8, KP=8, HAS_W=True, BT=32, SLOT_RANGE=5, SLOT_REPEAT=6, SLOT_NONFINITE=7)),
+        (tc._route_place_kernel, dict(idx_ptr=P("i64"), before_ptr=P("i32"), route_ptr=P("i64"), row_token_ptr=P("i64"),
+                                      status_ptr=P("i32"), cap=I32, **COMMON), dict(K=6, KP=8, BT=32, SLOT_OVER=10)),
+        (tc._pack_kernel, dict(x_ptr=P("bf16"), idx_ptr=P("i64"), w_ptr=P("fp32"), row_token_ptr=P("i64"), status_ptr=P("i32"),
+                               data_ptr=P("bf16"), ids_ptr=P("i32"), wts_ptr=P("fp32"), st_ptr=P("i32"), H=I32, x_stride=I32,
+                               data_stride=I32, meta_stride=I32, wts_stride=I32, E=I32, E_local=I32, n=I32, cap=I32),
+         dict(K=8, KP=8, S=11, SP=16, HAS_W=True, BLOCK=1024)),
+        (tc._count_kernel, dict(ids_ptr=P("i32"), counts_ptr=P("i32"), N=I32, B=I32, ids_stride=I32), dict(K=8, KP=8, BR=16)),
+        (tc._place_kernel, dict(ids_ptr=P("i32"), w_ptr=P("fp32"), incl_ptr=P("i64"), counts_ptr=P("i32"), ends_ptr=P("i64"),
+                                slot_item_ptr=P("i64"), item_row_ptr=P("i64"), item_w_ptr=P("fp32"), item_e_ptr=P("i64"),
+                                offs_ptr=P("i32"), N=I32, B=I32, E_local=I32, I=I32, ids_stride=I32, w_stride=I32),
+         dict(K=8, KP=8, BR=16, EP=32)),
+        (tr._gather_rows_kernel, dict(src=P("bf16"), index=P("i64"), out=P("bf16"), rows_used=P("i32"), H=I32,
+                                      src_stride=I32, out_stride=I32), dict(BLOCK=1024, HAS_ROWS=True)),
+        (tr._reduce_rows_kernel, dict(src=P("bf16"), items=P("i64"), weights=P("fp32"), acc=P("i64"), rows=P("i64"),
+                                      carry=P("i64"), out_pos=P("i64"), out=P("bf16"), H=I32, src_stride=I32, out_stride=I32,
+                                      w_stride=I32), dict(K=8, HAS_W=True, HAS_ACC=False, BLOCK=1024)),
+        (ts._swiglu_fwd_kernel, dict(h=P("bf16"), a=P("bf16"), F=I32, limit="fp32", rows_used=P("i32")),
+         dict(BLOCK=1024, HAS_LIMIT=True, HAS_ROWS=True)),
+        (ts._swiglu_bwd_kernel, dict(g=P("bf16"), h=P("bf16"), w=P("fp32"), dh=P("bf16"), wa=P("bf16"), dweight=P("fp32"),
+                                     limit="fp32", rows_used=P("i32")), dict(F=2048, BLOCK=2048, HAS_LIMIT=False, HAS_ROWS=True)),
+    ]
+
+
+def compile_for_sm90(fn, types, consts) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    signature, constexprs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in consts:
+            signature[name], constexprs[(i,)] = "constexpr", consts[name]
+        else:
+            signature[name] = types[name]
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    except RuntimeError as e:  # no PTX assembler with this triton build: the front end still ran
+        if "ptxas" not in str(e):
+            raise
+        return
+    assert compiled.asm.get("ptx"), f"{fn.__name__}: no PTX"
+
+
+def main() -> int:
+    for fn, types, consts in _cases():
+        compile_for_sm90(fn, types, consts)
+        print(f"compiled {fn.__name__} {consts}", flush=True)
+    return 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert done.stdout.count("compiled ") == len(_cases())
+
+if __name__ == "__main__":
+    sys.exit(main())
