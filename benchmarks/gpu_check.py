@@ -10,6 +10,8 @@ on the same (bf16-rounded) inputs. Then, for token waves on every transport:
 - sync-free: after two warm-up steps, a forward and a training step (forward, backward,
   SGD step) under `torch.cuda.set_sync_debug_mode("error")`, with the router and with given
   routing, with and without `max_tokens`;
+- shared experts: issued on a side stream beside the first dispatch, against the routed layer
+  plus the shared expert computed after it on one stream (output and gradients);
 - CUDA graphs: a forward, and a forward+backward, captured with `torch.cuda.graph` and
   replayed with three new inputs of the same shape: each replay against an eager call on
   the same inputs and against the reference; the host time of a replay.
@@ -126,6 +128,32 @@ def check_sync_free(n, rank, device, transport, W, routing, max_tokens):
     return True
 
 
+def check_shared_beside(n, rank, device, W):
+    """The shared expert issued on a side stream beside the first dispatch gives what the routed
+    layer plus the shared expert computed afterwards on one stream give, output and gradients."""
+    p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing="skewed", seed=21, tokens_range=(200, 400))
+    layer = build(p, n, rank, device, num_waves=W, num_shared_experts=1)
+    routed = build(p, n, rank, device, num_waves=W)
+    routed.router, routed.experts = layer.router, layer.experts
+    rows = p.rows(rank)
+    x = p.x[rows].to(device=device, dtype=torch.bfloat16)
+    dy = p.dy[rows].to(device=device, dtype=torch.bfloat16)
+    given = dict(topk_idx=p.topk_idx[rows].to(device), topk_weights=p.topk_weights[rows].to(device=device, dtype=torch.float32))
+    x1 = x.clone().requires_grad_(True)
+    layer(x1, **given).backward(dy)
+    got = [x1.grad, layer.shared_experts.w1.grad, layer.shared_experts.w2.grad, layer.experts.w1.grad]
+    y1 = layer(x, **given).detach()
+    layer.zero_grad(set_to_none=True)
+    x2 = x.clone().requires_grad_(True)
+    (routed(x2, **given) + layer.shared_experts(x2)).backward(dy)  # one stream, one after the other
+    y2 = (routed(x, **given) + layer.shared_experts(x)).detach()
+    want = [x2.grad, layer.shared_experts.w1.grad, layer.shared_experts.w2.grad, layer.experts.w1.grad]
+    worst = max(rel_err(a.double(), b.double()) for a, b in zip([y1, *got], [y2, *want]))
+    t = torch.tensor([worst], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def check_graphs(n, rank, device, transport, W):
     """Forward, and forward+backward, captured in CUDA graphs and replayed with new inputs."""
     import time
@@ -236,7 +264,8 @@ def probe_grouped_mm(device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="gpu_check.json")
-    ap.add_argument("--checks", default="reference,sync,graphs", help="comma-separated: reference, sync, graphs")
+    ap.add_argument("--checks", default="reference,sync,shared,graphs",
+                    help="comma-separated: reference, sync, shared, graphs")
     args = ap.parse_args()
     checks = args.checks.split(",")
     ep.init_distributed()
@@ -276,6 +305,16 @@ def main():
         if rank == 0:
             print(f"sync-free  {transport:11} W={W} routing={routing:6} max_tokens={max_tokens}  "
                   f"{'ok' if ok else 'FAIL ' + detail}", flush=True)
+    for W in (1, 2) if "shared" in checks else ():
+        try:
+            worst = check_shared_beside(n, rank, device, W)
+            ok, detail = worst < 1e-3, f"worst rel err {worst:.1e} (bf16 rounding of a sum in another order allowed)"
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, repr(e)[:400]
+        failed += not ok
+        results.append(dict(check="shared_beside", W=W, ok=ok, detail=detail))
+        if rank == 0:
+            print(f"shared expert beside the dispatch W={W}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
     for transport, W in itertools.product(transports if cuda and "graphs" in checks else [], (1, 2)):
         try:
             got = check_graphs(n, rank, device, transport, W)

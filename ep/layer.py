@@ -12,7 +12,7 @@ from .chunk_pipeline import chunked_experts
 from .chunks import sender_plan, wave_capacity
 from .config import MoEConfig
 from .experts import Experts
-from .pipeline import waved_experts
+from .pipeline import run_beside, waved_experts
 from .plan import make_plan
 from .router import Router
 from .shared import SharedExperts
@@ -200,9 +200,12 @@ class ExpertParallelMoE(nn.Module):
         W = max(1, min(W, max_tokens))
         plan = sender_plan(topk_idx, topk_weights, cfg.num_experts, tr.world_size, W,
                            wave_capacity(max_tokens, W, cfg.capacity_factor), status if bad else None)
+        if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
+            shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
         y_TH, found = chunked_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit)
         if self.shared_experts is not None:
-            y_TH = y_TH + self.shared_experts(x_TH)
+            join()
+            y_TH = y_TH + shared_TH
         if bad or not found.is_cuda:  # read now: on the CPU it costs nothing, on CUDA this is an error path
             self._raise_found(found.tolist())
         else:

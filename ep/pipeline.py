@@ -20,7 +20,7 @@ transport's streams; the compute stream waits only for its own wave's data.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Dict, List, Optional, TypeVar
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 from torch.profiler import record_function
@@ -79,6 +79,32 @@ def issue_after(device: torch.device, ready: Optional[torch.cuda.Event], start: 
     side.wait_event(ready)
     with torch.cuda.stream(side):
         return start()
+
+
+_SIDE_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}  # per device: the stream work beside the waves runs on
+
+
+def run_beside(device: torch.device, work: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, Callable[[], None]]:
+    """Issue `work` so that it runs beside what the caller issues next (on CUDA: on a side
+    stream, after the current stream's work so far), e.g. the shared experts beside the first
+    dispatch. Returns its result and `join`, which makes the current stream wait for it
+    (call it before using the result). Autograd runs the backward on the same streams. A
+    named cache: one side stream per device, for the process. Elsewhere: `work()` now."""
+    if device.type != "cuda":
+        return work(), lambda: None
+    side = _SIDE_STREAMS.get(device)
+    if side is None:
+        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    current = torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        out = work()
+
+    def join() -> None:
+        current.wait_stream(side)
+        out.record_stream(current)  # made on the side stream, used (and freed) on this one
+
+    return out, join
 
 
 def _range(name: str):
