@@ -37,11 +37,16 @@ class ExpertParallelMoE(nn.Module):
         1. route: logits `x @ router.weight.T` in at least fp32, scores, top-k of the biased
            scores (within the best groups), weights (skipped when the caller passes
            `topk_idx` and `topk_weights`);
-        2. plan: destination rank, local expert and wave of every (token, slot); one
-           exchange of counts, read on the host (the layer's only host sync);
-        3. waves: dispatch, linear1, linear2, combine of wave w while wave w+1 is in
-           flight (`ep.pipeline`); backward runs the mirror schedule;
-        4. shared experts (when configured): added to the routed output.
+        2. plan: token waves (default): the largest token count of any rank (`max_tokens`,
+           or one exchange between the hosts), then each (token, rank) route's row in the
+           fixed regions of its wave, on the device (`ep.chunks`); expert waves: the rank,
+           local expert and wave of every (token, slot) and one exchange of counts, read on
+           the host (`ep.plan`);
+        3. shared experts (when configured): issued beside the waves (token waves) or after;
+        4. waves: dispatch, linear1, linear2, combine of wave w while wave w+1 is in flight
+           (`ep.chunk_pipeline`, `ep.pipeline`); backward runs the mirror schedule. Token
+           waves never read the device on the host: input problems found there raise at
+           once on the CPU and at the next call on CUDA (or `check_errors()`).
 
     Args:
         config: the layer's shape and knobs.
@@ -147,7 +152,7 @@ class ExpertParallelMoE(nn.Module):
         )
         y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout, cfg.swiglu_limit)
         if self.shared_experts is not None:
-            y_TH = y_TH + self.shared_experts(x_TH)  # step 4, a call of its own: it may be issued earlier
+            y_TH = y_TH + self.shared_experts(x_TH)  # step 3, after the waves here
         return y_TH.view(x.shape)
 
     def _forward_tokens(self, x, topk_idx, topk_weights) -> torch.Tensor:
