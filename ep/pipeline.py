@@ -50,6 +50,14 @@ class _SmCarveout:
 
 
 _ISSUE_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}  # per device: the stream collectives are issued from
+_SIDE_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}  # per device: the stream work beside the waves runs on
+
+
+def _stream(cache: Dict[torch.device, torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
+    """The cache's stream for `device` (made at the first use, kept for the process)."""
+    if device not in cache:
+        cache[device] = torch.cuda.Stream(device)
+    return cache[device]
 
 
 def ready_point(device: torch.device) -> Optional[torch.cuda.Event]:
@@ -73,15 +81,10 @@ def issue_after(device: torch.device, ready: Optional[torch.cuda.Event], start: 
     cache: one side stream per device, for the process. Elsewhere (CPU) it calls `start`."""
     if device.type != "cuda":
         return start()
-    side = _ISSUE_STREAMS.get(device)
-    if side is None:
-        side = _ISSUE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _stream(_ISSUE_STREAMS, device)
     side.wait_event(ready)
     with torch.cuda.stream(side):
         return start()
-
-
-_SIDE_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}  # per device: the stream work beside the waves runs on
 
 
 def run_beside(device: torch.device, work: Callable[[], torch.Tensor]) -> Tuple[torch.Tensor, Callable[[], None]]:
@@ -92,9 +95,7 @@ def run_beside(device: torch.device, work: Callable[[], torch.Tensor]) -> Tuple[
     named cache: one side stream per device, for the process. Elsewhere: `work()` now."""
     if device.type != "cuda":
         return work(), lambda: None
-    side = _SIDE_STREAMS.get(device)
-    if side is None:
-        side = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _stream(_SIDE_STREAMS, device)
     current = torch.cuda.current_stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
