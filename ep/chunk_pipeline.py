@@ -28,10 +28,11 @@ from typing import Callable, List, Optional
 
 import torch
 
+from .checks import STATUS_SLOTS
 from .chunks import ChunkPlan, WaveItems, expert_major, pack_rows, wave_items
 from .experts import linear1, linear1_backward_data, linear2, linear2_backward_data
 from .kernels import gather_rows, gather_rows_into, grouped_mm_wgrad, reduce_rows
-from .layout import STATUS_WORDS, RowLayout
+from .layout import RowLayout
 from .pipeline import _range, _SmCarveout, issue_after, ready_point, run_waves
 from .transport import Pending, Transport
 
@@ -88,9 +89,9 @@ class ChunkedExperts(torch.autograd.Function):
         with _range("ep.unpermute"):
             reduce_rows(back, plan.route_row, y_TH)
         if cap:
-            status = layout.status(recv[0, :N]).view(n, cap, STATUS_WORDS)[:, 0]
+            status = layout.status(recv[0, :N]).view(n, cap, STATUS_SLOTS)[:, 0]
         else:  # no rank has tokens: nothing was sent, so nothing was found
-            status = torch.zeros(n, STATUS_WORDS, dtype=torch.int32, device=device)
+            status = torch.zeros(n, STATUS_SLOTS, dtype=torch.int32, device=device)
         ctx.mark_non_differentiable(status)
 
         ctx.plan = replace(plan, **{name: None for name in _PLAN_TENSORS})

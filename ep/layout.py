@@ -25,7 +25,7 @@ from functools import cached_property
 
 import torch
 
-from .checks import STATUS_SLOTS as STATUS_WORDS
+from .checks import STATUS_SLOTS
 from .dtypes import accumulate_dtype
 
 
@@ -59,7 +59,7 @@ class RowLayout:
         ids_at = weights_at + self.top_k * acc_es
         status_at = ids_at + 4 * self.top_k
         # a whole number of 16-element groups: strided row kernels can then use 16-byte accesses
-        row_bytes = _round_up(status_at + 4 * STATUS_WORDS, max(16 * es, acc_es))
+        row_bytes = _round_up(status_at + 4 * STATUS_SLOTS, max(16 * es, acc_es))
         return es, weights_at, ids_at, status_at, row_bytes
 
     @property
@@ -95,4 +95,4 @@ class RowLayout:
     def status(self, rows: torch.Tensor) -> torch.Tensor:
         """`[N, STATUS_SLOTS]` int32 view: the sender's status (`ep.checks`' slots)."""
         _, _, _, status_at, _ = self._sizes
-        return self._part(rows, status_at, status_at + 4 * STATUS_WORDS, torch.int32)
+        return self._part(rows, status_at, status_at + 4 * STATUS_SLOTS, torch.int32)
