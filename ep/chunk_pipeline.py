@@ -69,7 +69,7 @@ class ChunkedExperts(torch.autograd.Function):
 
         def dispatch(w: int) -> Pending:
             return issue_after(device, packed, lambda: transport.all_to_all(
-                recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}"))
+                recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}", cap))
 
         def compute(w: int) -> Callable[[], Pending]:
             rows = recv[w]
@@ -82,7 +82,7 @@ class ChunkedExperts(torch.autograd.Function):
             items[w], hidden[w] = it, h
             summed = ready_point(device)
             return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-                back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}"))
+                back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}", cap))
 
         run_waves(W, dispatch, compute, math_first=False)  # dispatches wait for the pack only: all go first
         y_TH = torch.empty_like(x_TH)
@@ -131,7 +131,7 @@ class ChunkedExperts(torch.autograd.Function):
 
         def combine_backward(w: int) -> Pending:
             return issue_after(device, packed, lambda: transport.all_to_all(
-                recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}"))
+                recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}", cap))
 
         def compute(w: int) -> Callable[[], Pending]:
             it = items[w]
@@ -146,7 +146,7 @@ class ChunkedExperts(torch.autograd.Function):
             layout.weights(rows).copy_(torch.where(it.slot_item >= 0, dweight_I[it.slot_item.clamp(min=0)], 0))
             summed = ready_point(device)
             return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-                back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}"))
+                back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap))
 
         flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
         with _range("ep.weight_grads"), carve:  # beside the last transfers

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
-TRANSPORTS = ("nccl", "copy_engine")
+TRANSPORTS = ("nccl", "copy_engine", "device_put")
 WAVE_SPLITS = ("tokens", "experts")
 
 
@@ -57,7 +57,9 @@ class MoEConfig:
             `y = routed(x) + shared(x)`, replicated on every rank like the router.
         timeout_s: the longest any wait inside the layer lasts on Gloo (CPU) ranks, however
             the process group was made: a stalled or dead peer becomes a
-            `CommunicationError` naming the stage and wave waited for. On NCCL the layer
+            `CommunicationError` naming the stage and wave waited for. With
+            `transport="device_put"` also the longest device-side wait (reported at the
+            next call, or by `ExpertParallelMoE.check_errors()`). On NCCL the layer
             never waits on the host; there NCCL's watchdog ends a hung collective after
             the group's own timeout (`ep.init_distributed(timeout_s=...)`).
         dedup_across_waves: "experts" split: a token travels to a rank once, in the first wave that needs
@@ -69,7 +71,10 @@ class MoEConfig:
         transport: how rows move between ranks: "nccl" (torch.distributed's all-to-all:
             NCCL on GPUs, Gloo on CPUs) or "copy_engine" (CUDA ranks of one host: peer
             copies into symmetric memory by the copy engines, no SMs; see
-            `ep.transport.copy_engine`).
+            `ep.transport.copy_engine`) or "device_put" (CUDA ranks of one host: Triton
+            kernels on a few SMs store the rows into the peers' symmetric memory and
+            signal them there; every wait is on the device, bounded by `timeout_s`; see
+            `ep.transport.device_put`).
     """
 
     hidden: int

@@ -16,7 +16,7 @@ from .pipeline import run_beside, waved_experts
 from .plan import make_plan
 from .router import Router
 from .shared import SharedExperts
-from .transport import make_transport
+from .transport import Transport, make_transport
 
 
 class ExpertParallelMoE(nn.Module):
@@ -52,12 +52,15 @@ class ExpertParallelMoE(nn.Module):
         config: the layer's shape and knobs.
         group: the expert-parallel process group; None is the default group (or a
             one-process world when torch.distributed is not initialised).
+        transport: optional, a transport to use instead of the one `config.transport` names
+            for `group` (e.g. ranks that share one process, `ep.transport.device_put.ProcessMesh`).
     """
 
-    def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None,
+                 transport: Optional[Transport] = None) -> None:
         super().__init__()
         self.config = config
-        self.transport = make_transport(group, config.transport, config.timeout_s)
+        self.transport = transport if transport is not None else make_transport(group, config.transport, config.timeout_s)
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
         self.router = Router(config)
         self.experts = Experts(self.num_local_experts, config.hidden, config.ffn_hidden)
@@ -124,10 +127,13 @@ class ExpertParallelMoE(nn.Module):
                 or device; expert ids out of range or repeated within a token; NaN/Inf
                 weights, which is also how NaN/Inf router logits surface).
             CommunicationError: when a peer fails, dies or stalls: within `config.timeout_s` on
-                Gloo, naming the stage and wave waited for (see `ep.transport.torch_dist`).
+                Gloo, naming the stage and wave waited for (see `ep.transport.torch_dist`);
+                with `transport="device_put"` at the next call after a device-side wait
+                timed out (`ep.transport.device_put`).
         """
         cfg = self.config
         w1, w2 = self.experts.w1, self.experts.w2
+        self.transport.raise_errors()  # what the device saw go wrong in earlier calls
         self.sync_replicas()
         if cfg.wave_split == "tokens":
             return self._forward_tokens(x, topk_idx, topk_weights)
@@ -234,5 +240,10 @@ class ExpertParallelMoE(nn.Module):
         """Wait for the device and raise `InputError` for what earlier calls found there
         (token waves on CUDA report a call's input problems at the next call; this is the
         explicit, blocking point). Collective only in the sense that every rank finds the
-        same table: each rank may call it alone."""
-        self._raise_found(self._posted.settle(), earlier=True)
+        same table: each rank may call it alone. Also raises `CommunicationError` for a
+        device-side wait that timed out (`transport="device_put"`)."""
+        found = self._posted.settle()
+        if self.transport.device.type == "cuda":
+            torch.cuda.synchronize(self.transport.device)
+        self.transport.raise_errors()
+        self._raise_found(found, earlier=True)

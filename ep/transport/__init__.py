@@ -10,7 +10,7 @@ from .base import CommunicationError, Done, Pending, Transport
 from .torch_dist import LocalTransport, TorchDistTransport
 
 
-_COPY_ENGINES: dict = {}  # group name -> its CopyEngineTransport, shared by every layer on the group
+_SHARED: dict = {}  # (kind, group name) -> its transport with buffers, shared by every layer on the group
 
 
 def make_transport(
@@ -19,8 +19,10 @@ def make_transport(
     """The transport for `group` (the default group when None).
 
     kind "nccl": `torch.distributed`'s all-to-all (NCCL on GPUs, Gloo on CPUs); "copy_engine":
-    peer copies into symmetric memory (CUDA ranks of one host; `CopyEngineTransport`), one
-    per process group and process, shared by every layer on the group: its buffers are
+    peer copies into symmetric memory (CUDA ranks of one host; `CopyEngineTransport`);
+    "device_put": Triton kernels storing into the peers' symmetric memory (CUDA ranks of one
+    host; `ep.transport.device_put`). The last two are one per process group, kind and
+    process, shared by every layer on the group: its buffers are
     sized for the largest layer once, not once per layer (a model's layers run one after
     another on the transport's stream, and every rank makes the same calls in the same order).
     With torch.distributed not initialised and no group given: a one-process world.
@@ -30,13 +32,18 @@ def make_transport(
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
     if group is None and not dist.is_initialized():
         return LocalTransport()
-    if kind == "copy_engine":
-        from .copy_engine import CopyEngineTransport
+    if kind in ("copy_engine", "device_put"):
+        key = (kind, (group if group is not None else dist.group.WORLD).group_name)
+        if key not in _SHARED:
+            if kind == "copy_engine":
+                from .copy_engine import CopyEngineTransport
 
-        name = (group if group is not None else dist.group.WORLD).group_name
-        if name not in _COPY_ENGINES:
-            _COPY_ENGINES[name] = CopyEngineTransport(group, timeout_s)
-        return _COPY_ENGINES[name]
+                _SHARED[key] = CopyEngineTransport(group, timeout_s)
+            else:
+                from .device_put import DevicePutTransport
+
+                _SHARED[key] = DevicePutTransport.for_group(group, timeout_s)
+        return _SHARED[key]
     return TorchDistTransport(group, timeout_s)
 
 

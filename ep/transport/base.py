@@ -7,7 +7,7 @@ caller's current stream (on CUDA) or the calling thread (on CPU) wait for the re
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -57,6 +57,7 @@ class Transport(ABC):
         out_splits: Sequence[int],
         in_splits: Sequence[int],
         label: str = "all-to-all",
+        rows_bound: Optional[int] = None,
     ) -> Pending:
         """Start an all-to-all of rows.
 
@@ -67,6 +68,9 @@ class Transport(ABC):
             out_splits: rows received from each rank, host ints, length `world_size`.
             in_splits: rows sent to each rank, host ints, length `world_size`.
             label: what this transfer is (e.g. "dispatch, wave 2, forward"), for errors.
+            rows_bound: optional, the same on every rank: no rank sends or receives more
+                rows than this for one peer in this call (transports that place a call's
+                rows in fixed buffers size the call from it; others ignore it).
         """
 
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
@@ -96,6 +100,10 @@ class Transport(ABC):
         """Collective hint: no all-to-all from now on sends or receives more than
         `rows_per_peer` rows for one peer (every rank passes the same value). Transports
         with preallocated buffers size them from it; others ignore it."""
+
+    def raise_errors(self) -> None:
+        """Raise `CommunicationError` for a failure the device recorded during earlier calls
+        (transports whose waits run on the device); the others fail in the call itself."""
 
     @abstractmethod
     def broadcast_(self, tensor: torch.Tensor, src: int = 0, label: str = "broadcast") -> None:

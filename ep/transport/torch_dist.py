@@ -65,7 +65,8 @@ class TorchDistTransport(Transport):
         self.host_timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
         self.timeout = self.host_timeout if self.backend == "gloo" else None
 
-    def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all") -> Pending:
+    def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all",
+                   rows_bound: Optional[int] = None) -> Pending:
         if self.world_size == 1:
             out.copy_(inp)
             return Done()
@@ -124,7 +125,8 @@ class LocalTransport(Transport):
     device = torch.device("cpu")
     """Where host-made tensors may go; exchanges keep their input's device."""
 
-    def all_to_all(self, out, inp, out_splits, in_splits, label: str = "all-to-all") -> Pending:
+    def all_to_all(self, out, inp, out_splits, in_splits, label: str = "all-to-all",
+                   rows_bound: Optional[int] = None) -> Pending:
         out.copy_(inp)
         return Done()
 

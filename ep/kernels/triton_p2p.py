@@ -1,0 +1,184 @@
+"""Triton kernels of the device-initiated transport (`ep.transport.device_put`).
+
+Two kernels move one all-to-all between the ranks of one host, over buffers every rank
+maps (torch symmetric memory; on the CPU, in Triton's interpreter, plain tensors of one
+process stand in for them):
+
+- `put`: on the sender, G programs copy the rows for each peer straight into that peer's
+  *arena* (the rank's symmetric buffer; `ep.transport.device_put.ArenaLayout` says where
+  each part lies), the rows for this rank straight into `out`; then each program raises
+  the peer's *ready* counter of this call's flag set by one (a release at system scope,
+  after a barrier of the program's threads, so every store of the program is visible
+  before the count is). Before writing into a peer's arena, a program waits until the
+  peer has read out the last call that used those bytes: the peer's *freed* counter of
+  that call's flag set, kept in this rank's arena, has reached its count.
+- `take`: on the receiver, GW programs wait until every peer's ready counter of the flag
+  set has reached G x (this use of the flag set), copy the peer's rows out of the arena
+  into `out`, then raise the peer's freed counter by one.
+
+Counters only grow (int64), and each program keeps its own count of the uses of each flag
+set (`uses`), so no counter is ever reset and a CUDA graph replays the same kernels with
+the same arguments correctly: the expected values come from device memory, not from
+arguments frozen at capture.
+
+Every wait has a deadline (nanoseconds of `%globaltimer` on the GPU; a number of polls in
+the interpreter, which has no clock). A wait past it writes what it waited for into the
+error words (`ERR_WORDS` int64 at a host-mapped address: the first error wins) and goes on,
+so a peer that never arrives becomes an error the host reads at its next look, never a hang.
+
+Bytes move as elements of the caller's choosing (int32 where every offset and size is a
+multiple of 16 bytes: 16-byte accesses; bytes otherwise), BLOCK of them per program and
+step; sizes and places count pieces of ALIGN elements, so the compiler sees their alignment.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ERR_WORDS = 4
+"""The error record: [what (1: data never arrived, 2: a peer never freed its buffer), flag
+set, peer rank, call label id]."""
+WAIT_DATA, WAIT_FREED = 1, 2
+
+
+@triton.jit
+def _now(USE_CLOCK: tl.constexpr):
+    if USE_CLOCK:
+        return tl.extra.cuda.globaltimer()
+    else:
+        return tl.zeros([], dtype=tl.int64)
+
+
+@triton.jit
+def _wait_for(counter_ptr, target, deadline, err_addr, what, flag_set, peer, label, USE_CLOCK: tl.constexpr):
+    """Poll `*counter_ptr` (acquire, system scope) until it reaches `target` or the deadline
+    passes; past it, record (what, flag_set, peer, label) in the error words (first error wins)."""
+    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="sys")
+    start = _now(USE_CLOCK)
+    waited = tl.zeros([], dtype=tl.int64)
+    while (seen < target) & (waited < deadline):
+        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="sys")
+        if USE_CLOCK:
+            waited = _now(USE_CLOCK) - start
+        else:
+            waited += 1
+    if seen < target:
+        err = err_addr.to(tl.pointer_type(tl.int64))
+        zero = tl.zeros([], dtype=tl.int64)
+        if tl.atomic_cas(err, zero, zero + what, sem="relaxed", scope="sys") == 0:
+            tl.store(err + 1, flag_set)
+            tl.store(err + 2, peer)
+            tl.store(err + 3, label)
+
+
+@triton.jit
+def _peer(base, groups, me, peer, PER_GROUP: tl.constexpr):
+    """`base` (a pointer into this rank's arena) moved to the same place in `peer`'s arena.
+
+    Arena addresses come as 16-byte groups, so the move is a known multiple of 16 bytes and
+    accesses through it stay 16 bytes wide (a pointer cast from an integer would lose that)."""
+    return base + (tl.load(groups + peer) - tl.load(groups + me)) * PER_GROUP
+
+
+@triton.jit
+def _copy(src, dst, count, pid, G, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """Program `pid` of G copies its share (blocks pid, pid + G, ...) of `count` elements."""
+    cols = tl.arange(0, BLOCK)
+    b = pid.to(tl.int64)
+    while b * BLOCK < count:  # (while: Triton's interpreter cannot range over device scalars)
+        at = b * BLOCK + cols
+        keep = at < count
+        if CACHE:
+            tl.store(dst + at, tl.load(src + at, mask=keep), mask=keep)
+        else:  # rows written by another GPU: past the L1
+            tl.store(dst + at, tl.load(src + at, mask=keep, cache_modifier=".cg"), mask=keep)
+        b += G
+
+
+@triton.jit
+def _put_kernel(
+    src, out, arena, words, groups, sizes, uses, err_addr,
+    me, n, call_at, per_src, flag_set, wait_set, ready_at, freed_at, wait_programs, deadline, label,
+    BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, USE_CLOCK: tl.constexpr,
+):
+    """Sizes and places count *pieces* of ALIGN elements (16 bytes when ALIGN x element = 16):
+    sizes `[4, n]` int64: send offset, send count, receive offset, receive count per rank;
+    `call_at`: this call's place in the arena (from its start); rows from rank s land at
+    `call_at + s * per_src`. `wait_set`: the flag set of the last call whose bytes this one
+    overwrites (-1: none). `arena` / `words`: this rank's arena as elements / int64 words;
+    `groups`: every rank's arena address in 16-byte groups."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    # this rank's own rows, straight into out
+    _copy(src + tl.load(sizes + me) * ALIGN, out + tl.load(sizes + 2 * n + me) * ALIGN,
+          tl.load(sizes + n + me) * ALIGN, pid, G, BLOCK, True)
+    used = tl.load(uses + flag_set * G + pid) + 1  # this program's uses of the flag set, this one included
+    j = 1
+    while j < n:
+        peer = (me + j) % n
+        if wait_set >= 0:  # the peer has read out the call that last used these bytes
+            before = tl.load(uses + wait_set * G + pid)
+            _wait_for(words + freed_at + wait_set * n + peer, before * wait_programs, deadline, err_addr, 2,
+                      wait_set, peer, label, USE_CLOCK)
+        dst = _peer(arena, groups, me, peer, PER_GROUP) + (call_at + me * per_src) * ALIGN
+        _copy(src + tl.load(sizes + peer) * ALIGN, dst, tl.load(sizes + n + peer) * ALIGN, pid, G, BLOCK, True)
+        j += 1
+    tl.debug_barrier()  # every thread's stores are issued before the counts go up
+    j = 1
+    while j < n:
+        peer = (me + j) % n
+        ready = _peer(words, groups, me, peer, 2) + ready_at + flag_set * n + me
+        tl.atomic_add(ready, 1, sem="release", scope="sys")
+        j += 1
+    tl.store(uses + flag_set * G + pid, used)
+
+
+@triton.jit
+def _take_kernel(
+    out, arena, words, groups, sizes, uses, err_addr,
+    me, n, call_at, per_src, flag_set, ready_at, freed_at, put_programs, deadline, label,
+    BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, USE_CLOCK: tl.constexpr,
+):
+    """The receiving half of `_put_kernel`'s call (same sizes, place and flag set)."""
+    pid = tl.program_id(0)
+    G = tl.num_programs(0)
+    used = tl.load(uses + flag_set * G + pid) + 1
+    j = 1
+    while j < n:
+        peer = (me - j + n) % n
+        _wait_for(words + ready_at + flag_set * n + peer, used * put_programs, deadline, err_addr, 1, flag_set, peer,
+                  label, USE_CLOCK)
+        _copy(arena + (call_at + peer * per_src) * ALIGN, out + tl.load(sizes + 2 * n + peer) * ALIGN,
+              tl.load(sizes + 3 * n + peer) * ALIGN, pid, G, BLOCK, False)
+        j += 1
+    tl.debug_barrier()  # every thread's reads are done before the peers may overwrite
+    j = 1
+    while j < n:
+        peer = (me - j + n) % n
+        freed = _peer(words, groups, me, peer, 2) + freed_at + flag_set * n + me
+        tl.atomic_add(freed, 1, sem="release", scope="sys")
+        j += 1
+    tl.store(uses + flag_set * G + pid, used)
+
+
+def put(src, out, arena, groups, sizes, uses, err_addr: int, *, me: int, n: int, call_at: int, per_src: int,
+        flag_set: int, wait_set: int, ready_at: int, freed_at: int, programs: int, wait_programs: int, deadline: int,
+        label: int, block: int, align: int, use_clock: bool) -> None:
+    """Launch the sending half on the current stream (see the module docstring); `arena` is
+    this rank's arena viewed as `src`'s elements."""
+    _put_kernel[(programs,)](
+        src, out, arena, arena.view(torch.int64), groups, sizes, uses, err_addr, me, n, call_at, per_src,
+        flag_set, wait_set, ready_at, freed_at, wait_programs, deadline, label, BLOCK=block, ALIGN=align,
+        PER_GROUP=16 // src.element_size(), USE_CLOCK=use_clock, num_warps=8)
+
+
+def take(out, arena, groups, sizes, uses, err_addr: int, *, me: int, n: int, call_at: int, per_src: int,
+         flag_set: int, ready_at: int, freed_at: int, programs: int, put_programs: int, deadline: int, label: int,
+         block: int, align: int, use_clock: bool) -> None:
+    """Launch the receiving half on the current stream."""
+    _take_kernel[(programs,)](
+        out, arena, arena.view(torch.int64), groups, sizes, uses, err_addr, me, n, call_at, per_src, flag_set,
+        ready_at, freed_at, put_programs, deadline, label, BLOCK=block, ALIGN=align,
+        PER_GROUP=16 // out.element_size(), USE_CLOCK=use_clock, num_warps=8)
+

@@ -1,0 +1,327 @@
+"""`DevicePutTransport`: all-to-all by Triton kernels that store rows into peers' memory.
+
+Every rank owns one *arena*, a torch symmetric-memory buffer that every rank of the host
+maps (`ArenaLayout` says where its parts lie): counters, then a data region used as a ring.
+Each call takes the next place in the ring (the same on every rank: its size is the
+group-wide bound of rows per peer times the row's bytes, times n) and the next of
+`flag_sets` sets of counters. On the sender, one kernel with `programs` programs (a few
+SMs) copies each peer's rows into place (`call place + me x per_src`) in that peer's arena
+and raises the peer's ready counter; `Pending.wait()` launches, on the caller's stream, the
+receiving kernel, which waits for every peer's count, copies the rows out into `out` and
+raises the peer's freed counter. A sender waits for the freed count of the last call that
+used the bytes it is about to overwrite (the ring holds `ring_calls` of the largest call, a
+whole token-wave forward at the default 2, so in a layer's own calls it rarely waits).
+`ep.kernels.triton_p2p` has the kernels and the protocol.
+
+Why: NCCL's and the copy engines' transfers are ordered and paced by the host (a stream
+per peer, a barrier per call); these are two kernel launches per call, no host-side sizes
+beyond the call's splits, every wait on the device, and graph-capturable: counters only
+grow and each program counts its own uses, so replays expect the right values.
+
+Timeouts: every device-side wait ends after `timeout_s` (the layer's `MoEConfig.timeout_s`)
+with an error record in host-mapped memory: `raise_errors()` (called by the layer at its
+next call, and by `check_errors()`) raises a `CommunicationError` naming the call (stage,
+wave), the peer and what it waited for. After one, the counters disagree between the
+ranks: treat the group as broken.
+
+Intranode only (all ranks on one host, CUDA peer access). Small blocking exchanges and
+broadcasts go through the host transport (NCCL), and so do all-to-alls made with no
+group-wide bound of rows per peer (neither `rows_bound` nor an earlier `reserve`). Every
+`Pending` it returns must be waited on (the wait is the receiving half). `ProcessMesh` puts every rank in one
+process (the tests on the CPU, in Triton's interpreter, and the one-GPU check).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .base import CommunicationError, Done, Pending, Transport
+
+PROGRAMS = int(os.environ.get("EP_PUT_PROGRAMS", "16"))
+"""Programs (SMs) of each sending and each receiving kernel: leave them free with `MoEConfig.sm_carveout`."""
+BLOCK_BYTES = 32768  # bytes one program moves per step (16-byte accesses: 8 per thread of 8 warps)
+
+
+@dataclass(frozen=True)
+class ArenaLayout:
+    """Where each part of a rank's arena lies, in order:
+
+        [ ready: flag_sets x n int64 | freed: flag_sets x n int64 | pad to 128 B | data: data_bytes ]
+
+    ready[f, s]: put programs of rank s that finished their stores into this arena for the
+    calls of flag set f; freed[f, r]: take programs of rank r that finished reading what
+    this rank put into r's arena for flag set f.
+    """
+
+    world_size: int
+    flag_sets: int
+    data_bytes: int
+
+    @property
+    def ready_at(self) -> int:
+        """int64 words from the arena's start."""
+        return 0
+
+    @property
+    def freed_at(self) -> int:
+        return self.flag_sets * self.world_size
+
+    @property
+    def data_at(self) -> int:
+        """Bytes from the arena's start (128-byte aligned)."""
+        return -(-2 * self.flag_sets * self.world_size * 8 // 128) * 128
+
+    @property
+    def total_bytes(self) -> int:
+        return self.data_at + self.data_bytes
+
+
+class Ring:
+    """The calls' places in the data region, chosen on the host, the same on every rank.
+
+    `place(nbytes)` returns where the call's bytes start and the flag set of the most recent
+    earlier call whose bytes overlap them (-1: none), which the sender waits to see freed.
+    Calls are read out in issue order on every rank, so waiting for the latest overlapping
+    call covers the earlier ones."""
+
+    def __init__(self, capacity: int, flag_sets: int) -> None:
+        self.capacity, self.flag_sets = capacity, flag_sets
+        self._head = 0
+        self._calls = 0
+        self._live: List[Tuple[int, int, int, int]] = []  # (start, end, call number, flag set)
+
+    def place(self, nbytes: int) -> Tuple[int, int, int]:
+        """(byte offset, this call's flag set, flag set to wait for)."""
+        if nbytes > self.capacity:
+            raise ValueError(f"a call of {nbytes} bytes does not fit a ring of {self.capacity}")
+        start = 0 if self._head + nbytes > self.capacity else self._head
+        end = start + nbytes
+        over = [c for c in self._live if c[0] < end and start < c[1]]
+        wait_set = max(over, key=lambda c: c[2])[3] if over else -1
+        self._live = [c for c in self._live if not (start <= c[0] and c[1] <= end)]  # fully overwritten
+        flag_set = self._calls % self.flag_sets
+        self._live.append((start, end, self._calls, flag_set))
+        self._calls += 1
+        self._head = end
+        return start, flag_set, wait_set
+
+
+class ProcessMesh:
+    """Every rank's arena in this process (tests, and the one-GPU check): rank r's arena is a
+    plain tensor; all are made at the first rank's request (every rank grows at the same call)."""
+
+    def __init__(self, world_size: int, device) -> None:
+        self.world_size, self.device = world_size, torch.device(device)
+        self._arenas: List[torch.Tensor] = []
+
+    def allocate(self, rank: int, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
+        if not self._arenas or self._arenas[0].numel() < nbytes:
+            self._arenas = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
+        return self._arenas[rank], [a.data_ptr() for a in self._arenas]
+
+
+class SymmetricMesh:
+    """The ranks' arenas in torch symmetric memory (CUDA ranks of one host, CUDA backend)."""
+
+    def __init__(self, group: dist.ProcessGroup, device: torch.device) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self._symm, self._group_name, self.device = symm_mem, group.group_name, device
+        self._keep = None  # the arena and its handle (alive while peers may write)
+
+    def allocate(self, rank: int, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
+        """Collective: a zeroed arena on every rank, mapped by every rank."""
+        try:
+            buf = self._symm.empty(nbytes, dtype=torch.uint8, device=self.device)
+            hdl = self._symm.rendezvous(buf, self._group_name)
+            buf.zero_()
+            hdl.barrier(channel=0)  # every rank's arena is zeroed before anyone writes into it
+            torch.cuda.synchronize(self.device)
+        except Exception as e:  # noqa: BLE001 - say what failed and what to use instead
+            raise CommunicationError(
+                f"ep: rank {rank}: symmetric memory for the device-put transport failed ({type(e).__name__}: {e}); "
+                "it needs all ranks on one host with peer access; use MoEConfig(transport='nccl')"
+            ) from e
+        self._keep = (buf, hdl)
+        return buf, [int(p) for p in hdl.buffer_ptrs]
+
+
+class _TakePending(Pending):
+    """Waiting launches the receiving kernel on the caller's stream (once)."""
+
+    def __init__(self, take, put_done: Optional[torch.cuda.Event]) -> None:
+        self._take, self._put_done = take, put_done
+
+    def wait(self) -> None:
+        if self._take is None:
+            return
+        if self._put_done is not None:  # this rank's own rows (and its reads of inp) are done too
+            torch.cuda.current_stream().wait_event(self._put_done)
+        take, self._take = self._take, None
+        take()
+
+
+class DevicePutTransport(Transport):
+    """All-to-all by device-initiated stores into peers' arenas (see the module docstring).
+
+    Args:
+        rank, world_size: this process's place among the ranks of `mesh`.
+        mesh: makes the arenas (`SymmetricMesh`, or `ProcessMesh` for ranks of one process).
+        host: the transport for blocking exchanges and broadcasts (None: they raise).
+        timeout_s: the longest any device-side wait lasts (then an error record, see above).
+        programs: programs of each sending and receiving kernel (the same on every rank).
+        flag_sets, ring_calls: counter sets, and the ring's size in largest calls.
+    """
+
+    def __init__(self, rank: int, world_size: int, mesh, host: Optional[Transport] = None,
+                 timeout_s: Optional[float] = None, programs: int = PROGRAMS, flag_sets: int = 64,
+                 ring_calls: int = 2) -> None:
+        self.rank, self.world_size, self._mesh, self._host = rank, world_size, mesh, host
+        self.device = mesh.device
+        self.timeout_s = 60.0 if timeout_s is None else float(timeout_s)
+        self.programs, self.flag_sets, self.ring_calls = programs, flag_sets, ring_calls
+        self._rows = 0  # reserved rows per peer (the largest `reserve`)
+        self._layout: Optional[ArenaLayout] = None
+        self._arena: Optional[torch.Tensor] = None
+        self._ring: Optional[Ring] = None
+        self._groups = self._uses_put = self._uses_take = None
+        self._sizes: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+        """A named cache: the calls' size tables per (splits, row), on the host (pinned: a captured
+        copy reads it at every replay) and on the device."""
+        self._labels: Dict[str, int] = {}
+        self._label_names: List[str] = []
+        self._err = torch.zeros(4, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+
+    @classmethod
+    def for_group(cls, group: Optional[dist.ProcessGroup] = None, timeout_s: Optional[float] = None):
+        """The transport over `group` (CUDA ranks of one host), its host side through NCCL."""
+        from .torch_dist import TorchDistTransport
+
+        host = TorchDistTransport(group, timeout_s)
+        if host.backend != "nccl":
+            raise ValueError(f"DevicePutTransport needs CUDA ranks (an NCCL group), got backend {host.backend!r}")
+        return cls(host.rank, host.world_size, SymmetricMesh(host.group, host.device), host, timeout_s)
+
+    # -- the arena --------------------------------------------------------------------
+    def reserve(self, rows_per_peer: int) -> None:
+        self._rows = max(self._rows, int(rows_per_peer))
+
+    def _grow(self, call_bytes: int) -> None:
+        """Collective (every rank reaches it at the same call: call sizes are group-wide): a
+        ring of `ring_calls` such calls. Waits for the device: nothing may use the old arena."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        data = self.ring_calls * (-(-call_bytes // 128) * 128)
+        layout = ArenaLayout(self.world_size, self.flag_sets, data)
+        self._arena, addresses = self._mesh.allocate(self.rank, layout.total_bytes)
+        self._layout, self._ring = layout, Ring(data, self.flag_sets)
+        if any(a % 16 for a in addresses):
+            raise CommunicationError(f"ep: rank {self.rank}: an arena is not 16-byte aligned ({addresses})")
+        self._groups = torch.tensor([a // 16 for a in addresses], dtype=torch.int64, device=self.device)
+        zeros = lambda: torch.zeros(self.flag_sets, self.programs, dtype=torch.int64, device=self.device)  # noqa: E731
+        self._uses_put, self._uses_take = zeros(), zeros()
+        self._sizes.clear()
+
+    def _size_table(self, in_splits, out_splits, row_pieces: int) -> torch.Tensor:
+        """`[4, n]` int64 pieces (`ep.kernels.triton_p2p`): send offset, send count, receive
+        offset, receive count per rank."""
+        key = (tuple(in_splits), tuple(out_splits), row_pieces)
+        if key not in self._sizes:
+            if len(self._sizes) > 256:
+                self._sizes.clear()
+            table = []
+            for splits in (in_splits, out_splits):
+                counts = [s * row_pieces for s in splits]
+                table += [[sum(counts[:i]) for i in range(len(counts))], counts]
+            host = torch.tensor(table, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+            self._sizes[key] = (host, host.to(self.device, non_blocking=True))
+        return self._sizes[key][1]
+
+    def _label(self, label: str) -> int:
+        if label not in self._labels:
+            self._labels[label] = len(self._label_names)
+            self._label_names.append(label)
+        return self._labels[label]
+
+    # -- the all-to-all ----------------------------------------------------------------
+    def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all",
+                   rows_bound: Optional[int] = None) -> Pending:
+        n, me = self.world_size, self.rank
+        if n == 1:
+            out.copy_(inp)
+            return Done()
+        inp, bound = inp.contiguous(), self._rows if rows_bound is None else int(rows_bound)
+        if not bound and self._host is not None:  # no group-wide bound known (no reserve, e.g. a checkpoint's
+            return self._host.all_to_all(out, inp, out_splits, in_splits, label)  # redistribution): the host path
+        most = max(max(in_splits), max(out_splits))
+        if most > bound:
+            raise CommunicationError(
+                f"ep: rank {me}: {label} sends or receives {most} rows for one peer, more than the bound of {bound} "
+                "(an internal error: the caller passes the group-wide bound, or reserves it)")
+        row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
+        wide = row_bytes % 16 == 0 and inp.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+        unit, piece = (torch.int32, 16) if wide else (torch.uint8, 1)  # piece: bytes of the kernels' size unit
+        per_src = -(-bound * row_bytes // 16) * 16  # one source's place in a call, the same on every rank
+        if self._ring is None or n * per_src > self._ring.capacity // self.ring_calls:
+            self._grow(n * per_src)
+        at, flag_set, wait_set = self._ring.place(n * per_src)
+        sizes = self._size_table(in_splits, out_splits, row_bytes // piece)
+        layout, cuda = self._layout, self.device.type == "cuda"
+        common = dict(me=me, n=n, call_at=(layout.data_at + at) // piece, per_src=per_src // piece,
+                      flag_set=flag_set, ready_at=layout.ready_at, freed_at=layout.freed_at,
+                      deadline=int(self.timeout_s * 1e9) if cuda else max(1, int(self.timeout_s * 1000)),
+                      label=self._label(label), block=BLOCK_BYTES // unit.itemsize, align=piece // unit.itemsize,
+                      use_clock=cuda)
+        from ..kernels import triton_p2p
+
+        src, dst, arena = inp.view(-1).view(unit), out.view(-1).view(unit), self._arena.view(unit)
+        err = self._err.data_ptr()
+        try:
+            triton_p2p.put(src, dst, arena, self._groups, sizes, self._uses_put, err, wait_set=wait_set,
+                           programs=self.programs, wait_programs=self.programs, **common)
+        except Exception as e:  # noqa: BLE001
+            raise CommunicationError(f"ep: rank {me} failed starting {label}: {type(e).__name__}: {e}") from e
+        done = None
+        if cuda:
+            done = torch.cuda.Event()
+            done.record()
+            stream = torch.cuda.current_stream()
+            for t in (inp, out):  # the caller may free them while the kernel runs
+                t.record_stream(stream)
+
+        def take() -> None:
+            triton_p2p.take(dst, arena, self._groups, sizes, self._uses_take, err, programs=self.programs,
+                            put_programs=self.programs, **common)
+
+        return _TakePending(take, done)
+
+    def raise_errors(self) -> None:
+        """Raise `CommunicationError` for what a device-side wait recorded (no sync: reads
+        host-mapped words; a wait still running is seen at a later look)."""
+        what, flag_set, peer, label = self._err.tolist()
+        if what:
+            name = self._label_names[label] if 0 <= label < len(self._label_names) else f"call {label}"
+            waited = "its rows" if what == 1 else "it to read out an earlier call (its buffer)"
+            raise CommunicationError(
+                f"ep: rank {self.rank} timed out after {self.timeout_s:g} s in {name}, waiting on the device for "
+                f"rank {peer} ({waited}; flag set {flag_set}); the group's device counters now disagree: treat it as broken")
+
+    # -- through the host transport ----------------------------------------------------
+    def _need_host(self) -> Transport:
+        if self._host is None:
+            raise RuntimeError("ep: this DevicePutTransport has no host transport for exchanges and broadcasts")
+        return self._host
+
+    def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
+        return self._need_host().exchange(inp, label)
+
+    def host_exchange(self, values, label: str = "host exchange"):
+        return self._need_host().host_exchange(values, label)
+
+    def broadcast_(self, tensor: torch.Tensor, src: int = 0, label: str = "broadcast") -> None:
+        self._need_host().broadcast_(tensor, src, label)

@@ -1,0 +1,131 @@
+"""The device-put transport (`ep.transport.device_put`) on the CPU: its ring and arena layout
+by hand, and its Triton kernels in Triton's interpreter with every rank in this process
+(`ProcessMesh`): every call's rows land where `all_to_all_single` would put them, the ring's
+bytes are reused only after the receiver read them out, and a peer that never sends or never
+reads becomes a `CommunicationError` naming the call, never a hang.
+
+The GPU check (`benchmarks/p2p_check.py`) runs the same kernels compiled, on one GPU.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+from ep.transport.base import CommunicationError
+from ep.transport.device_put import ArenaLayout, DevicePutTransport, ProcessMesh, Ring
+
+
+def test_ring_places_calls_in_order_and_waits_for_the_last_overlap():
+    ring = Ring(capacity=100, flag_sets=3)
+    assert ring.place(40) == (0, 0, -1)  # (offset, flag set, flag set to wait for)
+    assert ring.place(40) == (40, 1, -1)
+    # 40 more do not fit after 80: back to 0, over the first call only
+    assert ring.place(40) == (0, 2, 0)
+    # [40, 100) overlaps the second call [40, 80) only (the third ended at 40)
+    assert ring.place(60) == (40, 0, 1)
+    # [0, 50) overlaps the third [0, 40) and the fourth [40, 100): wait for the later
+    assert ring.place(50) == (0, 1, 0)
+    with pytest.raises(ValueError, match="does not fit"):
+        ring.place(101)
+
+
+def test_arena_layout_parts_do_not_overlap():
+    layout = ArenaLayout(world_size=3, flag_sets=5, data_bytes=1000)
+    assert layout.ready_at == 0 and layout.freed_at == 15  # int64 words
+    assert layout.data_at >= 2 * 15 * 8 and layout.data_at % 128 == 0
+    assert layout.total_bytes == layout.data_at + 1000
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported before its interpreter could be switched on")
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is imported
+    pytest.importorskip("triton")
+    yield
+
+
+def _world(n, **kw):
+    mesh = ProcessMesh(n, "cpu")
+    return [DevicePutTransport(r, n, mesh, programs=3, **kw) for r in range(n)]
+
+
+def _call(trs, splits, shape, dtype, g, label="test", bound=None, take=True):
+    """One all-to-all on every rank (`splits[r][p]`: rows r sends p); returns (outs, wants)."""
+    n = len(trs)
+    ins = [torch.randn(sum(splits[r]), *shape, generator=g).to(dtype) for r in range(n)]
+    outs = [torch.full((sum(splits[p][r] for p in range(n)), *shape), float("nan")).to(dtype) for r in range(n)]
+    bound = bound or max(max(row) for row in splits)
+    pending = [trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r], label, bound)
+               for r in range(n)]
+    if take:
+        for p in pending:
+            p.wait()
+    wants = [torch.cat([ins[p][sum(splits[p][:r]):sum(splits[p][:r + 1])] for p in range(n)]) for r in range(n)]
+    return outs, wants, pending
+
+
+@pytest.mark.parametrize("n, shape, dtype", [(2, (8,), torch.float32), (3, (3,), torch.float32),
+                                             (4, (2, 8), torch.bfloat16)])
+def test_rows_land_as_all_to_all_single_puts_them(interpreted, n, shape, dtype):
+    # shape (3,) float32: 12-byte rows, so the kernels move bytes; the others 16-byte pieces
+    g = torch.Generator().manual_seed(n)
+    trs = _world(n, timeout_s=1.0, ring_calls=2)
+    for call in range(5):  # enough calls to wrap the ring: later calls wait for the reads of earlier ones
+        splits = torch.randint(0, 5, (n, n), generator=g).tolist()
+        outs, wants, _ = _call(trs, splits, shape, dtype, g, f"call {call}", bound=4)
+        for r in range(n):
+            assert torch.equal(outs[r], wants[r]), (call, r)
+    for tr in trs:
+        tr.raise_errors()  # nothing timed out
+
+
+def test_two_calls_in_flight_before_either_is_read(interpreted):
+    g = torch.Generator().manual_seed(5)
+    trs = _world(2, timeout_s=1.0, ring_calls=2)
+    first = _call(trs, [[2, 3], [1, 2]], (4,), torch.float32, g, take=False)
+    second = _call(trs, [[3, 3], [3, 1]], (4,), torch.float32, g, take=False)
+    for outs, wants, pending in (first, second):
+        for p in pending:
+            p.wait()
+        assert all(torch.equal(o, w) for o, w in zip(outs, wants))
+
+
+def test_a_peer_that_never_sends_is_an_error_naming_the_call(interpreted):
+    trs = _world(2, timeout_s=0.05)
+    out, inp = torch.empty(4, 4), torch.randn(4, 4)
+    trs[0].all_to_all(out, inp, [2, 2], [2, 2], "dispatch (forward) of wave 3", 2).wait()  # rank 1 never sends
+    with pytest.raises(CommunicationError, match=r"rank 0 timed out .* dispatch \(forward\) of wave 3.* rank 1 \(its rows"):
+        trs[0].raise_errors()
+    trs[1].raise_errors()  # rank 1 waited for nothing
+
+
+def test_a_peer_that_never_reads_is_an_error_before_its_rows_are_overwritten(interpreted):
+    g = torch.Generator().manual_seed(6)
+    trs = _world(2, timeout_s=0.05, ring_calls=1)
+    # 2 ranks x 4 rows x 16 bytes: the whole ring (128 bytes) in one call
+    _call(trs, [[4, 4], [4, 4]], (4,), torch.float32, g, "combine (forward) of wave 0", take=False)
+    # rank 1 never read the first call out; rank 0's next call needs the same bytes
+    out, inp = torch.empty(8, 4), torch.randn(8, 4)
+    trs[0].all_to_all(out, inp, [4, 4], [4, 4], "dispatch (forward) of wave 1", 4)
+    with pytest.raises(CommunicationError, match=r"dispatch \(forward\) of wave 1.* rank 1 \(it to read out"):
+        trs[0].raise_errors()
+
+
+def test_more_rows_than_the_bound_is_refused(interpreted):
+    trs = _world(2)
+    with pytest.raises(CommunicationError, match="more than the bound of 2"):
+        trs[0].all_to_all(torch.empty(6, 4), torch.empty(6, 4), [3, 3], [3, 3], "x", 2)
+
+
+def test_needs_an_nccl_group():
+    from tests.world import run_world
+
+    assert run_world(2, _gloo_refused) == [True, True]
+
+
+def _gloo_refused(rank, world_size):
+    with pytest.raises(ValueError, match="needs CUDA ranks"):
+        DevicePutTransport.for_group(None)
+    return True
