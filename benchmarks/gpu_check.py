@@ -3,7 +3,7 @@
     torchrun --standalone --nproc-per-node N benchmarks/gpu_check.py --json check.json
 
 For both wave splits (token waves; expert waves in both deduplication modes), every
-transport (NCCL; on 2+ GPUs also the copy engines), every W in {1, 2, 4, 8}, router-made
+transport (NCCL; on 2+ GPUs also the copy engines and the device puts), every W in {1, 2, 4, 8}, router-made
 and caller-given routing: forward output and every gradient (x, router, w1, w2, and the
 routing weights when given) within 1e-2 relative of `tests/reference.py` run in float64
 on the same (bf16-rounded) inputs. Then, for token waves on every transport:
@@ -79,7 +79,7 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
     p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=seed, tokens_range=(200, 400))
     bf = lambda t: t.to(device=device, dtype=torch.bfloat16)  # noqa: E731
     layer = build(p, n, rank, device, num_waves=W, dedup_across_waves=dedup, transport=transport, wave_split=split,
-                  sm_carveout=4 if transport == "copy_engine" else 0)
+                  sm_carveout={"copy_engine": 4, "device_put": 16}.get(transport, 0))
     rows = p.rows(rank)
     x = bf(p.x[rows]).requires_grad_(True)
     if routing == "router":
@@ -273,8 +273,8 @@ def main():
     cuda = torch.cuda.is_available()  # the CPU run is a dry run of this script, with Gloo
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     results, failed = [], 0
-    # every transport this world can run: the copy engines need CUDA ranks of one host
-    transports = ["nccl"] + (["copy_engine"] if cuda and n > 1 else [])
+    # every transport this world can run: the copy engines and the device puts need CUDA ranks of one host
+    transports = ["nccl"] + (["copy_engine", "device_put"] if cuda and n > 1 else [])
     splits = [("tokens", True), ("experts", True), ("experts", False)]
     for transport, (split, dedup), W, routing in itertools.product(transports if "reference" in checks else [], splits,
                                                                    (1, 2, 4, 8), ("router", "skewed")):

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--expert-waves", default=None, help="W values for the expert-wave split (default: --waves)")
     p.add_argument("--carveouts", default="0", help="comma-separated SM carveouts for the waved runs (CUDA)")
     p.add_argument("--transports", default="nccl",
-                   help="comma-separated: nccl (torch.distributed), copy_engine (CUDA symmetric memory, one host)")
+                   help="comma-separated: nccl (torch.distributed), copy_engine (CUDA symmetric memory, one host), "
+                        "device_put (Triton stores into symmetric memory, one host)")
     p.add_argument("--dedup", default="rank", help="expert waves: comma-separated rank (once per rank), wave (once per rank and wave)")
     p.add_argument("--graphs", action="store_true", help="also time token-wave calls captured in CUDA graphs")
     p.add_argument("--no-p2p", action="store_true", help="NCCL without peer access (NCCL_P2P_DISABLE=1): the comm-bound regime")
@@ -207,8 +208,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
     if any(t not in ep.config.WAVE_SPLITS for t in splits):
         raise SystemExit(f"--splits takes {ep.config.WAVE_SPLITS}, got {args.splits!r}")
-    if any(t not in ep.config.TRANSPORTS for t in kinds) or ("copy_engine" in kinds and not cuda):
-        raise SystemExit(f"--transports takes nccl and (on CUDA) copy_engine, got {args.transports!r}")
+    if any(t not in ep.config.TRANSPORTS for t in kinds) or (set(kinds) - {"nccl"} and not cuda):
+        raise SystemExit(f"--transports takes nccl and (on CUDA) copy_engine, device_put; got {args.transports!r}")
     if args.routing not in ("router", "powerlaw4", "hot"):
         raise SystemExit(f"--routing takes router, powerlaw4 or hot, got {args.routing!r}")
     iters = args.iters or (20 if cuda else 10)
@@ -512,7 +513,7 @@ def format_table(r: dict, meta: dict) -> str:
     for row in r["layers"]:
         eff = row.get("overlap_efficiency")
         label = (f"{row['split'][:6]} W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']}"
-                 + (" CE" if row["transport"] == "copy_engine" else "")
+                 + {"copy_engine": " CE", "device_put": " DP"}.get(row["transport"], "")
                  + (f" {row['dedup']}" if row["split"] == "experts" else "") + (" graph" if row.get("graph") else ""))
         lines.append(
             f"  {label:<43} {row['fwd_ms']:8.3f}  {row.get('host_ms', nan):7.3f}  {row.get('b2b_fwd_ms', nan):6.3f}  "

@@ -1,0 +1,276 @@
+"""The device-put transport's kernels on one GPU, every rank in this process (not in CI).
+
+    python3 benchmarks/p2p_check.py --json p2p.json
+
+Ranks 0..n-1 of a `ProcessMesh` on one GPU, each issuing on a stream of its own, so the
+kernels of different ranks run at once and wait for each other on the device as they do
+between GPUs (the bytes go through this GPU's memory, not NVLink: the rates are the kernels'
+own, a bound for a peer over NVLink, not a measurement of it):
+1. correct: n in {2, 4}, 12 calls of random splits, rows of 16-byte pieces (bf16, the
+   dispatch row of H 7168) and of odd bytes (3 x fp32), every rank's call in flight before
+   any is read out: each `out` equals what `all_to_all_single` gives;
+2. sync-free: after a warm-up, 8 more calls under `torch.cuda.set_sync_debug_mode("error")`;
+3. CUDA graphs: each rank's sequence of 4 calls captured in a graph of its own, replayed 5
+   times with new inputs, the ranks' graphs at once on their streams: every replay correct;
+4. timeout: rank 1 never sends; rank 0's wait ends after `timeout_s` = 0.5 with an error
+   naming the call (read from host-mapped memory): the wall time says there was no hang;
+5. rate: the sending kernel with G programs moving 59 MB (4096 dsv3 dispatch rows) to the
+   other rank, G in {4, 8, 16, 24, 32, 64}: median ms over 20 after 5 warm-ups, GB/s, GB/s
+   per program; the receiving kernel's time; `copy_` of the same bytes.
+Prints a table and "N passed, M failed"; exits non-zero on any failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ep.layout import RowLayout  # noqa: E402
+from ep.transport.base import CommunicationError  # noqa: E402
+from ep.transport.device_put import DevicePutTransport, ProcessMesh  # noqa: E402
+
+DEV = torch.device("cuda", 0)
+ROW = RowLayout(7168, 8, torch.bfloat16).width  # the dsv3 dispatch row, in bf16 elements
+
+
+def world(n, **kw):
+    mesh = ProcessMesh(n, DEV)
+    trs = [DevicePutTransport(r, n, mesh, **kw) for r in range(n)]
+    streams = [torch.cuda.Stream(DEV) for _ in range(n)]
+    return trs, streams
+
+
+def one_call(trs, streams, splits, ins, outs, label, bound):
+    """Issue every rank's call on its stream, then every rank's wait (the receiving kernel)."""
+    n = len(trs)
+    pend = []
+    for r in range(n):
+        with torch.cuda.stream(streams[r]):
+            pend.append(trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r], label, bound))
+    return pend
+
+
+def wait_all(pend, streams):
+    for p, s in zip(pend, streams):
+        with torch.cuda.stream(s):
+            p.wait()
+
+
+def expected(ins, splits, r):
+    n = len(ins)
+    return torch.cat([ins[p][sum(splits[p][:r]):sum(splits[p][:r + 1])] for p in range(n)])
+
+
+def buffers(splits, shape, dtype, g):
+    n = len(splits)
+    ins = [(torch.randn(sum(splits[r]), *shape, generator=g) * 3).to(dtype).to(DEV) for r in range(n)]
+    outs = [torch.full((sum(splits[p][r] for p in range(n)), *shape), float("nan"), dtype=dtype, device=DEV)
+            for r in range(n)]
+    return ins, outs
+
+
+def check_calls(n, shape, dtype, calls=12, bound=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    trs, streams = world(n, timeout_s=10.0)
+    bad = 0
+    for c in range(calls):
+        splits = torch.randint(0, bound + 1, (n, n), generator=g).tolist()
+        ins, outs = buffers(splits, shape, dtype, g)
+        torch.cuda.synchronize()
+        pend = one_call(trs, streams, splits, ins, outs, f"call {c}", bound)
+        wait_all(pend, streams)
+        torch.cuda.synchronize()
+        bad += sum(not torch.equal(outs[r], expected(ins, splits, r)) for r in range(n))
+    for tr in trs:
+        tr.raise_errors()
+    return bad == 0, f"{calls} calls x {n} ranks, {bad} wrong"
+
+
+def check_sync_free(n=2, bound=256):
+    g = torch.Generator().manual_seed(7)
+    trs, streams = world(n, timeout_s=10.0)
+    splits = [[bound] * n for _ in range(n)]
+    ins, outs = buffers(splits, (ROW,), torch.bfloat16, g)
+    for c in range(3):  # warm-up: arenas, size tables, compiled kernels
+        wait_all(one_call(trs, streams, splits, ins, outs, "warm-up", bound), streams)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for c in range(8):
+            wait_all(one_call(trs, streams, splits, ins, outs, f"call {c}", bound), streams)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    ok = all(torch.equal(outs[r], expected(ins, splits, r)) for r in range(n))
+    return ok, "8 calls under set_sync_debug_mode('error')"
+
+
+def check_graphs(n=2, bound=128, calls=4, replays=5):
+    g = torch.Generator().manual_seed(11)
+    trs, streams = world(n, timeout_s=10.0)
+    splits = [[torch.randint(1, bound + 1, (1,), generator=g).item() for _ in range(n)] for _ in range(n)]
+    bufs = [buffers(splits, (ROW,), torch.bfloat16, g) for _ in range(calls)]
+    for c in range(2):  # warm-up outside capture
+        for ins, outs in bufs:
+            wait_all(one_call(trs, streams, splits, ins, outs, "warm-up", bound), streams)
+    torch.cuda.synchronize()
+    graphs = [torch.cuda.CUDAGraph() for _ in range(n)]
+    for r in range(n):  # each rank's sequence in a graph of its own (the kernels do not run while capturing)
+        with torch.cuda.graph(graphs[r], stream=streams[r]):
+            for c, (ins, outs) in enumerate(bufs):
+                pend = trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r],
+                                         f"graph call {c}", bound)
+                pend.wait()
+    wrong = 0
+    for rep in range(replays):
+        for ins, outs in bufs:
+            for r in range(n):
+                ins[r].copy_((torch.randn(ins[r].shape, generator=g) * 3).to(torch.bfloat16))
+                outs[r].fill_(float("nan"))
+        torch.cuda.synchronize()
+        for r in range(n):
+            streams[r].wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(streams[r]):
+                graphs[r].replay()
+        torch.cuda.synchronize()
+        wrong += sum(not torch.equal(outs[r], expected(ins, splits, r)) for ins, outs in bufs for r in range(n))
+    for tr in trs:
+        tr.raise_errors()
+    return wrong == 0, f"{replays} replays of {calls} calls x {n} ranks, {wrong} wrong"
+
+
+def check_timeout(timeout_s=0.5):
+    trs, streams = world(2, timeout_s=timeout_s)
+    inp = torch.randn(8, ROW, device=DEV).to(torch.bfloat16)
+    out = torch.empty_like(inp)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with torch.cuda.stream(streams[0]):
+        trs[0].all_to_all(out, inp, [4, 4], [4, 4], "dispatch (forward) of wave 2", 4).wait()  # rank 1 never sends
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    try:
+        trs[0].raise_errors()
+        return False, f"no error after {wall:.2f} s"
+    except CommunicationError as e:
+        ok = "dispatch (forward) of wave 2" in str(e) and "rank 1" in str(e) and wall < timeout_s + 5
+        return ok, f"raised after {wall:.2f} s: {e}"
+
+
+def timed(fn, iters=20, warm=5):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(iters):
+        ts.append(fn())
+    return statistics.median(ts)
+
+
+def rate(programs, rows=4096):
+    """Rank 0 sends `rows` dispatch rows to rank 1 (none to itself), and back: the sending
+    kernel's time on rank 0's stream, the receiving kernel's on rank 1's."""
+    trs, streams = world(2, timeout_s=10.0, programs=programs)
+    splits = [[0, rows], [rows, 0]]
+    g = torch.Generator().manual_seed(3)
+    ins, outs = buffers(splits, (ROW,), torch.bfloat16, g)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+
+    def step():
+        with torch.cuda.stream(streams[0]):
+            ev[0].record()
+            p0 = trs[0].all_to_all(outs[0], ins[0], [0, rows], [0, rows], "rate", rows)
+            ev[1].record()
+        with torch.cuda.stream(streams[1]):
+            p1 = trs[1].all_to_all(outs[1], ins[1], [rows, 0], [rows, 0], "rate", rows)
+            ev[2].record()
+            p1.wait()
+            ev[3].record()
+        with torch.cuda.stream(streams[0]):
+            p0.wait()
+        torch.cuda.synchronize()
+        return ev[0].elapsed_time(ev[1]), ev[2].elapsed_time(ev[3])
+
+    for _ in range(5):
+        step()
+    puts, takes = zip(*(step() for _ in range(20)))
+    ok = torch.equal(outs[1], ins[0])
+    nbytes = rows * ROW * 2
+    put_ms, take_ms = statistics.median(puts), statistics.median(takes)
+    return dict(programs=programs, MB=nbytes / 1e6, put_ms=put_ms, put_GBps=nbytes / put_ms / 1e6,
+                put_GBps_per_program=nbytes / put_ms / 1e6 / programs, take_ms=take_ms,
+                take_GBps=nbytes / take_ms / 1e6, correct=ok)
+
+
+def copy_rate(rows=4096):
+    a = torch.randn(rows, ROW, device=DEV).to(torch.bfloat16)
+    b = torch.empty_like(a)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def once():
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e)
+
+    ms = timed(once)
+    return dict(MB=a.numel() * 2 / 1e6, copy_ms=ms, copy_GBps=a.numel() * 2 / ms / 1e6)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="p2p_check.json")
+    ap.add_argument("--programs", default="4,8,16,24,32,64")
+    args = ap.parse_args()
+    cases = []
+
+    def case(name, fn, *a, **kw):
+        try:
+            ok, detail = fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - a failing case is reported, the run goes on
+            ok, detail = False, f"{type(e).__name__}: {str(e)[:400]}"
+        cases.append(dict(check=name, ok=ok, detail=detail))
+        print(f"{name:44} {'ok' if ok else 'FAIL'}  {detail}", flush=True)
+
+    case("rows, n=2, bf16 dispatch rows", check_calls, 2, (ROW,), torch.bfloat16, seed=1)
+    case("rows, n=4, bf16 dispatch rows", check_calls, 4, (ROW,), torch.bfloat16, seed=2)
+    case("rows, n=3, 12-byte rows (byte copies)", check_calls, 3, (3,), torch.float32, seed=3)
+    case("sync-free, n=2", check_sync_free)
+    case("CUDA graphs, n=2", check_graphs)
+    case("CUDA graphs, n=4", check_graphs, 4)
+    case("timeout: a peer that never sends", check_timeout)
+    rates = []
+    for G in map(int, args.programs.split(",")):
+        try:
+            rates.append(rate(G))
+        except Exception as e:  # noqa: BLE001
+            rates.append(dict(programs=G, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    base = copy_rate()
+    print(f"\ncopy_ of {base['MB']:.0f} MB: {base['copy_ms']:.3f} ms ({base['copy_GBps']:.0f} GB/s, read+write "
+          f"{2 * base['copy_GBps']:.0f})")
+    print(f"{'G':>4} {'put ms':>8} {'GB/s':>7} {'GB/s/prog':>9} {'take ms':>8} {'GB/s':>7} correct")
+    for r in rates:
+        if "error" in r:
+            print(f"{r['programs']:>4} {r['error']}")
+            continue
+        print(f"{r['programs']:>4} {r['put_ms']:8.3f} {r['put_GBps']:7.0f} {r['put_GBps_per_program']:9.1f} "
+              f"{r['take_ms']:8.3f} {r['take_GBps']:7.0f} {r['correct']}")
+    failed = sum(not c["ok"] for c in cases) + sum("error" in r or not r["correct"] for r in rates)
+    with open(args.json, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "commit": os.environ.get("EP_COMMIT", "unknown"), "cases": cases, "rates": rates, "copy": base,
+                   "failed": failed}, f, indent=2)
+    print(f"{len(cases) + len(rates) - failed} passed, {failed} failed", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
