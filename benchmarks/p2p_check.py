@@ -14,9 +14,13 @@ own, a bound for a peer over NVLink, not a measurement of it):
    times with new inputs, the ranks' graphs at once on their streams: every replay correct;
 4. timeout: rank 1 never sends; rank 0's wait ends after `timeout_s` = 0.5 with an error
    naming the call (read from host-mapped memory): the wall time says there was no hang;
+4b. the whole layer (token waves, given routing), forward and backward twice, n ranks as
+   threads of this process (`ThreadHost` for the first forward's config check and
+   broadcasts), against the float64 reference: n=2 W=1, n=2 W=2, n=4 W=4;
 5. rate: the sending kernel with G programs moving 59 MB (4096 dsv3 dispatch rows) to the
    other rank, G in {4, 8, 16, 24, 32, 64}: median ms over 20 after 5 warm-ups, GB/s, GB/s
-   per program; the receiving kernel's time; `copy_` of the same bytes.
+   per program; the receiving kernel's time; the host's time to issue a call and its wait
+   (two kernel launches); `copy_` of the same bytes.
 Prints a table and "N passed, M failed"; exits non-zero on any failure.
 """
 from __future__ import annotations
@@ -26,15 +30,19 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ep  # noqa: E402
+from benchmarks.gpu_check import reference  # noqa: E402
 from ep.layout import RowLayout  # noqa: E402
-from ep.transport.base import CommunicationError  # noqa: E402
+from ep.transport.base import CommunicationError, Transport  # noqa: E402
 from ep.transport.device_put import DevicePutTransport, ProcessMesh  # noqa: E402
+from tests.cases import make_problem, rel_err  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 ROW = RowLayout(7168, 8, torch.bfloat16).width  # the dsv3 dispatch row, in bf16 elements
@@ -164,6 +172,85 @@ def check_timeout(timeout_s=0.5):
         return ok, f"raised after {wall:.2f} s: {e}"
 
 
+class ThreadHost(Transport):
+    """The host side (config check, broadcasts) between ranks that are threads of this process."""
+
+    def __init__(self, board, rank: int) -> None:
+        self.board, self.rank, self.world_size, self.device = board, rank, board["n"], DEV
+
+    def _swap(self, mine):
+        torch.cuda.synchronize()  # what this thread's stream made is complete before another reads it
+        self.board["slots"][self.rank] = mine
+        self.board["barrier"].wait()
+        got = list(self.board["slots"])
+        self.board["barrier"].wait()
+        return got
+
+    def exchange(self, inp, label="exchange"):
+        got = self._swap(inp.clone())
+        return torch.stack([got[s][self.rank] for s in range(self.world_size)])
+
+    def host_exchange(self, values, label="host exchange"):
+        return [list(v) for v in self._swap(list(values))]
+
+    def broadcast_(self, tensor, src=0, label="broadcast"):
+        got = self._swap(tensor.detach().clone() if self.rank == src else None)
+        tensor.copy_(got[src])
+
+    def all_to_all(self, *args, **kwargs):
+        raise NotImplementedError("rows move through the device-put transport")
+
+
+def check_layer(n, W, seed=0):
+    """The whole layer, forward and backward, with the device-put transport between n ranks
+    that are threads of this process (each on its own streams), against the float64 reference."""
+    p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing="skewed", seed=seed, tokens_range=(200, 400))
+    mesh, board = ProcessMesh(n, DEV), dict(n=n, slots=[None] * n, barrier=threading.Barrier(n, timeout=120))
+    got, errors = [None] * n, [None] * n
+    bf = lambda t: t.to(device=DEV, dtype=torch.bfloat16)  # noqa: E731
+
+    def rank_main(r):
+        try:
+            torch.cuda.set_device(DEV)
+            with torch.cuda.stream(torch.cuda.Stream(DEV)):
+                tr = DevicePutTransport(r, n, mesh, ThreadHost(board, r), timeout_s=20.0)
+                cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W,
+                                   transport="device_put", max_tokens=400)
+                layer = ep.ExpertParallelMoE(cfg, transport=tr).to(device=DEV, dtype=torch.bfloat16)
+                El = p.E // n
+                with torch.no_grad():
+                    layer.router.weight.copy_(bf(p.router))
+                    layer.experts.w1.copy_(bf(p.w1[r * El:(r + 1) * El]))
+                    layer.experts.w2.copy_(bf(p.w2[r * El:(r + 1) * El]))
+                rows = p.rows(r)
+                x = bf(p.x[rows]).requires_grad_(True)
+                tw = p.topk_weights[rows].to(device=DEV, dtype=torch.float32).requires_grad_(True)
+                for _ in range(2):  # the second call runs on arenas, tables and kernels the first made
+                    x.grad = tw.grad = layer.experts.w1.grad = layer.experts.w2.grad = None
+                    y = layer(x, topk_idx=p.topk_idx[rows].to(DEV), topk_weights=tw)
+                    y.backward(bf(p.dy[rows]))
+                layer.check_errors()
+                got[r] = dict(y=y.detach(), dx=x.grad, dw1=layer.experts.w1.grad, dw2=layer.experts.w2.grad,
+                              dweights=tw.grad)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors[r] = f"rank {r}: {type(e).__name__}: {str(e)[:300]}"
+            board["barrier"].abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    if any(errors) or any(t.is_alive() for t in threads):
+        return False, "; ".join(e for e in errors if e) or "a rank did not finish"
+    worst = 0.0
+    for r in range(n):
+        want = reference(p, n, r, DEV, "skewed")
+        worst = max([worst] + [rel_err(got[r][k].double(), w) for k, w in want.items()
+                               if w is not None and k != "drouter"])
+    return worst < 1e-2, f"worst rel err {worst:.1e} over y, dx, dw1, dw2, dweights (bf16 vs float64)"
+
+
 def timed(fn, iters=20, warm=5):
     for _ in range(warm):
         fn()
@@ -183,10 +270,14 @@ def rate(programs, rows=4096):
     ins, outs = buffers(splits, (ROW,), torch.bfloat16, g)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
 
+    host = []
+
     def step():
         with torch.cuda.stream(streams[0]):
             ev[0].record()
+            t0 = time.perf_counter()
             p0 = trs[0].all_to_all(outs[0], ins[0], [0, rows], [0, rows], "rate", rows)
+            host.append(time.perf_counter() - t0)
             ev[1].record()
         with torch.cuda.stream(streams[1]):
             p1 = trs[1].all_to_all(outs[1], ins[1], [rows, 0], [rows, 0], "rate", rows)
@@ -194,7 +285,9 @@ def rate(programs, rows=4096):
             p1.wait()
             ev[3].record()
         with torch.cuda.stream(streams[0]):
+            t0 = time.perf_counter()
             p0.wait()
+            host[-1] += time.perf_counter() - t0
         torch.cuda.synchronize()
         return ev[0].elapsed_time(ev[1]), ev[2].elapsed_time(ev[3])
 
@@ -206,7 +299,7 @@ def rate(programs, rows=4096):
     put_ms, take_ms = statistics.median(puts), statistics.median(takes)
     return dict(programs=programs, MB=nbytes / 1e6, put_ms=put_ms, put_GBps=nbytes / put_ms / 1e6,
                 put_GBps_per_program=nbytes / put_ms / 1e6 / programs, take_ms=take_ms,
-                take_GBps=nbytes / take_ms / 1e6, correct=ok)
+                take_GBps=nbytes / take_ms / 1e6, host_us_per_call=statistics.median(host[5:]) * 1e6, correct=ok)
 
 
 def copy_rate(rows=4096):
@@ -247,6 +340,8 @@ def main():
     case("CUDA graphs, n=2", check_graphs)
     case("CUDA graphs, n=4", check_graphs, 4)
     case("timeout: a peer that never sends", check_timeout)
+    for n, W in ((2, 1), (2, 2), (4, 4)):
+        case(f"layer fwd+bwd, n={n} W={W} (ranks as threads)", check_layer, n, W)
     rates = []
     for G in map(int, args.programs.split(",")):
         try:
@@ -256,13 +351,13 @@ def main():
     base = copy_rate()
     print(f"\ncopy_ of {base['MB']:.0f} MB: {base['copy_ms']:.3f} ms ({base['copy_GBps']:.0f} GB/s, read+write "
           f"{2 * base['copy_GBps']:.0f})")
-    print(f"{'G':>4} {'put ms':>8} {'GB/s':>7} {'GB/s/prog':>9} {'take ms':>8} {'GB/s':>7} correct")
+    print(f"{'G':>4} {'put ms':>8} {'GB/s':>7} {'GB/s/prog':>9} {'take ms':>8} {'GB/s':>7} {'host us':>8} correct")
     for r in rates:
         if "error" in r:
             print(f"{r['programs']:>4} {r['error']}")
             continue
         print(f"{r['programs']:>4} {r['put_ms']:8.3f} {r['put_GBps']:7.0f} {r['put_GBps_per_program']:9.1f} "
-              f"{r['take_ms']:8.3f} {r['take_GBps']:7.0f} {r['correct']}")
+              f"{r['take_ms']:8.3f} {r['take_GBps']:7.0f} {r['host_us_per_call']:8.1f} {r['correct']}")
     failed = sum(not c["ok"] for c in cases) + sum("error" in r or not r["correct"] for r in rates)
     with open(args.json, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -20,6 +20,7 @@ transport's streams; the compute stream waits only for its own wave's data.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
@@ -49,15 +50,18 @@ class _SmCarveout:
             torch._C._set_sm_carveout_experimental(self._before)
 
 
-_ISSUE_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}  # per device: the stream collectives are issued from
-_SIDE_STREAMS: Dict[torch.device, torch.cuda.Stream] = {}  # per device: the stream work beside the waves runs on
+_ISSUE_STREAMS: Dict[Tuple[torch.device, int], torch.cuda.Stream] = {}  # the stream collectives are issued from
+_SIDE_STREAMS: Dict[Tuple[torch.device, int], torch.cuda.Stream] = {}  # the stream work beside the waves runs on
 
 
-def _stream(cache: Dict[torch.device, torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
-    """The cache's stream for `device` (made at the first use, kept for the process)."""
-    if device not in cache:
-        cache[device] = torch.cuda.Stream(device)
-    return cache[device]
+def _stream(cache: Dict[Tuple[torch.device, int], torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
+    """The cache's stream for `device` and the calling thread (made at the first use, kept for
+    the process). Per thread, as torch's current stream is: ranks that are threads of one
+    process (`ep.transport.device_put.ProcessMesh`) must not queue behind each other."""
+    key = (device, threading.get_ident())
+    if key not in cache:
+        cache[key] = torch.cuda.Stream(device)
+    return cache[key]
 
 
 def ready_point(device: torch.device) -> Optional[torch.cuda.Event]:
@@ -78,7 +82,7 @@ def issue_after(device: torch.device, ready: Optional[torch.cuda.Event], start: 
     for wave 0's math (issued first, so the device computes while the host goes on). On
     CUDA the transfer is therefore issued from a side stream that first waits for `ready`
     and nothing more; `Pending.wait()` still joins it back into the compute stream. A named
-    cache: one side stream per device, for the process. Elsewhere (CPU) it calls `start`."""
+    cache: one side stream per device and thread, for the process. Elsewhere (CPU) it calls `start`."""
     if device.type != "cuda":
         return start()
     side = _stream(_ISSUE_STREAMS, device)
@@ -92,7 +96,7 @@ def run_beside(device: torch.device, work: Callable[[], torch.Tensor]) -> Tuple[
     stream, after the current stream's work so far), e.g. the shared experts beside the first
     dispatch. Returns its result and `join`, which makes the current stream wait for it
     (call it before using the result). Autograd runs the backward on the same streams. A
-    named cache: one side stream per device, for the process. Elsewhere: `work()` now."""
+    named cache: one side stream per device and thread, for the process. Elsewhere: `work()` now."""
     if device.type != "cuda":
         return work(), lambda: None
     side = _stream(_SIDE_STREAMS, device)

@@ -2,7 +2,7 @@
 # The GPU run, in one device call: environment, GPU correctness against the float64
 # reference (both wave splits, every transport and W; a sync-free training step; CUDA-graph
 # replays), the device-put transport's kernels on GPU 0 (p2p_check: every rank in one
-# process, correctness, graphs, timeouts, rates; p2p_two_procs), the README's example as a plain one-process python3 run, the launchers, and the
+# process, correctness, graphs, timeouts, rates), the README's example as a plain one-process python3 run, the launchers, and the
 # overlap benchmark in both regimes: NVLink (dsv3, wide, decode, v4flash; token and expert
 # waves; NCCL and the copy engines; CUDA graphs) and NCCL without peer access (dsv3, the
 # comm-bound regime; SM carveouts). Everything lands under $OUT (default out/gpu):
@@ -37,9 +37,8 @@ if ! run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$lo
   echo "correctness failed: no benchmark of a wrong layer" | tee -a "$log"
   exit 1
 fi
-echo "== the device-put transport's kernels: every rank in one process on GPU 0, then two processes on GPU 0" | tee -a "$log"
+echo "== the device-put transport's kernels: every rank in one process on GPU 0" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/p2p_check.py --json "$OUT/p2p_n1.json" 2>&1 | tee -a "$log" || rc=1
-CUDA_VISIBLE_DEVICES=0 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_two_procs.py 2>&1 | tail -5 | tee -a "$log" || rc=1
 echo "== the README's example: one process, no launcher, one GPU" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 python3 tests/readme_example.py --json "$OUT/readme_n1.json" 2>&1 | tee -a "$log" || rc=1
 echo "== launchers on the GPUs: torchrun and mpirun, NCCL, the layer against the reference" | tee -a "$log"

@@ -38,6 +38,28 @@ class Done(Pending):
         return None
 
 
+class EventPending(Pending):
+    """Work queued on a CUDA stream up to `event`: waiting makes the caller's current stream wait for it."""
+
+    def __init__(self, event: torch.cuda.Event) -> None:
+        self._event = event
+
+    def wait(self) -> None:
+        torch.cuda.current_stream().wait_event(self._event)
+
+
+def copy_pending(out: torch.Tensor, inp: torch.Tensor) -> Pending:
+    """A world of one's all-to-all: the copy, queued on the current stream. On CUDA the
+    caller may have issued it from a side stream (`ep.pipeline.issue_after`), so waiting
+    joins that stream into the waiter's; elsewhere it is done."""
+    out.copy_(inp)
+    if not out.is_cuda:
+        return Done()
+    event = torch.cuda.Event()
+    event.record()
+    return EventPending(event)
+
+
 class Transport(ABC):
     """Moves rows between the ranks of one group.
 

@@ -28,16 +28,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import CommunicationError, Done, Pending, Transport
+from .base import CommunicationError, EventPending, Pending, Transport, copy_pending
 from .torch_dist import TorchDistTransport
-
-
-class _EventPending(Pending):
-    def __init__(self, event: torch.cuda.Event) -> None:
-        self._event = event
-
-    def wait(self) -> None:
-        torch.cuda.current_stream().wait_event(self._event)
 
 
 class CopyEngineTransport(Transport):
@@ -100,8 +92,7 @@ class CopyEngineTransport(Transport):
         barrier: no barrier is needed before the copies."""
         n, me = self.world_size, self.rank
         if n == 1:
-            out.copy_(inp)
-            return Done()
+            return copy_pending(out, inp)
         inp = inp.contiguous()
         row_el = math.prod(inp.shape[1:])
         es = inp.element_size()
@@ -158,7 +149,7 @@ class CopyEngineTransport(Transport):
         for t in (inp, out):
             for st in streams:
                 t.record_stream(st)
-        return _EventPending(done)
+        return EventPending(done)
 
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
         return self._nccl.exchange(inp, label)

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .base import CommunicationError, Done, Pending, Transport
+from .base import CommunicationError, Pending, Transport, copy_pending
 
 PROGRAMS = int(os.environ.get("EP_PUT_PROGRAMS", "16"))
 """Programs (SMs) of each sending and each receiving kernel: leave them free with `MoEConfig.sm_carveout`."""
@@ -253,8 +253,7 @@ class DevicePutTransport(Transport):
                    rows_bound: Optional[int] = None) -> Pending:
         n, me = self.world_size, self.rank
         if n == 1:
-            out.copy_(inp)
-            return Done()
+            return copy_pending(out, inp)
         inp, bound = inp.contiguous(), self._rows if rows_bound is None else int(rows_bound)
         if not bound and self._host is not None:  # no group-wide bound known (no reserve, e.g. a checkpoint's
             return self._host.all_to_all(out, inp, out_splits, in_splits, label)  # redistribution): the host path

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .base import CommunicationError, Done, Pending, Transport
+from .base import CommunicationError, Pending, Transport, copy_pending
 
 
 class _WorkPending(Pending):
@@ -68,8 +68,7 @@ class TorchDistTransport(Transport):
     def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all",
                    rows_bound: Optional[int] = None) -> Pending:
         if self.world_size == 1:
-            out.copy_(inp)
-            return Done()
+            return copy_pending(out, inp)
         try:
             work = dist.all_to_all_single(
                 out, inp, list(out_splits), list(in_splits), group=self.group, async_op=True
@@ -127,8 +126,7 @@ class LocalTransport(Transport):
 
     def all_to_all(self, out, inp, out_splits, in_splits, label: str = "all-to-all",
                    rows_bound: Optional[int] = None) -> Pending:
-        out.copy_(inp)
-        return Done()
+        return copy_pending(out, inp)
 
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
         return inp.clone()
