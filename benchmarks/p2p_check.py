@@ -213,7 +213,7 @@ def check_layer(n, W, seed=0):
         try:
             torch.cuda.set_device(DEV)
             with torch.cuda.stream(torch.cuda.Stream(DEV)):
-                tr = DevicePutTransport(r, n, mesh, ThreadHost(board, r), timeout_s=20.0)
+                tr = DevicePutTransport(r, n, mesh, ThreadHost(board, r), timeout_s=10.0)
                 cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W,
                                    transport="device_put", max_tokens=400)
                 layer = ep.ExpertParallelMoE(cfg, transport=tr).to(device=DEV, dtype=torch.bfloat16)

@@ -96,6 +96,8 @@ def test_a_peer_that_never_sends_is_an_error_naming_the_call(interpreted):
     trs = _world(2, timeout_s=0.05)
     out, inp = torch.empty(4, 4), torch.randn(4, 4)
     trs[0].all_to_all(out, inp, [2, 2], [2, 2], "dispatch (forward) of wave 3", 2).wait()  # rank 1 never sends
+    assert torch.equal(out[:2], inp[:2])  # this rank's own rows
+    assert bool((out[2:].view(torch.int32) == -1).all())  # rank 1's: all-ones bytes, the rows' padding
     with pytest.raises(CommunicationError, match=r"rank 0 timed out .* dispatch \(forward\) of wave 3.* rank 1 \(its rows"):
         trs[0].raise_errors()
     trs[1].raise_errors()  # rank 1 waited for nothing

@@ -4,14 +4,14 @@ Two kernels move one all-to-all between the ranks of one host, over buffers ever
 maps (torch symmetric memory; on the CPU, in Triton's interpreter, plain tensors of one
 process stand in for them):
 
-- `put`: on the sender, G programs copy the rows for each peer straight into that peer's
-  *arena* (the rank's symmetric buffer; `ep.transport.device_put.ArenaLayout` says where
-  each part lies), the rows for this rank straight into `out`; then each program raises
-  the peer's *ready* counter of this call's flag set by one (a release at system scope,
-  after a barrier of the program's threads, so every store of the program is visible
-  before the count is). Before writing into a peer's arena, a program waits until the
-  peer has read out the last call that used those bytes: the peer's *freed* counter of
-  that call's flag set, kept in this rank's arena, has reached its count.
+- `put`: on the sender, G programs copy the rows for this rank straight into `out`, then
+  for each peer in turn its rows straight into that peer's *arena* (the rank's symmetric
+  buffer; `ep.transport.device_put.ArenaLayout` says where each part lies), and raise the
+  peer's *ready* counter of this call's flag set by one (a release at system scope, after
+  a barrier of the program's threads, so every store of the program is visible before the
+  count is). Before writing into a peer's arena, a program waits until the peer has read
+  out the last call that used those bytes: the peer's *freed* counter of that call's flag
+  set, kept in this rank's arena, has reached its count.
 - `take`: on the receiver, GW programs wait until every peer's ready counter of the flag
   set has reached G x (this use of the flag set), copy the peer's rows out of the arena
   into `out`, then raise the peer's freed counter by one.
@@ -23,8 +23,10 @@ arguments frozen at capture.
 
 Every wait has a deadline (nanoseconds of `%globaltimer` on the GPU; a number of polls in
 the interpreter, which has no clock). A wait past it writes what it waited for into the
-error words (`ERR_WORDS` int64 at a host-mapped address: the first error wins) and goes on,
-so a peer that never arrives becomes an error the host reads at its next look, never a hang.
+error words (`ERR_WORDS` int64 at a host-mapped address: the first error wins) and goes on:
+a sender that timed out sends that peer nothing, a receiver fills what did not arrive with
+all-ones bytes (the rows' padding: expert ids -1, so nothing after it indexes out of bounds).
+So a peer that never arrives becomes an error the host reads at its next look, never a hang.
 
 Bytes move as elements of the caller's choosing (int32 where every offset and size is a
 multiple of 16 bytes: 16-byte accesses; bytes otherwise), BLOCK of them per program and
@@ -63,13 +65,15 @@ def _wait_for(counter_ptr, target, deadline, err_addr, what, flag_set, peer, lab
             waited = _now(USE_CLOCK) - start
         else:
             waited += 1
-    if seen < target:
+    arrived = seen >= target
+    if not arrived:
         err = err_addr.to(tl.pointer_type(tl.int64))
         zero = tl.zeros([], dtype=tl.int64)
         if tl.atomic_cas(err, zero, zero + what, sem="relaxed", scope="sys") == 0:
             tl.store(err + 1, flag_set)
             tl.store(err + 2, peer)
             tl.store(err + 3, label)
+    return arrived
 
 
 @triton.jit
@@ -82,17 +86,19 @@ def _peer(base, groups, me, peer, PER_GROUP: tl.constexpr):
 
 
 @triton.jit
-def _copy(src, dst, count, pid, G, BLOCK: tl.constexpr, CACHE: tl.constexpr):
-    """Program `pid` of G copies its share (blocks pid, pid + G, ...) of `count` elements."""
+def _copy(src, dst, count, pid, G, arrived, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """Program `pid` of G copies its share (blocks pid, pid + G, ...) of `count` elements; where
+    the rows never `arrived`, it writes all-ones bytes instead (the row layout's padding: every
+    slot's expert id -1), so what follows a timed-out wait indexes nothing out of bounds."""
     cols = tl.arange(0, BLOCK)
     b = pid.to(tl.int64)
     while b * BLOCK < count:  # (while: Triton's interpreter cannot range over device scalars)
         at = b * BLOCK + cols
         keep = at < count
         if CACHE:
-            tl.store(dst + at, tl.load(src + at, mask=keep), mask=keep)
+            tl.store(dst + at, tl.load(src + at, mask=keep & arrived, other=-1), mask=keep)
         else:  # rows written by another GPU: past the L1
-            tl.store(dst + at, tl.load(src + at, mask=keep, cache_modifier=".cg"), mask=keep)
+            tl.store(dst + at, tl.load(src + at, mask=keep & arrived, other=-1, cache_modifier=".cg"), mask=keep)
         b += G
 
 
@@ -112,24 +118,23 @@ def _put_kernel(
     G = tl.num_programs(0)
     # this rank's own rows, straight into out
     _copy(src + tl.load(sizes + me) * ALIGN, out + tl.load(sizes + 2 * n + me) * ALIGN,
-          tl.load(sizes + n + me) * ALIGN, pid, G, BLOCK, True)
+          tl.load(sizes + n + me) * ALIGN, pid, G, True, BLOCK, True)
     used = tl.load(uses + flag_set * G + pid) + 1  # this program's uses of the flag set, this one included
     j = 1
     while j < n:
         peer = (me + j) % n
+        free = True
         if wait_set >= 0:  # the peer has read out the call that last used these bytes
             before = tl.load(uses + wait_set * G + pid)
-            _wait_for(words + freed_at + wait_set * n + peer, before * wait_programs, deadline, err_addr, 2,
-                      wait_set, peer, label, USE_CLOCK)
-        dst = _peer(arena, groups, me, peer, PER_GROUP) + (call_at + me * per_src) * ALIGN
-        _copy(src + tl.load(sizes + peer) * ALIGN, dst, tl.load(sizes + n + peer) * ALIGN, pid, G, BLOCK, True)
-        j += 1
-    tl.debug_barrier()  # every thread's stores are issued before the counts go up
-    j = 1
-    while j < n:
-        peer = (me + j) % n
-        ready = _peer(words, groups, me, peer, 2) + ready_at + flag_set * n + me
-        tl.atomic_add(ready, 1, sem="release", scope="sys")
+            free = _wait_for(words + freed_at + wait_set * n + peer, before * wait_programs, deadline, err_addr, 2,
+                             wait_set, peer, label, USE_CLOCK)
+        if free:  # else neither rows nor count: the peer's wait times out too, and reads padding
+            dst = _peer(arena, groups, me, peer, PER_GROUP) + (call_at + me * per_src) * ALIGN
+            _copy(src + tl.load(sizes + peer) * ALIGN, dst, tl.load(sizes + n + peer) * ALIGN, pid, G, True,
+                  BLOCK, True)
+            tl.debug_barrier()  # every thread's stores are issued before the count goes up
+            ready = _peer(words, groups, me, peer, 2) + ready_at + flag_set * n + me
+            tl.atomic_add(ready, 1, sem="release", scope="sys")
         j += 1
     tl.store(uses + flag_set * G + pid, used)
 
@@ -147,10 +152,10 @@ def _take_kernel(
     j = 1
     while j < n:
         peer = (me - j + n) % n
-        _wait_for(words + ready_at + flag_set * n + peer, used * put_programs, deadline, err_addr, 1, flag_set, peer,
-                  label, USE_CLOCK)
+        arrived = _wait_for(words + ready_at + flag_set * n + peer, used * put_programs, deadline, err_addr, 1,
+                            flag_set, peer, label, USE_CLOCK)
         _copy(arena + (call_at + peer * per_src) * ALIGN, out + tl.load(sizes + 2 * n + peer) * ALIGN,
-              tl.load(sizes + 3 * n + peer) * ALIGN, pid, G, BLOCK, False)
+              tl.load(sizes + 3 * n + peer) * ALIGN, pid, G, arrived, BLOCK, False)
         j += 1
     tl.debug_barrier()  # every thread's reads are done before the peers may overwrite
     j = 1

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -118,11 +119,16 @@ class ProcessMesh:
     def __init__(self, world_size: int, device) -> None:
         self.world_size, self.device = world_size, torch.device(device)
         self._arenas: List[torch.Tensor] = []
+        self._lock = threading.Lock()  # ranks may be threads
 
     def allocate(self, rank: int, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
-        if not self._arenas or self._arenas[0].numel() < nbytes:
-            self._arenas = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
-        return self._arenas[rank], [a.data_ptr() for a in self._arenas]
+        with self._lock:
+            if not self._arenas or self._arenas[0].numel() < nbytes:
+                self._arenas = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
+                                for _ in range(self.world_size)]
+                if self.device.type == "cuda":  # zeroed before another rank's stream writes into them
+                    torch.cuda.synchronize(self.device)
+            return self._arenas[rank], [a.data_ptr() for a in self._arenas]
 
 
 class SymmetricMesh:
