@@ -24,6 +24,7 @@ The plan's nouns, once:
 from .config import MoEConfig
 from .dist import init_distributed
 from .layer import ExpertParallelMoE
-from .plan import DispatchPlan, make_plan
+from .plan import DispatchPlan
+from .plan_exchange import make_plan
 
 __all__ = ["MoEConfig", "ExpertParallelMoE", "DispatchPlan", "make_plan", "init_distributed"]

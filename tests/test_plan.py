@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from ep.plan import block_transpose_index, first_slot_of_channel, make_plan, wave_bounds
+from ep.plan import block_transpose_index, first_slot_of_channel, wave_bounds
+from ep.plan_exchange import make_plan
 from ep.transport import LocalTransport
 
 
