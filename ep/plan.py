@@ -562,8 +562,15 @@ def sender_routes(sender: SenderSide, counts: PlanCounts) -> SenderRoutes:
     )
 
 
-def _receiver_tabs(recv_rows: torch.Tensor, counts: PlanCounts, sender: SenderSide) -> Dict[str, Optional[torch.Tensor]]:
-    """`receiver_tables` (torch) or its Triton kernels (CUDA) on the received slot tables."""
+def _receiver_tabs(
+    recv_rows: torch.Tensor, counts: PlanCounts, sender: SenderSide
+) -> Dict[str, Optional[torch.Tensor]]:
+    """`receiver_tables` (torch) or its Triton kernels (CUDA) on the received slot tables.
+
+    Returns:
+        the `DispatchPlan`'s receiver fields (see `receiver_tables`); the weights None when
+        the plan is made without weights.
+    """
     device = recv_rows.device
     k = recv_rows.shape[1]
     n, W, E_local = sender.num_ranks, sender.layout.num_waves, sender.layout.num_local_experts
@@ -594,7 +601,9 @@ def _receiver_tabs(recv_rows: torch.Tensor, counts: PlanCounts, sender: SenderSi
     return tabs
 
 
-def receiver_side(sender: SenderSide, routes: SenderRoutes, counts: PlanCounts, recv_rows: torch.Tensor) -> DispatchPlan:
+def receiver_side(
+    sender: SenderSide, routes: SenderRoutes, counts: PlanCounts, recv_rows: torch.Tensor
+) -> DispatchPlan:
     """Step 4: the receiver's tables from the received slot tables, then the frozen plan.
 
     Args:
