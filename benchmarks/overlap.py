@@ -50,7 +50,7 @@ from ep import stages
 from ep.chunk_pipeline import chunked_experts
 from ep.chunks import sender_plan, wave_capacity
 from ep.pipeline import waved_experts
-from ep.plan import make_plan
+from ep.plan_exchange import make_plan
 from ep.transport import TorchDistTransport, make_transport
 
 PRESETS: Dict[str, Dict] = {

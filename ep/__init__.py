@@ -20,10 +20,13 @@ The plan's nouns, once:
     item     a received (row, slot) pair served here: one row of expert math, in expert
              order; an anchor is the zero item that opens each expert's group.
     touch    expert waves: a (wave, received row) pair whose items that wave sums.
+    count table  expert waves: the routes, touches and items one rank sends another, with its
+             T and status (`ep.count_table`); exchanged once per call, read on the host.
 """
 from .config import MoEConfig
 from .dist import init_distributed
 from .layer import ExpertParallelMoE
-from .plan import DispatchPlan, make_plan
+from .plan import DispatchPlan
+from .plan_exchange import make_plan
 
 __all__ = ["MoEConfig", "ExpertParallelMoE", "DispatchPlan", "make_plan", "init_distributed"]

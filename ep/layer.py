@@ -13,7 +13,7 @@ from .chunks import sender_plan, wave_capacity
 from .config import MoEConfig
 from .experts import Experts
 from .pipeline import run_beside, waved_experts
-from .plan import make_plan
+from .plan_exchange import make_plan
 from .router import Router
 from .shared import SharedExperts
 from .transport import Transport, make_transport

@@ -20,12 +20,17 @@ Orders (all stable, so the plan is deterministic):
 - items: by local expert, then received row, then slot; wave w's items are contiguous
   because waves are contiguous groups of experts.
 
-The plan is made once per forward from `topk_idx` alone and reused by backward. Making it
-takes one exchange of per-(rank, wave) route counts and per-(rank, expert) item counts,
-read on the host once (the layer's only host sync), and one exchange of the routes'
-slot-to-expert tables. The count exchange also carries every rank's token count: the
-largest is a bound on every all-to-all's rows per peer, which the plan hands to the
-transport (`Transport.reserve`, for transports with preallocated buffers).
+The plan is made once per forward from `topk_idx` alone and reused by backward, in pure
+steps (no transport here; `ep.plan_exchange.make_plan` makes the two exchanges between them):
+1. `sender_side`: routing -> the count table this rank sends (`ep.count_table`: per
+   destination its routes per wave, touches, items per expert, and this rank's token count
+   and status);
+2. `CountTable.parse`: what every rank sent, read on the host once (the layer's only host
+   sync) -> the counts (`PlanCounts`); the largest token count bounds every all-to-all's
+   rows per peer (`SenderSide.rows_per_peer_bound`, for `Transport.reserve`);
+3. `sender_routes`: counts -> the sender's routes in both orders and the routes'
+   slot-to-expert tables it sends;
+4. `receiver_side`: the received slot tables -> the receiver's tables and the `DispatchPlan`.
 """
 from __future__ import annotations
 
@@ -36,12 +41,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .checks import STATUS_SLOTS, raise_on_problems, value_status
-from .config import MoEConfig
+from .checks import STATUS_SLOTS, value_status
+from .count_table import Counts, CountTable, PlanCounts, per_rank
 from .kernels.permute import triton_available
-from .transport import Transport
-
-Counts = Tuple[Tuple[int, ...], ...]
 
 
 def wave_bounds(num_local_experts: int, num_waves: int) -> Tuple[int, ...]:
@@ -86,11 +88,6 @@ def block_transpose_index(counts, total: Optional[int] = None, device=None) -> t
     )
 
 
-def _per_rank(counts: Counts) -> List[int]:
-    """`[W][n]` counts summed over waves -> `[n]`."""
-    return [sum(col) for col in zip(*counts)]
-
-
 def _transposed(counts: Counts) -> List[List[int]]:
     return [list(col) for col in zip(*counts)]
 
@@ -111,8 +108,7 @@ def sender_tables(
     topk_idx_TK: torch.Tensor,
     topk_weights_TK: Optional[torch.Tensor],
     num_experts: int,
-    num_local_experts: int,
-    num_waves: int,
+    layout: CountTable,
     num_ranks: int,
     dedup_across_waves: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,21 +117,22 @@ def sender_tables(
     Returns:
         first_TK: `[T, k]` first slot of the token on the same route;
         fw_TK, lw_TK: `[T, k]` first and last wave of the slot's route;
-        counts: `[3Wn + E]` routes out per (first wave, dest), routes back per (last
-            wave, dest), (route, wave) touches per (wave, dest), items per global expert;
+        count_table: `[n, layout.width]` int64, row r for rank r: routes out per first wave,
+            routes back per last wave, (route, wave) touches per wave, items per local
+            expert of r; the tokens and status columns 0;
         status: `[STATUS_SLOTS]` the value checks (`ep.checks.value_status`).
     """
     T, k = topk_idx_TK.shape
-    E_local, W, n = num_local_experts, num_waves, num_ranks
+    E_local, W, n = layout.num_local_experts, layout.num_waves, num_ranks
     if topk_idx_TK.is_cuda and triton_available():
         from .checks import IDX_RANGE, IDX_REPEAT, W_NONFINITE
         from .kernels.triton_plan import sender_tables_triton
 
-        first, fw, lw, _, counts, status = sender_tables_triton(
-            topk_idx_TK, topk_weights_TK, num_experts, E_local, W, n, dedup_across_waves, STATUS_SLOTS,
+        first, fw, lw, _, count_table, status = sender_tables_triton(
+            topk_idx_TK, topk_weights_TK, num_experts, layout, n, dedup_across_waves, STATUS_SLOTS,
             (IDX_RANGE, IDX_REPEAT, W_NONFINITE),
         )
-        return first, fw, lw, counts, status
+        return first, fw, lw, count_table, status
     device = topk_idx_TK.device
     status = value_status(topk_idx_TK, topk_weights_TK, num_experts)
     idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
@@ -150,20 +147,20 @@ def sender_tables(
     fw_TK = torch.where(same_TKK, waves_TKK, W).amin(dim=2)
     lw_TK = torch.where(same_TKK, waves_TKK, -1).amax(dim=2)
     # (route, wave) pairs: a route touched by wave w gets that wave's partial sum
-    touch_channel_TK = wave_TK * n + dest_TK
-    opens_touch_TK = first_slot_of_channel(touch_channel_TK) == torch.arange(k, device=device)
-    WN = W * n
-    keys = torch.cat([
-        (fw_TK * n + dest_TK).flatten(),
-        WN + (lw_TK * n + dest_TK).flatten(),
-        2 * WN + touch_channel_TK.flatten(),
-        3 * WN + idx.flatten(),
+    opens_touch_TK = first_slot_of_channel(wave_TK * n + dest_TK) == torch.arange(k, device=device)
+    # each count lands in its destination's row of the table
+    row_TK = dest_TK * layout.width
+    cells = torch.cat([
+        (row_TK + layout.routes_out.start + fw_TK).flatten(),
+        (row_TK + layout.routes_back.start + lw_TK).flatten(),
+        (row_TK + layout.touches.start + wave_TK).flatten(),
+        (row_TK + layout.items.start + idx % E_local).flatten(),
     ])
     counted = torch.cat([opens_TK.flatten(), opens_TK.flatten(), opens_touch_TK.flatten(),
                          torch.ones_like(opens_TK.flatten())]).to(torch.int64)
-    counts = torch.zeros(3 * WN + num_experts, dtype=torch.int64, device=device)
-    counts.index_add_(0, keys, counted)
-    return first_TK, fw_TK, lw_TK, counts, status
+    count_table = torch.zeros(n, layout.width, dtype=torch.int64, device=device)
+    count_table.view(-1).index_add_(0, cells, counted)
+    return first_TK, fw_TK, lw_TK, count_table, status
 
 
 def _offsets(sizes: Sequence[int]) -> Tuple[int, ...]:
@@ -297,11 +294,11 @@ class DispatchPlan:
 
     def send_rank_splits(self) -> List[int]:
         """Routes sent to each rank, summed over waves."""
-        return _per_rank(self.send_counts)
+        return per_rank(self.send_counts)
 
     def recv_rank_splits(self) -> List[int]:
         """Rows received from each rank, summed over waves."""
-        return _per_rank(self.recv_counts)
+        return per_rank(self.recv_counts)
 
 
 def _wave_offs(items_per_expert: Sequence[int], bounds: Sequence[int], device) -> Tuple[torch.Tensor, ...]:
@@ -444,144 +441,194 @@ def receiver_tables(
     )
 
 
-def _bare_config(num_experts: int, k: int) -> MoEConfig:
-    """A stand-in config for error messages when make_plan is called without the layer's."""
-    return MoEConfig(hidden=1, ffn_hidden=1, num_experts=num_experts, top_k=max(k, 1), num_waves=1)
+@dataclass(frozen=True)
+class SenderSide:
+    """This rank's routing, tabled for the count exchange (`sender_side`): T tokens, k slots."""
+
+    layout: CountTable
+    wave_bounds: Tuple[int, ...]
+    """`[W + 1]` local-expert boundaries of the waves."""
+    dedup_across_waves: bool
+    idx_TK: torch.Tensor
+    """`[T, k]` int64 global expert ids, clamped into `[0, E)` (in range until the status raises)."""
+    topk_weights_TK: Optional[torch.Tensor]
+    """`[T, k]` routing weights as given, or None."""
+    first_TK: torch.Tensor
+    """`[T, k]` int64: the first slot of the token on the same route."""
+    fw_TK: torch.Tensor
+    """`[T, k]` int64: the first wave of the slot's route."""
+    lw_TK: torch.Tensor
+    """`[T, k]` int64: the last wave of the slot's route."""
+    count_table: torch.Tensor
+    """`[n, layout.width]` int64: row r is what this rank sends rank r (`ep.count_table`)."""
+
+    @property
+    def num_ranks(self) -> int:
+        return self.count_table.shape[0]
+
+    def rows_per_peer_bound(self, max_tokens: int) -> int:
+        """No all-to-all of this layer moves more rows for one peer than the largest T of any
+        rank (`max_tokens`, the same everywhere), or T times the waves a token can reach a
+        rank in without the deduplication: the value for `Transport.reserve`."""
+        return max_tokens * (1 if self.dedup_across_waves else min(self.layout.num_waves, self.idx_TK.shape[1]))
 
 
-def make_plan(
+@dataclass(frozen=True)
+class SenderRoutes:
+    """The sender's routes, placed by the exchanged counts (`sender_routes`).
+
+    `route_token`, `slot_route_flat`, `back_token` and `token_back_pos` are the
+    `DispatchPlan` fields of the same names.
+    """
+
+    route_token: torch.Tensor
+    slot_route_flat: torch.Tensor
+    back_token: torch.Tensor
+    token_back_pos: torch.Tensor
+    slot_tables: torch.Tensor
+    """`[R_send, k, 2]` float64 in rank-major order (dest, then first wave), as the slot-table
+    exchange sends them: per slot of the route's token the local expert it serves at the
+    destination (-1: another route's) and its weight (0 without weights)."""
+
+
+def sender_side(
     topk_idx_TK: torch.Tensor,
+    topk_weights_TK: Optional[torch.Tensor],
     num_experts: int,
+    num_ranks: int,
     num_waves: int,
-    transport: Transport,
-    topk_weights_TK: Optional[torch.Tensor] = None,
     dedup_across_waves: bool = True,
     host_status: Optional[Sequence[int]] = None,
-    config: Optional[MoEConfig] = None,
-) -> DispatchPlan:
-    """Plan one layer's dispatch and combine from the routing.
+) -> SenderSide:
+    """Step 1: the routing -> the count table this rank sends, and its per-slot tables.
 
     Args:
-        topk_idx_TK: `[T, k]` int64 global expert ids in `[0, E)`, distinct per token.
+        topk_idx_TK: `[T, k]` int64 global expert ids in `[0, E)`, distinct per token; ids
+            that are not are counted in the status (and clamped).
+        topk_weights_TK: optional `[T, k]` routing weights (NaN/Inf counted in the status).
         num_experts: E.
+        num_ranks: n.
         num_waves: W, 1 <= W <= E / n.
-        transport: the group's transport; used for one count exchange (read on the host)
-            and one exchange of per-route slot tables.
-        topk_weights_TK: optional `[T, k]` routing weights, carried to the owners in the
-            slot-table exchange (values only, see `DispatchPlan.recv_weights`).
         dedup_across_waves: a token travels to a rank once (True) or once per (rank, wave).
         host_status: this rank's input problems found without looking at values
-            (`ep.checks.host_status`); a rank with problems takes part with no tokens.
-        config: the layer's config, for error messages.
-
+            (`ep.checks.host_status`), added to the status the table carries.
     Raises:
-        InputError: on every rank, when any rank's routing or input is invalid (indices
-            out of range or repeated within a token, NaN/Inf weights, ...): the findings
-            travel with the count exchange, so no rank is left waiting.
+        ValueError: `num_waves` out of range.
     """
-    n = transport.world_size
-    device = topk_idx_TK.device
-    T, k = topk_idx_TK.shape
-    E_local = num_experts // n
+    E_local = num_experts // num_ranks
     bounds = wave_bounds(E_local, num_waves)
-    W = num_waves
-    idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)  # stays in range until we raise
-    dest_TK = idx // E_local
-    first_TK, fw_TK, lw_TK, counts, status = sender_tables(
-        topk_idx_TK, topk_weights_TK, num_experts, E_local, W, n, dedup_across_waves
+    layout = CountTable(num_waves, E_local)
+    first_TK, fw_TK, lw_TK, count_table, status = sender_tables(
+        topk_idx_TK, topk_weights_TK, num_experts, layout, num_ranks, dedup_across_waves
     )
-    opens_TK = first_TK == torch.arange(k, device=device)
     if host_status is not None:
-        status = status + torch.tensor(host_status, dtype=torch.int64).to(device)
-    WN = W * n
-    send_table = torch.cat(
-        [
-            counts[:WN].view(W, n).t(),  # routes out per (dest, first wave)
-            counts[WN:2 * WN].view(W, n).t(),  # routes back per (dest, last wave)
-            counts[2 * WN:3 * WN].view(W, n).t(),  # (route, wave) touches per (dest, wave)
-            counts[3 * WN:].view(n, E_local),  # items per (dest, expert)
-            counts.new_full((n, 1), T),  # my token count
-            status.unsqueeze(0).expand(n, STATUS_SLOTS),
-        ],
-        dim=1,
-    ).contiguous()  # [n, 3W + E_local + 1 + S]: what rank r will receive from me, my T, my status
-    recv_table = transport.exchange(send_table, "plan: count exchange")
-    host = torch.stack([send_table, recv_table]).tolist()  # the one host sync
-    raise_on_problems(
-        [row[-STATUS_SLOTS:] for row in host[1]], config or _bare_config(num_experts, k), num_experts
+        status = status + torch.tensor(host_status, dtype=torch.int64).to(status.device)
+    count_table[:, layout.tokens] = topk_idx_TK.shape[0]
+    count_table[:, layout.status] = status
+    return SenderSide(
+        layout=layout, wave_bounds=bounds, dedup_across_waves=dedup_across_waves,
+        idx_TK=topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1), topk_weights_TK=topk_weights_TK,
+        first_TK=first_TK, fw_TK=fw_TK, lw_TK=lw_TK, count_table=count_table,
     )
-    send_counts = tuple(tuple(host[0][r][w] for r in range(n)) for w in range(W))
-    back_counts = tuple(tuple(host[0][r][W + w] for r in range(n)) for w in range(W))
-    recv_counts = tuple(tuple(host[1][s][w] for s in range(n)) for w in range(W))
-    return_counts = tuple(tuple(host[1][s][W + w] for s in range(n)) for w in range(W))
-    touch_counts = tuple(sum(host[1][s][2 * W + w] for s in range(n)) for w in range(W))
-    items_per_expert = tuple(sum(host[1][s][3 * W + e] for s in range(n)) for e in range(E_local))
-    # no all-to-all of this layer moves more rows for one peer than the largest T (same value
-    # everywhere), or T times the waves a token can reach a rank in without the deduplication
-    transport.reserve(max(host[1][s][3 * W + E_local] for s in range(n)) * (1 if dedup_across_waves else min(W, k)))
-    R_send = sum(map(sum, send_counts))
-    R_recv = sum(map(sum, recv_counts))
-    N_touch = sum(touch_counts)
-    I = sum(items_per_expert)
 
-    route_slot, slot_route, table_rank_major = route_tables(
-        first_TK, fw_TK, idx, topk_weights_TK, send_counts, E_local,
+
+def sender_routes(sender: SenderSide, counts: PlanCounts) -> SenderRoutes:
+    """Step 3: the sender's routes in dispatch and combine order, and the slot tables it sends.
+
+    Args:
+        counts: every rank's count table, parsed (`CountTable.parse`); this step reads
+            `send_counts`.
+    """
+    k = sender.idx_TK.shape[1]
+    n, E_local = sender.num_ranks, sender.layout.num_local_experts
+    device = sender.idx_TK.device
+    route_slot, slot_route, slot_tables = route_tables(
+        sender.first_TK, sender.fw_TK, sender.idx_TK, sender.topk_weights_TK, counts.send_counts, E_local,
     )
     route_token = route_slot // k
-    slot_route_flat = slot_route * k + torch.arange(k, device=device)
     # combine order: (last wave, dest) stably over dispatch order -> (.., first wave, token)
-    back_order = torch.sort((lw_TK * n + dest_TK).flatten()[route_slot], stable=True).indices
+    dest_TK = sender.idx_TK // E_local
+    back_order = torch.sort((sender.lw_TK * n + dest_TK).flatten()[route_slot], stable=True).indices
+    R_send = counts.num_routes_sent
     back_pos_of_route = torch.empty(R_send, dtype=torch.int64, device=device)
     back_pos_of_route[back_order] = torch.arange(R_send, device=device)
-    token_back_pos = torch.where(opens_TK, back_pos_of_route[slot_route], -1)
+    opens_TK = sender.first_TK == torch.arange(k, device=device)
+    return SenderRoutes(
+        route_token=route_token,
+        slot_route_flat=slot_route * k + torch.arange(k, device=device),
+        back_token=route_token[back_order],
+        token_back_pos=torch.where(opens_TK, back_pos_of_route[slot_route], -1),
+        slot_tables=slot_tables,
+    )
 
+
+def _receiver_tabs(
+    recv_rows: torch.Tensor, counts: PlanCounts, sender: SenderSide
+) -> Dict[str, Optional[torch.Tensor]]:
+    """`receiver_tables` (torch) or its Triton kernels (CUDA) on the received slot tables.
+
+    Returns:
+        the `DispatchPlan`'s receiver fields (see `receiver_tables`); the weights None when
+        the plan is made without weights.
+    """
+    device = recv_rows.device
+    k = recv_rows.shape[1]
+    n, W, E_local = sender.num_ranks, sender.layout.num_waves, sender.layout.num_local_experts
+    recv_counts = counts.recv_counts
     recv_wave_major = block_transpose_index(_transposed(recv_counts), device=device)
-    recv_rows = torch.empty(R_recv, k, 2, dtype=torch.float64, device=device)
-    transport.all_to_all(
-        recv_rows,
-        table_rank_major,
-        _per_rank(recv_counts),
-        _per_rank(send_counts),
-        "plan: slot-table exchange",
-    ).wait()
     row_source = torch.from_numpy(
         np.repeat(np.tile(np.arange(n), W), np.asarray(recv_counts, dtype=np.int64).ravel())
     ).to(device)
-    expert_off = _offsets(items_per_expert)
-    return_off = _offsets([sum(c) for c in return_counts])
-    wave_first_item = [expert_off[b] for b in bounds[:-1]]
-    wdtype = torch.promote_types(topk_weights_TK.dtype, torch.float32) if topk_weights_TK is not None else torch.float32
+    expert_off = _offsets(counts.items_per_expert)
+    return_off = _offsets([sum(c) for c in counts.return_counts])
+    wave_first_item = [expert_off[b] for b in sender.wave_bounds[:-1]]
+    I, N_touch = expert_off[-1], sum(counts.touch_counts)
+    weights = sender.topk_weights_TK
+    wdtype = torch.promote_types(weights.dtype, torch.float32) if weights is not None else torch.float32
     if recv_rows.is_cuda and triton_available():
         from .kernels.triton_plan import receiver_tables_triton
 
         tabs = receiver_tables_triton(
-            recv_rows, recv_wave_major, row_source, E_local, W, n, k, expert_off, _offsets(touch_counts), return_off,
-            wave_first_item, I, N_touch, wdtype,
+            recv_rows, recv_wave_major, row_source, E_local, W, n, k, expert_off, _offsets(counts.touch_counts),
+            return_off, wave_first_item, I, N_touch, wdtype,
         )
     else:
         tabs = receiver_tables(
             recv_rows[recv_wave_major], row_source, E_local, W, n, expert_off, return_off, wave_first_item, N_touch, wdtype,
         )
-    if topk_weights_TK is None:
+    if weights is None:
         tabs["recv_weights"] = tabs["touch_weights"] = None
+    return tabs
 
+
+def receiver_side(
+    sender: SenderSide, routes: SenderRoutes, counts: PlanCounts, recv_rows: torch.Tensor
+) -> DispatchPlan:
+    """Step 4: the receiver's tables from the received slot tables, then the frozen plan.
+
+    Args:
+        recv_rows: `[R_recv, k, 2]` float64, the slot tables every rank sent this one
+            (`SenderRoutes.slot_tables`), as the exchange lays them out: by source rank, then
+            in the source's order (`counts.recv_counts` rows from each per wave).
+    """
+    T, k = sender.idx_TK.shape
     return DispatchPlan(
-        num_ranks=n,
-        num_waves=W,
-        num_local_experts=E_local,
+        num_ranks=sender.num_ranks,
+        num_waves=sender.layout.num_waves,
+        num_local_experts=sender.layout.num_local_experts,
         num_tokens=T,
         top_k=k,
-        wave_bounds=bounds,
-        route_token=route_token,
-        slot_route_flat=slot_route_flat,
-        send_counts=send_counts,
-        back_token=route_token[back_order],
-        back_counts=back_counts,
-        token_back_pos=token_back_pos,
-        recv_counts=recv_counts,
-        return_counts=return_counts,
-        items_per_expert=items_per_expert,
-        touch_counts=touch_counts,
-        **tabs,
-        wave_offs=_wave_offs(items_per_expert, bounds, device),
+        wave_bounds=sender.wave_bounds,
+        route_token=routes.route_token,
+        slot_route_flat=routes.slot_route_flat,
+        send_counts=counts.send_counts,
+        back_token=routes.back_token,
+        back_counts=counts.back_counts,
+        token_back_pos=routes.token_back_pos,
+        recv_counts=counts.recv_counts,
+        return_counts=counts.return_counts,
+        items_per_expert=counts.items_per_expert,
+        touch_counts=counts.touch_counts,
+        **_receiver_tabs(recv_rows, counts, sender),
+        wave_offs=_wave_offs(counts.items_per_expert, sender.wave_bounds, recv_rows.device),
     )

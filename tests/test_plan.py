@@ -1,9 +1,16 @@
-"""Single-process tests of the plan's index math on small hand-derived cases."""
+"""Single-process tests of the plan's index math on small hand-derived cases (a world of n ranks
+simulated in one process for the pure steps; one Gloo world checks that simulation)."""
+import dataclasses
+
 import pytest
 import torch
 
-from ep.plan import block_transpose_index, first_slot_of_channel, make_plan, wave_bounds
+from ep.checks import IDX_RANGE, STATUS_SLOTS
+from ep.count_table import CountTable, per_rank
+from ep.plan import block_transpose_index, first_slot_of_channel, receiver_side, sender_routes, sender_side, wave_bounds
+from ep.plan_exchange import make_plan
 from ep.transport import LocalTransport
+from tests.world import run_world
 
 
 @pytest.mark.parametrize(
@@ -115,3 +122,151 @@ def test_plan_dropless_counts():
 def test_plan_empty():
     plan = make_plan(torch.empty(0, 2, dtype=torch.int64), num_experts=4, num_waves=2, transport=LocalTransport())
     assert plan.num_routes_sent == 0 and plan.items_per_expert == (0, 0, 0, 0)
+
+
+# ---- the pure steps, with a world of n ranks simulated in one process ----------------------
+def simulate_world(routing, num_experts, num_waves, dedup_across_waves=True):
+    """Every rank's plan from its `(topk_idx, topk_weights)`, the exchanges done by hand.
+
+    Returns per rank the parsed counts and the plan.
+    """
+    n = len(routing)
+    senders = [sender_side(idx, w, num_experts, n, num_waves, dedup_across_waves) for idx, w in routing]
+    tables = [s.count_table for s in senders]
+    # the count exchange: rank r receives row r of every rank's table
+    counts = [s.layout.parse(tables[r].tolist(), [t[r].tolist() for t in tables]) for r, s in enumerate(senders)]
+    routes = [sender_routes(s, c) for s, c in zip(senders, counts)]
+    # the slot-table exchange: rank r receives its block of every rank's rank-major tables
+    blocks = [r.slot_tables.split(per_rank(c.send_counts)) for r, c in zip(routes, counts)]
+    plans = [
+        receiver_side(senders[r], routes[r], counts[r], torch.cat([b[r] for b in blocks]))
+        for r in range(n)
+    ]
+    return counts, plans
+
+
+def _two_rank_routing():
+    """n=2, E=4 (E_local=2), W=2, k=2: rank r owns experts 2r (wave 0) and 2r+1 (wave 1).
+
+    rank 0: t0 -> experts 0, 3 (a route to each rank); t1 -> experts 2, 3 (one route to rank 1,
+            out in wave 0, back in wave 1)
+    rank 1: u0 -> experts 1, 2 (a route to each rank)
+    """
+    w0 = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
+    w1 = torch.tensor([[0.5, 0.6]], dtype=torch.float64)
+    return [(torch.tensor([[0, 3], [2, 3]]), w0), (torch.tensor([[1, 2]]), w1)]
+
+
+def test_count_table_by_hand():
+    """Rank 0's count table: row r is [routes out per wave | back per wave | touches per wave |
+    items per local expert of r | T | status]."""
+    (idx, w), _ = _two_rank_routing()
+    sender = sender_side(idx, w, num_experts=4, num_ranks=2, num_waves=2)
+    zeros = [0] * STATUS_SLOTS
+    assert sender.count_table.tolist() == [
+        [1, 0, 1, 0, 1, 0, 1, 0, 2, *zeros],  # to rank 0: t0 (expert 0, wave 0)
+        [1, 1, 0, 2, 1, 2, 1, 2, 2, *zeros],  # to rank 1: t1 (waves 0, 1), t0 (wave 1)
+    ]
+
+
+def test_pure_steps_by_hand_on_two_ranks():
+    counts, (p0, p1) = simulate_world(_two_rank_routing(), num_experts=4, num_waves=2)
+    c0, c1 = counts
+    # rank 0 sends t0 to itself and t1 to rank 1 in wave 0, t0 to rank 1 in wave 1
+    assert c0.send_counts == ((1, 1), (0, 1)) and c0.back_counts == ((1, 0), (0, 2))
+    assert c0.recv_counts == ((1, 0), (0, 1)) and c0.return_counts == ((1, 0), (0, 1))
+    assert c0.touch_counts == (1, 1) and c0.items_per_expert == (1, 1)
+    assert c1.send_counts == ((0, 1), (1, 0)) and c1.back_counts == ((0, 1), (1, 0))
+    assert c1.recv_counts == ((1, 1), (1, 0)) and c1.return_counts == ((0, 1), (2, 0))
+    assert c1.touch_counts == (2, 2) and c1.items_per_expert == (2, 2)
+    assert c0.max_tokens == c1.max_tokens == 2
+    # rank 0's routes: (w0, r0, t0), (w0, r1, t1), (w1, r1, t0); back in the same order
+    assert p0.route_token.tolist() == [0, 1, 0] and p0.back_token.tolist() == [0, 1, 0]
+    assert p0.slot_route_flat.tolist() == [[0, 5], [2, 3]]
+    assert p0.token_back_pos.tolist() == [[0, 2], [1, -1]]
+    # rank 0 receives its own t0 (wave 0) and rank 1's u0 (wave 1), one item each
+    assert p0.item_slot_flat.tolist() == [0, 2] and p0.return_row.tolist() == [0, 1]
+    assert p0.recv_weights.tolist() == [0.1, 0.0, 0.5, 0.0]
+    assert p0.touch_row.tolist() == [0, 1] and p0.touch_out.tolist() == [0, 0]
+    # rank 1 receives, wave-major: t1 (from 0), u0 (from 1) in wave 0, then t0 (from 0) in wave 1
+    assert p1.recv_weights.tolist() == [0.3, 0.4, 0.0, 0.6, 0.0, 0.2]
+    assert p1.item_slot_flat.tolist() == [0, 3, 1, 5] and p1.item_row.tolist() == [0, 1, 0, 2]
+    assert p1.return_row.tolist() == [1, 0, 2]  # u0 leaves after wave 0; t1, t0 after wave 1
+    assert p1.touch_row.tolist() == [0, 1, 0, 2]
+    assert p1.touch_items.tolist() == [[0, -1], [1, -1], [0, -1], [1, -1]]
+    assert p1.touch_carry.tolist() == [False, False, True, False]  # t1 carries wave 0's sum
+    assert p1.touch_out.tolist() == [-1, 0, 0, 1]
+    assert p1.touch_weights.tolist() == [[0.3, 0.0], [0.6, 0.0], [0.4, 0.0], [0.2, 0.0]]
+
+
+def test_count_table_round_trip():
+    """Counts written at the layout's columns come back from the parser, on every rank."""
+    g = torch.Generator().manual_seed(5)
+    n, layout = 3, CountTable(num_waves=2, num_local_experts=3)
+    groups = (layout.routes_out, layout.routes_back, layout.touches, layout.items,
+              slice(layout.tokens, layout.tokens + 1), layout.status)
+    assert [c for g_ in groups for c in range(g_.start, g_.stop)] == list(range(layout.width))  # they tile a row
+    tables = torch.randint(0, 50, (n, n, layout.width), generator=g)  # [sender, receiver, column]
+    tables[:, :, layout.tokens] = torch.tensor([7, 0, 11]).unsqueeze(1)  # a sender's T in each of its rows
+    tables[:, :, layout.status] = tables[:, :1, layout.status]
+    for r in range(n):
+        c = layout.parse(tables[r].tolist(), tables[:, r].tolist())
+        assert c.send_counts == tuple(map(tuple, tables[r][:, layout.routes_out].t().tolist()))
+        assert c.back_counts == tuple(map(tuple, tables[r][:, layout.routes_back].t().tolist()))
+        assert c.recv_counts == tuple(map(tuple, tables[:, r, layout.routes_out].t().tolist()))
+        assert c.return_counts == tuple(map(tuple, tables[:, r, layout.routes_back].t().tolist()))
+        assert c.touch_counts == tuple(tables[:, r, layout.touches].sum(0).tolist())
+        assert c.items_per_expert == tuple(tables[:, r, layout.items].sum(0).tolist())
+        assert c.max_tokens == 11
+        assert c.status_by_rank == tuple(map(tuple, tables[:, 0, layout.status].tolist()))
+
+
+def test_bad_input_status_reaches_every_rank():
+    routing = _two_rank_routing()
+    routing[1] = (torch.tensor([[1, 9]]), routing[1][1])  # rank 1: expert 9 is out of range
+    n = len(routing)
+    senders = [sender_side(idx, w, 4, n, 2) for idx, w in routing]
+    for r, s in enumerate(senders):
+        c = s.layout.parse(s.count_table.tolist(), [t.count_table[r].tolist() for t in senders])
+        assert [row[IDX_RANGE] for row in c.status_by_rank] == [0, 1]
+
+
+def test_host_status_travels_in_the_table():
+    host = [0] * STATUS_SLOTS
+    host[2] = 1
+    sender = sender_side(torch.empty(0, 2, dtype=torch.int64), None, 4, 2, 2, host_status=host)
+    layout = sender.layout
+    assert sender.count_table[:, layout.status].tolist() == [host, host]
+    assert sender.count_table[:, :layout.status.start].eq(0).all()  # no tokens, no counts
+
+
+def _plan_lists(plan):
+    return {f.name: (v.tolist() if isinstance(v, torch.Tensor) else
+                     [t.tolist() for t in v] if f.name == "wave_offs" else v)
+            for f in dataclasses.fields(plan) for v in [getattr(plan, f.name)]}
+
+
+def _world_routing(n, E, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(t) for t in torch.randint(0, 15, (n,), generator=g)]
+    return [(torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T
+             else torch.empty(0, k, dtype=torch.int64), torch.rand(T, k, generator=g, dtype=torch.float64))
+            for T in sizes]
+
+
+def _make_plans_on_rank(rank, n, E, W, k, seed):
+    from ep.transport import TorchDistTransport
+
+    idx, w = _world_routing(n, E, k, seed)[rank]
+    return [_plan_lists(make_plan(idx, E, W, TorchDistTransport(), w, dedup_across_waves=across))
+            for across in (True, False)]
+
+
+def test_simulated_world_matches_make_plan_on_gloo():
+    """The pure steps with the exchanges done by hand give the plans make_plan makes on a
+    real group of 3 ranks, field for field."""
+    n, E, W, k, seed = 3, 12, 2, 3, 7
+    got = run_world(n, _make_plans_on_rank, E, W, k, seed)
+    for i, across in enumerate((True, False)):
+        _, plans = simulate_world(_world_routing(n, E, k, seed), E, W, across)
+        assert [g[i] for g in got] == [_plan_lists(p) for p in plans], f"dedup_across_waves={across}"

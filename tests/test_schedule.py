@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from ep.pipeline import run_waves
-from ep.plan import make_plan
+from ep.plan_exchange import make_plan
 from ep.transport import Done, LocalTransport
 
 

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 import torch
 
-from ep.plan import make_plan
+from ep.plan_exchange import make_plan
 from ep.transport import TorchDistTransport
 from tests.cases import make_problem, rel_err
 from tests.test_layer import build_layer, run_layer, run_reference

@@ -4,7 +4,7 @@ import torch
 
 from ep import stages
 from ep.kernels import gather_rows
-from ep.plan import make_plan
+from ep.plan_exchange import make_plan
 from ep.transport import TorchDistTransport
 from tests.cases import make_problem
 from tests.world import run_world

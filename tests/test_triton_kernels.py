@@ -153,6 +153,7 @@ def test_swiglu_matches_torch(triton_swiglu, limit):
                                                       (4, 2, 1, 1, True)])
 def test_sender_tables_match_torch(triton_plan, n, E_local, W, k, across):
     from ep.checks import IDX_RANGE, IDX_REPEAT, STATUS_SLOTS, W_NONFINITE
+    from ep.count_table import CountTable
     from ep.plan import sender_tables
 
     g = torch.Generator().manual_seed(n * 100 + k)
@@ -164,13 +165,14 @@ def test_sender_tables_match_torch(triton_plan, n, E_local, W, k, across):
     w = torch.rand(T, k, generator=g)
     w[7, 0] = float("nan")
     w[8, -1] = float("inf")
-    want = sender_tables(idx, w, E, E_local, W, n, across)
-    got = triton_plan.sender_tables_triton(idx, w, E, E_local, W, n, across, STATUS_SLOTS,
+    layout = CountTable(W, E_local)
+    want = sender_tables(idx, w, E, layout, n, across)
+    got = triton_plan.sender_tables_triton(idx, w, E, layout, n, across, STATUS_SLOTS,
                                            (IDX_RANGE, IDX_REPEAT, W_NONFINITE))
-    first, fw, lw, _, counts, status = got
+    first, fw, lw, _, count_table, status = got
     # the kernel clamps ids like the torch path, so every table agrees, bad rows included
     for name, a, b in (("first", first, want[0]), ("fw", fw, want[1]), ("lw", lw, want[2]),
-                       ("counts", counts, want[3]), ("status", status, want[4])):
+                       ("count_table", count_table, want[3]), ("status", status, want[4])):
         assert torch.equal(a, b), f"{name}: {a} vs {b}"
 
 
@@ -215,14 +217,16 @@ def test_receiver_tables_match_torch(triton_plan, n, E_local, W, k, R):
     (4, 2, 1, 1, 9, True, True), (2, 5, 5, 2, 0, True, True), (8, 4, 4, 8, 70, False, False),
 ])
 def test_route_tables_match_torch(triton_plan, n, E_local, W, k, T, across, weights):
+    from ep.count_table import CountTable
     from ep.plan import route_tables, sender_tables
 
     g = torch.Generator().manual_seed(T * 3 + k + n)
     E = n * E_local
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
     w = torch.rand(T, k, generator=g) if weights else None
-    first, fw, lw, counts, _ = sender_tables(idx, w, E, E_local, W, n, across)
-    send_counts = tuple(tuple(int(c) for c in row) for row in counts[:W * n].view(W, n).tolist())
+    layout = CountTable(W, E_local)
+    first, fw, lw, count_table, _ = sender_tables(idx, w, E, layout, n, across)
+    send_counts = tuple(tuple(row) for row in count_table[:, layout.routes_out].t().tolist())
     want = route_tables(first, fw, idx, w, send_counts, E_local)
     got = triton_plan.route_tables_triton(first, fw, idx, w, send_counts, E_local)
     for name, a, b in zip(("route_slot", "slot_route", "table"), got, want):

@@ -4,7 +4,8 @@ One pass over `topk_idx [T, k]` (and the weights) does what ~45 small torch ops 
 `ep.plan`: for every (token, slot) its first slot on the same route, whether it opens
 the route, the route's first and last wave, whether it opens a (route, wave) touch; the
 input checks (ids out of range, repeated ids, NaN/Inf weights); and the counts the plan
-exchanges, accumulated with integer atomics (exact, order-free).
+exchanges, accumulated with integer atomics (exact, order-free) into the count table's
+columns (`ep.count_table.CountTable`).
 """
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import triton.language as tl
 
 @triton.jit
 def _sender_kernel(
-    idx_ptr, w_ptr, first_ptr, fw_ptr, lw_ptr, opens_touch_ptr, counts_ptr, status_ptr,
-    T, E, E_local, W, n,
+    idx_ptr, w_ptr, first_ptr, fw_ptr, lw_ptr, opens_touch_ptr, table_ptr, status_ptr,
+    T, E, E_local, W, n, WIDTH, OUT, BACK, TOUCH, ITEMS,
     K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, ACROSS: tl.constexpr,
     SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -53,14 +54,14 @@ def _sender_kernel(
     tl.store(fw_ptr + offs, fw.to(tl.int64), mask=valid)
     tl.store(lw_ptr + offs, lw.to(tl.int64), mask=valid)
     tl.store(opens_touch_ptr + offs, opens_t.to(tl.int8), mask=valid)
-    # counts: routes out per (first wave, dest), back per (last wave, dest), touches per
-    # (wave, dest), items per expert
-    WN = W * n
+    # the count table's row for dest (columns given by the CountTable): routes out per first
+    # wave, back per last wave, touches per wave, items per local expert
+    row = table_ptr + dest * WIDTH
     one = tl.full([BLOCK_T, KP], 1, tl.int32)
-    tl.atomic_add(counts_ptr + (fw * n + dest), one, mask=opens)
-    tl.atomic_add(counts_ptr + WN + (lw * n + dest), one, mask=opens)
-    tl.atomic_add(counts_ptr + 2 * WN + touch, one, mask=opens_t)
-    tl.atomic_add(counts_ptr + 3 * WN + idx, one, mask=valid)
+    tl.atomic_add(row + OUT + fw, one, mask=opens)
+    tl.atomic_add(row + BACK + lw, one, mask=opens)
+    tl.atomic_add(row + TOUCH + wave, one, mask=opens_t)
+    tl.atomic_add(row + ITEMS + idx % E_local, one, mask=valid)
     # checks, counted per token
     rep = (raw[:, :, None] == raw[:, None, :]) & vj & (slot[None, :, None] < slot[None, None, :])
     tok_ok = tok < T
@@ -76,31 +77,35 @@ def _sender_kernel(
 
 
 def sender_tables_triton(
-    topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], num_experts: int, num_local_experts: int,
-    num_waves: int, num_ranks: int, dedup_across_waves: bool, status_slots: int, slots: Tuple[int, int, int],
+    topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], num_experts: int, layout, num_ranks: int,
+    dedup_across_waves: bool, status_slots: int, slots: Tuple[int, int, int],
 ):
-    """Returns first_TK, fw_TK, lw_TK (int64), opens_touch_TK (bool), counts `[3Wn + E]`
-    (int64) and the value checks `[status_slots]` (int64, slots (range, repeat, nonfinite))."""
+    """Returns first_TK, fw_TK, lw_TK (int64), opens_touch_TK (bool), the count table
+    `[n, layout.width]` (int64, `layout` an `ep.count_table.CountTable`; its route, touch and
+    item columns filled, the others 0) and the value checks `[status_slots]` (int64, slots
+    (range, repeat, nonfinite))."""
     T, k = topk_idx.shape
     dev = topk_idx.device
     idx = topk_idx.to(torch.int64).contiguous()
     first = torch.empty(T, k, dtype=torch.int64, device=dev)
     fw, lw = torch.empty_like(first), torch.empty_like(first)
     opens_touch = torch.empty(T, k, dtype=torch.int8, device=dev)
-    counts = torch.zeros(3 * num_waves * num_ranks + num_experts + status_slots, dtype=torch.int32, device=dev)
-    status = counts[-status_slots:]
+    cells = num_ranks * layout.width
+    counts = torch.zeros(cells + status_slots, dtype=torch.int32, device=dev)  # the table, then the status
+    table, status = counts[:cells], counts[cells:]
     if T:
         kp = triton.next_power_of_2(k)
         block_t = max(1, min(64, 1024 // (kp * kp)))
         w = topk_weights.detach().contiguous() if topk_weights is not None else idx
         _sender_kernel[(triton.cdiv(T, block_t),)](
-            idx, w, first, fw, lw, opens_touch, counts, status,
-            T, num_experts, num_local_experts, num_waves, num_ranks,
+            idx, w, first, fw, lw, opens_touch, table, status,
+            T, num_experts, layout.num_local_experts, layout.num_waves, num_ranks, layout.width,
+            layout.routes_out.start, layout.routes_back.start, layout.touches.start, layout.items.start,
             K=k, KP=kp, HAS_W=topk_weights is not None, ACROSS=dedup_across_waves,
             SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2], BLOCK_T=block_t,
         )
     counts = counts.to(torch.int64)
-    return first, fw, lw, opens_touch.bool(), counts[:-status_slots], counts[-status_slots:]
+    return first, fw, lw, opens_touch.bool(), counts[:cells].view(num_ranks, layout.width), counts[cells:]
 
 
 # ---- the receiver side: two passes over the received slot tables ------------------------
