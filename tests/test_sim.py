@@ -68,7 +68,8 @@ def test_play_host_issues_in_order_and_deadlock_is_reported():
 
 def _bare_rates(**kw) -> Rates:
     # expert math: 1e-6 TFLOP/s = 1000 FLOP per ms; permutes, kernels and the host free
-    base = dict(gemm_tflops=((1.0, 1e-6),), hbm_GBps=1e12, permute_GBps=1e15, stage_ms=0.0, host_ms=0.0)
+    base = dict(gemm_tflops=((1.0, 1e-6),), hbm_GBps=1e12, permute_GBps=1e15, stage_ms=0.0, host_ms=0.0,
+                wave_split="experts")
     base.update(kw)
     return Rates(**base)
 
