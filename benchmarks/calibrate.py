@@ -23,7 +23,7 @@ import math
 import os
 import statistics
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -852,9 +852,10 @@ ranks is not modelled).
 """
 
 
-def token_calibration(rounds: int, pred_topo: Topology) -> Tuple[List[str], List[str], str]:
+def token_calibration(rounds: int, pred_topo: Topology) -> Tuple[List[str], List[str], Tuple[str, str]]:
     """The token-wave fit (runs r16-r19): CALIBRATION.md's and PREDICTIONS.md's token-wave
-    sections, and the token-wave profiles' literals."""
+    sections, and the token-wave profiles' literals (the NVLink one as a `PROFILES` entry,
+    the others as the fields they change in it, after the dict)."""
     latency, bw = fit_links_2gpu()
     print(f"links from MEASURED.md (2 H200s): latency {latency:.4f} ms, NVLink {bw:.1f} GB/s leaving each GPU")
     rates, regimes, rows, facts = token_profile(latency, bw, rounds)
@@ -914,7 +915,8 @@ def token_calibration(rounds: int, pred_topo: Topology) -> Tuple[List[str], List
     no_p2p_topo = Topology(ranks=2, gpus_per_node=2, intra_GBps=statistics.mean(no_p2p), inter_GBps=45.0,
                            latency_ms=latency, local_GBps=1500.0)
     ce = replace(copy_engine_rates(nvlink), name="h200-copy-engine-tokens")
-    profiles = profile_literal(nvlink, pred_topo) + profile_literal(no_p2p_rates, no_p2p_topo) + profile_literal(ce, pred_topo)
+    profiles = (profile_literal(nvlink, pred_topo),
+                variant_literal(no_p2p_rates, nvlink, no_p2p_topo) + variant_literal(ce, nvlink, pred_topo))
     layer8 = Layer(**SHAPES["dsv3"])
     miss = {n: token_traffic(layer8, n, 1).miss for n in (8, 16, 64)}
     tr64 = token_traffic(layer8, 64, 1)
@@ -937,6 +939,19 @@ def _token_fields(rates: Rates) -> str:
             f"              comm_GBps_per_sm={rates.comm_GBps_per_sm:.3f}, roofline_p={rates.roofline_p!r}, "
             f"gemm_tiles={rates.gemm_tiles!r}")
 
+def _topology_literal(topo: Topology) -> str:
+    return (f"Topology(ranks={topo.ranks}, gpus_per_node={topo.gpus_per_node}, intra_GBps={topo.intra_GBps:.1f}, "
+            f"inter_GBps={topo.inter_GBps:.1f}, latency_ms={topo.latency_ms:.4f}, local_GBps={topo.local_GBps:.1f})")
+
+
+def variant_literal(rates: Rates, base: Rates, topo: Topology) -> str:
+    """A profile written as the fields it changes in `base`'s (written before it, by name)."""
+    changed = {f.name: getattr(rates, f.name) for f in fields(Rates) if getattr(rates, f.name) != getattr(base, f.name)}
+    args = ", ".join(f"{k}={round(v, 4)!r}" if isinstance(v, float) else f"{k}={v!r}" for k, v in changed.items())
+    return (f'PROFILES["{rates.name}"] = (\n    replace(PROFILES["{base.name}"][0], {args}),\n'
+            f"    {_topology_literal(topo)},\n)\n")
+
+
 def profile_literal(rates: Rates, topo: Topology) -> str:
     return (
         f'    "{rates.name}": (\n'
@@ -946,8 +961,7 @@ def profile_literal(rates: Rates, topo: Topology) -> str:
         f"compute_share={rates.compute_share:.3f},\n              backward_factor={rates.backward_factor:.3f}, "
         f"backward_host_ms={rates.backward_host_ms:.4f}, a2a_host_ms={rates.a2a_host_ms!r},\n"
         f'              name="{rates.name}", wave_split="{rates.wave_split}"{_token_fields(rates)}),\n'
-        f"        Topology(ranks={topo.ranks}, gpus_per_node={topo.gpus_per_node}, intra_GBps={topo.intra_GBps:.1f}, "
-        f"inter_GBps={topo.inter_GBps:.1f}, latency_ms={topo.latency_ms:.4f}, local_GBps={topo.local_GBps:.1f}),\n"
+        f"        {_topology_literal(topo)},\n"
         f"    ),\n"
     )
 
@@ -1051,7 +1065,8 @@ def main(argv=None) -> int:
             text = f.read()
         head, rest = text.split("# fmt: off\n")
         _, tail = rest.split("# fmt: on\n")
-        body = "PROFILES = {\n" + token_profiles + expert_profiles + "}\n"
+        entries, variants = token_profiles
+        body = "PROFILES = {\n" + entries + expert_profiles + "}\n" + variants
         with open(path, "w") as f:
             f.write(head + "# fmt: off\n" + body + "# fmt: on\n" + tail)
         print(f"wrote {path}")

@@ -18,6 +18,8 @@ measured).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .sim import Rates, Topology
 
 # fmt: off
@@ -27,26 +29,6 @@ PROFILES = {
               stage_ms=0.0037, host_ms=0.0949, comm_share=0.142, compute_share=1.000,
               backward_factor=2.177, backward_host_ms=0.8310, a2a_host_ms=0.0571,
               name="h200-nccl-tokens", wave_split="tokens",
-              call_host_ms=0.7882, replay_host_ms=0.00117, backward_launch_ms=0.04746,
-              carveout_slowdown=((0.0, 1.0), (8.0, 1.0826), (16.0, 1.1116), (32.0, 1.2066)),
-              comm_GBps_per_sm=2.797, roofline_p=2.0, gemm_tiles=True),
-        Topology(ranks=8, gpus_per_node=8, intra_GBps=326.0, inter_GBps=45.0, latency_ms=0.0896, local_GBps=1500.0),
-    ),
-    "h200-no-p2p-tokens": (
-        Rates(gemm_tflops=((1024.0, 640.9080775372917),), hbm_GBps=3970.0, permute_GBps=4300.0,
-              stage_ms=0.0037, host_ms=0.0949, comm_share=0.227, compute_share=1.000,
-              backward_factor=2.177, backward_host_ms=0.8310, a2a_host_ms=0.0571,
-              name="h200-no-p2p-tokens", wave_split="tokens",
-              call_host_ms=0.7882, replay_host_ms=0.00117, backward_launch_ms=0.04746,
-              carveout_slowdown=((0.0, 1.0), (8.0, 1.0826), (16.0, 1.1116), (32.0, 1.2066)),
-              comm_GBps_per_sm=2.797, roofline_p=2.0, gemm_tiles=True),
-        Topology(ranks=2, gpus_per_node=2, intra_GBps=23.0, inter_GBps=45.0, latency_ms=0.0717, local_GBps=1500.0),
-    ),
-    "h200-copy-engine-tokens": (
-        Rates(gemm_tflops=((1024.0, 640.9080775372917),), hbm_GBps=3970.0, permute_GBps=4300.0,
-              stage_ms=0.0037, host_ms=0.0949, comm_share=0.435, compute_share=1.000,
-              backward_factor=2.177, backward_host_ms=0.8310, a2a_host_ms=0.1734,
-              name="h200-copy-engine-tokens", wave_split="tokens",
               call_host_ms=0.7882, replay_host_ms=0.00117, backward_launch_ms=0.04746,
               carveout_slowdown=((0.0, 1.0), (8.0, 1.0826), (16.0, 1.1116), (32.0, 1.2066)),
               comm_GBps_per_sm=2.797, roofline_p=2.0, gemm_tiles=True),
@@ -74,4 +56,12 @@ PROFILES = {
         Topology(ranks=4, gpus_per_node=4, intra_GBps=0.3, inter_GBps=0.3, latency_ms=0.5000, local_GBps=5.0),
     ),
 }
+PROFILES["h200-no-p2p-tokens"] = (
+    replace(PROFILES["h200-nccl-tokens"][0], comm_share=0.2269, name='h200-no-p2p-tokens'),
+    Topology(ranks=2, gpus_per_node=2, intra_GBps=23.0, inter_GBps=45.0, latency_ms=0.0717, local_GBps=1500.0),
+)
+PROFILES["h200-copy-engine-tokens"] = (
+    replace(PROFILES["h200-nccl-tokens"][0], comm_share=0.4353, a2a_host_ms=0.1734, name='h200-copy-engine-tokens'),
+    Topology(ranks=8, gpus_per_node=8, intra_GBps=326.0, inter_GBps=45.0, latency_ms=0.0896, local_GBps=1500.0),
+)
 # fmt: on
