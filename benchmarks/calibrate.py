@@ -3,7 +3,20 @@
     python benchmarks/calibrate.py                   # fit, write CALIBRATION.md and PREDICTIONS.md
     python benchmarks/calibrate.py --write-profiles  # also rewrite ep/sim_profiles.py with the fit
 
-What is measured elsewhere and taken as given (the model's inputs):
+Token waves (the layer's default engine; every token-wave record of runs r16-r19, 2 H200s,
+NVLink and NCCL without peer access, eager and CUDA-graph calls). Taken as given: the
+NVLink all-to-all from `../shared/MEASURED.md`'s 2-GPU column; the no-P2P link from each
+run's stage-alone dispatch; each shape's FLOP rate from its run's stage-alone linear1 +
+linear2 (less r11's host probe and the weights' read time); the weights' read rate under
+`sqrt(flop_ms^2 + read_ms^2)` from MEASURED.md's grouped GEMMs; torch's grouped-GEMM
+tiles; the SM carveout's GEMM slowdown and the transfer's gain per free SM from
+MEASURED.md; the GPU time per small kernel from r17's trace (and the launch counts checked
+against it). Fitted: the eager host cost per call and per launch, and a replay's per
+launch, to the measured host times; then, to every fitted row's forward and
+forward+backward at once, the backward's math factor, its host cost (once and per launch)
+and the no-P2P all-to-all's share beside a GEMM.
+
+Expert waves (runs r06-r15, the CPU run). What is measured elsewhere and taken as given:
 - the all-to-all links: latency and NVLink bandwidth from the all-to-all table of
   `../shared/MEASURED.md` (4 H200s, even splits; `A2A_4GPU` below, fitted by least squares);
 - the grouped-GEMM rate per shape: from the 1-GPU stage-alone figures (linear1 + linear2 of
@@ -76,14 +89,19 @@ def pair_shares(pair=PAIR) -> Tuple[float, float]:
     return (a2a + gemm - both) / gemm, 1.0
 
 
-def fit_links() -> Tuple[float, float]:
-    """Latency (ms) and NVLink bandwidth (GB/s of bytes leaving the GPU) from the 4-GPU a2a table."""
-    xs = [mib * 2**20 * 3 / 4 / 1e6 for mib, _ in A2A_4GPU]  # MB leaving each GPU
-    ys = [ms for _, ms in A2A_4GPU]
+def least_squares(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float]:
+    """(intercept, slope) of the least-squares line through the points."""
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, 1.0 / slope  # MB/ms = GB/s
+    return my - slope * mx, slope
+
+
+def fit_links() -> Tuple[float, float]:
+    """Latency (ms) and NVLink bandwidth (GB/s of bytes leaving the GPU) from the 4-GPU a2a table."""
+    xs = [mib * 2**20 * 3 / 4 / 1e6 for mib, _ in A2A_4GPU]  # MB leaving each GPU
+    latency, slope = least_squares(xs, [ms for _, ms in A2A_4GPU])
+    return latency, 1.0 / slope  # MB/ms = GB/s
 
 
 @dataclass
@@ -384,14 +402,6 @@ STAGE_HOST_US = {"gather": 20.1, "grouped_mm": 33.0, "swiglu": 37.7}
 TRACES = {"forward": "runs/r17_h200x2_dsv3_n2_no_p2p_W2_c16_nccl_fwd.json.gz",
           "forward+backward": "runs/r17_h200x2_dsv3_n2_no_p2p_W2_c16_nccl_fwdbwd.json.gz"}
 TRACE_WAVES = 2
-
-
-def least_squares(xs: Sequence[float], ys: Sequence[float]) -> Tuple[float, float]:
-    """(intercept, slope) of the least-squares line through the points."""
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(ys) / n
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - slope * mx, slope
 
 
 def fit_links_2gpu() -> Tuple[float, float]:
@@ -751,38 +761,67 @@ TOKEN_MISSES = """### Where the model misses
   on average over its fitted CUDA-graph points. Its GEMM rate comes from the run's
   stage-alone linear1 + linear2, timed eagerly from an idle GPU; at this size that time is
   partly the host's (issuing the gather, the GEMM, SwiGLU, the GEMM), and r11's host probe
-  accounts for only ~0.1 ms of it: the W=1 CUDA-graph forward (1.17-1.18 ms) is shorter
-  than the stage-alone math (1.19-1.24 ms) it contains.
-- **v4flash at W > 1** (128 experts per rank, 192 tokens per expert at W=1): under-predicted,
-  by {v4flash:+.0%} on average (CUDA graphs). Each wave reads all 6.4 GB of expert weights
+  accounts for only {decode_host:.2f} ms of it: the W=1 CUDA-graph forward ({decode_w1}
+  ms) is no longer than the stage-alone math ({decode_stage} ms) it contains.
+- **v4flash at W > 1** ({v4_experts} experts per rank, {v4_tpe:.0f} tokens per expert at W=1): under-predicted,
+  by {v4flash:+.0%} on average (CUDA graphs). Each wave reads all {v4_gb:.1f} GB of expert weights
   again; the model overlaps that read with the wave's FLOPs as `sqrt(flop_ms^2 + read_ms^2)`,
-  which fits MEASURED.md's DeepSeek-V3-shape grouped GEMMs (and the dsv3 rows here) but at this
-  shape, with one or two 128-row tiles per expert, the measured W=2 wave costs ~90% of the
-  whole W=1 math (the sum of the two, not their root-sum-square).
+  which fits MEASURED.md's DeepSeek-V3-shape grouped GEMMs (and the dsv3 rows here), but at this
+  shape one more wave costs {v4_extra:.2f} ms measured (r17, W=2 against W=1, CUDA graphs), {v4_share:.0%} of
+  the whole W=1 math alone ({v4_math:.2f} ms): closer to the sum of the two than to their root-sum-square.
 - **Eager rows** are paced by the host: {eager_lo:.0f}-{eager_hi:.0f} us per launch (one more wave,
-  W=2 against W=1 of the same run and preset) where the fit takes {launch:.0f} us; wide and decode at
-  W=4 on r16 (9-12 ms of host per forward) are the extremes. Graph rows do not have this spread.
+  W=2 against W=1 of the same run and preset) where the fit takes {launch:.0f} us. The worst eager
+  forward, {host_max_row} ({host_err:+.0%}), spent {host_max:.1f} ms issuing itself where the model's host
+  needs {host_model:.1f} ms. Graph rows do not have this spread.
 - **r16-dev** (not fitted) is under-predicted eagerly ({dev:+.0%}): its plan ran as ~60 torch ops
   (about 90 launches per forward, LOG.md), which `TOKEN_LAUNCHES` (r16's Triton kernels) does not count.
 - **The copy engines** (not fitted: MEASURED.md's copy-engine pair for the share, r11's probe for
-  the host per call) land within the NCCL rows' errors ({ce:+.0%} on average), as at NVLink on 2 GPUs
+  the host per call) land within the NCCL rows' errors ({ce:+.0%} on average): at NVLink on 2 GPUs
   both transports move these rows in a fraction of the math.
+- **The W choices off by more than 5%**: {w_misses}.
 So the model is good to {graph_mean:.0%} on average on CUDA-graph rows at the GPU-bound shapes
 (dsv3 in both regimes, wide) and picks W within 5% of the measured best in {hits} of {total}
-groups; its predictions for one or two experts' tiles per wave (v4flash-like shapes on few
+groups; its predictions for one or two tiles per expert and wave (v4flash-like shapes on few
 ranks) and for eager calls of small shapes are the weak ones.
 """
 
 
-def token_misses(rows: List[TokenRow], preds, rates: Rates, hits: int, total: int) -> str:
+def _rows_of(rows: List[TokenRow], preset: str, W: int, graph: bool, run: Optional[str] = None) -> List[TokenRow]:
+    return [r for r in rows if r.fitted and r.preset == preset and r.W == W and r.graph == graph and not r.auto
+            and run in (None, r.run)]
+
+
+def _span(values: Sequence[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}" if max(values) - min(values) >= 0.005 else f"{min(values):.2f}"
+
+
+def token_misses(rows: List[TokenRow], preds, rates: Rates, choice: List[str], hits: int, total: int) -> str:
     lo, hi = host_per_wave_spread(rows)
     dsv3_wide = _abs_errors(rows, preds, lambda r: r.fitted and r.graph and r.preset in ("dsv3", "wide"))
+    decode = _rows_of(rows, "decode", 1, True)
+    v4_one, v4_two = _rows_of(rows, "v4flash", 1, True, "r17_h200x2")[0], _rows_of(rows, "v4flash", 2, True, "r17_h200x2")[0]
+    L = v4_one.layer
+    E_local = L.num_experts // v4_one.topo.ranks
+    eager = [i for i, r in enumerate(rows) if r.fitted and not r.graph]
+    w = max(eager, key=lambda i: abs(_err(preds[i][0], rows[i].fwd)))
+    worst = rows[w]
+    kernels, a2a = token_launches(worst.W, shared=worst.call.shared_ms > 0)
+    misses = [line.split(" | ") for line in choice[2:] if "**no**" in line]
     return TOKEN_MISSES.format(
         decode=_signed(rows, preds, lambda r: r.fitted and r.graph and r.preset == "decode")[0],
+        decode_host=stage_alone_host_ms(decode[0].layer, rates), decode_w1=_span([r.fwd for r in decode]),
+        decode_stage=_span([r.math_ms for r in decode]),
+        v4_experts=E_local, v4_tpe=L.tokens * L.top_k / E_local,
         v4flash=_signed(rows, preds, lambda r: r.fitted and r.graph and r.preset == "v4flash" and r.W > 1)[0],
-        eager_lo=lo * 1e3, eager_hi=hi * 1e3, launch=rates.host_ms * 1e3,
+        v4_gb=3 * E_local * L.hidden * L.ffn_hidden * L.elem_bytes / 1e9, v4_extra=v4_two.fwd - v4_one.fwd,
+        v4_share=(v4_two.fwd - v4_one.fwd) / v4_one.math_ms, v4_math=v4_one.math_ms,
+        eager_lo=lo * 1e3, eager_hi=hi * 1e3, launch=rates.host_ms * 1e3, host_max=worst.host,
+        host_max_row=f"{worst.name} {worst.preset} {worst.regime} W={worst.W}", host_err=_err(preds[w][0], worst.fwd),
+        host_model=rates.call_host_ms + kernels * rates.host_ms + a2a * rates.a2a_host_ms,
         dev=_signed(rows, preds, lambda r: r.run in NOT_FITTED_RUNS and not r.graph)[0],
         ce=_signed(rows, preds, lambda r: r.transport == "copy_engine" and r.run not in NOT_FITTED_RUNS)[0],
+        w_misses="; ".join(f"{m[0][2:]} {m[1]} {m[2]} {m[3]} {m[4]} carveout {m[5]} {m[7]}: measured best {m[8]}, "
+                           f"the model's {m[9]} measured {m[10]} ms" for m in misses) or "none",
         graph_mean=sum(dsv3_wide) / len(dsv3_wide), hits=hits, total=total)
 
 
@@ -905,7 +944,7 @@ def token_calibration(rounds: int, pred_topo: Topology) -> Tuple[List[str], List
         "the layer applies no carveout at W=1): the measured best W, the model's best among the W "
         f"measured, and the measured time there. Within 5% of the measured best: {hits} of {total}.", "",
         *choice, "",
-        token_misses(rows, preds, rates, hits, total),
+        token_misses(rows, preds, rates, choice, hits, total),
         "### Every row", "",
         *token_table(rows, preds), "", "",
     ]
