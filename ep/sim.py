@@ -606,7 +606,7 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
     # the items buffer holds n x capacity x min(k, E_local) rows and an anchor per expert (`ep.chunks`)
     bound = (n * tr.capacity * min(layer.top_k, E_local) + E_local) / E_local
     tile = gemm_tile_rows(bound) if rates.gemm_tiles else 0
-    math = [_experts_math(items, E_local, layer, rates, tile) for items in tr.items]
+    math_ms = [_experts_math(items, E_local, layer, rates, tile) for items in tr.items]
     half = rates.backward_factor / 2  # the backward's math: data gradients per wave, weight gradients once
 
     def kernels(name: str, what: str, nbytes: float = 0.0, after: Sequence[int] = (), wave: int = -1,
@@ -659,13 +659,13 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
 
     def forward_wave(w: int, landed: int) -> int:
         it = kernels(f"items[{w}]", "items", after=[landed], wave=w)
-        l1 = gemms(f"linear1[{w}]", "linear1", math[w][0], [it], w, "linear1")
-        l2 = gemms(f"linear2[{w}]", "linear2", math[w][1], [l1], w, "linear2")
+        l1 = gemms(f"linear1[{w}]", "linear1", math_ms[w][0], [it], w, "linear1")
+        l2 = gemms(f"linear2[{w}]", "linear2", math_ms[w][1], [l1], w, "linear2")
         return kernels(f"sum[{w}]", "sum", (tr.items[w] + n * tr.capacity) * H * e, [l2], w)
 
     def backward_wave(w: int, landed: int) -> int:
-        d2 = gemms(f"bwd linear2[{w}]", "bwd linear2", half * math[w][1], [landed], w, "linear2")
-        d1 = gemms(f"bwd linear1[{w}]", "bwd linear1", half * math[w][0], [d2], w, "linear1")
+        d2 = gemms(f"bwd linear2[{w}]", "bwd linear2", half * math_ms[w][1], [landed], w, "linear2")
+        d1 = gemms(f"bwd linear1[{w}]", "bwd linear1", half * math_ms[w][0], [d2], w, "linear1")
         return kernels(f"bwd sum[{w}]", "bwd sum", tr.items[w] * H * e + n * tr.capacity * tr.dispatch_row_bytes, [d1], w)
 
     # forward
@@ -695,15 +695,15 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
         shared_beside("bwd ", shared_bwd, "shared bwd", pack_dy)
     back = waves("bwd ", pack_dy, _a2a_ms(tr.capacity, tr.combine_row_bytes, topo),
                  _a2a_ms(tr.capacity, tr.dispatch_row_bytes, topo), backward_wave)
-    last_sum = max(i for i, op in enumerate(sched.ops) if op.name == f"bwd sum[{W - 1}]")
-    # the weight gradients run over all waves' items, ragged along the tile's K (64 rows)
+    # after the last wave's data gradients (the compute stream's order), beside the last
+    # transfers: the weight gradients over all waves' items, ragged along the tile's K (64 rows)
     full = _experts_math(sum(tr.items), E_local, layer, rates, 64 if rates.gemm_tiles else 0)
     # W > 1: every wave's x, dh, wa and dz gathered (and dh, wa concatenated) in expert order,
     # where W=1 gathers only x's rows
     extra = 0.0 if W == 1 else 2 * e * sum(tr.items) * (H + 6 * F)
     count = _weight_grad_launches(W)
     weights = sched.add("weight grads", "compute", half * sum(full) * slow + extra / rates.permute_GBps * 1e-6
-                        + count * stage, [last_sum], True, "weights", calls=count)
+                        + count * stage, (), True, "weights", calls=count)
     kernels("bwd unpermute", "bwd unpermute", (rows + layer.tokens) * H * e, [weights, *back])
     return sched.ops
 
