@@ -1,12 +1,17 @@
 """The schedule model (`ep.sim`) on small cases worked out by hand, and num_waves="auto"."""
 import math
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
 import ep
-from ep.sim import Layer, Op, Rates, Topology, best_waves, p_avoids, play, simulate, traffic
+from ep.chunks import sender_plan, wave_capacity
+from ep.layout import RowLayout
+from ep.sim import (Layer, Op, Rates, TokenCall, Topology, best_waves, gemm_slowdown, gemm_tile_rows, overlap_shares,
+                    p_avoids, padded_rows, play, row_width, simulate, token_launches, token_traffic, traffic)
 from tests.reference import reference_moe, reference_routing
 from tests.world import run_world
 
@@ -68,7 +73,8 @@ def test_play_host_issues_in_order_and_deadlock_is_reported():
 
 def _bare_rates(**kw) -> Rates:
     # expert math: 1e-6 TFLOP/s = 1000 FLOP per ms; permutes, kernels and the host free
-    base = dict(gemm_tflops=((1.0, 1e-6),), hbm_GBps=1e12, permute_GBps=1e15, stage_ms=0.0, host_ms=0.0)
+    base = dict(gemm_tflops=((1.0, 1e-6),), hbm_GBps=1e12, permute_GBps=1e15, stage_ms=0.0, host_ms=0.0,
+                wave_split="experts")
     base.update(kw)
     return Rates(**base)
 
@@ -112,6 +118,166 @@ def test_best_waves_and_speed():
     best, times = best_waves(layer, Topology(ranks=8), rates, backward=True)
     assert best in times and times[best] == min(times.values()) and set(times) == {1, 2, 4, 8}
     assert all(math.isfinite(t) and t > 0 for t in times.values())
+
+
+# ---- token waves ------------------------------------------------------------------------
+
+
+def test_token_traffic_is_the_padded_regions():
+    # T=10 tokens in W=4 waves (3, 2, 3, 2 tokens): regions of ceil(10/4) = 3 rows, n=4
+    layer = Layer(hidden=64, ffn_hidden=8, num_experts=8, top_k=2, tokens=10)
+    tr = token_traffic(layer, ranks=4, num_waves=4)
+    assert tr.capacity == 3 == wave_capacity(10, 4) and tr.tokens == (3, 2, 3, 2)
+    width = RowLayout(64, 2, torch.bfloat16).width  # hidden vector, slot table, status
+    assert row_width(layer) == width and width > 64
+    # on the wire per wave: the n-1 other regions, whole: (n-1) x capacity rows each way
+    assert tr.wire_bytes(4) == (3 * 3 * width * 2, 3 * 3 * 64 * 2)
+    # a token misses a rank's 2 experts of 8 with k=2: C(6,2)/C(8,2) = 15/28
+    assert tr.miss == pytest.approx(15 / 28)
+    assert tr.real_rows(0) == pytest.approx(3 * 13 / 28)
+    assert tr.padding == pytest.approx(1 - 10 * 13 / 28 / 12)
+    assert tr.items == (6, 4, 6, 2 * 2)  # t tokens x k slots arrive at each rank per wave
+
+
+def test_token_traffic_matches_the_engines_buffers():
+    torch.manual_seed(0)
+    n, E, k, T, W = 4, 16, 3, 37, 3
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    plan = sender_plan(idx, None, E, n, W, wave_capacity(T, W))
+    tr = token_traffic(Layer(hidden=32, ffn_hidden=8, num_experts=E, top_k=k, tokens=T, elem_bytes=4), n, W)
+    assert plan.capacity == tr.capacity and plan.rows_per_wave == n * tr.capacity
+    assert tr.dispatch_row_bytes == RowLayout(32, k, torch.float32).width * 4
+
+
+def _token_rates(**kw) -> Rates:
+    # 1e-5 TFLOP/s = 10,000 FLOP per ms; weights, row copies, kernels and the host free
+    base = dict(gemm_tflops=((1.0, 1e-5),), hbm_GBps=1e15, permute_GBps=1e15, stage_ms=0.0, host_ms=0.0,
+                backward_factor=2.0, wave_split="tokens")
+    base.update(kw)
+    return Rates(**base)
+
+
+# 2 ranks, 1 expert each, k=1, T=1000, H=4, F=1, bf16. A dispatched row (`RowLayout`) is 64
+# bytes, a returned one 8; at 0.032 GB/s a region of 500 rows (W=2) dispatches in 1 ms and
+# returns in 0.125 ms. A wave's 500 items: linear1 2*500*4*2 = 8000 FLOP (0.8 ms), linear2 0.4 ms.
+_LAYER = Layer(hidden=4, ffn_hidden=1, num_experts=2, top_k=1, tokens=1000)
+_TOPO = Topology(ranks=2, gpus_per_node=2, intra_GBps=0.032, latency_ms=0.0, local_GBps=1e15)
+
+
+def test_token_wave_forward_by_hand():
+    assert token_traffic(_LAYER, 2, 2).dispatch_row_bytes == 64
+    # W=1: dispatch [0, 2], linear1 [2, 3.6], linear2 [3.6, 4.4], combine [4.4, 4.65]
+    assert simulate(_LAYER, _TOPO, _token_rates(), 1).layer_ms == pytest.approx(4.65)
+    # W=2, every dispatch first: d0 [0, 1], d1 [1, 2]; wave 0 [1, 2.2]; c0 [2.2, 2.325];
+    # wave 1 [2.2, 3.4]; c1 [3.4, 3.525]
+    p = simulate(_LAYER, _TOPO, _token_rates(), 2, call=TokenCall(graph=True))
+    ends = {op.name: op.end for op in p.ops}
+    assert p.layer_ms == pytest.approx(3.525)
+    assert ends["dispatch[1]"] == pytest.approx(2.0) and ends["combine[0]"] == pytest.approx(2.325)
+    assert p.comm_ms == pytest.approx(2.25) and p.compute_ms == pytest.approx(2.4)
+    # r16-dev's order: dispatch(1) issued after wave 0's math on its stream waits for it:
+    # d1 [2.2, 3.2], wave 1 [3.2, 4.4], c0 [3.2, 3.325], c1 [4.4, 4.525]
+    dev = TokenCall(graph=True, dispatch_first=False, dispatch_after_math=True)
+    assert simulate(_LAYER, _TOPO, _token_rates(), 2, call=dev).layer_ms == pytest.approx(4.525)
+    # the all-to-all at half speed beside a GEMM: d1 does 0.6 ms of its work beside wave 0's
+    # 1.2 ms of GEMMs, the rest alone: [1, 2.6]; wave 1 [2.6, 3.8]; c0 beside it at half
+    # speed [2.6, 2.85]; c1 [3.8, 3.925]
+    slow = simulate(_LAYER, _TOPO, _token_rates(comm_share=0.5), 2)
+    assert slow.layer_ms == pytest.approx(3.925)
+    # a carveout of 10 SMs at 0.0016 GB/s each gives the transfer half of its link back (share
+    # 0.75) and makes the GEMMs 1.1x (1.32 ms a wave): d1 does 0.99 ms beside wave 0 [1, 2.32],
+    # ends at 2.33; wave 1 [2.33, 3.65]; c0 [2.33, 2.33 + 0.125 / 0.75]; c1 [3.65, 3.775]
+    carved = _token_rates(comm_share=0.5, comm_GBps_per_sm=0.0016, carveout_slowdown=((0, 1.0), (10, 1.1)))
+    p = simulate(_LAYER, _TOPO, carved, 2, call=TokenCall(sm_carveout=10))
+    ends = {op.name: op.end for op in p.ops}
+    assert ends["dispatch[1]"] == pytest.approx(2.33) and ends["combine[0]"] == pytest.approx(2.33 + 0.125 / 0.75)
+    assert p.layer_ms == pytest.approx(3.775)
+    # W=1 applies no carveout (`ep.chunk_pipeline`): as without one
+    assert simulate(_LAYER, _TOPO, carved, 1, call=TokenCall(sm_carveout=10)).layer_ms == pytest.approx(4.65)
+
+
+def test_token_wave_backward_by_hand():
+    # forward as above (3.525); backward, backward_factor 2: per wave the data gradients
+    # (linear2's 0.4 ms, then linear1's 0.8), the weight gradients once (2.4 ms); dy goes out
+    # in returned-row size (0.125 ms a wave), dx comes back in dispatched rows (1 ms):
+    # bd0 [3.525, 3.65], bd1 [3.65, 3.775]; wave 0 [3.65, 4.85]; bc0 [4.85, 5.85];
+    # wave 1 [4.85, 6.05]; bc1 [6.05, 7.05]; weight gradients [6.05, 8.45]
+    p = simulate(_LAYER, _TOPO, _token_rates(), 2, backward=True, call=TokenCall(graph=True))
+    ends = {op.name: op.end for op in p.ops}
+    assert ends["bwd combine[1]"] == pytest.approx(7.05) and ends["weight grads"] == pytest.approx(8.45)
+    assert p.layer_ms == pytest.approx(8.45)
+
+
+def test_eager_call_paced_by_its_launches():
+    # a host that needs 1 ms per launch and per all-to-all, 0.5 per call: with the GPU's work
+    # free, the call lasts its host time, the launches counted from the engine
+    rates = _token_rates(gemm_tflops=((1.0, 1e9),), host_ms=1.0, a2a_host_ms=1.0, call_host_ms=0.5,
+                         backward_host_ms=0.25, backward_launch_ms=2.0)
+    big = Topology(ranks=2, gpus_per_node=2, intra_GBps=1e15, latency_ms=0.0, local_GBps=1e15)
+    for W in (1, 2, 4):
+        kernels, a2a = token_launches(W)
+        assert simulate(_LAYER, big, rates, W).layer_ms == pytest.approx(0.5 + kernels + a2a)
+        both, both_a2a = token_launches(W, backward=True)
+        assert simulate(_LAYER, big, rates, W, backward=True).layer_ms == pytest.approx(
+            0.5 + kernels + a2a + 0.25 + 2.0 * (both - kernels) + (both_a2a - a2a))
+        # a CUDA-graph replay: host time per launch `replay_host_ms` (here 0), nothing per call
+        assert simulate(_LAYER, big, rates, W, call=TokenCall(graph=True)).layer_ms == pytest.approx(0.0, abs=1e-9)
+    assert token_launches(2) == (42, 4)  # r17's trace of dsv3 W=2: 42 kernels on the compute stream
+
+
+def test_carveout_shares_and_slowdown_by_hand():
+    rates = Rates(gemm_tflops=((1.0, 1.0),), comm_share=0.2, compute_share=0.5, comm_GBps_per_sm=1.0,
+                  carveout_slowdown=((0, 1.0), (8, 1.1), (16, 1.2)))
+    topo = Topology(ranks=2, gpus_per_node=2, intra_GBps=10.0)
+    assert overlap_shares(rates, topo, 5) == pytest.approx((0.6, 0.75))  # half the link's speed on free SMs
+    assert overlap_shares(rates, topo, 20) == pytest.approx((1.0, 1.0))
+    assert overlap_shares(rates, Topology(ranks=16, gpus_per_node=8, inter_GBps=40.0), 20)[0] == pytest.approx(0.6)
+    assert gemm_slowdown(rates, 4) == pytest.approx(1.05) and gemm_slowdown(rates, 64) == pytest.approx(1.2)
+
+
+def test_grouped_gemm_tiles_by_hand():
+    # torch's rule: 64-row tiles while the buffer's rows per expert are at most 128
+    assert gemm_tile_rows(128) == 64 and gemm_tile_rows(129) == 128
+    assert padded_rows(10.0, 0) == 10.0
+    # Poisson(1) rows in 4-row tiles: 4 P(1 <= X <= 4) + 8 P(5 <= X <= 8) + ...
+    e = math.exp(-1)
+    assert padded_rows(1.0, 4) == pytest.approx(4 * (1 - e) + 4 * (1 - e * (1 + 1 + 1 / 2 + 1 / 6 + 1 / 24)), rel=1e-4)
+
+
+def test_token_wave_prediction_at_256_ranks_is_fast():
+    from ep.sim_profiles import PROFILES
+
+    rates, topo = PROFILES["h200-nccl-tokens"]
+    layer = Layer(hidden=7168, ffn_hidden=2048, num_experts=256, top_k=8, tokens=4096)
+    t0 = time.perf_counter()
+    best, times = best_waves(layer, replace_ranks(topo, 256), rates, backward=True, call=TokenCall(graph=True))
+    assert time.perf_counter() - t0 < 1.0
+    assert set(times) == {1, 2, 4, 8} and all(math.isfinite(t) and t > 0 for t in times.values())
+    # one expert per rank: a token misses a rank with probability 1 - 8/256, all of it padding on the wire
+    assert token_traffic(layer, 256, 1).miss == pytest.approx(1 - 8 / 256)
+
+
+def replace_ranks(topo: Topology, ranks: int) -> Topology:
+    from dataclasses import replace
+
+    return replace(topo, ranks=ranks)
+
+
+def test_expert_wave_profiles_keep_their_schedule():
+    from ep.sim_profiles import PROFILES
+
+    layer = Layer(hidden=7168, ffn_hidden=2048, num_experts=64, top_k=8, tokens=4096)
+    for name in ("h200-nccl", "h200-copy-engine"):  # what ep/auto.py plays for expert waves
+        rates, topo = PROFILES[name]
+        t = replace_ranks(topo, 2)
+        assert simulate(layer, t, rates, 2).layer_ms == simulate(layer, t, rates, 2, wave_split="experts").layer_ms
+        assert simulate(layer, t, rates, 2, wave_split="tokens").layer_ms != simulate(layer, t, rates, 2).layer_ms
+
+
+def test_the_layer_does_not_import_the_models_picture_or_command():
+    code = ("import sys, torch, ep, ep.auto, ep.sim; "
+            "assert 'matplotlib' not in sys.modules and 'ep.sim' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # ---- num_waves="auto" -----------------------------------------------------------------
