@@ -18,7 +18,7 @@ own, a bound for a peer over NVLink, not a measurement of it):
    threads of this process (`ThreadHost` for the first forward's config check and
    broadcasts), against the float64 reference: n=2 W=1, n=2 W=2, n=4 W=4;
 5. rate: the sending kernel with G programs moving 59 MB (4096 dsv3 dispatch rows) to the
-   other rank, G in {4, 8, 16, 24, 32, 64}: median ms over 20 after 5 warm-ups, GB/s, GB/s
+   other rank, G in {4, 8, 16, 24, 32, 64}, 32 or 64 KB per program and step: median ms over 20 after 5 warm-ups, GB/s, GB/s
    per program; the receiving kernel's time; the host's time to issue a call and its wait
    (two kernel launches); `copy_` of the same bytes.
 Prints a table and "N passed, M failed"; exits non-zero on any failure.
@@ -261,10 +261,10 @@ def timed(fn, iters=20, warm=5):
     return statistics.median(ts)
 
 
-def rate(programs, rows=4096):
+def rate(programs, block_bytes=32768, rows=4096):
     """Rank 0 sends `rows` dispatch rows to rank 1 (none to itself), and back: the sending
     kernel's time on rank 0's stream, the receiving kernel's on rank 1's."""
-    trs, streams = world(2, timeout_s=10.0, programs=programs)
+    trs, streams = world(2, timeout_s=10.0, programs=programs, block_bytes=block_bytes)
     splits = [[0, rows], [rows, 0]]
     g = torch.Generator().manual_seed(3)
     ins, outs = buffers(splits, (ROW,), torch.bfloat16, g)
@@ -297,7 +297,7 @@ def rate(programs, rows=4096):
     ok = torch.equal(outs[1], ins[0])
     nbytes = rows * ROW * 2
     put_ms, take_ms = statistics.median(puts), statistics.median(takes)
-    return dict(programs=programs, MB=nbytes / 1e6, put_ms=put_ms, put_GBps=nbytes / put_ms / 1e6,
+    return dict(programs=programs, block_bytes=block_bytes, MB=nbytes / 1e6, put_ms=put_ms, put_GBps=nbytes / put_ms / 1e6,
                 put_GBps_per_program=nbytes / put_ms / 1e6 / programs, take_ms=take_ms,
                 take_GBps=nbytes / take_ms / 1e6, host_us_per_call=statistics.median(host[5:]) * 1e6, correct=ok)
 
@@ -322,6 +322,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="p2p_check.json")
     ap.add_argument("--programs", default="4,8,16,24,32,64")
+    ap.add_argument("--blocks", default="32768,65536", help="bytes per program and step")
     args = ap.parse_args()
     cases = []
 
@@ -343,20 +344,21 @@ def main():
     for n, W in ((2, 1), (2, 2), (4, 4)):
         case(f"layer fwd+bwd, n={n} W={W} (ranks as threads)", check_layer, n, W)
     rates = []
-    for G in map(int, args.programs.split(",")):
-        try:
-            rates.append(rate(G))
-        except Exception as e:  # noqa: BLE001
-            rates.append(dict(programs=G, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    for block in map(int, args.blocks.split(",")):
+        for G in map(int, args.programs.split(",")):
+            try:
+                rates.append(rate(G, block))
+            except Exception as e:  # noqa: BLE001
+                rates.append(dict(programs=G, block_bytes=block, error=f"{type(e).__name__}: {str(e)[:300]}"))
     base = copy_rate()
     print(f"\ncopy_ of {base['MB']:.0f} MB: {base['copy_ms']:.3f} ms ({base['copy_GBps']:.0f} GB/s, read+write "
           f"{2 * base['copy_GBps']:.0f})")
-    print(f"{'G':>4} {'put ms':>8} {'GB/s':>7} {'GB/s/prog':>9} {'take ms':>8} {'GB/s':>7} {'host us':>8} correct")
+    print(f"{'block':>6} {'G':>4} {'put ms':>8} {'GB/s':>7} {'GB/s/prog':>9} {'take ms':>8} {'GB/s':>7} {'host us':>8} correct")
     for r in rates:
         if "error" in r:
-            print(f"{r['programs']:>4} {r['error']}")
+            print(f"{r['block_bytes']:>6} {r['programs']:>4} {r['error']}")
             continue
-        print(f"{r['programs']:>4} {r['put_ms']:8.3f} {r['put_GBps']:7.0f} {r['put_GBps_per_program']:9.1f} "
+        print(f"{r['block_bytes']:>6} {r['programs']:>4} {r['put_ms']:8.3f} {r['put_GBps']:7.0f} {r['put_GBps_per_program']:9.1f} "
               f"{r['take_ms']:8.3f} {r['take_GBps']:7.0f} {r['host_us_per_call']:8.1f} {r['correct']}")
     failed = sum(not c["ok"] for c in cases) + sum("error" in r or not r["correct"] for r in rates)
     with open(args.json, "w") as f:

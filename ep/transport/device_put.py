@@ -45,7 +45,8 @@ from .base import CommunicationError, Pending, Transport, copy_pending
 
 PROGRAMS = int(os.environ.get("EP_PUT_PROGRAMS", "16"))
 """Programs (SMs) of each sending and each receiving kernel: leave them free with `MoEConfig.sm_carveout`."""
-BLOCK_BYTES = 32768  # bytes one program moves per step (16-byte accesses: 8 per thread of 8 warps)
+BLOCK_BYTES = int(os.environ.get("EP_PUT_BLOCK_BYTES", "32768"))
+"""Bytes one program moves per step (32 KB: 8 16-byte accesses in flight per thread of 8 warps)."""
 
 
 @dataclass(frozen=True)
@@ -182,15 +183,16 @@ class DevicePutTransport(Transport):
         timeout_s: the longest any device-side wait lasts (then an error record, see above).
         programs: programs of each sending and receiving kernel (the same on every rank).
         flag_sets, ring_calls: counter sets, and the ring's size in largest calls.
+        block_bytes: bytes a program moves per step (a power of two, at least 16).
     """
 
     def __init__(self, rank: int, world_size: int, mesh, host: Optional[Transport] = None,
                  timeout_s: Optional[float] = None, programs: int = PROGRAMS, flag_sets: int = 64,
-                 ring_calls: int = 2) -> None:
+                 ring_calls: int = 2, block_bytes: int = BLOCK_BYTES) -> None:
         self.rank, self.world_size, self._mesh, self._host = rank, world_size, mesh, host
         self.device = mesh.device
         self.timeout_s = 60.0 if timeout_s is None else float(timeout_s)
-        self.programs, self.flag_sets, self.ring_calls = programs, flag_sets, ring_calls
+        self.programs, self.flag_sets, self.ring_calls, self.block_bytes = programs, flag_sets, ring_calls, block_bytes
         self._rows = 0  # reserved rows per peer (the largest `reserve`)
         self._layout: Optional[ArenaLayout] = None
         self._arena: Optional[torch.Tensor] = None
@@ -280,7 +282,7 @@ class DevicePutTransport(Transport):
         common = dict(me=me, n=n, call_at=(layout.data_at + at) // piece, per_src=per_src // piece,
                       flag_set=flag_set, ready_at=layout.ready_at, freed_at=layout.freed_at,
                       deadline=int(self.timeout_s * 1e9) if cuda else max(1, int(self.timeout_s * 1000)),
-                      label=self._label(label), block=BLOCK_BYTES // unit.itemsize, align=piece // unit.itemsize,
+                      label=self._label(label), block=self.block_bytes // unit.itemsize, align=piece // unit.itemsize,
                       use_clock=cuda)
         from ..kernels import triton_p2p
 
