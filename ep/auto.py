@@ -60,8 +60,9 @@ def _probe(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: torch.Ten
     small = torch.zeros(n, H, device=device, dtype=dtype)
     big = torch.zeros(n * rows, H, device=device, dtype=dtype)
     out_s, out_b = torch.empty_like(small), torch.empty_like(big)
-    t_small = _timed(lambda: transport.all_to_all(out_s, small, [1] * n, [1] * n, "auto-waves probe").wait(), device)
-    t_big = _timed(lambda: transport.all_to_all(out_b, big, [rows] * n, [rows] * n, "auto-waves probe").wait(), device)
+    t_small = _timed(lambda: transport.all_to_all(out_s, small, [1] * n, [1] * n, "auto-waves probe", 1).wait(), device)
+    t_big = _timed(lambda: transport.all_to_all(out_b, big, [rows] * n, [rows] * n, "auto-waves probe", rows).wait(),
+                   device)
     mb_out = (n - 1) * rows * H * big.element_size() / 1e6
     ms_per_mb = max(t_big - t_small, 1e-6) / max(mb_out, 1e-6) if n > 1 else 0.0
     # expert math at the call's tokens per expert, on a slice of the experts (at most 4)

@@ -183,6 +183,8 @@ class DispatchPlan:
     num_local_experts: int
     num_tokens: int
     top_k: int
+    rows_per_peer: int
+    """No all-to-all of this plan moves more rows for one peer (the same on every rank)."""
     wave_bounds: Tuple[int, ...]
     """`[W + 1]` local-expert boundaries of the waves."""
 
@@ -618,6 +620,7 @@ def receiver_side(
         num_local_experts=sender.layout.num_local_experts,
         num_tokens=T,
         top_k=k,
+        rows_per_peer=sender.rows_per_peer_bound(counts.max_tokens),
         wave_bounds=sender.wave_bounds,
         route_token=routes.route_token,
         slot_route_flat=routes.slot_route_flat,

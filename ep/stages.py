@@ -89,7 +89,7 @@ def to_owners(
         send_SH = gather_rows(src_TH, plan.route_token[plan.dispatch_slice(wave)])
     recv = rows_all[plan.recv_slice(wave)]
     pending = transport.all_to_all(
-        recv, send_SH, plan.recv_counts[wave], plan.send_counts[wave], f"{label} of wave {wave}"
+        recv, send_SH, plan.recv_counts[wave], plan.send_counts[wave], f"{label} of wave {wave}", plan.rows_per_peer
     )
     return InFlight(recv, pending)
 
@@ -124,7 +124,7 @@ def to_sources(
     )
     back = back_all[plan.back_slice(wave)]
     pending = transport.all_to_all(
-        back, send_SH, plan.back_counts[wave], plan.return_counts[wave], f"{label} of wave {wave}"
+        back, send_SH, plan.back_counts[wave], plan.return_counts[wave], f"{label} of wave {wave}", plan.rows_per_peer
     )
     return InFlight(back, pending)
 
@@ -232,7 +232,8 @@ def exchange_weight_grads(drecv_flat: torch.Tensor, plan: DispatchPlan, transpor
     send = drecv_flat.view(-1, k)[block_transpose_index(plan.recv_counts, device=device)]
     back = drecv_flat.new_empty(plan.num_routes_sent, k)
     transport.all_to_all(
-        back, send, plan.send_rank_splits(), plan.recv_rank_splits(), "routing-weight gradients (backward)"
+        back, send, plan.send_rank_splits(), plan.recv_rank_splits(), "routing-weight gradients (backward)",
+        plan.rows_per_peer,
     ).wait()
     sender_order = block_transpose_index(list(zip(*plan.send_counts)), device=device)
     return back[sender_order].flatten()[plan.slot_route_flat]

@@ -115,6 +115,12 @@ def test_a_peer_that_never_reads_is_an_error_before_its_rows_are_overwritten(int
         trs[0].raise_errors()
 
 
+def test_a_call_without_a_bound_goes_to_the_host_transport():
+    tr = _world(2)[0]  # made without one: the call says so
+    with pytest.raises(RuntimeError, match="no host transport"):
+        tr.all_to_all(torch.empty(4, 4), torch.empty(4, 4), [2, 2], [2, 2], "checkpoint")
+
+
 def test_more_rows_than_the_bound_is_refused(interpreted):
     trs = _world(2)
     with pytest.raises(CommunicationError, match="more than the bound of 2"):

@@ -26,7 +26,7 @@ ranks: treat the group as broken.
 
 Intranode only (all ranks on one host, CUDA peer access). Small blocking exchanges and
 broadcasts go through the host transport (NCCL), and so do all-to-alls made with no
-group-wide bound of rows per peer (neither `rows_bound` nor an earlier `reserve`). Every
+group-wide bound of rows per peer (`rows_bound`; the layer's calls all pass one). Every
 `Pending` it returns must be waited on (the wait is the receiving half). `ProcessMesh` puts every rank in one
 process (the tests on the CPU, in Triton's interpreter, and the one-GPU check).
 """
@@ -193,7 +193,6 @@ class DevicePutTransport(Transport):
         self.device = mesh.device
         self.timeout_s = 60.0 if timeout_s is None else float(timeout_s)
         self.programs, self.flag_sets, self.ring_calls, self.block_bytes = programs, flag_sets, ring_calls, block_bytes
-        self._rows = 0  # reserved rows per peer (the largest `reserve`)
         self._layout: Optional[ArenaLayout] = None
         self._arena: Optional[torch.Tensor] = None
         self._ring: Optional[Ring] = None
@@ -216,9 +215,6 @@ class DevicePutTransport(Transport):
         return cls(host.rank, host.world_size, SymmetricMesh(host.group, host.device), host, timeout_s)
 
     # -- the arena --------------------------------------------------------------------
-    def reserve(self, rows_per_peer: int) -> None:
-        self._rows = max(self._rows, int(rows_per_peer))
-
     def _grow(self, call_bytes: int) -> None:
         """Collective (every rank reaches it at the same call: call sizes are group-wide): a
         ring of `ring_calls` such calls. Waits for the device: nothing may use the old arena."""
@@ -262,14 +258,14 @@ class DevicePutTransport(Transport):
         n, me = self.world_size, self.rank
         if n == 1:
             return copy_pending(out, inp)
-        inp, bound = inp.contiguous(), self._rows if rows_bound is None else int(rows_bound)
-        if not bound and self._host is not None:  # no group-wide bound known (no reserve, e.g. a checkpoint's
-            return self._host.all_to_all(out, inp, out_splits, in_splits, label)  # redistribution): the host path
+        if rows_bound is None:  # no group-wide bound (a checkpoint's redistribution, say): the host path
+            return self._need_host().all_to_all(out, inp, out_splits, in_splits, label)
+        inp, bound = inp.contiguous(), int(rows_bound)
         most = max(max(in_splits), max(out_splits))
         if most > bound:
             raise CommunicationError(
                 f"ep: rank {me}: {label} sends or receives {most} rows for one peer, more than the bound of {bound} "
-                "(an internal error: the caller passes the group-wide bound, or reserves it)")
+                "(an internal error: the caller passes the group-wide bound)")
         row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
         wide = row_bytes % 16 == 0 and inp.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
         unit, piece = (torch.int32, 16) if wide else (torch.uint8, 1)  # piece: bytes of the kernels' size unit
