@@ -23,7 +23,7 @@ arguments frozen at capture.
 
 Every wait has a deadline (nanoseconds of `%globaltimer` on the GPU; a number of polls in
 the interpreter, which has no clock). A wait past it writes what it waited for into the
-error words (`ERR_WORDS` int64 at a host-mapped address: the first error wins) and goes on:
+error record (4 int64 words at a host-mapped address: the first error wins) and goes on:
 a sender that timed out sends that peer nothing, a receiver fills what did not arrive with
 all-ones bytes (the rows' padding: expert ids -1, so nothing after it indexes out of bounds).
 So a peer that never arrives becomes an error the host reads at its next look, never a hang.
@@ -38,10 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-ERR_WORDS = 4
-"""The error record: [what (1: data never arrived, 2: a peer never freed its buffer), flag
-set, peer rank, call label id]."""
-WAIT_DATA, WAIT_FREED = 1, 2
+# The error record, 4 int64 words: [what (1: a peer's rows never arrived, 2: a peer never
+# read out the call whose bytes this one needed), flag set, peer rank, the call's label id].
 
 
 @triton.jit

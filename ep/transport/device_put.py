@@ -203,6 +203,7 @@ class DevicePutTransport(Transport):
         self._labels: Dict[str, int] = {}
         self._label_names: List[str] = []
         self._err = torch.zeros(4, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        """The kernels' error record (`ep.kernels.triton_p2p`), host memory the device writes."""
 
     @classmethod
     def for_group(cls, group: Optional[dist.ProcessGroup] = None, timeout_s: Optional[float] = None):
