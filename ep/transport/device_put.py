@@ -123,8 +123,12 @@ class ProcessMesh:
         self._lock = threading.Lock()  # ranks may be threads
 
     def allocate(self, rank: int, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
+        """Waits for the device only to replace arenas: ranks that are threads share the device,
+        and a rank's first call must not wait for another's receiving kernel (which waits for it)."""
         with self._lock:
             if not self._arenas or self._arenas[0].numel() < nbytes:
+                if self._arenas and self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)  # nothing may still use the old arenas
                 self._arenas = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
                                 for _ in range(self.world_size)]
                 if self.device.type == "cuda":  # zeroed before another rank's stream writes into them
@@ -142,7 +146,10 @@ class SymmetricMesh:
         self._keep = None  # the arena and its handle (alive while peers may write)
 
     def allocate(self, rank: int, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
-        """Collective: a zeroed arena on every rank, mapped by every rank."""
+        """Collective: a zeroed arena on every rank, mapped by every rank. First waits for this
+        rank's device: nothing may still use the old arena (every rank's earlier calls were
+        issued before any rank reached this call, so their kernels finish)."""
+        torch.cuda.synchronize(self.device)
         try:
             buf = self._symm.empty(nbytes, dtype=torch.uint8, device=self.device)
             hdl = self._symm.rendezvous(buf, self._group_name)
@@ -218,9 +225,7 @@ class DevicePutTransport(Transport):
     # -- the arena --------------------------------------------------------------------
     def _grow(self, call_bytes: int) -> None:
         """Collective (every rank reaches it at the same call: call sizes are group-wide): a
-        ring of `ring_calls` such calls. Waits for the device: nothing may use the old arena."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        ring of `ring_calls` such calls (the mesh waits until nothing uses the old arenas)."""
         data = self.ring_calls * (-(-call_bytes // 128) * 128)
         layout = ArenaLayout(self.world_size, self.flag_sets, data)
         self._arena, addresses = self._mesh.allocate(self.rank, layout.total_bytes)
