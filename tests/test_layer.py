@@ -185,3 +185,26 @@ def check_trains(rank, n):
 def test_layer_trains_on_four_ranks():
     losses = run_world(4, check_trains)
     assert all(l == losses[0] for l in losses)  # the mean loss is the same number everywhere
+
+
+def test_a_given_transport_is_the_one_used():
+    """`ExpertParallelMoE(config, transport=...)`: the layer moves its rows through that
+    transport (here one that counts its calls) and sizes itself from its world."""
+    from ep.transport import LocalTransport
+
+    class Counting(LocalTransport):
+        calls = 0
+
+        def all_to_all(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().all_to_all(*args, **kwargs)
+
+    tr = Counting()
+    cfg = ep.MoEConfig(hidden=8, ffn_hidden=4, num_experts=4, top_k=2, num_waves=2)
+    layer = ep.ExpertParallelMoE(cfg, transport=tr).double()
+    assert layer.transport is tr and layer.experts.w1.shape[0] == 4
+    x = torch.randn(6, 8, dtype=torch.float64)
+    y = layer(x)
+    want = reference_moe(x, layer.experts.w1, layer.experts.w2, *reference_routing(x, layer.router.weight, 2))
+    assert rel_err(y, want) < 1e-10
+    assert Counting.calls == 4  # dispatch and combine of each of the 2 waves
