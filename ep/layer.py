@@ -53,7 +53,7 @@ class ExpertParallelMoE(nn.Module):
         group: the expert-parallel process group; None is the default group (or a
             one-process world when torch.distributed is not initialised).
         transport: optional, a transport to use instead of the one `config.transport` names
-            for `group` (e.g. ranks that share one process, `ep.transport.device_put.ProcessMesh`).
+            for `group` (one made by hand, e.g. an `ep.transport.Transport` of your own).
     """
 
     def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None,

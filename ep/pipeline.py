@@ -56,8 +56,8 @@ _SIDE_STREAMS: Dict[Tuple[torch.device, int], torch.cuda.Stream] = {}  # the str
 
 def _stream(cache: Dict[Tuple[torch.device, int], torch.cuda.Stream], device: torch.device) -> torch.cuda.Stream:
     """The cache's stream for `device` and the calling thread (made at the first use, kept for
-    the process). Per thread, as torch's current stream is: ranks that are threads of one
-    process (`ep.transport.device_put.ProcessMesh`) must not queue behind each other."""
+    the process). Per thread, as torch's current stream is: threads that each drive layers of
+    their own must not queue behind each other."""
     key = (device, threading.get_ident())
     if key not in cache:
         cache[key] = torch.cuda.Stream(device)
