@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -114,26 +113,26 @@ class Ring:
 
 
 class ProcessMesh:
-    """Every rank's arena in this process (tests, and the one-GPU check): rank r's arena is a
-    plain tensor; all are made at the first rank's request (every rank grows at the same call)."""
+    """Every rank's arena in this process (tests, and the one-GPU check), the ranks driven by
+    one thread, each on its own stream: rank r's arena is a plain tensor; all are made at the
+    first rank's request (every rank grows at the same call).
+
+    Not for ranks that are threads: in one CUDA context an allocation waits for every kernel
+    in flight, so one rank's first allocation would wait for another's receiving kernel,
+    which waits for the first (`benchmarks/p2p_check.py`, r22-r23)."""
 
     def __init__(self, world_size: int, device) -> None:
         self.world_size, self.device = world_size, torch.device(device)
         self._arenas: List[torch.Tensor] = []
-        self._lock = threading.Lock()  # ranks may be threads
 
     def allocate(self, rank: int, nbytes: int) -> Tuple[torch.Tensor, List[int]]:
-        """Waits for the device only to replace arenas: ranks that are threads share the device,
-        and a rank's first call must not wait for another's receiving kernel (which waits for it)."""
-        with self._lock:
-            if not self._arenas or self._arenas[0].numel() < nbytes:
-                if self._arenas and self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)  # nothing may still use the old arenas
-                self._arenas = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device)
-                                for _ in range(self.world_size)]
-                if self.device.type == "cuda":  # zeroed before another rank's stream writes into them
-                    torch.cuda.synchronize(self.device)
-            return self._arenas[rank], [a.data_ptr() for a in self._arenas]
+        if not self._arenas or self._arenas[0].numel() < nbytes:
+            if self._arenas and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # nothing may still use the old arenas
+            self._arenas = [torch.zeros(nbytes, dtype=torch.uint8, device=self.device) for _ in range(self.world_size)]
+            if self.device.type == "cuda":  # zeroed before another rank's stream writes into them
+                torch.cuda.synchronize(self.device)
+        return self._arenas[rank], [a.data_ptr() for a in self._arenas]
 
 
 class SymmetricMesh:
