@@ -15,8 +15,8 @@ own, a bound for a peer over NVLink, not a measurement of it):
 4. timeout: rank 1 never sends; rank 0's wait ends after `timeout_s` = 0.5 with an error
    naming the call (read from host-mapped memory): the wall time says there was no hang;
 5. rate: the sending kernel with G programs moving 59 MB (4096 dsv3 dispatch rows) to the
-   other rank, G in {4, 8, 16, 24, 32, 64}, 32 or 64 KB per program and step: median ms over 20 after 5 warm-ups, GB/s, GB/s
-   per program; the receiving kernel's time; the host's time to issue a call and its wait
+   other rank, G in {4, 8, 16, 24, 32, 64}, 32 or 64 KB per program and step: median ms
+   over 20 after 5 warm-ups, GB/s, GB/s per program; the receiving kernel's time; the host's time to issue a call and its wait
    (two kernel launches); `copy_` of the same bytes.
 Prints a table and "N passed, M failed"; exits non-zero on any failure.
 
@@ -25,8 +25,8 @@ CUDA context, where a memory allocation (or a pinned one) by one thread waits fo
 kernel in flight, another rank's spinning receiver included, which waits for this thread's
 send (r22, r23: both ranks timed out at their first dispatch). Between processes, one per
 GPU, an allocation waits only for its own process's kernels, and every rank issues a call's
-send before its wait, so those receivers end once the peers reach the same call. The layer with device_put is checked on 2+ GPUs
-(`gpu_check.py`, every case).
+send before its wait, so those receivers end once the peers reach the same call. The layer
+with device_put is checked on 2+ GPUs (`gpu_check.py`, every case).
 """
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The GPU run, in one device call: environment, GPU correctness against the float64
 # reference (both wave splits, every transport and W; a sync-free training step; CUDA-graph
-# replays), the device-put transport's kernels on GPU 0 (p2p_check: every rank in one
-# process, correctness, graphs, timeouts, rates), the README's example as a plain one-process python3 run, the launchers, and the
+# replays), before it the device-put transport's kernels on GPU 0 (p2p_check: every rank
+# in one process; correctness, graphs, timeouts, rates), the README's example as a plain
+# one-process python3 run, the launchers, and the
 # overlap benchmark in both regimes: NVLink (dsv3, wide, decode, v4flash; token and expert
-# waves; NCCL and the copy engines; CUDA graphs) and NCCL without peer access (dsv3, the
+# waves; NCCL, the copy engines and the device puts; CUDA graphs) and NCCL without peer access (dsv3, the
 # comm-bound regime; SM carveouts). Everything lands under $OUT (default out/gpu):
 #   env.txt, log_nN.txt, check_nN.json, p2p_n1.json, readme_n1.json, overlap_nN_nvlink.json,
 #   overlap_nN_no_p2p.json, traces_nN.tgz
@@ -32,13 +33,13 @@ log="$OUT/log_n$n.txt"
 } > "$OUT/env.txt" 2>&1
 run() { torchrun --standalone --nproc-per-node "$n" "$@"; }
 rc=0
+echo "== the device-put transport's kernels: every rank in one process on GPU 0 (first: its figures come back even if a check below fails)" | tee -a "$log"
+CUDA_VISIBLE_DEVICES=0 python3 benchmarks/p2p_check.py --json "$OUT/p2p_n1.json" 2>&1 | tee -a "$log" || rc=1
 echo "== correctness (bf16 vs float64 reference; sync-free step; CUDA graphs), $n GPUs" | tee -a "$log"
 if ! run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$log"; then
   echo "correctness failed: no benchmark of a wrong layer" | tee -a "$log"
   exit 1
 fi
-echo "== the device-put transport's kernels: every rank in one process on GPU 0" | tee -a "$log"
-CUDA_VISIBLE_DEVICES=0 python3 benchmarks/p2p_check.py --json "$OUT/p2p_n1.json" 2>&1 | tee -a "$log" || rc=1
 echo "== the README's example: one process, no launcher, one GPU" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 python3 tests/readme_example.py --json "$OUT/readme_n1.json" 2>&1 | tee -a "$log" || rc=1
 echo "== launchers on the GPUs: torchrun and mpirun, NCCL, the layer against the reference" | tee -a "$log"
