@@ -16,25 +16,23 @@ from ep.transport.base import CommunicationError
 from ep.transport.device_put import ArenaLayout, DevicePutTransport, ProcessMesh, Ring
 
 
-def test_ring_places_calls_in_order_and_waits_for_the_last_overlap():
-    ring = Ring(capacity=100, flag_sets=3)
-    assert ring.place(40) == (0, 0, -1)  # (offset, flag set, flag set to wait for)
-    assert ring.place(40) == (40, 1, -1)
-    # 40 more do not fit after 80: back to 0, over the first call only
-    assert ring.place(40) == (0, 2, 0)
-    # [40, 100) overlaps the second call [40, 80) only (the third ended at 40)
-    assert ring.place(60) == (40, 0, 1)
-    # [0, 50) overlaps the third [0, 40) and the fourth [40, 100): wait for the later
-    assert ring.place(50) == (0, 1, 0)
+def test_ring_places_calls_on_whole_chunks_in_order():
+    ring = Ring(chunks=8, chunk_bytes=16)
+    assert ring.place(40) == (0, 0, 3)  # (byte offset, first chunk, chunks): 40 bytes need 3
+    assert ring.place(16) == (48, 3, 1)
+    assert ring.place(1) == (64, 4, 1)  # a call takes at least one chunk
+    assert ring.place(48) == (80, 5, 3)  # chunks 5..7: the last three
+    assert ring.place(16) == (0, 0, 1)  # none left after chunk 7: from the start
+    assert ring.place(128) == (0, 0, 8)  # 8 chunks do not fit after chunk 0: from the start, all of them
     with pytest.raises(ValueError, match="does not fit"):
-        ring.place(101)
+        ring.place(129)
 
 
 def test_arena_layout_parts_do_not_overlap():
-    layout = ArenaLayout(world_size=3, flag_sets=5, data_bytes=1000)
+    layout = ArenaLayout(world_size=3, chunks=5, chunk_bytes=256)
     assert layout.ready_at == 0 and layout.freed_at == 15  # int64 words
     assert layout.data_at >= 2 * 15 * 8 and layout.data_at % 128 == 0
-    assert layout.total_bytes == layout.data_at + 1000
+    assert layout.data_bytes == 5 * 256 and layout.total_bytes == layout.data_at + 5 * 256
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +69,7 @@ def _call(trs, splits, shape, dtype, g, label="test", bound=None, take=True):
 def test_rows_land_as_all_to_all_single_puts_them(interpreted, n, shape, dtype):
     # shape (3,) float32: 12-byte rows, so the kernels move bytes; the others 16-byte pieces
     g = torch.Generator().manual_seed(n)
-    trs = _world(n, timeout_s=1.0, ring_calls=2)
+    trs = _world(n, timeout_s=1.0, ring_calls=2, chunks=4)  # a ring of 2 calls in 4 chunks
     for call in range(5):  # enough calls to wrap the ring: later calls wait for the reads of earlier ones
         splits = torch.randint(0, 5, (n, n), generator=g).tolist()
         outs, wants, _ = _call(trs, splits, shape, dtype, g, f"call {call}", bound=4)
@@ -83,7 +81,7 @@ def test_rows_land_as_all_to_all_single_puts_them(interpreted, n, shape, dtype):
 
 def test_two_calls_in_flight_before_either_is_read(interpreted):
     g = torch.Generator().manual_seed(5)
-    trs = _world(2, timeout_s=1.0, ring_calls=2)
+    trs = _world(2, timeout_s=1.0, ring_calls=2, chunks=4)
     first = _call(trs, [[2, 3], [1, 2]], (4,), torch.float32, g, take=False)
     second = _call(trs, [[3, 3], [3, 1]], (4,), torch.float32, g, take=False)
     for outs, wants, pending in (first, second):
@@ -105,8 +103,8 @@ def test_a_peer_that_never_sends_is_an_error_naming_the_call(interpreted):
 
 def test_a_peer_that_never_reads_is_an_error_before_its_rows_are_overwritten(interpreted):
     g = torch.Generator().manual_seed(6)
-    trs = _world(2, timeout_s=0.05, ring_calls=1)
-    # 2 ranks x 4 rows x 16 bytes: the whole ring (128 bytes) in one call
+    trs = _world(2, timeout_s=0.05, ring_calls=1, chunks=1)
+    # 2 ranks x 4 rows x 16 bytes: the whole ring (one chunk of 128 bytes) in one call
     _call(trs, [[4, 4], [4, 4]], (4,), torch.float32, g, "combine (forward) of wave 0", take=False)
     # rank 1 never read the first call out; rank 0's next call needs the same bytes
     out, inp = torch.empty(8, 4), torch.randn(8, 4)
@@ -119,6 +117,22 @@ def test_a_call_without_a_bound_goes_to_the_host_transport():
     tr = _world(2)[0]  # made without one: the call says so
     with pytest.raises(RuntimeError, match="no host transport"):
         tr.all_to_all(torch.empty(4, 4), torch.empty(4, 4), [2, 2], [2, 2], "checkpoint")
+
+
+def test_a_call_at_an_old_place_waits_for_whatever_used_it_last(interpreted):
+    """A CUDA graph replays its calls at the places they had at capture, whatever ran since:
+    the sender must wait for the last user of those bytes, not for the one at capture."""
+    g = torch.Generator().manual_seed(8)
+    trs = _world(2, timeout_s=0.05, ring_calls=1, chunks=1)  # one chunk: every call reuses it
+    _call(trs, [[4, 4], [4, 4]], (4,), torch.float32, g, "warm-up")
+    outs, wants, pending = _call(trs, [[4, 4], [4, 4]], (4,), torch.float32, g, "unread", take=False)
+    for tr in trs:  # rank 0 replays a call captured at the same place before "unread" was sent
+        tr._ring._next = 0
+    trs[0].all_to_all(torch.empty(8, 4), torch.randn(8, 4), [4, 4], [4, 4], "replayed", 4)
+    with pytest.raises(CommunicationError, match=r"replayed.* rank 1 \(it to read out"):
+        trs[0].raise_errors()  # it waited for rank 1 to read "unread", and wrote nothing
+    pending[1].wait()
+    assert torch.equal(outs[1], wants[1])  # rank 1 still reads what "unread" sent
 
 
 def test_more_rows_than_the_bound_is_refused(interpreted):

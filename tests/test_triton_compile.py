@@ -27,12 +27,13 @@ def _cases():
     from ep.kernels import triton_swiglu as ts
 
     p2p = dict(words=P("i64"), groups=P("i64"), sizes=P("i64"), uses=P("i64"), err_addr="i64", me=I32, n=I32,
-               call_at="i64", per_src="i64", flag_set=I32, ready_at=I32, freed_at=I32, deadline="i64", label=I32)
+               call_at="i64", per_src="i64", first=I32, chunks=I32, ready_at=I32, freed_at=I32, deadline="i64",
+               label=I32)
     wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, USE_CLOCK=True)
     return [
-        (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), wait_set=I32, wait_programs=I32, **p2p), wide),
+        (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), wait_programs=I32, **p2p), wide),
         (tp._take_kernel, dict(out=P("i32"), arena=P("i32"), put_programs=I32, **p2p), wide),
-        (tp._put_kernel, dict(src=P("u8"), out=P("u8"), arena=P("u8"), wait_set=I32, wait_programs=I32, **p2p),
+        (tp._put_kernel, dict(src=P("u8"), out=P("u8"), arena=P("u8"), wait_programs=I32, **p2p),
          dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, USE_CLOCK=True)),
         (tc._route_count_kernel, dict(idx_ptr=P("i64"), w_ptr=P("fp32"), counts_ptr=P("i32"), status_ptr=P("i32"), **COMMON),
          dict(K=8, KP=8, HAS_W=True, BT=32, SLOT_RANGE=5, SLOT_REPEAT=6, SLOT_NONFINITE=7)),

@@ -7,19 +7,21 @@ process stand in for them):
 - `put`: on the sender, G programs copy the rows for this rank straight into `out`, then
   for each peer in turn its rows straight into that peer's *arena* (the rank's symmetric
   buffer; `ep.transport.device_put.ArenaLayout` says where each part lies), and raise the
-  peer's *ready* counter of this call's flag set by one (a release at system scope, after
-  a barrier of the program's threads, so every store of the program is visible before the
-  count is). Before writing into a peer's arena, a program waits until the peer has read
-  out the last call that used those bytes: the peer's *freed* counter of that call's flag
-  set, kept in this rank's arena, has reached its count.
-- `take`: on the receiver, GW programs wait until every peer's ready counter of the flag
-  set has reached G x (this use of the flag set), copy the peer's rows out of the arena
-  into `out`, then raise the peer's freed counter by one.
+  peer's *ready* counter of each of the call's ring chunks by one (a release at system
+  scope, after a barrier of the program's threads, so every store of the program is
+  visible before the counts are). Before writing into a peer's arena, a program waits until
+  the peer has read out every earlier use of those chunks: their *freed* counters, kept in
+  this rank's arena, have reached their counts.
+- `take`: on the receiver, GW programs wait until each peer's ready counter of each of the
+  call's chunks has reached G x (this use of the chunk), copy the peer's rows out of the
+  arena into `out`, then raise the peer's freed counters of the chunks by one.
 
-Counters only grow (int64), and each program keeps its own count of the uses of each flag
-set (`uses`), so no counter is ever reset and a CUDA graph replays the same kernels with
-the same arguments correctly: the expected values come from device memory, not from
-arguments frozen at capture.
+Counters belong to places (chunks of the ring), not to calls: whatever call used a chunk
+last, an eager call or one replayed from a CUDA graph, its counts are the ones waited for.
+They only grow (int64), and each program keeps its own count of its uses of each chunk
+(`uses`), so no counter is ever reset and a graph replays the same kernels with the same
+arguments correctly: the expected values come from device memory, not from arguments
+frozen at capture.
 
 Every wait has a deadline (nanoseconds of `%globaltimer` on the GPU; a number of polls in
 the interpreter, which has no clock). A wait past it writes what it waited for into the
@@ -39,7 +41,7 @@ import triton
 import triton.language as tl
 
 # The error record, 4 int64 words: [what (1: a peer's rows never arrived, 2: a peer never
-# read out the call whose bytes this one needed), flag set, peer rank, the call's label id].
+# read out the call whose bytes this one needed), ring chunk, peer rank, the call's label id].
 
 
 @triton.jit
@@ -51,9 +53,9 @@ def _now(USE_CLOCK: tl.constexpr):
 
 
 @triton.jit
-def _wait_for(counter_ptr, target, deadline, err_addr, what, flag_set, peer, label, USE_CLOCK: tl.constexpr):
+def _wait_for(counter_ptr, target, deadline, err_addr, what, chunk, peer, label, USE_CLOCK: tl.constexpr):
     """Poll `*counter_ptr` (acquire, system scope) until it reaches `target` or the deadline
-    passes; past it, record (what, flag_set, peer, label) in the error words (first error wins)."""
+    passes; past it, record (what, chunk, peer, label) in the error record (first error wins)."""
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="sys")
     start = _now(USE_CLOCK)
     waited = tl.zeros([], dtype=tl.int64)
@@ -68,7 +70,7 @@ def _wait_for(counter_ptr, target, deadline, err_addr, what, flag_set, peer, lab
         err = err_addr.to(tl.pointer_type(tl.int64))
         zero = tl.zeros([], dtype=tl.int64)
         if tl.atomic_cas(err, zero, zero + what, sem="relaxed", scope="sys") == 0:
-            tl.store(err + 1, flag_set)
+            tl.store(err + 1, chunk)
             tl.store(err + 2, peer)
             tl.store(err + 3, label)
     return arrived
@@ -101,57 +103,86 @@ def _copy(src, dst, count, pid, G, arrived, BLOCK: tl.constexpr, CACHE: tl.const
 
 
 @triton.jit
+def _all_reached(counters, stride, first, count, uses, G, pid, ahead, per_use, deadline, err_addr, what, peer,
+                 label, USE_CLOCK: tl.constexpr):
+    """Wait until every chunk c of the call's `count` chunks from `first` has
+    `counters[c * stride] >= (uses[c, pid] + ahead) * per_use`; False after the first that
+    does not within the deadline (recorded in the error record)."""
+    ok = True
+    c = first
+    while c < first + count:
+        if ok:
+            target = (tl.load(uses + c * G + pid) + ahead) * per_use
+            ok = _wait_for(counters + c * stride, target, deadline, err_addr, what, c, peer, label, USE_CLOCK)
+        c += 1
+    return ok
+
+
+@triton.jit
+def _raise_all(counters, stride, first, count):
+    """Raise each chunk's counter by one (release, system scope)."""
+    c = first
+    while c < first + count:
+        tl.atomic_add(counters + c * stride, 1, sem="release", scope="sys")
+        c += 1
+
+
+@triton.jit
+def _count_use(uses, G, pid, first, count):
+    """This program used each of the call's chunks once more."""
+    c = first
+    while c < first + count:
+        tl.store(uses + c * G + pid, tl.load(uses + c * G + pid) + 1)
+        c += 1
+
+
+@triton.jit
 def _put_kernel(
     src, out, arena, words, groups, sizes, uses, err_addr,
-    me, n, call_at, per_src, flag_set, wait_set, ready_at, freed_at, wait_programs, deadline, label,
+    me, n, call_at, per_src, first, chunks, ready_at, freed_at, wait_programs, deadline, label,
     BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, USE_CLOCK: tl.constexpr,
 ):
     """Sizes and places count *pieces* of ALIGN elements (16 bytes when ALIGN x element = 16):
     sizes `[4, n]` int64: send offset, send count, receive offset, receive count per rank;
     `call_at`: this call's place in the arena (from its start); rows from rank s land at
-    `call_at + s * per_src`. `wait_set`: the flag set of the last call whose bytes this one
-    overwrites (-1: none). `arena` / `words`: this rank's arena as elements / int64 words;
-    `groups`: every rank's arena address in 16-byte groups."""
+    `call_at + s * per_src`; the call covers `chunks` chunks of the ring from `first`.
+    `arena` / `words`: this rank's arena as elements / int64 words; `groups`: every rank's
+    arena address in 16-byte groups; `uses` `[chunks of the ring, G]`: each program's uses."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     # this rank's own rows, straight into out
     _copy(src + tl.load(sizes + me) * ALIGN, out + tl.load(sizes + 2 * n + me) * ALIGN,
           tl.load(sizes + n + me) * ALIGN, pid, G, True, BLOCK, True)
-    used = tl.load(uses + flag_set * G + pid) + 1  # this program's uses of the flag set, this one included
     j = 1
     while j < n:
         peer = (me + j) % n
-        free = True
-        if wait_set >= 0:  # the peer has read out the call that last used these bytes
-            before = tl.load(uses + wait_set * G + pid)
-            free = _wait_for(words + freed_at + wait_set * n + peer, before * wait_programs, deadline, err_addr, 2,
-                             wait_set, peer, label, USE_CLOCK)
-        if free:  # else neither rows nor count: the peer's wait times out too, and reads padding
+        # the peer has read out every earlier use of these chunks (`freed`, kept here)
+        free = _all_reached(words + freed_at + peer, n, first, chunks, uses, G, pid, 0, wait_programs, deadline,
+                            err_addr, 2, peer, label, USE_CLOCK)
+        if free:  # else neither rows nor counts: the peer's wait times out too, and reads padding
             dst = _peer(arena, groups, me, peer, PER_GROUP) + (call_at + me * per_src) * ALIGN
             _copy(src + tl.load(sizes + peer) * ALIGN, dst, tl.load(sizes + n + peer) * ALIGN, pid, G, True,
                   BLOCK, True)
-            tl.debug_barrier()  # every thread's stores are issued before the count goes up
-            ready = _peer(words, groups, me, peer, 2) + ready_at + flag_set * n + me
-            tl.atomic_add(ready, 1, sem="release", scope="sys")
+            tl.debug_barrier()  # every thread's stores are issued before the counts go up
+            _raise_all(_peer(words, groups, me, peer, 2) + ready_at + me, n, first, chunks)
         j += 1
-    tl.store(uses + flag_set * G + pid, used)
+    _count_use(uses, G, pid, first, chunks)
 
 
 @triton.jit
 def _take_kernel(
     out, arena, words, groups, sizes, uses, err_addr,
-    me, n, call_at, per_src, flag_set, ready_at, freed_at, put_programs, deadline, label,
+    me, n, call_at, per_src, first, chunks, ready_at, freed_at, put_programs, deadline, label,
     BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, USE_CLOCK: tl.constexpr,
 ):
-    """The receiving half of `_put_kernel`'s call (same sizes, place and flag set)."""
+    """The receiving half of `_put_kernel`'s call (same sizes, place and chunks)."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    used = tl.load(uses + flag_set * G + pid) + 1
     j = 1
     while j < n:
         peer = (me - j + n) % n
-        arrived = _wait_for(words + ready_at + flag_set * n + peer, used * put_programs, deadline, err_addr, 1,
-                            flag_set, peer, label, USE_CLOCK)
+        arrived = _all_reached(words + ready_at + peer, n, first, chunks, uses, G, pid, 1, put_programs, deadline,
+                               err_addr, 1, peer, label, USE_CLOCK)
         _copy(arena + (call_at + peer * per_src) * ALIGN, out + tl.load(sizes + 2 * n + peer) * ALIGN,
               tl.load(sizes + 3 * n + peer) * ALIGN, pid, G, arrived, BLOCK, False)
         j += 1
@@ -159,29 +190,28 @@ def _take_kernel(
     j = 1
     while j < n:
         peer = (me - j + n) % n
-        freed = _peer(words, groups, me, peer, 2) + freed_at + flag_set * n + me
-        tl.atomic_add(freed, 1, sem="release", scope="sys")
+        _raise_all(_peer(words, groups, me, peer, 2) + freed_at + me, n, first, chunks)
         j += 1
-    tl.store(uses + flag_set * G + pid, used)
+    _count_use(uses, G, pid, first, chunks)
 
 
 def put(src, out, arena, groups, sizes, uses, err_addr: int, *, me: int, n: int, call_at: int, per_src: int,
-        flag_set: int, wait_set: int, ready_at: int, freed_at: int, programs: int, wait_programs: int, deadline: int,
+        first: int, chunks: int, ready_at: int, freed_at: int, programs: int, wait_programs: int, deadline: int,
         label: int, block: int, align: int, use_clock: bool) -> None:
     """Launch the sending half on the current stream (see the module docstring); `arena` is
     this rank's arena viewed as `src`'s elements."""
     _put_kernel[(programs,)](
         src, out, arena, arena.view(torch.int64), groups, sizes, uses, err_addr, me, n, call_at, per_src,
-        flag_set, wait_set, ready_at, freed_at, wait_programs, deadline, label, BLOCK=block, ALIGN=align,
+        first, chunks, ready_at, freed_at, wait_programs, deadline, label, BLOCK=block, ALIGN=align,
         PER_GROUP=16 // src.element_size(), USE_CLOCK=use_clock, num_warps=8)
 
 
 def take(out, arena, groups, sizes, uses, err_addr: int, *, me: int, n: int, call_at: int, per_src: int,
-         flag_set: int, ready_at: int, freed_at: int, programs: int, put_programs: int, deadline: int, label: int,
-         block: int, align: int, use_clock: bool) -> None:
+         first: int, chunks: int, ready_at: int, freed_at: int, programs: int, put_programs: int, deadline: int,
+         label: int, block: int, align: int, use_clock: bool) -> None:
     """Launch the receiving half on the current stream."""
     _take_kernel[(programs,)](
-        out, arena, arena.view(torch.int64), groups, sizes, uses, err_addr, me, n, call_at, per_src, flag_set,
-        ready_at, freed_at, put_programs, deadline, label, BLOCK=block, ALIGN=align,
+        out, arena, arena.view(torch.int64), groups, sizes, uses, err_addr, me, n, call_at, per_src, first,
+        chunks, ready_at, freed_at, put_programs, deadline, label, BLOCK=block, ALIGN=align,
         PER_GROUP=16 // out.element_size(), USE_CLOCK=use_clock, num_warps=8)
 

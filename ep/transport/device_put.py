@@ -1,16 +1,17 @@
 """`DevicePutTransport`: all-to-all by Triton kernels that store rows into peers' memory.
 
 Every rank owns one *arena*, a torch symmetric-memory buffer that every rank of the host
-maps (`ArenaLayout` says where its parts lie): counters, then a data region used as a ring.
-Each call takes the next place in the ring (the same on every rank: its size is the
-group-wide bound of rows per peer times the row's bytes, times n) and the next of
-`flag_sets` sets of counters. On the sender, one kernel with `programs` programs (a few
+maps (`ArenaLayout` says where its parts lie): counters, then a data region used as a ring
+of equal chunks, each with its own counters. Each call takes the next whole chunks of the
+ring (the same on every rank: its size is the group-wide bound of rows per peer times the
+row's bytes, times n). On the sender, one kernel with `programs` programs (a few
 SMs) copies each peer's rows into place (`call place + me x per_src`) in that peer's arena
 and raises the peer's ready counter; `Pending.wait()` launches, on the caller's stream, the
 receiving kernel, which waits for every peer's count, copies the rows out into `out` and
-raises the peer's freed counter. A sender waits for the freed count of the last call that
-used the bytes it is about to overwrite (the ring holds `ring_calls` of the largest call, a
-whole token-wave forward at the default 2, so in a layer's own calls it rarely waits).
+raises the peer's freed counters. A sender waits until the peer has read out every earlier
+use of the chunks it is about to overwrite, whichever calls (eager or replayed) those were
+(the ring holds `ring_calls` of the largest call, a whole token-wave forward at the default
+2, so in a layer's own calls it rarely waits).
 `ep.kernels.triton_p2p` has the kernels and the protocol.
 
 Why: NCCL's and the copy engines' transfers are ordered and paced by the host (a stream
@@ -52,16 +53,17 @@ BLOCK_BYTES = int(os.environ.get("EP_PUT_BLOCK_BYTES", "32768"))
 class ArenaLayout:
     """Where each part of a rank's arena lies, in order:
 
-        [ ready: flag_sets x n int64 | freed: flag_sets x n int64 | pad to 128 B | data: data_bytes ]
+        [ ready: chunks x n int64 | freed: chunks x n int64 | pad to 128 B | data: chunks x chunk_bytes ]
 
-    ready[f, s]: put programs of rank s that finished their stores into this arena for the
-    calls of flag set f; freed[f, r]: take programs of rank r that finished reading what
-    this rank put into r's arena for flag set f.
+    The data region is a ring of `chunks` equal chunks; a call covers whole chunks.
+    ready[c, s]: put programs of rank s that finished their stores into chunk c of this
+    arena; freed[c, r]: take programs of rank r that finished reading what this rank put
+    into chunk c of r's arena (both summed over every call that covered c).
     """
 
     world_size: int
-    flag_sets: int
-    data_bytes: int
+    chunks: int
+    chunk_bytes: int
 
     @property
     def ready_at(self) -> int:
@@ -70,12 +72,16 @@ class ArenaLayout:
 
     @property
     def freed_at(self) -> int:
-        return self.flag_sets * self.world_size
+        return self.chunks * self.world_size
 
     @property
     def data_at(self) -> int:
         """Bytes from the arena's start (128-byte aligned)."""
-        return -(-2 * self.flag_sets * self.world_size * 8 // 128) * 128
+        return -(-2 * self.chunks * self.world_size * 8 // 128) * 128
+
+    @property
+    def data_bytes(self) -> int:
+        return self.chunks * self.chunk_bytes
 
     @property
     def total_bytes(self) -> int:
@@ -83,33 +89,21 @@ class ArenaLayout:
 
 
 class Ring:
-    """The calls' places in the data region, chosen on the host, the same on every rank.
+    """The calls' places in the data region, chosen on the host, the same on every rank:
+    each call takes the next whole chunks after the last call's, from the start again when
+    they do not fit. `place(nbytes)` returns (byte offset, first chunk, chunks)."""
 
-    `place(nbytes)` returns where the call's bytes start and the flag set of the most recent
-    earlier call whose bytes overlap them (-1: none), which the sender waits to see freed.
-    Calls are read out in issue order on every rank, so waiting for the latest overlapping
-    call covers the earlier ones."""
-
-    def __init__(self, capacity: int, flag_sets: int) -> None:
-        self.capacity, self.flag_sets = capacity, flag_sets
-        self._head = 0
-        self._calls = 0
-        self._live: List[Tuple[int, int, int, int]] = []  # (start, end, call number, flag set)
+    def __init__(self, chunks: int, chunk_bytes: int) -> None:
+        self.chunks, self.chunk_bytes = chunks, chunk_bytes
+        self._next = 0
 
     def place(self, nbytes: int) -> Tuple[int, int, int]:
-        """(byte offset, this call's flag set, flag set to wait for)."""
-        if nbytes > self.capacity:
-            raise ValueError(f"a call of {nbytes} bytes does not fit a ring of {self.capacity}")
-        start = 0 if self._head + nbytes > self.capacity else self._head
-        end = start + nbytes
-        over = [c for c in self._live if c[0] < end and start < c[1]]
-        wait_set = max(over, key=lambda c: c[2])[3] if over else -1
-        self._live = [c for c in self._live if not (start <= c[0] and c[1] <= end)]  # fully overwritten
-        flag_set = self._calls % self.flag_sets
-        self._live.append((start, end, self._calls, flag_set))
-        self._calls += 1
-        self._head = end
-        return start, flag_set, wait_set
+        count = max(1, -(-nbytes // self.chunk_bytes))
+        if count > self.chunks:
+            raise ValueError(f"a call of {nbytes} bytes does not fit a ring of {self.chunks} x {self.chunk_bytes}")
+        first = 0 if self._next + count > self.chunks else self._next
+        self._next = first + count
+        return first * self.chunk_bytes, first, count
 
 
 class ProcessMesh:
@@ -188,17 +182,17 @@ class DevicePutTransport(Transport):
         host: the transport for blocking exchanges and broadcasts (None: they raise).
         timeout_s: the longest any device-side wait lasts (then an error record, see above).
         programs: programs of each sending and receiving kernel (the same on every rank).
-        flag_sets, ring_calls: counter sets, and the ring's size in largest calls.
+        chunks, ring_calls: the ring's chunks, and its size in largest calls.
         block_bytes: bytes a program moves per step (a power of two, at least 16).
     """
 
     def __init__(self, rank: int, world_size: int, mesh, host: Optional[Transport] = None,
-                 timeout_s: Optional[float] = None, programs: int = PROGRAMS, flag_sets: int = 64,
+                 timeout_s: Optional[float] = None, programs: int = PROGRAMS, chunks: int = 32,
                  ring_calls: int = 2, block_bytes: int = BLOCK_BYTES) -> None:
         self.rank, self.world_size, self._mesh, self._host = rank, world_size, mesh, host
         self.device = mesh.device
         self.timeout_s = 60.0 if timeout_s is None else float(timeout_s)
-        self.programs, self.flag_sets, self.ring_calls, self.block_bytes = programs, flag_sets, ring_calls, block_bytes
+        self.programs, self.chunks, self.ring_calls, self.block_bytes = programs, chunks, ring_calls, block_bytes
         self._layout: Optional[ArenaLayout] = None
         self._arena: Optional[torch.Tensor] = None
         self._ring: Optional[Ring] = None
@@ -225,14 +219,14 @@ class DevicePutTransport(Transport):
     def _grow(self, call_bytes: int) -> None:
         """Collective (every rank reaches it at the same call: call sizes are group-wide): a
         ring of `ring_calls` such calls (the mesh waits until nothing uses the old arenas)."""
-        data = self.ring_calls * (-(-call_bytes // 128) * 128)
-        layout = ArenaLayout(self.world_size, self.flag_sets, data)
+        chunk_bytes = -(-self.ring_calls * call_bytes // self.chunks // 128) * 128
+        layout = ArenaLayout(self.world_size, self.chunks, chunk_bytes)
         self._arena, addresses = self._mesh.allocate(self.rank, layout.total_bytes)
-        self._layout, self._ring = layout, Ring(data, self.flag_sets)
+        self._layout, self._ring = layout, Ring(self.chunks, chunk_bytes)
         if any(a % 16 for a in addresses):
             raise CommunicationError(f"ep: rank {self.rank}: an arena is not 16-byte aligned ({addresses})")
         self._groups = torch.tensor([a // 16 for a in addresses], dtype=torch.int64, device=self.device)
-        zeros = lambda: torch.zeros(self.flag_sets, self.programs, dtype=torch.int64, device=self.device)  # noqa: E731
+        zeros = lambda: torch.zeros(self.chunks, self.programs, dtype=torch.int64, device=self.device)  # noqa: E731
         self._uses_put, self._uses_take = zeros(), zeros()
         self._sizes.clear()
 
@@ -275,13 +269,13 @@ class DevicePutTransport(Transport):
         wide = row_bytes % 16 == 0 and inp.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
         unit, piece = (torch.int32, 16) if wide else (torch.uint8, 1)  # piece: bytes of the kernels' size unit
         per_src = -(-bound * row_bytes // 16) * 16  # one source's place in a call, the same on every rank
-        if self._ring is None or n * per_src > self._ring.capacity // self.ring_calls:
+        if self._layout is None or n * per_src * self.ring_calls > self._layout.data_bytes:
             self._grow(n * per_src)
-        at, flag_set, wait_set = self._ring.place(n * per_src)
+        at, first, chunks = self._ring.place(n * per_src)
         sizes = self._size_table(in_splits, out_splits, row_bytes // piece)
         layout, cuda = self._layout, self.device.type == "cuda"
         common = dict(me=me, n=n, call_at=(layout.data_at + at) // piece, per_src=per_src // piece,
-                      flag_set=flag_set, ready_at=layout.ready_at, freed_at=layout.freed_at,
+                      first=first, chunks=chunks, ready_at=layout.ready_at, freed_at=layout.freed_at,
                       deadline=int(self.timeout_s * 1e9) if cuda else max(1, int(self.timeout_s * 1000)),
                       label=self._label(label), block=self.block_bytes // unit.itemsize, align=piece // unit.itemsize,
                       use_clock=cuda)
@@ -290,8 +284,8 @@ class DevicePutTransport(Transport):
         src, dst, arena = inp.view(-1).view(unit), out.view(-1).view(unit), self._arena.view(unit)
         err = self._err.data_ptr()
         try:
-            triton_p2p.put(src, dst, arena, self._groups, sizes, self._uses_put, err, wait_set=wait_set,
-                           programs=self.programs, wait_programs=self.programs, **common)
+            triton_p2p.put(src, dst, arena, self._groups, sizes, self._uses_put, err, programs=self.programs,
+                           wait_programs=self.programs, **common)
         except Exception as e:  # noqa: BLE001
             raise CommunicationError(f"ep: rank {me} failed starting {label}: {type(e).__name__}: {e}") from e
         done = None
@@ -311,13 +305,13 @@ class DevicePutTransport(Transport):
     def raise_errors(self) -> None:
         """Raise `CommunicationError` for what a device-side wait recorded (no sync: reads
         host-mapped words; a wait still running is seen at a later look)."""
-        what, flag_set, peer, label = self._err.tolist()
+        what, chunk, peer, label = self._err.tolist()
         if what:
             name = self._label_names[label] if 0 <= label < len(self._label_names) else f"call {label}"
             waited = "its rows" if what == 1 else "it to read out an earlier call (its buffer)"
             raise CommunicationError(
                 f"ep: rank {self.rank} timed out after {self.timeout_s:g} s in {name}, waiting on the device for "
-                f"rank {peer} ({waited}; flag set {flag_set}); the group's device counters now disagree: treat it as broken")
+                f"rank {peer} ({waited}; ring chunk {chunk}); the group's device counters now disagree: treat it as broken")
 
     # -- through the host transport ----------------------------------------------------
     def _need_host(self) -> Transport:
