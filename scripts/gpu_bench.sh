@@ -35,6 +35,11 @@ run() { torchrun --standalone --nproc-per-node "$n" "$@"; }
 rc=0
 echo "== the device-put transport's kernels: every rank in one process on GPU 0 (first: its figures come back even if a check below fails)" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/p2p_check.py --json "$OUT/p2p_n1.json" 2>&1 | tee -a "$log" || rc=1
+if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two processes that share it
+  echo "== the layer with device_put, two processes on GPU 0 (CUDA IPC)" | tee -a "$log"
+  CUDA_VISIBLE_DEVICES=0 timeout 180 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_procs_check.py 2>&1 \
+    | grep -E "layer fwd|passed|Error|rank [0-9] W=" | tee -a "$log" || rc=1
+fi
 echo "== correctness (bf16 vs float64 reference; sync-free step; CUDA graphs), $n GPUs" | tee -a "$log"
 if ! run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$log"; then
   echo "correctness failed: no benchmark of a wrong layer" | tee -a "$log"
