@@ -17,7 +17,8 @@ own, a bound for a peer over NVLink, not a measurement of it):
 5. rate: the sending kernel with G programs moving 59 MB (4096 dsv3 dispatch rows) to the
    other rank, G in {4, 8, 16, 24, 32, 64}, 32 or 64 KB per program and step: median ms
    over 20 after 5 warm-ups, GB/s, GB/s per program; the receiving kernel's time; the host's time to issue a call and its wait
-   (two kernel launches); `copy_` of the same bytes.
+   (two kernel launches); `copy_` of the same bytes;
+6. with `--host-profile`: cProfile of 200 small calls and waits, the functions of most own time.
 Prints a table and "N passed, M failed"; exits non-zero on any failure.
 
 Not here: the whole layer between ranks of one process. Ranks that are threads share one
@@ -224,6 +225,36 @@ def rate(programs, block_bytes=32768, rows=4096):
                 take_GBps=nbytes / take_ms / 1e6, host_us_per_call=statistics.median(host[5:]) * 1e6, correct=ok)
 
 
+def host_profile(programs=16, rows=64, steps=200, top=14):
+    """Where the host's time to issue a call and its wait goes: cProfile over `steps` calls
+    (small ones: the host's cost, not the copy's), the functions of most own time."""
+    import cProfile
+    import io
+    import pstats
+
+    trs, streams = world(2, timeout_s=10.0, programs=programs)
+    splits = [[0, rows], [rows, 0]]
+    ins, outs = buffers(splits, (ROW,), torch.bfloat16, torch.Generator().manual_seed(4))
+
+    def step():
+        wait_all(one_call(trs, streams, splits, ins, outs, "profile", rows), streams)
+
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    prof.disable()
+    per_call_us = (time.perf_counter() - t0) / steps / 2 * 1e6
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(top)
+    return per_call_us, text.getvalue()
+
+
 def copy_rate(rows=4096):
     a = torch.randn(rows, ROW, device=DEV).to(torch.bfloat16)
     b = torch.empty_like(a)
@@ -245,6 +276,7 @@ def main():
     ap.add_argument("--json", default="p2p_check.json")
     ap.add_argument("--programs", default="4,8,16,24,32,64")
     ap.add_argument("--blocks", default="32768,65536", help="bytes per program and step")
+    ap.add_argument("--host-profile", action="store_true", help="also profile the host's side of a call")
     args = ap.parse_args()
     cases = []
 
@@ -280,10 +312,14 @@ def main():
             continue
         print(f"{r['block_bytes']:>6} {r['programs']:>4} {r['put_ms']:8.3f} {r['put_GBps']:7.0f} {r['put_GBps_per_program']:9.1f} "
               f"{r['take_ms']:8.3f} {r['take_GBps']:7.0f} {r['host_us_per_call']:8.1f} {r['correct']}")
+    profile = None
+    if args.host_profile:
+        per_call_us, profile = host_profile()
+        print(f"\nhost per call and wait, profiled (cProfile's own cost included): {per_call_us:.1f} us\n{profile}")
     failed = sum(not c["ok"] for c in cases) + sum("error" in r or not r["correct"] for r in rates)
     with open(args.json, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "commit": os.environ.get("EP_COMMIT", "unknown"), "cases": cases, "rates": rates, "copy": base,
+                   "commit": os.environ.get("EP_COMMIT", "unknown"), "cases": cases, "rates": rates, "copy": base, "host_profile": profile,
                    "failed": failed}, f, indent=2)
     print(f"{len(cases) + len(rates) - failed} passed, {failed} failed", flush=True)
     sys.exit(1 if failed else 0)

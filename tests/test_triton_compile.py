@@ -29,12 +29,12 @@ def _cases():
     p2p = dict(words=P("i64"), groups=P("i64"), sizes=P("i64"), uses=P("i64"), err_addr="i64", me=I32, n=I32,
                call_at="i64", per_src="i64", first=I32, chunks=I32, ready_at=I32, freed_at=I32, deadline="i64",
                label=I32)
-    wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, USE_CLOCK=True)
+    wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, CHUNKS=32, USE_CLOCK=True)
     return [
         (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), wait_programs=I32, **p2p), wide),
         (tp._take_kernel, dict(out=P("i32"), arena=P("i32"), put_programs=I32, **p2p), wide),
         (tp._put_kernel, dict(src=P("u8"), out=P("u8"), arena=P("u8"), wait_programs=I32, **p2p),
-         dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, USE_CLOCK=True)),
+         dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, CHUNKS=32, USE_CLOCK=True)),
         (tc._route_count_kernel, dict(idx_ptr=P("i64"), w_ptr=P("fp32"), counts_ptr=P("i32"), status_ptr=P("i32"), **COMMON),
          dict(K=8, KP=8, HAS_W=True, BT=32, SLOT_RANGE=5, SLOT_REPEAT=6, SLOT_NONFINITE=7)),
         (tc._route_place_kernel, dict(idx_ptr=P("i64"), before_ptr=P("i32"), route_ptr=P("i64"), row_token_ptr=P("i64"),
@@ -64,20 +64,25 @@ def compile_for_sm90(fn, types, consts) -> None:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             signature[name], constexprs[(i,)] = "constexpr", consts[name]
         else:
             signature[name] = types[name]
-    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            if types[name].startswith("*"):  # as the JIT specialises a 16-byte aligned tensor
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
     except RuntimeError as e:  # no PTX assembler with this triton build: the front end still ran
         if "ptxas" not in str(e):
             raise
         return
-    assert compiled.asm.get("ptx"), f"{fn.__name__}: no PTX"
+    ptx = compiled.asm.get("ptx")
+    assert ptx, f"{fn.__name__}: no PTX"
+    if fn.__name__ in ("_put_kernel", "_take_kernel") and consts["ALIGN"] == 4:  # sizes in 16-byte pieces
+        assert ".v4.b32" in ptx and ".global.b32" not in ptx, f"{fn.__name__}: rows not moved in 16-byte accesses"
 
 
 def main() -> int:
