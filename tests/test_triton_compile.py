@@ -22,6 +22,7 @@ COMMON = dict(T=I32, E=I32, E_local=I32, n=I32, W=I32, NB=I32)
 
 def _cases():
     from ep.kernels import triton_chunks as tc
+    from ep.kernels import triton_grouped as tg
     from ep.kernels import triton_p2p as tp
     from ep.kernels import triton_rows as tr
     from ep.kernels import triton_swiglu as ts
@@ -35,6 +36,9 @@ def _cases():
         (tp._take_kernel, dict(out=P("i32"), arena=P("i32"), put_programs=I32, **p2p), wide),
         (tp._put_kernel, dict(src=P("u8"), out=P("u8"), arena=P("u8"), wait_programs=I32, **p2p),
          dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, CHUNKS=32, USE_CLOCK=True)),
+        (tg._few_rows_kernel, dict(x=P("bf16"), w=P("bf16"), offs=P("i32"), out=P("bf16"), N=I32, x_stride=I32,
+                                   w_se="i64", w_sk=I32, out_stride=I32),
+         dict(K=7168, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128)),
         (tc._route_count_kernel, dict(idx_ptr=P("i64"), w_ptr=P("fp32"), counts_ptr=P("i32"), status_ptr=P("i32"), **COMMON),
          dict(K=8, KP=8, HAS_W=True, BT=32, SLOT_RANGE=5, SLOT_REPEAT=6, SLOT_NONFINITE=7)),
         (tc._route_place_kernel, dict(idx_ptr=P("i64"), before_ptr=P("i32"), route_ptr=P("i64"), row_token_ptr=P("i64"),

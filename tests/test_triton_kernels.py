@@ -317,3 +317,27 @@ def test_wave_items_match_torch(triton_chunks, N, k, E_local, empty_share):
     assert torch.equal(offs, want.offs) and torch.equal(slot_item, want.slot_item)
     assert torch.equal(item_row[:used], want.item_row[:used]) and torch.equal(item_expert[:used], want.item_expert[:used])
     torch.testing.assert_close(item_weight[:used], want.item_weight[:used].float(), rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def triton_grouped():
+    yield _fresh("ep.kernels.triton_grouped")
+    sys.modules.pop("ep.kernels.triton_grouped", None)
+
+
+@pytest.mark.parametrize("counts, K, N", [([5, 0, 37], 40, 50), ([0, 0], 16, 16), ([16, 1, 0, 33], 48, 20)])
+def test_few_rows_grouped_mm_matches_float64(triton_grouped, counts, K, N):
+    """Groups of more rows than a block (more passes), empty groups, K and N not multiples of
+    a block, buffer rows past the last group (left alone)."""
+    g = torch.Generator().manual_seed(sum(counts) + K)
+    E, M = len(counts), sum(counts) + 3
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(E, K, N, generator=g)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    got = triton_grouped.grouped_mm_few_rows(x, w, offs, config=(16, 16, 16, 4, 1))
+    start = 0
+    for e, c in enumerate(counts):
+        want = x[start:start + c].double() @ w[e].double()
+        torch.testing.assert_close(got[start:start + c].double(), want, rtol=1e-4, atol=1e-4)
+        start += c
+    assert got.shape == (M, N)
