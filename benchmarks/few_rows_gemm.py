@@ -4,8 +4,8 @@
 
 Decode-sized expert math of one rank (dsv3: 32 local experts, H 7168, F 2048, bf16): linear1
 `[I, 7168] x [32, 7168, 4096]` and linear2 `[I, 2048] x [32, 2048, 7168]`, rows per expert
-drawn as a multinomial with the given mean (16 is dsv3 decode on 2 ranks: 128 tokens x 8 / 64
-experts x 1 rank), in a buffer of twice the rows (the layer's buffers are sized by a bound).
+drawn as a multinomial with the given mean (32 is dsv3 decode on 2 ranks: 2 x 128 tokens x 8
+slots over 64 experts), in a buffer of twice the rows (the layer's buffers are sized by a bound).
 For each configuration (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): the median device time of
 20 after 5 warm-ups (CUDA events), the experts' weight bytes over it (TB/s), and the worst
 relative error against `torch._grouped_mm` on the rows in use. Prints a table per shape and mean.

@@ -71,7 +71,8 @@ def _probe(cfg: MoEConfig, transport: Transport, w1: torch.Tensor, w2: torch.Ten
     x = torch.randn(e * tpe, H, device=device, dtype=dtype) * 0.1
     counts = [tpe] * e
     offs = torch.tensor([tpe * (i + 1) for i in range(e)], dtype=torch.int32, device=device)
-    t_math = _timed(lambda: linear2(linear1(x, w1[:e].detach(), counts, offs), w2[:e].detach(), counts, offs), device)
+    t_math = _timed(lambda: linear2(linear1(x, w1[:e].detach(), counts, offs, tpe), w2[:e].detach(), counts, offs,
+                                    expected_rows=tpe), device)
     gflop = 2 * e * tpe * H * 3 * F / 1e9
     # host: time to issue 50 small kernels (our calls are a few ops each: x3)
     z = torch.zeros(16, device=device)

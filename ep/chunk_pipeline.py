@@ -75,8 +75,9 @@ class ChunkedExperts(torch.autograd.Function):
             rows = recv[w]
             it = wave_items(layout, rows[:N], plan.num_local_experts, plan.item_capacity)
             with carve:
-                h = linear1(gather_rows(layout.data(rows), it.item_row, it.count), w1, None, it.offs)
-                o = linear2(h, w2, None, it.offs, swiglu_limit)
+                few = plan.expected_items_per_expert
+                h = linear1(gather_rows(layout.data(rows), it.item_row, it.count), w1, None, it.offs, few)
+                o = linear2(h, w2, None, it.offs, swiglu_limit, few)
             sums = x_TH.new_empty(N, H)
             reduce_rows(o, it.slot_item, sums, layout.weights(rows[:N]))
             items[w], hidden[w] = it, h

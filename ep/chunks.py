@@ -84,6 +84,13 @@ class ChunkPlan:
         """Items per wave at an owner, anchors included (the same on every rank)."""
         return self.rows_per_wave * min(self.top_k, self.num_local_experts) + self.num_local_experts
 
+    @property
+    def expected_items_per_expert(self) -> float:
+        """Items one local expert gets in a wave with uniform routing and full waves (n x capacity
+        tokens arrive, each with k x E_local / E items here): capacity x k / E_local. A host
+        number that picks kernels (`ep.kernels.grouped_mm`), never a size."""
+        return self.capacity * self.top_k / max(self.num_local_experts, 1)
+
     def wave_rows(self, wave: int) -> slice:
         """Wave w's rows among all sent (or received) rows."""
         return slice(wave * self.rows_per_wave, (wave + 1) * self.rows_per_wave)

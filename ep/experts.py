@@ -41,17 +41,19 @@ def _rows_in_use(counts: Optional[Sequence[int]], offs: Optional[torch.Tensor]) 
     return offs[-1] if counts is None and offs is not None and offs.numel() else None
 
 
-def linear1(x_IH: torch.Tensor, w1_EH2F: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """`h = x @ w1[e]` per expert -> `[I, 2F]` (SwiGLU is applied by linear2)."""
-    return grouped_mm(x_IH, w1_EH2F, counts, offs)
+def linear1(x_IH: torch.Tensor, w1_EH2F: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None,
+            expected_rows: Optional[float] = None) -> torch.Tensor:
+    """`h = x @ w1[e]` per expert -> `[I, 2F]` (SwiGLU is applied by linear2). `expected_rows`:
+    rows per expert the caller expects (picks the GPU kernel, `ep.kernels.grouped_mm`)."""
+    return grouped_mm(x_IH, w1_EH2F, counts, offs, expected_rows)
 
 
 def linear2(
     h_I2F: torch.Tensor, w2_EFH: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None,
-    swiglu_limit: Optional[float] = None,
+    swiglu_limit: Optional[float] = None, expected_rows: Optional[float] = None,
 ) -> torch.Tensor:
     """`o = swiglu(h) @ w2[e]` per expert -> `[I, H]` (h clamped by `swiglu_limit` when given)."""
-    return grouped_mm(swiglu(h_I2F, swiglu_limit, _rows_in_use(counts, offs)), w2_EFH, counts, offs)
+    return grouped_mm(swiglu(h_I2F, swiglu_limit, _rows_in_use(counts, offs)), w2_EFH, counts, offs, expected_rows)
 
 
 def linear2_backward(

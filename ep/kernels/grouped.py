@@ -3,16 +3,25 @@
 Rows of `x` are grouped by expert, `counts[e]` rows for expert e, in expert order; rows
 past the last group (a buffer sized by a bound) are ignored. On CUDA in bf16 these go to
 `torch._grouped_mm` (one launch for all experts, the counts read on the device from
-`offs`); elsewhere a plain loop of matmuls (the CPU has no float64 grouped kernel, and its
+`offs`), or, where the caller expects few rows per expert (`expected_rows` at most
+`FEW_ROWS`: decode), to a Triton kernel that streams each expert's weights once
+(`ep.kernels.triton_grouped`); elsewhere a plain loop of matmuls (the CPU has no float64 grouped kernel, and its
 `_grouped_mm` backward fails, so this path has its own backward in `ep.experts`), which
 needs the counts on the host: given, or read from `offs` (free on the CPU; on CUDA in
 other dtypes, a device sync).
 """
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence
 
 import torch
+
+FEW_ROWS = float(os.environ.get("EP_FEW_ROWS", "40"))
+"""Expected rows per expert at or below which bf16 products on CUDA take the few-rows kernel
+(0: never). r27 (one H200, dsv3 decode widths, 32 experts): at 16 and 32 rows per expert it
+took 0.46-0.51 ms where `torch._grouped_mm` took 0.66 (linear1), 0.28-0.29 vs 0.37 (linear2);
+at 64 rows `torch._grouped_mm` was ahead (0.65 vs 0.77)."""
 
 
 def _use_grouped_kernel(x: torch.Tensor) -> bool:
@@ -31,6 +40,7 @@ def grouped_mm(
     w_EKN: torch.Tensor,
     counts: Optional[Sequence[int]],
     offs: Optional[torch.Tensor] = None,
+    expected_rows: Optional[float] = None,
 ) -> torch.Tensor:
     """`out[rows of e] = x[rows of e] @ w[e]` for every expert e.
 
@@ -39,10 +49,19 @@ def grouped_mm(
         w_EKN: `[E, K, N]` (any strides with a unit stride in the last two dims).
         counts: `[E]` host ints, or None (then read from `offs`).
         offs: `[E]` int32 cumulative counts on x's device (the GPU kernel's form of counts).
+        expected_rows: the caller's estimate of rows per expert (a host number, from shapes:
+            it picks the kernel, never the result), or None.
     Returns:
         `[M, N]` in x's dtype (rows past the groups: unspecified).
     """
     if offs is not None and _use_grouped_kernel(x_MK):
+        if expected_rows is not None and expected_rows <= FEW_ROWS and w_EKN.stride(2) == 1 and x_MK.stride(1) == 1:
+            from .permute import triton_available
+
+            if triton_available():
+                from .triton_grouped import grouped_mm_few_rows
+
+                return grouped_mm_few_rows(x_MK, w_EKN, offs)
         return torch._grouped_mm(x_MK, w_EKN, offs=offs)
     counts = _host_counts(counts, offs)
     out = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
