@@ -118,11 +118,10 @@ def sender_plan(
     n, W = num_ranks, num_waves
     E_local = num_experts // n
     device = topk_idx_TK.device
-    idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
     if topk_idx_TK.is_cuda and triton_available():
         from .kernels.triton_chunks import route_rows_triton
 
-        route_row, row_token, status = route_rows_triton(
+        route_row, row_token, status, idx = route_rows_triton(
             topk_idx_TK.to(torch.int64), topk_weights_TK, num_experts, n, W, capacity, STATUS_SLOTS,
             (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
         for slot, value in enumerate(host_status or ()):
@@ -130,6 +129,7 @@ def sender_plan(
                 status[slot] += value
         return ChunkPlan(num_ranks=n, num_waves=W, num_local_experts=E_local, top_k=k, capacity=capacity,
                          route_row=route_row, row_token=row_token, topk_idx=idx, status=status)
+    idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
     slot_rank = idx // E_local
     # [n, T]: the scan over tokens runs along the inner dimension (an outer-dimension scan of
     # [T, n] runs n threads over T steps: 0.4 ms at T=4096 on an H200)

@@ -252,7 +252,7 @@ def _routing(seed, T, E, k, bad=False):
 
 @pytest.mark.parametrize("T, n, E_local, k, W, cap_factor, bad", [
     (37, 2, 4, 3, 1, 1.0, False), (50, 3, 2, 4, 4, 1.0, True), (29, 4, 3, 2, 3, 0.4, False), (0, 2, 2, 2, 2, 1.0, False),
-    (9, 1, 5, 5, 2, 1.0, True),
+    (9, 1, 5, 5, 2, 1.0, True), (300, 2, 4, 8, 2, 1.0, True),  # the last: 5 blocks of 32 tokens per wave
 ])
 def test_route_rows_match_torch(triton_chunks, T, n, E_local, k, W, cap_factor, bad):
     from ep.checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE
@@ -262,9 +262,10 @@ def test_route_rows_match_torch(triton_chunks, T, n, E_local, k, W, cap_factor, 
     idx, w = _routing(T * 10 + n, T, E, k, bad)
     cap = wave_capacity(T, W, cap_factor)
     want = sender_plan(idx, w, E, n, W, cap)  # the torch path, on the CPU
-    route, row_token, status = triton_chunks.route_rows_triton(idx, w, E, n, W, cap, STATUS_SLOTS,
-                                                                (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+    route, row_token, status, clamped = triton_chunks.route_rows_triton(idx, w, E, n, W, cap, STATUS_SLOTS,
+                                                                         (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
     assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
+    assert torch.equal(clamped, want.topk_idx)
     assert status.tolist() == want.status.tolist()
 
 

@@ -8,9 +8,9 @@ the torch path takes ~60 small ops (the host's issue time, not the device's, pac
 - `pack_rows_triton`: one program per (sent row, block of columns) copies the token's hidden
   vector and writes the row's slot table and status (`ep.layout`).
 - `wave_items_triton`: a counting sort of a wave's received slots by local expert, stable in
-  (row, slot) order: per block of rows, counts per expert (integer atomics: exact, order-free),
-  their prefix sums in torch, then each slot's place (its rank among the block's slots of the
-  same expert). Items past the count in use are left unwritten (consumers stop at `offs[-1]`).
+  (row, slot) order: per block of rows, counts per expert, their running sums along the
+  blocks (one program per expert), then each slot's place (its rank among the block's slots
+  of the same expert; the groups' ends summed over the experts by every program). Items past the count in use are left unwritten (consumers stop at `offs[-1]`).
 Their results equal the torch path's, element for element (tests/test_triton_kernels.py).
 """
 from __future__ import annotations
@@ -36,16 +36,17 @@ def _wave_block(idx_ptr, T, E, E_local, n, W, K: tl.constexpr, KP: tl.constexpr,
     raw = tl.load(idx_ptr + offs, mask=valid, other=0)
     e = tl.minimum(tl.maximum(raw, 0), E - 1)
     has = tl.max((valid & (e // E_local == d)).to(tl.int32), axis=1)  # [BT]
-    return w, d, tok, vt, slot, valid, offs, raw, has
+    return w, d, tok, vt, slot, valid, offs, raw, e, has
 
 
 @triton.jit
-def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, T, E, E_local, n, W, NB,
+def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, T, E, E_local, n, W, NB,
                         K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr,
                         SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr):
-    w, d, tok, vt, slot, valid, offs, raw, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
     tl.store(counts_ptr + tl.program_id(0) * NB + tl.program_id(1), tl.sum(has, axis=0))
-    if d == 0:  # each token's input checks, once (by its wave's first rank)
+    if d == 0:  # each token's input checks and clamped ids, once (by its wave's first rank)
+        tl.store(clamped_ptr + offs, e, mask=valid)
         tl.atomic_add(status_ptr + SLOT_RANGE, tl.sum(tl.sum((valid & ((raw < 0) | (raw >= E))).to(tl.int32), axis=1), axis=0))
         pair = valid[:, :, None] & valid[:, None, :] & (slot[None, :, None] < slot[None, None, :])
         rep = tl.max(tl.max((pair & (raw[:, :, None] == raw[:, None, :])).to(tl.int32), axis=2), axis=1)
@@ -57,10 +58,13 @@ def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, T, E, E_local, n
 
 
 @triton.jit
-def _route_place_kernel(idx_ptr, before_ptr, route_ptr, row_token_ptr, status_ptr, T, E, E_local, n, W, NB, cap,
-                        K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, SLOT_OVER: tl.constexpr):
-    w, d, tok, vt, slot, valid, offs, raw, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
-    pos = tl.load(before_ptr + tl.program_id(0) * NB + tl.program_id(1)) + tl.cumsum(has, axis=0) - has
+def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_ptr, T, E, E_local, n, W, NB, cap,
+                        K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
+                        SLOT_OVER: tl.constexpr):
+    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+    blocks = tl.arange(0, NBP)  # the routes of the wave's earlier blocks: their counts, summed here
+    before = tl.sum(tl.load(counts_ptr + tl.program_id(0) * NB + blocks, mask=blocks < tl.program_id(1), other=0), axis=0)
+    pos = before + tl.cumsum(has, axis=0) - has
     fits = pos < cap
     route = tl.where((has > 0) & fits, (w * n + d) * cap + pos, -1)
     tl.store(route_ptr + tok.to(tl.int64) * n + d, route.to(tl.int64), mask=vt)
@@ -70,18 +74,20 @@ def _route_place_kernel(idx_ptr, before_ptr, route_ptr, row_token_ptr, status_pt
 
 def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_experts: int, num_ranks: int,
                       num_waves: int, capacity: int, status_slots: int, slots: Tuple[int, int, int, int]):
-    """Returns route_row `[T, n]` int64, row_token `[W * n * capacity]` int64 and the status
-    `[status_slots]` int32 (slots: range, repeat, nonfinite, over capacity). Programs per
-    (wave x rank, block of the wave's tokens): a count pass, the blocks' prefix sums, a
-    place pass (each route's row: the rank's routes from earlier tokens of the wave)."""
+    """Returns route_row `[T, n]` int64, row_token `[W * n * capacity]` int64, the status
+    `[status_slots]` int32 (slots: range, repeat, nonfinite, over capacity) and the ids
+    clamped into `[0, E)` `[T, k]` int64. Programs per (wave x rank, block of the wave's
+    tokens): a count pass, then a place pass (each route's row: the rank's routes from
+    earlier blocks, summed from their counts, and earlier tokens of the block)."""
     T, k = idx.shape
     n, W = num_ranks, num_waves
     dev = idx.device
     route = torch.empty(T, n, dtype=torch.int64, device=dev)
     row_token = torch.full((W * n * capacity,), -1, dtype=torch.int64, device=dev)
     status = torch.zeros(status_slots, dtype=torch.int32, device=dev)
+    clamped = torch.empty(T, k, dtype=torch.int64, device=dev)
     if T == 0:
-        return route, row_token, status
+        return route, row_token, status, clamped
     kp = triton.next_power_of_2(k)
     block = max(16, min(256, 2048 // (kp * kp)))
     NB = triton.cdiv(-(-T // W), block)
@@ -89,12 +95,12 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
     w = weights.detach().contiguous() if weights is not None else idx
     counts = torch.empty(W * n, NB, dtype=torch.int32, device=dev)
     args = (T, num_experts, num_experts // n, n, W, NB)
-    _route_count_kernel[(W * n, NB)](idx, w, counts, status, *args, K=k, KP=kp, HAS_W=weights is not None, BT=block,
-                                     SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2], num_warps=4)
-    before = counts.cumsum(1, dtype=torch.int32) - counts  # routes of earlier blocks of the wave
-    _route_place_kernel[(W * n, NB)](idx, before, route, row_token, status, *args, capacity, K=k, KP=kp, BT=block,
-                                     SLOT_OVER=slots[3], num_warps=4)
-    return route, row_token, status
+    _route_count_kernel[(W * n, NB)](idx, w, counts, status, clamped, *args, K=k, KP=kp, HAS_W=weights is not None,
+                                     BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2],
+                                     num_warps=4)
+    _route_place_kernel[(W * n, NB)](idx, counts, route, row_token, status, *args, capacity, K=k, KP=kp, BT=block,
+                                     NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], num_warps=4)
+    return route, row_token, status, clamped
 
 
 @triton.jit
@@ -147,32 +153,57 @@ def pack_rows_triton(x: torch.Tensor, idx: torch.Tensor, weights: Optional[torch
 
 
 @triton.jit
-def _count_kernel(ids_ptr, counts_ptr, N, B, ids_stride, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
-    b = tl.program_id(0)
-    rows = b * BR + tl.arange(0, BR)
-    slot = tl.arange(0, KP)
-    m = (rows[:, None] < N) & (slot[None, :] < K)
-    e = tl.load(ids_ptr + rows[:, None].to(tl.int64) * ids_stride + slot[None, :], mask=m, other=-1)
-    tl.atomic_add(counts_ptr + e.to(tl.int64) * B + b, tl.full([BR, KP], 1, tl.int32), mask=m & (e >= 0))
-
-
-@triton.jit
-def _place_kernel(ids_ptr, w_ptr, incl_ptr, counts_ptr, ends_ptr, slot_item_ptr, item_row_ptr, item_w_ptr, item_e_ptr,
-                  offs_ptr, N, B, E_local, I, ids_stride, w_stride,
-                  K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, EP: tl.constexpr):
-    # expert e's group: [ends[e] - total[e] - 1, ends[e]): its anchor, then its items; block b's
-    # items of e start after the anchor and the earlier blocks' (incl - counts: exclusive)
-    b = tl.program_id(0)
+def _block_slots(ids_ptr, N, E_local, ids_stride, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
+    """Program b's slots (rows b x BR.., flattened with their slots) and their local experts."""
     s = tl.arange(0, BR * KP)
-    row = b * BR + s // KP
+    row = tl.program_id(0) * BR + s // KP
     slot = s % KP
     m = (row < N) & (slot < K)
     e = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + slot, mask=m, other=-1)
-    valid = m & (e >= 0)
+    return s, row, slot, m, e, m & (e >= 0) & (e < E_local)
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, N, B, E_local, ids_stride, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr,
+                  EP: tl.constexpr):
+    """counts[e, b]: block b's slots of expert e (every column written by its own program)."""
+    s, row, slot, m, e, valid = _block_slots(ids_ptr, N, E_local, ids_stride, K, KP, BR)
+    ex = tl.arange(0, EP)
+    c = tl.sum(((e[None, :] == ex[:, None]) & valid[None, :]).to(tl.int32), axis=1)
+    tl.store(counts_ptr + ex.to(tl.int64) * B + tl.program_id(0), c, mask=ex < E_local)
+
+
+@triton.jit
+def _items_scan_kernel(counts_ptr, incl_ptr, B, BB: tl.constexpr):
+    """incl[e, b] = counts[e, 0] + ... + counts[e, b] (int64), one program per expert."""
+    at = tl.program_id(0).to(tl.int64) * B
+    running = tl.zeros([], dtype=tl.int64)
+    b0 = 0
+    while b0 < B:  # (while: Triton's interpreter cannot range over device scalars)
+        bs = b0 + tl.arange(0, BB)
+        c = tl.load(counts_ptr + at + bs, mask=bs < B, other=0).to(tl.int64)
+        tl.store(incl_ptr + at + bs, running + tl.cumsum(c, axis=0), mask=bs < B)
+        running += tl.sum(c, axis=0)
+        b0 += BB
+
+
+@triton.jit
+def _place_kernel(ids_ptr, w_ptr, incl_ptr, counts_ptr, slot_item_ptr, item_row_ptr, item_w_ptr, item_e_ptr,
+                  offs_ptr, N, B, E_local, I, ids_stride, w_stride,
+                  K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, EP: tl.constexpr):
+    # expert e's group: [ends[e] - total[e] - 1, ends[e]): its anchor, then its items, where
+    # ends = cumsum(total + 1) over the experts (every program sums the EP totals itself);
+    # block b's items of e start after the anchor and the earlier blocks' (incl - counts)
+    b = tl.program_id(0)
+    s, row, slot, m, e, valid = _block_slots(ids_ptr, N, E_local, ids_stride, K, KP, BR)
+    ex = tl.arange(0, EP)
+    live = ex < E_local
+    total = tl.load(incl_ptr + ex.to(tl.int64) * B + B - 1, mask=live, other=0)
+    ends = tl.cumsum(tl.where(live, total + 1, 0), axis=0)
     earlier = (e[:, None] == e[None, :]) & valid[None, :] & (s[None, :] < s[:, None])
     within = tl.sum(earlier.to(tl.int32), axis=1)
     ec = tl.maximum(e, 0).to(tl.int64)
-    first = tl.load(ends_ptr + ec, mask=valid, other=0) - tl.load(incl_ptr + ec * B + B - 1, mask=valid, other=0)
+    first = tl.sum(tl.where(ex[None, :] < ec[:, None], total[None, :] + 1, 0), axis=1) + 1  # after e's anchor
     at = ec * B + b
     pos = first + tl.load(incl_ptr + at, mask=valid, other=0) - tl.load(counts_ptr + at, mask=valid, other=0) + within
     valid = valid & (pos < I)  # past the capacity only with repeated ids in a row (an input error, reported)
@@ -181,36 +212,36 @@ def _place_kernel(ids_ptr, w_ptr, incl_ptr, counts_ptr, ends_ptr, slot_item_ptr,
     tl.store(item_w_ptr + pos, tl.load(w_ptr + row.to(tl.int64) * w_stride + slot, mask=valid, other=0.0), mask=valid)
     tl.store(item_e_ptr + pos, e.to(tl.int64), mask=valid)
     if b == 0:  # the anchors (first of each group: the zero row N, weight 0) and offs
-        ex = tl.arange(0, EP)
-        ends = tl.load(ends_ptr + ex, mask=ex < E_local, other=0)
-        anchor = ends - tl.load(incl_ptr + ex.to(tl.int64) * B + B - 1, mask=ex < E_local, other=0) - 1
-        me = (ex < E_local) & (anchor < I)
+        anchor = ends - total - 1
+        me = live & (anchor < I)
         tl.store(item_row_ptr + anchor, tl.full([EP], 0, tl.int64) + N, mask=me)
         tl.store(item_w_ptr + anchor, tl.zeros([EP], dtype=item_w_ptr.dtype.element_ty), mask=me)
         tl.store(item_e_ptr + anchor, ex.to(tl.int64), mask=me)
-        tl.store(offs_ptr + ex, tl.minimum(ends, I).to(tl.int32), mask=ex < E_local)
+        tl.store(offs_ptr + ex, tl.minimum(ends, I).to(tl.int32), mask=live)
 
 
 def wave_items_triton(ids: torch.Tensor, weights: torch.Tensor, num_local_experts: int, item_capacity: int):
     """Returns item_row `[I]`, item_weight `[I]`, item_expert `[I]` (int64), offs `[E_local]`
     int32 and slot_item `[N, k]` int64, as `ep.chunks.wave_items`; entries past `offs[-1]`
-    are unspecified."""
+    are unspecified. Three launches: counts per (expert, block), their running sums along
+    the blocks, the places."""
     N, k = ids.shape
     E_local, dev = num_local_experts, ids.device
-    kp = triton.next_power_of_2(k)
-    br = max(1, 128 // kp)
+    kp, ep = triton.next_power_of_2(k), triton.next_power_of_2(E_local)
+    br = max(1, min(128 // kp, 8192 // (kp * ep)))  # a block's [slots x experts] tiles stay small
     B = max(1, triton.cdiv(N, br))
-    counts = torch.zeros(E_local, B, dtype=torch.int32, device=dev)
+    counts = torch.zeros(E_local, B, dtype=torch.int32, device=dev) if not N else \
+        torch.empty(E_local, B, dtype=torch.int32, device=dev)
     if N:
-        _count_kernel[(B,)](ids, counts, N, B, ids.stride(0), K=k, KP=kp, BR=br, num_warps=4)
-    incl = counts.cumsum(1)  # [E_local, B]: along the blocks, the inner dimension
-    ends = (incl[:, -1] + 1).cumsum(0)  # each expert's group: its anchor, then its items
+        _count_kernel[(B,)](ids, counts, N, B, E_local, ids.stride(0), K=k, KP=kp, BR=br, EP=ep, num_warps=4)
+    incl = torch.empty(E_local, B, dtype=torch.int64, device=dev)
+    _items_scan_kernel[(E_local,)](counts, incl, B, BB=min(1024, triton.next_power_of_2(B)), num_warps=4)
     item_row = torch.empty(item_capacity, dtype=torch.int64, device=dev)
     item_weight = torch.empty(item_capacity, dtype=weights.dtype, device=dev)
     item_expert = torch.empty(item_capacity, dtype=torch.int64, device=dev)
     offs = torch.empty(E_local, dtype=torch.int32, device=dev)
     slot_item = torch.empty(N, k, dtype=torch.int64, device=dev)
-    _place_kernel[(B,)](ids, weights, incl, counts, ends, slot_item, item_row, item_weight, item_expert, offs, N, B,
-                        E_local, item_capacity, ids.stride(0), weights.stride(0), K=k, KP=kp, BR=br,
-                        EP=triton.next_power_of_2(E_local), num_warps=4)
+    _place_kernel[(B,)](ids, weights, incl, counts, slot_item, item_row, item_weight, item_expert, offs, N, B,
+                        E_local, item_capacity, ids.stride(0), weights.stride(0), K=k, KP=kp, BR=br, EP=ep,
+                        num_warps=4)
     return item_row, item_weight, item_expert, offs, slot_item
