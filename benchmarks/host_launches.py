@@ -128,7 +128,9 @@ def main() -> int:
                 with torch.no_grad():
                     layer(x, topk_idx=idx, topk_weights=tw)
 
-            def step():
+            def step():  # gradients set to None first, as a training step's zero_grad does
+                layer.zero_grad(set_to_none=True)
+                xg.grad = None
                 layer(xg, topk_idx=idx, topk_weights=tw).sum().backward()
 
             side = torch.cuda.Stream()

@@ -27,7 +27,8 @@ all-to-all is as long as the expert math; `--nccl-ctas N` limits NCCL to N CTAs
 side is `--carveouts`. It prints a table per preset on rank 0 and writes all of it as JSON
 (`--json`), with `records` in the schema of `benchmarks/results/summary.json`
 (`benchmarks/summary.py` appends them); with `--trace-dir` it also saves profiler timelines
-(Chrome trace JSON and a PNG) of the best waved forward and forward+backward per preset.
+(Chrome trace JSON and a PNG) of the best waved forward and forward+backward per preset and
+transport, and of the best row of each W in `--trace-waves`.
 """
 from __future__ import annotations
 
@@ -84,7 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 2 CPU, 5 GPU)")
     p.add_argument("--no-backward", action="store_true", help="skip the forward+backward rows")
     p.add_argument("--naive", action="store_true", help="also time the naive hand-written layer (forward)")
-    p.add_argument("--trace-dir", default=None, help="save a profiler timeline per preset here (rank 0)")
+    p.add_argument("--trace-dir", default=None, help="save profiler timelines per preset here (rank 0): per transport, "
+                                                        "the fastest waved token-wave row")
+    p.add_argument("--trace-waves", default="", help="comma-separated W: also trace the fastest row of each")
     p.add_argument("--json", default="overlap.json", help="where rank 0 writes the results")
     p.add_argument("--nproc", type=int, default=4, help="ranks to start when not launched (CPU simulation)")
     p.add_argument("--routing", default="router",
@@ -391,18 +394,15 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         if "fwd_bwd_ms" in r and "fwd_bwd_ms" in seq:
             r["fwd_bwd_speedup_vs_w1"] = seq["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     if args.trace_dir and cuda:
-        waved = [r for r in rows if r["split"] == "tokens" and r["W"] > 1 and not r.get("graph")
-                 and r["transport"] == kinds[0]]
-        best = min(waved, key=lambda r: r["fwd_ms"]) if waved else None
-        if best is not None:
-            lv = variant_layer(layer, num_waves=best["W"], wave_split="tokens", transport=best["transport"],
-                               sm_carveout=best["carveout"])
+        for pick in traced_rows(rows, args.trace_waves):
+            lv = variant_layer(layer, num_waves=pick["W"], wave_split="tokens", transport=pick["transport"],
+                               sm_carveout=pick["carveout"])
 
             def fwd_bwd_traced():
                 lv(x.clone().requires_grad_(True), topk_idx=idx, topk_weights=tw).backward(dy)
                 lv.zero_grad(set_to_none=True)
 
-            save_trace(args.trace_dir, f"{preset_name}_n{n}_{regime(device)}_W{best['W']}_c{best['carveout']}_{best['transport']}",
+            save_trace(args.trace_dir, f"{preset_name}_n{n}_{regime(device)}_W{pick['W']}_c{pick['carveout']}_{pick['transport']}",
                        device, lambda: lv(x, topk_idx=idx, topk_weights=tw), None if args.no_backward else fwd_bwd_traced)
     return {
         "preset": preset_name, **P, "local_experts": E_local, "num_experts": E, "iters": iters, "warmup": warmup,
@@ -410,6 +410,19 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         "stages_ms": st, "comm_ms": comm, "comm_ms_by_transport": comm_by_transport, "compute_ms": compute,
         "ideal_ms": ideal, "naive_fwd_ms": naive_ms, "layers": rows,
     }
+
+
+def traced_rows(rows: List[dict], trace_waves: str) -> List[dict]:
+    """The token-wave rows whose timelines are saved: per transport, the fastest waved row,
+    and the fastest row of each W named in `trace_waves` (e.g. "4": where a model misses)."""
+    eager = [r for r in rows if r["split"] == "tokens" and r["W"] > 1 and not r.get("graph")]
+    extra = {int(w) for w in trace_waves.split(",") if w.strip()} if trace_waves else set()
+    picks = {}
+    for r in sorted(eager, key=lambda r: r["fwd_ms"]):
+        for key in ((r["transport"], "best"), *(((r["transport"], r["W"]),) if r["W"] in extra else ())):
+            picks.setdefault(key, r)
+    unique = {(r["transport"], r["W"], r["carveout"]): r for r in picks.values()}
+    return list(unique.values())
 
 
 def graph_row(row: dict, lv, x, idx, tw, dy, timer: Timer, measure, label: str, no_backward: bool) -> dict:

@@ -69,7 +69,7 @@ run benchmarks/overlap.py "${nvlink[@]}" --splits tokens,experts --transports $t
 if [ "$n" -gt 1 ]; then
   echo "== overlap benchmark, NCCL without peer access (the comm-bound regime), $n GPUs" | tee -a "$log"
   run benchmarks/overlap.py --no-p2p "${no_p2p[@]}" --splits tokens,experts --transports nccl --graphs --run-name "$RUN" \
-      --trace-dir "$OUT/traces" --json "$OUT/overlap_n${n}_no_p2p.json" 2>&1 | tee -a "$log" || rc=1
+      --trace-waves 4 --trace-dir "$OUT/traces" --json "$OUT/overlap_n${n}_no_p2p.json" 2>&1 | tee -a "$log" || rc=1
 fi
 if [ -d "$OUT/traces" ]; then
   tar -czf "$OUT/traces_n$n.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
