@@ -402,8 +402,12 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
                 lv(x.clone().requires_grad_(True), topk_idx=idx, topk_weights=tw).backward(dy)
                 lv.zero_grad(set_to_none=True)
 
-            save_trace(args.trace_dir, f"{preset_name}_n{n}_{regime(device)}_W{pick['W']}_c{pick['carveout']}_{pick['transport']}",
-                       device, lambda: lv(x, topk_idx=idx, topk_weights=tw), None if args.no_backward else fwd_bwd_traced)
+            name = f"{preset_name}_n{n}_{regime(device)}_W{pick['W']}_c{pick['carveout']}_{pick['transport']}"
+            try:  # a failed timeline is reported; the rows measured above are kept
+                save_trace(args.trace_dir, name, device, lambda: lv(x, topk_idx=idx, topk_weights=tw),
+                           None if args.no_backward else fwd_bwd_traced)
+            except Exception as e:  # noqa: BLE001
+                log(f"  timeline {name} failed: {type(e).__name__}: {str(e)[:300]}")
     return {
         "preset": preset_name, **P, "local_experts": E_local, "num_experts": E, "iters": iters, "warmup": warmup,
         "routing": args.routing, "expert_load_max_over_mean": load_max_over_mean,

@@ -148,7 +148,8 @@ def linear1(rows_all: torch.Tensor, w1: torch.Tensor, plan: DispatchPlan, wave: 
     """Stage 2: expand received rows into wave w's items (expert order), `h = x @ w1` -> `[I_w, 2F]`."""
     items, experts = _items(plan, wave)
     x_IH = gather_rows(rows_all, plan.item_row[items])
-    return _linear1(x_IH, w1[experts], plan.items_per_expert[experts], plan.wave_offs[wave])
+    counts = plan.items_per_expert[experts]
+    return _linear1(x_IH, w1[experts], counts, plan.wave_offs[wave], _mean(counts))
 
 
 def linear2(
@@ -156,7 +157,13 @@ def linear2(
 ) -> torch.Tensor:
     """Stage 3: `o = swiglu(h) @ w2` -> `[I_w, H]` (h clamped by `swiglu_limit` when given)."""
     _, experts = _items(plan, wave)
-    return _linear2(h_I2F, w2[experts], plan.items_per_expert[experts], plan.wave_offs[wave], swiglu_limit)
+    counts = plan.items_per_expert[experts]
+    return _linear2(h_I2F, w2[experts], counts, plan.wave_offs[wave], swiglu_limit, _mean(counts))
+
+
+def _mean(counts) -> float:
+    """Rows per expert of a wave (host counts): picks the grouped product's kernel."""
+    return sum(counts) / max(len(counts), 1)
 
 
 def combine(

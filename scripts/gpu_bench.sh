@@ -4,15 +4,15 @@
 # replays), before it the device-put transport's kernels on GPU 0 (p2p_check: every rank
 # in one process; correctness, graphs, timeouts, rates), the README's example as a plain
 # one-process python3 run, the launchers, and the
-# overlap benchmark in both regimes: NVLink (dsv3, wide, decode, v4flash; token and expert
+# overlap benchmark in both regimes: NVLink (dsv3, wide, decode; token and expert
 # waves; NCCL, the copy engines and the device puts; CUDA graphs) and NCCL without peer access (dsv3, the
 # comm-bound regime; SM carveouts). Everything lands under $OUT (default out/gpu):
 #   env.txt, log_nN.txt, check_nN.json, p2p_n1.json, readme_n1.json, overlap_nN_nvlink.json,
-#   overlap_nN_no_p2p.json, traces_nN.tgz
+#   overlap_nN_no_p2p.json, traces_nN.tgz; with one GPU also host_launches_n1.json, few_rows_n1.json
 # usage: scripts/gpu_bench.sh [NGPUS] [--quick]
 #   --quick: dsv3 and decode only, fewer variants (a development run of ~4 minutes)
 #   EP_PRESETS, EP_WAVES: the NVLink run's presets and token-wave W values (default
-#   dsv3,wide,decode,v4flash and 1,2,4,auto); EP_RUN: the run's name in the records
+#   dsv3,wide,decode and 1,2,auto); EP_RUN: the run's name in the records
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -35,10 +35,16 @@ run() { torchrun --standalone --nproc-per-node "$n" "$@"; }
 rc=0
 echo "== the device-put transport's kernels: every rank in one process on GPU 0 (first: its figures come back even if a check below fails)" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 python3 benchmarks/p2p_check.py --json "$OUT/p2p_n1.json" 2>&1 | tee -a "$log" || rc=1
-if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two processes that share it
+if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two processes that share it,
+  # what an eager call issues, and the few-rows product against torch._grouped_mm
   echo "== the layer with device_put, two processes on GPU 0 (CUDA IPC)" | tee -a "$log"
   CUDA_VISIBLE_DEVICES=0 timeout 180 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_procs_check.py 2>&1 \
     | grep -E "layer fwd|passed|Error|rank [0-9] W=" | tee -a "$log" || rc=1
+  echo "== launches of one eager call, device work, graph replay (one GPU)" | tee -a "$log"
+  python3 benchmarks/host_launches.py --preset decode,dsv3 --waves 1,2 --json "$OUT/host_launches_n1.json" 2>&1 \
+    | grep -E "host |Error" | tee -a "$log" || rc=1
+  echo "== the few-rows grouped product (decode widths) against torch._grouped_mm" | tee -a "$log"
+  python3 benchmarks/few_rows_gemm.py --means 16,32,64 --json "$OUT/few_rows_n1.json" 2>&1 | grep -v Warn | tee -a "$log" || rc=1
 fi
 echo "== correctness (bf16 vs float64 reference; sync-free step; CUDA graphs), $n GPUs" | tee -a "$log"
 if ! run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$log"; then
@@ -60,7 +66,9 @@ if [ $quick = 1 ]; then
   nvlink=(--preset dsv3,decode --waves 1,2,auto --expert-waves 1 --carveouts 0)
   no_p2p=(--preset dsv3 --waves 1,2,4,auto --expert-waves 1,4 --carveouts 0,16)
 else
-  nvlink=(--preset "${EP_PRESETS:-dsv3,wide,decode,v4flash}" --waves "${EP_WAVES:-1,2,4,auto}" --expert-waves 1 --carveouts 0)
+  # three transports in every row: the presets and W that decide something (v4flash's shared
+  # expert: r19; W=4 at NVLink was slower than W=2 in every r16 row), to stay in one 10-minute call
+  nvlink=(--preset "${EP_PRESETS:-dsv3,wide,decode}" --waves "${EP_WAVES:-1,2,auto}" --expert-waves 1 --carveouts 0)
   no_p2p=(--preset dsv3 --waves 1,2,4,8,auto --expert-waves 1,4 --carveouts 0,16)
 fi
 echo "== overlap benchmark, NVLink, $n GPUs" | tee -a "$log"
