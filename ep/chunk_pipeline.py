@@ -76,7 +76,7 @@ class ChunkedExperts(torch.autograd.Function):
             it = wave_items(layout, rows[:N], plan.num_local_experts, plan.item_capacity)
             with carve:
                 few = plan.expected_items_per_expert
-                h = linear1(gather_rows(layout.data(rows), it.item_row, it.count), w1, None, it.offs, few)
+                h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
                 o = linear2(h, w2, None, it.offs, swiglu_limit, few)
             sums = x_TH.new_empty(N, H)
             reduce_rows(o, it.slot_item, sums, layout.weights(rows[:N]))

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from .kernels import grouped_mm, grouped_mm_wgrad
-from .kernels.swiglu import swiglu, swiglu_backward_weighted
+from .kernels.grouped import grouped_mm_swiglu
+from .kernels.swiglu import swiglu_backward_weighted
 
 
 class Experts(nn.Module):
@@ -42,10 +43,12 @@ def _rows_in_use(counts: Optional[Sequence[int]], offs: Optional[torch.Tensor]) 
 
 
 def linear1(x_IH: torch.Tensor, w1_EH2F: torch.Tensor, counts: Sequence[int], offs: Optional[torch.Tensor] = None,
-            expected_rows: Optional[float] = None) -> torch.Tensor:
+            expected_rows: Optional[float] = None, index: Optional[torch.Tensor] = None,
+            rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`h = x @ w1[e]` per expert -> `[I, 2F]` (SwiGLU is applied by linear2). `expected_rows`:
-    rows per expert the caller expects (picks the GPU kernel, `ep.kernels.grouped_mm`)."""
-    return grouped_mm(x_IH, w1_EH2F, counts, offs, expected_rows)
+    rows per expert the caller expects (picks the GPU kernel, `ep.kernels.grouped_mm`); with
+    `index` the rows are `x[index]` (`rows`: a 0-d device count of those in use)."""
+    return grouped_mm(x_IH, w1_EH2F, counts, offs, expected_rows, index, rows)
 
 
 def linear2(
@@ -53,7 +56,7 @@ def linear2(
     swiglu_limit: Optional[float] = None, expected_rows: Optional[float] = None,
 ) -> torch.Tensor:
     """`o = swiglu(h) @ w2[e]` per expert -> `[I, H]` (h clamped by `swiglu_limit` when given)."""
-    return grouped_mm(swiglu(h_I2F, swiglu_limit, _rows_in_use(counts, offs)), w2_EFH, counts, offs, expected_rows)
+    return grouped_mm_swiglu(h_I2F, w2_EFH, counts, offs, expected_rows, swiglu_limit, _rows_in_use(counts, offs))
 
 
 def linear2_backward(

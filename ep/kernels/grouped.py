@@ -35,12 +35,24 @@ def _host_counts(counts: Optional[Sequence[int]], offs: Optional[torch.Tensor]) 
     return [b - a for a, b in zip([0] + ends[:-1], ends)]
 
 
+def _few_rows(x_MK: torch.Tensor, w_EKN: torch.Tensor, offs: Optional[torch.Tensor],
+              expected_rows: Optional[float]) -> bool:
+    """Whether the few-rows kernel takes this product (CUDA bf16, few rows expected)."""
+    if offs is None or expected_rows is None or expected_rows > FEW_ROWS or not _use_grouped_kernel(x_MK):
+        return False
+    from .permute import triton_available
+
+    return w_EKN.stride(2) == 1 and x_MK.stride(1) == 1 and triton_available()
+
+
 def grouped_mm(
     x_MK: torch.Tensor,
     w_EKN: torch.Tensor,
     counts: Optional[Sequence[int]],
     offs: Optional[torch.Tensor] = None,
     expected_rows: Optional[float] = None,
+    index: Optional[torch.Tensor] = None,
+    rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """`out[rows of e] = x[rows of e] @ w[e]` for every expert e.
 
@@ -51,17 +63,21 @@ def grouped_mm(
         offs: `[E]` int32 cumulative counts on x's device (the GPU kernel's form of counts).
         expected_rows: the caller's estimate of rows per expert (a host number, from shapes:
             it picks the kernel, never the result), or None.
+        index, rows: the product's rows are `x[index]` (`[I]` int64; `rows`: a 0-d device
+            count of those in use): read through the index by the few-rows kernel, else
+            gathered first (`ep.kernels.gather_rows`).
     Returns:
-        `[M, N]` in x's dtype (rows past the groups: unspecified).
+        `[M, N]` (`[I, N]` with `index`) in x's dtype (rows past the groups: unspecified).
     """
+    if _few_rows(x_MK, w_EKN, offs, expected_rows):
+        from .triton_grouped import grouped_mm_few_rows
+
+        return grouped_mm_few_rows(x_MK, w_EKN, offs, index=index)
+    if index is not None:
+        from .permute import gather_rows
+
+        x_MK = gather_rows(x_MK, index, rows)
     if offs is not None and _use_grouped_kernel(x_MK):
-        if expected_rows is not None and expected_rows <= FEW_ROWS and w_EKN.stride(2) == 1 and x_MK.stride(1) == 1:
-            from .permute import triton_available
-
-            if triton_available():
-                from .triton_grouped import grouped_mm_few_rows
-
-                return grouped_mm_few_rows(x_MK, w_EKN, offs)
         return torch._grouped_mm(x_MK, w_EKN, offs=offs)
     counts = _host_counts(counts, offs)
     out = x_MK.new_empty(x_MK.shape[0], w_EKN.shape[2])
@@ -71,6 +87,26 @@ def grouped_mm(
             torch.mm(x_MK[start:start + c], w_EKN[e], out=out[start:start + c])
         start += c
     return out
+
+
+def grouped_mm_swiglu(
+    h_M2K: torch.Tensor,
+    w_EKN: torch.Tensor,
+    counts: Optional[Sequence[int]],
+    offs: Optional[torch.Tensor] = None,
+    expected_rows: Optional[float] = None,
+    limit: Optional[float] = None,
+    rows: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """`grouped_mm(swiglu(h, limit), w, ...)` (`ep.kernels.swiglu`): by the few-rows kernel as
+    it reads h's rows, else SwiGLU first (`rows`: its rows in use)."""
+    if _few_rows(h_M2K, w_EKN, offs, expected_rows):
+        from .triton_grouped import grouped_mm_few_rows
+
+        return grouped_mm_few_rows(h_M2K, w_EKN, offs, swiglu=True, swiglu_limit=limit)
+    from .swiglu import swiglu
+
+    return grouped_mm(swiglu(h_M2K, limit, rows), w_EKN, counts, offs)
 
 
 def grouped_mm_wgrad(

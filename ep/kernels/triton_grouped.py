@@ -7,12 +7,14 @@ is a stream of the experts' weights: r26 measured `torch._grouped_mm` reading th
 4.8 TB/s). Here program (j, e) streams columns `[j x BLOCK_N, (j + 1) x BLOCK_N)` of
 `w[e]` once along K, for up to BLOCK_M rows of expert e at a time (a group of more rows
 takes more passes: correct for any counts, fast for few); a group with no rows reads
-nothing. No host sync: the counts are read on the device.
+nothing. No host sync: the counts are read on the device. It can read its rows through an
+index (linear1: the gather of a wave's items from the received rows) and apply SwiGLU to them
+as it reads them (linear2): at decode three kernels become two.
 """
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -27,8 +29,9 @@ def _config() -> Tuple[int, int, int, int, int]:
 
 
 @triton.jit
-def _few_rows_kernel(x, w, offs, out, N, x_stride, w_se, w_sk, out_stride, K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _few_rows_kernel(x, index, w, offs, out, N, x_stride, w_se, w_sk, out_stride, limit, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
+                     SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr):
     j = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
     end = tl.load(offs + e).to(tl.int64)
@@ -40,12 +43,25 @@ def _few_rows_kernel(x, w, offs, out, N, x_stride, w_se, w_sk, out_stride, K: tl
     while m0 < end:  # (while: Triton's interpreter cannot range over device scalars)
         rows = m0 + tl.arange(0, BLOCK_M)
         live_row = rows < end
+        if GATHER:  # row r of the product is row index[r] of x
+            src = tl.load(index + rows, mask=live_row, other=0)
+        else:
+            src = rows
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):  # K a constant (a model's width): a loop the compiler pipelines
             ks = k0 + tl.arange(0, BLOCK_K)
-            live_k = ks < K
-            a = tl.load(x + rows[:, None] * x_stride + ks[None, :], mask=live_row[:, None] & live_k[None, :], other=0.0)
-            b = tl.load(w_e + ks[:, None] * w_sk + cols[None, :], mask=live_k[:, None] & live_col[None, :], other=0.0)
+            live_a = live_row[:, None] & (ks < K)[None, :]
+            at = x + src[:, None] * x_stride + ks[None, :]
+            if SWIGLU:  # row r of the product's input is silu(x[r, :K]) * x[r, K:], as `ep.kernels.swiglu`
+                gate = tl.load(at, mask=live_a, other=0.0).to(tl.float32)
+                up = tl.load(at + K, mask=live_a, other=0.0).to(tl.float32)
+                if HAS_LIMIT:
+                    gate = tl.minimum(gate, limit)
+                    up = tl.minimum(tl.maximum(up, -limit), limit)
+                a = (gate * tl.sigmoid(gate) * up).to(x.dtype.element_ty)
+            else:
+                a = tl.load(at, mask=live_a, other=0.0)
+            b = tl.load(w_e + ks[:, None] * w_sk + cols[None, :], mask=(ks < K)[:, None] & live_col[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
         tl.store(out + rows[:, None] * out_stride + cols[None, :], acc.to(out.dtype.element_ty),
                  mask=live_row[:, None] & live_col[None, :])
@@ -53,14 +69,24 @@ def _few_rows_kernel(x, w, offs, out, N, x_stride, w_se, w_sk, out_stride, K: tl
 
 
 def grouped_mm_few_rows(x_MK: torch.Tensor, w_EKN: torch.Tensor, offs: torch.Tensor,
-                        config: Tuple[int, int, int, int, int] = None) -> torch.Tensor:
-    """`[M, N]` (rows past `offs[-1]`: unspecified); `w_EKN` with a unit stride in its last dim."""
+                        config: Optional[Tuple[int, int, int, int, int]] = None, index: Optional[torch.Tensor] = None,
+                        swiglu: bool = False, swiglu_limit: Optional[float] = None) -> torch.Tensor:
+    """`[M, N]` (rows past `offs[-1]`: unspecified); `w_EKN` with a unit stride in its last dim.
+
+    index: `[M]` int64: the product's row r is `x[index[r]]` (the gather done as rows are read).
+    swiglu: x is `[*, 2K]` and the product's input is `silu(x[:, :K]) * x[:, K:]` (clamped by
+    `swiglu_limit`), in x's dtype as `ep.kernels.swiglu` rounds it."""
     E, K, N = w_EKN.shape
     if w_EKN.stride(2) != 1 or x_MK.stride(1) != 1:
         raise ValueError("grouped_mm_few_rows: w needs unit stride along N and x along K")
+    if x_MK.shape[1] != (2 * K if swiglu else K):
+        raise ValueError(f"grouped_mm_few_rows: x has {x_MK.shape[1]} columns for K={K} (swiglu={swiglu})")
     bm, bn, bk, warps, stages = config or _config()
-    out = x_MK.new_empty(x_MK.shape[0], N)
+    M = index.shape[0] if index is not None else x_MK.shape[0]
+    out = x_MK.new_empty(M, N)
     _few_rows_kernel[(triton.cdiv(N, bn), E)](
-        x_MK, w_EKN, offs, out, N, x_MK.stride(0), w_EKN.stride(0), w_EKN.stride(1), out.stride(0), K=K,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        x_MK, index if index is not None else offs, w_EKN, offs, out, N, x_MK.stride(0), w_EKN.stride(0),
+        w_EKN.stride(1), out.stride(0), float(swiglu_limit or 0.0), K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GATHER=index is not None, SWIGLU=swiglu, HAS_LIMIT=swiglu_limit is not None, num_warps=warps,
+        num_stages=stages)
     return out
