@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 from .kernels import grouped_mm, grouped_mm_wgrad
-from .kernels.grouped import grouped_mm_swiglu
-from .kernels.swiglu import swiglu_backward_weighted
+from .kernels.swiglu import swiglu, swiglu_backward_weighted
 
 
 class Experts(nn.Module):
@@ -56,7 +55,7 @@ def linear2(
     swiglu_limit: Optional[float] = None, expected_rows: Optional[float] = None,
 ) -> torch.Tensor:
     """`o = swiglu(h) @ w2[e]` per expert -> `[I, H]` (h clamped by `swiglu_limit` when given)."""
-    return grouped_mm_swiglu(h_I2F, w2_EFH, counts, offs, expected_rows, swiglu_limit, _rows_in_use(counts, offs))
+    return grouped_mm(swiglu(h_I2F, swiglu_limit, _rows_in_use(counts, offs)), w2_EFH, counts, offs, expected_rows)
 
 
 def linear2_backward(

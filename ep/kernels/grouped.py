@@ -89,26 +89,6 @@ def grouped_mm(
     return out
 
 
-def grouped_mm_swiglu(
-    h_M2K: torch.Tensor,
-    w_EKN: torch.Tensor,
-    counts: Optional[Sequence[int]],
-    offs: Optional[torch.Tensor] = None,
-    expected_rows: Optional[float] = None,
-    limit: Optional[float] = None,
-    rows: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """`grouped_mm(swiglu(h, limit), w, ...)` (`ep.kernels.swiglu`): by the few-rows kernel as
-    it reads h's rows, else SwiGLU first (`rows`: its rows in use)."""
-    if _few_rows(h_M2K, w_EKN, offs, expected_rows):
-        from .triton_grouped import grouped_mm_few_rows
-
-        return grouped_mm_few_rows(h_M2K, w_EKN, offs, swiglu=True, swiglu_limit=limit)
-    from .swiglu import swiglu
-
-    return grouped_mm(swiglu(h_M2K, limit, rows), w_EKN, counts, offs)
-
-
 def grouped_mm_wgrad(
     x_MK: torch.Tensor, dy_MN: torch.Tensor, counts: Optional[Sequence[int]], offs: Optional[torch.Tensor] = None
 ) -> torch.Tensor:

@@ -8,8 +8,9 @@ is a stream of the experts' weights: r26 measured `torch._grouped_mm` reading th
 `w[e]` once along K, for up to BLOCK_M rows of expert e at a time (a group of more rows
 takes more passes: correct for any counts, fast for few); a group with no rows reads
 nothing. No host sync: the counts are read on the device. It can read its rows through an
-index (linear1: the gather of a wave's items from the received rows) and apply SwiGLU to them
-as it reads them (linear2): at decode three kernels become two.
+index (linear1: the gather of a wave's items from the received rows, one kernel fewer). SwiGLU
+applied as linear2 reads its rows was tried and slowed the weight stream (r32: 0.222 -> 0.290
+ms, the SwiGLU kernel it saved took 5 us): linear2 reads SwiGLU's output.
 """
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ def _config() -> Tuple[int, int, int, int, int]:
 
 
 @triton.jit
-def _few_rows_kernel(x, index, w, offs, out, N, x_stride, w_se, w_sk, out_stride, limit, K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr,
-                     SWIGLU: tl.constexpr, HAS_LIMIT: tl.constexpr):
+def _few_rows_kernel(x, index, w, offs, out, N, x_stride, w_se, w_sk, out_stride, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr):
     j = tl.program_id(0)
     e = tl.program_id(1).to(tl.int64)
     end = tl.load(offs + e).to(tl.int64)
@@ -50,17 +50,7 @@ def _few_rows_kernel(x, index, w, offs, out, N, x_stride, w_se, w_sk, out_stride
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):  # K a constant (a model's width): a loop the compiler pipelines
             ks = k0 + tl.arange(0, BLOCK_K)
-            live_a = live_row[:, None] & (ks < K)[None, :]
-            at = x + src[:, None] * x_stride + ks[None, :]
-            if SWIGLU:  # row r of the product's input is silu(x[r, :K]) * x[r, K:], as `ep.kernels.swiglu`
-                gate = tl.load(at, mask=live_a, other=0.0).to(tl.float32)
-                up = tl.load(at + K, mask=live_a, other=0.0).to(tl.float32)
-                if HAS_LIMIT:
-                    gate = tl.minimum(gate, limit)
-                    up = tl.minimum(tl.maximum(up, -limit), limit)
-                a = (gate * tl.sigmoid(gate) * up).to(x.dtype.element_ty)
-            else:
-                a = tl.load(at, mask=live_a, other=0.0)
+            a = tl.load(x + src[:, None] * x_stride + ks[None, :], mask=live_row[:, None] & (ks < K)[None, :], other=0.0)
             b = tl.load(w_e + ks[:, None] * w_sk + cols[None, :], mask=(ks < K)[:, None] & live_col[None, :], other=0.0)
             acc = tl.dot(a, b, acc)
         tl.store(out + rows[:, None] * out_stride + cols[None, :], acc.to(out.dtype.element_ty),
@@ -69,24 +59,21 @@ def _few_rows_kernel(x, index, w, offs, out, N, x_stride, w_se, w_sk, out_stride
 
 
 def grouped_mm_few_rows(x_MK: torch.Tensor, w_EKN: torch.Tensor, offs: torch.Tensor,
-                        config: Optional[Tuple[int, int, int, int, int]] = None, index: Optional[torch.Tensor] = None,
-                        swiglu: bool = False, swiglu_limit: Optional[float] = None) -> torch.Tensor:
+                        config: Optional[Tuple[int, int, int, int, int]] = None,
+                        index: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`[M, N]` (rows past `offs[-1]`: unspecified); `w_EKN` with a unit stride in its last dim.
 
-    index: `[M]` int64: the product's row r is `x[index[r]]` (the gather done as rows are read).
-    swiglu: x is `[*, 2K]` and the product's input is `silu(x[:, :K]) * x[:, K:]` (clamped by
-    `swiglu_limit`), in x's dtype as `ep.kernels.swiglu` rounds it."""
+    index: `[M]` int64: the product's row r is `x[index[r]]` (the gather done as rows are read)."""
     E, K, N = w_EKN.shape
     if w_EKN.stride(2) != 1 or x_MK.stride(1) != 1:
         raise ValueError("grouped_mm_few_rows: w needs unit stride along N and x along K")
-    if x_MK.shape[1] != (2 * K if swiglu else K):
-        raise ValueError(f"grouped_mm_few_rows: x has {x_MK.shape[1]} columns for K={K} (swiglu={swiglu})")
+    if x_MK.shape[1] != K:
+        raise ValueError(f"grouped_mm_few_rows: x has {x_MK.shape[1]} columns for K={K}")
     bm, bn, bk, warps, stages = config or _config()
     M = index.shape[0] if index is not None else x_MK.shape[0]
     out = x_MK.new_empty(M, N)
     _few_rows_kernel[(triton.cdiv(N, bn), E)](
         x_MK, index if index is not None else offs, w_EKN, offs, out, N, x_MK.stride(0), w_EKN.stride(0),
-        w_EKN.stride(1), out.stride(0), float(swiglu_limit or 0.0), K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GATHER=index is not None, SWIGLU=swiglu, HAS_LIMIT=swiglu_limit is not None, num_warps=warps,
-        num_stages=stages)
+        w_EKN.stride(1), out.stride(0), K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GATHER=index is not None,
+        num_warps=warps, num_stages=stages)
     return out
