@@ -13,7 +13,6 @@ relative error against `torch._grouped_mm` on the rows in use. Prints a table pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ep.kernels.triton_grouped import grouped_mm_few_rows  # noqa: E402
+from benchmarks import provenance  # noqa: E402
 
 CONFIGS = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4),
            (32, 128, 128, 4, 4), (32, 128, 128, 8, 4), (32, 64, 256, 4, 3), (32, 128, 64, 4, 5),
@@ -87,9 +87,7 @@ def main() -> int:
                 else:
                     print(f"  {r['kernel']:17} {str(r.get('config', '')):22} {r['ms']:7.3f} ms  {r['TBps']:5.2f} TB/s  "
                           f"err {r['err']:.1e}", flush=True)
-    with open(args.json, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                       commit=os.environ.get("EP_COMMIT", "unknown"), cases=out), f, indent=1)
+    provenance.dump(args.json, cases=out)
     return 0
 
 

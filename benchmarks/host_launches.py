@@ -18,7 +18,6 @@ eager caller waits for. Not a benchmark of the device time (`overlap.py` is).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ep  # noqa: E402
+from benchmarks import provenance  # noqa: E402
 from benchmarks.overlap import PRESETS  # noqa: E402
 
 STREAM_WORK = ("LaunchKernel", "Memcpy", "Memset", "EventRecord", "StreamWaitEvent", "LaunchCooperative")
@@ -164,9 +164,7 @@ def main() -> int:
                     print(row["python_profile"], flush=True)
             del layer
             torch.cuda.empty_cache()
-    with open(args.json, "w") as f:
-        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                       commit=os.environ.get("EP_COMMIT", "unknown"), rows=rows), f, indent=1)
+    provenance.dump(args.json, rows=rows)
     return 0
 
 

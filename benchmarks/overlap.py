@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -145,20 +144,6 @@ class Timer:
         return ms
 
 
-def git_commit() -> str:
-    """EP_COMMIT when the launcher set it (the GPU machine's copy may carry a stale .git), else git's HEAD."""
-    if os.environ.get("EP_COMMIT"):
-        return os.environ["EP_COMMIT"]
-    top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=top, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ep", "benchmarks"], cwd=top,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def regime(device: torch.device) -> str:
     """"nvlink" (NCCL with peer access), "no_p2p" (NCCL_P2P_DISABLE=1), or "cpu" (Gloo)."""
     if device.type != "cuda":
@@ -167,12 +152,14 @@ def regime(device: torch.device) -> str:
 
 
 def environment(device: torch.device) -> dict:
+    from benchmarks import provenance  # (main puts the checkout on the path)
+
     return {
         "world_size": dist.get_world_size(), "backend": dist.get_backend(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__,
         "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
-        "commit": git_commit(), "command": " ".join(sys.argv), "regime": regime(device),
+        "commit": provenance.commit(), "command": " ".join(sys.argv), "regime": regime(device),
         "env": {k: v for k, v in os.environ.items() if k.startswith(("NCCL_", "TORCH_SYMM", "NVSHMEM_"))},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "timing": "cuda events, median, max over ranks" if device.type == "cuda" else "wall clock after a barrier, median, max over ranks",

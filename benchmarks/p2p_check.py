@@ -32,7 +32,6 @@ with device_put is checked on 2+ GPUs (`gpu_check.py`, every case).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -45,6 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ep.layout import RowLayout  # noqa: E402
 from ep.transport.base import CommunicationError  # noqa: E402
 from ep.transport.device_put import DevicePutTransport, ProcessMesh  # noqa: E402
+from benchmarks import provenance  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 ROW = RowLayout(7168, 8, torch.bfloat16).width  # the dsv3 dispatch row, in bf16 elements
@@ -317,10 +317,7 @@ def main():
         per_call_us, profile = host_profile()
         print(f"\nhost per call and wait, profiled (cProfile's own cost included): {per_call_us:.1f} us\n{profile}")
     failed = sum(not c["ok"] for c in cases) + sum("error" in r or not r["correct"] for r in rates)
-    with open(args.json, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "commit": os.environ.get("EP_COMMIT", "unknown"), "cases": cases, "rates": rates, "copy": base, "host_profile": profile,
-                   "failed": failed}, f, indent=2)
+    provenance.dump(args.json, cases=cases, rates=rates, copy=base, host_profile=profile, failed=failed)
     print(f"{len(cases) + len(rates) - failed} passed, {failed} failed", flush=True)
     sys.exit(1 if failed else 0)
 
