@@ -186,7 +186,7 @@ def timed(fn, iters=20, warm=5):
 
 def rate(programs, block_bytes=32768, rows=4096):
     """Rank 0 sends `rows` dispatch rows to rank 1 (none to itself), and back: the sending
-    kernel's time on rank 0's stream, the receiving kernel's on rank 1's."""
+    kernel's time on rank 0's stream, the receiving kernel's on rank 1's, each alone."""
     trs, streams = world(2, timeout_s=10.0, programs=programs, block_bytes=block_bytes)
     splits = [[0, rows], [rows, 0]]
     g = torch.Generator().manual_seed(3)
@@ -195,15 +195,18 @@ def rate(programs, block_bytes=32768, rows=4096):
 
     host = []
 
-    def step():
+    def step():  # each timed kernel runs alone on the GPU (r24-r25 timed both ranks' puts at once)
         with torch.cuda.stream(streams[0]):
             ev[0].record()
             t0 = time.perf_counter()
             p0 = trs[0].all_to_all(outs[0], ins[0], [0, rows], [0, rows], "rate", rows)
             host.append(time.perf_counter() - t0)
             ev[1].record()
+        torch.cuda.synchronize()  # rank 0's put waits for nothing of this call: it ends alone
         with torch.cuda.stream(streams[1]):
             p1 = trs[1].all_to_all(outs[1], ins[1], [rows, 0], [rows, 0], "rate", rows)
+        torch.cuda.synchronize()  # rank 1's rows are in place: its take below copies and waits for none
+        with torch.cuda.stream(streams[1]):
             ev[2].record()
             p1.wait()
             ev[3].record()
