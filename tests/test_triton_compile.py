@@ -43,7 +43,7 @@ def _cases():
                                    x_stride=I32, w_se="i64", w_sk=I32, out_stride=I32),
          dict(K=2048, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GATHER=False)),
         (tc._route_count_kernel, dict(idx_ptr=P("i64"), w_ptr=P("fp32"), counts_ptr=P("i32"), status_ptr=P("i32"),
-                                      clamped_ptr=P("i64"), **COMMON),
+                                      clamped_ptr=P("i64"), row_token_ptr=P("i64"), cap=I32, **COMMON),
          dict(K=8, KP=8, HAS_W=True, BT=32, SLOT_RANGE=5, SLOT_REPEAT=6, SLOT_NONFINITE=7)),
         (tc._route_place_kernel, dict(idx_ptr=P("i64"), counts_ptr=P("i32"), route_ptr=P("i64"), row_token_ptr=P("i64"),
                                       status_ptr=P("i32"), cap=I32, **COMMON), dict(K=6, KP=8, BT=32, NBP=128, SLOT_OVER=10)),

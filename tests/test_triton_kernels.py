@@ -266,6 +266,22 @@ def test_route_rows_match_torch(triton_chunks, T, n, E_local, k, W, cap_factor, 
                                                                          (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
     assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
     assert torch.equal(clamped, want.topk_idx)
+
+
+def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_chunks):
+    """Regions sized for another rank's 4x more tokens: most rows stay unused (-1), filled by
+    the count pass over several strides of its blocks."""
+    from ep.checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE
+    from ep.chunks import sender_plan, wave_capacity
+
+    T, n, E_local, k, W = 40, 2, 4, 8, 2
+    idx, w = _routing(7, T, n * E_local, k, False)
+    cap = wave_capacity(4 * T, W)
+    want = sender_plan(idx, w, n * E_local, n, W, cap)
+    route, row_token, status, _ = triton_chunks.route_rows_triton(idx, w, n * E_local, n, W, cap, STATUS_SLOTS,
+                                                                   (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+    assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
+    assert (row_token == -1).sum() > W * n * cap // 2
     assert status.tolist() == want.status.tolist()
 
 

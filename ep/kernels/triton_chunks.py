@@ -40,11 +40,17 @@ def _wave_block(idx_ptr, T, E, E_local, n, W, K: tl.constexpr, KP: tl.constexpr,
 
 
 @triton.jit
-def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, T, E, E_local, n, W, NB,
-                        K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr,
+def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, row_token_ptr, T, E, E_local, n, W, NB,
+                        cap, K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr,
                         SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr):
     w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
     tl.store(counts_ptr + tl.program_id(0) * NB + tl.program_id(1), tl.sum(has, axis=0))
+    region = row_token_ptr + tl.program_id(0).to(tl.int64) * cap  # every row unused (-1) until placed
+    at = tl.program_id(1) * BT
+    while at < cap:  # (while: Triton's interpreter cannot range over device scalars)
+        r = at + tl.arange(0, BT)
+        tl.store(region + r, tl.full([BT], -1, tl.int64), mask=r < cap)
+        at += NB * BT
     if d == 0:  # each token's input checks and clamped ids, once (by its wave's first rank)
         tl.store(clamped_ptr + offs, e, mask=valid)
         tl.atomic_add(status_ptr + SLOT_RANGE, tl.sum(tl.sum((valid & ((raw < 0) | (raw >= E))).to(tl.int32), axis=1), axis=0))
@@ -83,11 +89,11 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
     n, W = num_ranks, num_waves
     dev = idx.device
     route = torch.empty(T, n, dtype=torch.int64, device=dev)
-    row_token = torch.full((W * n * capacity,), -1, dtype=torch.int64, device=dev)
     status = torch.zeros(status_slots, dtype=torch.int32, device=dev)
     clamped = torch.empty(T, k, dtype=torch.int64, device=dev)
     if T == 0:
-        return route, row_token, status, clamped
+        return route, torch.full((W * n * capacity,), -1, dtype=torch.int64, device=dev), status, clamped
+    row_token = torch.empty(W * n * capacity, dtype=torch.int64, device=dev)  # the count pass fills it with -1
     kp = triton.next_power_of_2(k)
     block = max(16, min(256, 2048 // (kp * kp)))
     NB = triton.cdiv(-(-T // W), block)
@@ -95,8 +101,8 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
     w = weights.detach().contiguous() if weights is not None else idx
     counts = torch.empty(W * n, NB, dtype=torch.int32, device=dev)
     args = (T, num_experts, num_experts // n, n, W, NB)
-    _route_count_kernel[(W * n, NB)](idx, w, counts, status, clamped, *args, K=k, KP=kp, HAS_W=weights is not None,
-                                     BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2],
+    _route_count_kernel[(W * n, NB)](idx, w, counts, status, clamped, row_token, *args, capacity, K=k, KP=kp,
+                                     HAS_W=weights is not None, BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2],
                                      num_warps=4)
     _route_place_kernel[(W * n, NB)](idx, counts, route, row_token, status, *args, capacity, K=k, KP=kp, BT=block,
                                      NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], num_warps=4)
