@@ -5,8 +5,9 @@ past the last group (a buffer sized by a bound) are ignored. On CUDA in bf16 the
 `torch._grouped_mm` (one launch for all experts, the counts read on the device from
 `offs`), or, where the caller expects few rows per expert (`expected_rows` at most
 `FEW_ROWS`: decode), to a Triton kernel that streams each expert's weights once
-(`ep.kernels.triton_grouped`); elsewhere a plain loop of matmuls (the CPU has no float64 grouped kernel, and its
-`_grouped_mm` backward fails, so this path has its own backward in `ep.experts`), which
+(`ep.kernels.triton_grouped`); elsewhere a plain loop of matmuls (the CPU has no float64
+grouped kernel, and its `_grouped_mm` backward fails, so this path has its own backward in
+`ep.experts`), which
 needs the counts on the host: given, or read from `offs` (free on the CPU; on CUDA in
 other dtypes, a device sync).
 """

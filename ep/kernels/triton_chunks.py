@@ -10,7 +10,8 @@ the torch path takes ~60 small ops (the host's issue time, not the device's, pac
 - `wave_items_triton`: a counting sort of a wave's received slots by local expert, stable in
   (row, slot) order: per block of rows, counts per expert, their running sums along the
   blocks (one program per expert), then each slot's place (its rank among the block's slots
-  of the same expert; the groups' ends summed over the experts by every program). Items past the count in use are left unwritten (consumers stop at `offs[-1]`).
+  of the same expert; the groups' ends summed over the experts by every program). Items
+  past the count in use are left unwritten (consumers stop at `offs[-1]`).
 Their results equal the torch path's, element for element (tests/test_triton_kernels.py).
 """
 from __future__ import annotations
@@ -69,7 +70,8 @@ def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_pt
                         SLOT_OVER: tl.constexpr):
     w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
     blocks = tl.arange(0, NBP)  # the routes of the wave's earlier blocks: their counts, summed here
-    before = tl.sum(tl.load(counts_ptr + tl.program_id(0) * NB + blocks, mask=blocks < tl.program_id(1), other=0), axis=0)
+    earlier = tl.load(counts_ptr + tl.program_id(0) * NB + blocks, mask=blocks < tl.program_id(1), other=0)
+    before = tl.sum(earlier, axis=0)
     pos = before + tl.cumsum(has, axis=0) - has
     fits = pos < cap
     route = tl.where((has > 0) & fits, (w * n + d) * cap + pos, -1)
@@ -102,8 +104,8 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
     counts = torch.empty(W * n, NB, dtype=torch.int32, device=dev)
     args = (T, num_experts, num_experts // n, n, W, NB)
     _route_count_kernel[(W * n, NB)](idx, w, counts, status, clamped, row_token, *args, capacity, K=k, KP=kp,
-                                     HAS_W=weights is not None, BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2],
-                                     num_warps=4)
+                                     HAS_W=weights is not None, BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1],
+                                     SLOT_NONFINITE=slots[2], num_warps=4)
     _route_place_kernel[(W * n, NB)](idx, counts, route, row_token, status, *args, capacity, K=k, KP=kp, BT=block,
                                      NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], num_warps=4)
     return route, row_token, status, clamped
