@@ -29,9 +29,9 @@ from typing import Callable, List, Optional
 import torch
 
 from .checks import STATUS_SLOTS
-from .chunks import ChunkPlan, WaveItems, expert_major, pack_rows, wave_items
+from .chunks import ChunkPlan, WaveItems, expert_major, pack_rows, returned_slot_values, wave_items
 from .experts import linear1, linear1_backward_data, linear2, linear2_backward_data
-from .kernels import gather_rows, gather_rows_into, grouped_mm_wgrad, reduce_rows
+from .kernels import gather_rows, gather_rows_into, gather_slots, grouped_mm_wgrad, reduce_rows
 from .layout import RowLayout
 from .pipeline import _range, _SmCarveout, issue_after, ready_point, run_waves
 from .transport import Pending, Transport
@@ -144,7 +144,7 @@ class ChunkedExperts(torch.autograd.Function):
             hidden[w] = None
             rows = layout.empty(N, device)
             reduce_rows(dx_I, it.slot_item, layout.data(rows))
-            layout.weights(rows).copy_(torch.where(it.slot_item >= 0, dweight_I[it.slot_item.clamp(min=0)], 0))
+            gather_slots(dweight_I, it.slot_item, layout.weights(rows))
             summed = ready_point(device)
             return lambda: issue_after(device, summed, lambda: transport.all_to_all(
                 back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap))
@@ -168,8 +168,7 @@ class ChunkedExperts(torch.autograd.Function):
         dx_TH = torch.empty_like(dy_TH)
         with _range("ep.unpermute"):
             reduce_rows(layout.data(back), plan.route_row, dx_TH)
-        slot_row = plan.route_row.gather(1, plan.topk_idx // plan.num_local_experts)  # [T, k]: each slot's row back
-        dtopk_TK = torch.where(slot_row >= 0, layout.weights(back).gather(0, slot_row.clamp(min=0)), 0)
+        dtopk_TK = returned_slot_values(plan, layout.weights(back))
         return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None
 
 

@@ -163,6 +163,18 @@ def sender_plan(
     )
 
 
+def returned_slot_values(plan: ChunkPlan, values_RK: torch.Tensor) -> torch.Tensor:
+    """`[T, k]`: for slot j of token t, `values[row, j]` of the row token t sent to that slot's
+    rank (`plan.route_row`), 0 where it sent none (the backward's routing-weight gradients,
+    which come back in the rows' weight columns). One kernel on CUDA."""
+    if values_RK.is_cuda and triton_available():
+        from .kernels.triton_chunks import returned_slots_triton
+
+        return returned_slots_triton(plan.route_row, plan.topk_idx, plan.num_local_experts, values_RK)
+    slot_row = plan.route_row.gather(1, plan.topk_idx // plan.num_local_experts)  # [T, k]: each slot's row
+    return torch.where(slot_row >= 0, values_RK.gather(0, slot_row.clamp(min=0)), 0)
+
+
 def pack_rows(x_TH: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], plan: ChunkPlan, layout: RowLayout,
               rows: torch.Tensor) -> None:
     """Write every sent row (`ep.layout`): its token's hidden vector, and for each slot of the

@@ -379,3 +379,30 @@ def test_few_rows_grouped_mm_reads_through_an_index(triton_grouped):
     assert got.shape == (I + 2, N)
     with pytest.raises(ValueError, match="columns"):
         triton_grouped.grouped_mm_few_rows(src[:, :-1], w, offs)
+
+
+def test_gather_slots_matches_torch(triton_rows):
+    from ep.kernels.permute import gather_slots
+
+    g = torch.Generator().manual_seed(9)
+    values = torch.rand(30, generator=g)
+    items = torch.randint(-1, 30, (21, 5), generator=g)
+    want = torch.full((21, 8), 7.0)
+    got = torch.full((21, 8), 7.0)
+    gather_slots(values, items, want[:, :5])  # torch path (the module under the interpreter is triton_rows)
+    triton_rows.gather_slots_triton(values, items, got[:, :5])  # strided rows, columns past k untouched
+    assert torch.equal(got, want) and (got[:, 5:] == 7.0).all() and (want[:, :5][items < 0] == 0).all()
+
+
+@pytest.mark.parametrize("T, n, E_local, k", [(37, 2, 4, 3), (5, 4, 2, 8), (0, 2, 2, 2)])
+def test_returned_slot_values_match_torch(triton_chunks, T, n, E_local, k):
+    from ep.chunks import returned_slot_values, sender_plan, wave_capacity
+
+    idx, w = _routing(T + n, T, n * E_local, k, False)
+    plan = sender_plan(idx, w, n * E_local, n, 2, wave_capacity(T, 2, 0.6))  # some routes past the capacity
+    values = torch.randn(plan.row_token.shape[0] + 1, k + 3, generator=torch.Generator().manual_seed(T))[:, :k]
+    want = returned_slot_values(plan, values)  # torch path (strided rows of values)
+    got = triton_chunks.returned_slots_triton(plan.route_row, plan.topk_idx, E_local, values)
+    assert torch.equal(got, want)
+    if T:  # the capacity left some routes without a row: their slots read 0
+        assert (plan.route_row < 0).any() and (want == 0).any()

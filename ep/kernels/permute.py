@@ -49,6 +49,17 @@ def gather_rows_into(x_MH: torch.Tensor, index_N: torch.Tensor, out_NH: torch.Te
     out_NH.copy_(x_MH[index_N.clamp(min=0)])
 
 
+def gather_slots(values_I: torch.Tensor, items_NK: torch.Tensor, out_NK: torch.Tensor) -> None:
+    """`out[n, j] = values[items[n, j]]`, 0 where `items[n, j]` is -1 (per-slot values of
+    items, e.g. the routing weights' gradients; `out` rows may be strided). One kernel on CUDA."""
+    if use_triton(values_I):
+        from .triton_rows import gather_slots_triton
+
+        gather_slots_triton(values_I, items_NK, out_NK)
+        return
+    out_NK.copy_(torch.where(items_NK >= 0, values_I[items_NK.clamp(min=0)], 0))
+
+
 @lru_cache(maxsize=None)
 def triton_available() -> bool:
     """Whether triton imports here (checked once)."""

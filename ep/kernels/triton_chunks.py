@@ -112,6 +112,35 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
 
 
 @triton.jit
+def _returned_slots_kernel(route_ptr, idx_ptr, values_ptr, out_ptr, T, n, E_local, v_stride,
+                           K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    j = tl.arange(0, KP)
+    m = (t[:, None] < T) & (j[None, :] < K)
+    e = tl.load(idx_ptr + t[:, None] * K + j[None, :], mask=m, other=0)
+    r = tl.load(route_ptr + t[:, None] * n + e // E_local, mask=m, other=-1)
+    v = tl.load(values_ptr + tl.maximum(r, 0) * v_stride + j[None, :], mask=m & (r >= 0), other=0.0)
+    tl.store(out_ptr + t[:, None] * K + j[None, :], v, mask=m)
+
+
+def returned_slots_triton(route_row: torch.Tensor, topk_idx: torch.Tensor, num_local_experts: int,
+                          values: torch.Tensor) -> torch.Tensor:
+    """`[T, k]` in values' dtype: `values[route_row[t, topk_idx[t, j] // E_local], j]`, 0 where
+    that route has no row (`ep.chunks.returned_slot_values`)."""
+    T, k = topk_idx.shape
+    out = values.new_empty(T, k)
+    if T == 0:
+        return out
+    assert values.stride(1) == 1 or k <= 1
+    route_row, topk_idx = route_row.contiguous(), topk_idx.contiguous()  # (the plan's own: already)
+    kp = triton.next_power_of_2(k)
+    bt = max(1, 1024 // kp)
+    _returned_slots_kernel[(triton.cdiv(T, bt),)](route_row, topk_idx, values, out, T, route_row.shape[1],
+                                                  num_local_experts, values.stride(0), K=k, KP=kp, BT=bt, num_warps=4)
+    return out
+
+
+@triton.jit
 def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids_ptr, wts_ptr, st_ptr,
                  H, x_stride, data_stride, meta_stride, wts_stride, E, E_local, n, cap,
                  K: tl.constexpr, KP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_W: tl.constexpr,

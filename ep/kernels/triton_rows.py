@@ -55,6 +55,27 @@ def _gather_rows_kernel(src, index, out, rows_used, H, src_stride, out_stride, B
         tl.store(out + n * out_stride + cols, tl.load(src + i * src_stride + cols, mask=inb), mask=inb)
 
 
+@triton.jit
+def _gather_slots_kernel(values, items, out, N, out_stride, K: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    j = tl.arange(0, KP)
+    m = (n[:, None] < N) & (j[None, :] < K)
+    i = tl.load(items + n[:, None] * K + j[None, :], mask=m, other=-1)
+    v = tl.load(values + tl.maximum(i, 0), mask=m & (i >= 0), other=0.0)
+    tl.store(out + n[:, None] * out_stride + j[None, :], v.to(out.dtype.element_ty), mask=m)
+
+
+def gather_slots_triton(values: torch.Tensor, items: torch.Tensor, out: torch.Tensor) -> None:
+    """`out[n, j] = values[items[n, j]]`, 0 where `items[n, j]` is -1 (rows of out may be strided)."""
+    N, K = items.shape
+    if N == 0:
+        return
+    assert items.is_contiguous() and values.is_contiguous() and (out.stride(1) == 1 or K <= 1)
+    kp = triton.next_power_of_2(K)
+    bn = max(1, 1024 // kp)
+    _gather_slots_kernel[(triton.cdiv(N, bn),)](values, items, out, N, out.stride(0), K=K, KP=kp, BN=bn, num_warps=4)
+
+
 def _unit_rows(t: torch.Tensor) -> bool:
     return t.dim() == 2 and (t.stride(1) == 1 or t.shape[1] <= 1)
 
