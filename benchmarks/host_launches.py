@@ -3,7 +3,8 @@
     python3 benchmarks/host_launches.py --preset dsv3,decode --waves 1,2,4 --json host_launches.json
 
 One process, one GPU, a world of one (the all-to-alls are copies: the launches of a rank's
-own work, without the transport's). Per preset and W, token waves, routing given:
+own work, without the transport's). Per preset and W, token waves, routing given (each
+token k of the E experts, uniformly at random):
 - host ms to issue one call (median of 10 after 3 warm-ups, the device synchronised
   between calls so its queue never fills), and the device ms of that call;
 - launches per call, counted by `torch.profiler` from the CUDA runtime/driver calls

@@ -1,7 +1,7 @@
 """A Triton grouped matrix product for groups of few rows (CUDA): decode-sized expert math.
 
 `out[rows of e] = x[rows of e] @ w[e]` with the groups' ends `offs` on the device, as
-`torch._grouped_mm` takes them. With few rows per expert (decode: ~16 of them) the product
+`torch._grouped_mm` takes them. With few rows per expert (dsv3 decode on 2 ranks: ~32) the product
 is a stream of the experts' weights: r26 measured `torch._grouped_mm` reading them at
 ~3.0 TB/s on an H200 (0.62 + 0.31 ms for dsv3's 32 experts, a floor of 0.39 + 0.20 at
 4.8 TB/s). Here program (j, e) streams columns `[j x BLOCK_N, (j + 1) x BLOCK_N)` of
