@@ -267,6 +267,7 @@ def probe_grouped_mm(device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="gpu_check.json")
+    ap.add_argument("--transports", default=None, help="comma-separated subset of the transports to check")
     ap.add_argument("--checks", default="reference,sync,shared,graphs",
                     help="comma-separated: reference, sync, shared, graphs")
     args = ap.parse_args()
@@ -278,6 +279,8 @@ def main():
     results, failed = [], 0
     # every transport this world can run: the copy engines and the device puts need CUDA ranks of one host
     transports = ["nccl"] + (["copy_engine", "device_put"] if cuda and n > 1 else [])
+    if args.transports:  # a subset (gpu_bench.sh: the others, when device_put's cases hung)
+        transports = [t for t in transports if t in args.transports.split(",")]
     broken = set()  # transports whose shared state an error left broken (device_put's counters)
 
     def skip(transport):

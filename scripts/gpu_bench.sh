@@ -47,9 +47,26 @@ if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two proces
   python3 benchmarks/few_rows_gemm.py --means 32 --json "$OUT/few_rows_n1.json" 2>&1 | grep -v Warn | tee -a "$log" || rc=1
 fi
 echo "== correctness (bf16 vs float64 reference; sync-free step; CUDA graphs), $n GPUs" | tee -a "$log"
-if ! run benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 | tee -a "$log"; then
-  echo "correctness failed: no benchmark of a wrong layer" | tee -a "$log"
-  exit 1
+skip_dp=0
+only_dp_failed() {  # the check's JSON says every failed case was device_put's
+  python3 -c 'import json, sys; c = json.load(open(sys.argv[1]))["cases"]
+sys.exit(0 if all(x.get("transport") == "device_put" for x in c if not x["ok"]) else 1)' "$1" 2>/dev/null
+}
+if ! timeout 300 torchrun --standalone --nproc-per-node "$n" benchmarks/gpu_check.py --json "$OUT/check_n$n.json" 2>&1 \
+    | tee -a "$log"; then
+  # device_put has not run on two GPUs yet: when only its cases failed (or the check hung and
+  # the others pass alone), measure the others
+  if [ -f "$OUT/check_n$n.json" ] && only_dp_failed "$OUT/check_n$n.json"; then
+    echo "correctness failed for device_put only: the benchmark runs without it" | tee -a "$log"
+    skip_dp=1; rc=1
+  elif [ ! -f "$OUT/check_n$n.json" ] && [ "$n" -gt 1 ] && run benchmarks/gpu_check.py --transports nccl,copy_engine \
+      --json "$OUT/check_n${n}_without_device_put.json" 2>&1 | tee -a "$log"; then
+    echo "the check did not finish with device_put, and passed without it: the benchmark runs without it" | tee -a "$log"
+    skip_dp=1; rc=1
+  else
+    echo "correctness failed: no benchmark of a wrong layer" | tee -a "$log"
+    exit 1
+  fi
 fi
 echo "== the README's example: one process, no launcher, one GPU" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 python3 tests/readme_example.py --json "$OUT/readme_n1.json" 2>&1 | tee -a "$log" || rc=1
@@ -62,6 +79,7 @@ else
   echo "mpirun: no mpirun binary on this machine (mpi4py $(python3 -c 'import mpi4py; print(mpi4py.__version__)' 2>&1))" | tee -a "$log"
 fi
 transports=nccl; [ "$n" -gt 1 ] && transports=nccl,copy_engine,device_put  # the copy engines and device puts need peers
+[ "$skip_dp" = 1 ] && transports=${transports%,device_put}
 if [ $quick = 1 ]; then
   nvlink=(--preset dsv3,decode --waves 1,2,auto --expert-waves 1 --carveouts 0)
   no_p2p=(--preset dsv3 --waves 1,2,4,auto --expert-waves 1,4 --carveouts 0,16)
