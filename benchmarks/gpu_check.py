@@ -32,6 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ep  # noqa: E402
+from benchmarks import provenance  # noqa: E402
 from tests.cases import make_problem, rel_err  # noqa: E402
 from tests.reference import reference_moe, reference_routing  # noqa: E402
 
@@ -283,21 +284,25 @@ def main():
         transports = [t for t in transports if t in args.transports.split(",")]
     broken = set()  # transports whose shared state an error left broken (device_put's counters)
 
-    def skip(transport):
-        return transport in broken and {"error": f"skipped: {transport} broken by an earlier failure"}
+    def attempt(transport, case):
+        """(case's result, None), or (None, why) when it raised (a failing transport is a failed
+        case, not a dead run; device_put is then broken for the cases after) or was skipped."""
+        if transport in broken:
+            return None, f"skipped: {transport} broken by an earlier failure"
+        try:
+            return case(), None
+        except Exception as e:  # noqa: BLE001
+            if transport == "device_put":
+                broken.add(transport)
+            return None, repr(e)[:400]
+
     splits = [("tokens", True), ("experts", True), ("experts", False)]
     for transport, (split, dedup), W, routing in itertools.product(transports if "reference" in checks else [], splits,
                                                                    (1, 2, 4, 8), ("router", "skewed")):
-        try:
-            errs, worst = skip(transport) or None, float("inf")
-            if errs is None:
-                errs, worst = check_case(n, rank, device, W, dedup, routing,
-                                         seed=W * 7 + int(dedup) * 3 + (routing == "router"), transport=transport,
-                                         split=split)
-        except Exception as e:  # noqa: BLE001 - a failing transport is a failed case, not a dead run
-            errs, worst = {"error": repr(e)[:300]}, float("inf")
-            if transport == "device_put":
-                broken.add(transport)
+        got, why = attempt(transport, lambda: check_case(n, rank, device, W, dedup, routing,
+                                                         seed=W * 7 + int(dedup) * 3 + (routing == "router"),
+                                                         transport=transport, split=split))
+        errs, worst = got if why is None else ({"error": why}, float("inf"))
         ok = worst < TOL
         failed += not ok
         results.append(dict(check="reference", transport=transport, wave_split=split, W=W, dedup_across_waves=dedup,
@@ -310,13 +315,8 @@ def main():
     for transport, W, routing, max_tokens in itertools.product(transports if cuda and "sync" in checks else [], (1, 2),
                                                                 ("router", "skewed"),
                                                                 (None, 400)):
-        try:
-            ok, detail = (False, skip(transport)["error"]) if skip(transport) else (
-                check_sync_free(n, rank, device, transport, W, routing, max_tokens), "")
-        except Exception as e:  # noqa: BLE001 - a sync (or any error) is a failed case
-            ok, detail = False, repr(e)[:400]
-            if transport == "device_put":
-                broken.add(transport)
+        got, why = attempt(transport, lambda: check_sync_free(n, rank, device, transport, W, routing, max_tokens))
+        ok, detail = (got, "") if why is None else (False, why)  # a sync (or any error) is a failed case
         failed += not ok
         results.append(dict(check="sync_free", transport=transport, W=W, routing=routing, max_tokens=max_tokens, ok=ok,
                             error=detail))
@@ -334,13 +334,9 @@ def main():
         if rank == 0:
             print(f"shared expert beside the dispatch W={W}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
     for transport, W in itertools.product(transports if cuda and "graphs" in checks else [], (1, 2)):
-        try:
-            got = skip(transport) or check_graphs(n, rank, device, transport, W)
-            ok = got.get("worst_rel_err", float("inf")) < TOL
-        except Exception as e:  # noqa: BLE001
-            got, ok = {"error": repr(e)[:400]}, False
-            if transport == "device_put":
-                broken.add(transport)
+        got, why = attempt(transport, lambda: check_graphs(n, rank, device, transport, W))
+        got = got if why is None else {"error": why}
+        ok = got.get("worst_rel_err", float("inf")) < TOL
         failed += not ok
         results.append(dict(check="cuda_graph", transport=transport, W=W, ok=ok, **got))
         if rank == 0:
@@ -348,11 +344,9 @@ def main():
     probe = probe_grouped_mm(device) if rank == 0 and cuda else None
     if rank == 0:
         print("grouped_mm layout probe:", json.dumps(probe, indent=1), flush=True)
-        with open(args.json, "w") as f:
-            json.dump({"world_size": n, "tolerance": TOL, "torch": torch.__version__,
-                       "nccl": ".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
-                       "device": torch.cuda.get_device_name() if cuda else "cpu",
-                       "cases": results, "grouped_mm_probe": probe, "failed": failed}, f, indent=2)
+        provenance.dump(args.json, world_size=n, tolerance=TOL,
+                        nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else None,
+                        cases=results, grouped_mm_probe=probe, failed=failed)
         print(f"{len(results) - failed} passed, {failed} failed", flush=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -409,9 +409,10 @@ def traced_rows(rows: List[dict], trace_waves: str) -> List[dict]:
     eager = [r for r in rows if r["split"] == "tokens" and r["W"] > 1 and not r.get("graph")]
     extra = {int(w) for w in trace_waves.split(",") if w.strip()} if trace_waves else set()
     picks = {}
-    for r in sorted(eager, key=lambda r: r["fwd_ms"]):
-        for key in ((r["transport"], "best"), *(((r["transport"], r["W"]),) if r["W"] in extra else ())):
-            picks.setdefault(key, r)
+    for r in sorted(eager, key=lambda r: r["fwd_ms"]):  # the first seen of each key is the fastest
+        picks.setdefault((r["transport"], "best"), r)
+        if r["W"] in extra:
+            picks.setdefault((r["transport"], r["W"]), r)
     unique = {(r["transport"], r["W"], r["carveout"]): r for r in picks.values()}
     return list(unique.values())
 
