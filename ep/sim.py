@@ -542,6 +542,11 @@ def build_expert_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int,
 # Kernel launches of the token-wave engine on CUDA (bf16, Triton kernels), per step,
 # counted from `ep/chunks.py`, `ep/chunk_pipeline.py`, `ep/kernels/` and `ep/checks.py`
 # (`benchmarks/calibrate.py` sets them beside the r17 profiler traces):
+# The launches of the code the calibrated runs ran (r16-r19; r17's trace: 42 at W=2). Since
+# then (session 5, not yet measured on 2 GPUs) the code launches fewer: "plan" 3, "items" 3,
+# "bwd sum" 2, "bwd unpermute" 2, and at decode (the few-rows products) "linear1" 1 and
+# "linear2" 2. The table changes with the next calibration on 2 GPUs, not before: the fit of
+# the runs' host times rests on these counts.
 TOKEN_LAUNCHES = {
     # forward, once: sender_plan (ids clamped, row_token filled, status zeroed, count kernel,
     # the blocks' prefix: cumsum and minus, place kernel)
