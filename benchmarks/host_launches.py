@@ -10,8 +10,9 @@ token k of the E experts, uniformly at random):
 - launches per call, counted by `torch.profiler` from the CUDA runtime/driver calls
   that put work on a stream (kernels, copies, memsets, event records and waits);
 - the ops of most host time (self CPU time, one profiled call), to see what to fuse;
-- at W=1, the forward's device work in order with each kernel's time, and the forward
-  captured in a CUDA graph: its replay's host and device ms.
+- at W=1, the forward's device work in order with each kernel's time;
+- the forward, and a training step (forward and backward), captured in CUDA graphs: their
+  replays' host and device ms (the device floor of the call on this GPU, no host gaps).
 The floor it shows: a call's host time is about its launches times one launch's cost on this
 host; what is left of the device time after the host has issued the last launch is what an
 eager caller waits for. Not a benchmark of the device time (`overlap.py` is).
@@ -146,6 +147,20 @@ def main() -> int:
             rows.append(dict(preset=name, W=W, call="fwd_graph", host_ms=g_host, device_ms=g_dev))
             print(f"{name:8} W={W} fwd, CUDA graph: host {g_host:7.3f} ms  device {g_dev:7.3f} ms", flush=True)
             del graph
+            with torch.cuda.stream(side):  # the training step's warm-up, then its capture
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            layer.zero_grad(set_to_none=True)
+            xg.grad = None
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                layer(xg, topk_idx=idx, topk_weights=tw).sum().backward()
+            g_host, g_dev = timed(graph.replay)
+            rows.append(dict(preset=name, W=W, call="fwd_bwd_graph", host_ms=g_host, device_ms=g_dev))
+            print(f"{name:8} W={W} fwd+bwd, CUDA graph: host {g_host:7.3f} ms  device {g_dev:7.3f} ms", flush=True)
+            del graph
+            layer.zero_grad(set_to_none=True)
+            xg.grad = None
             for what, fn in (("fwd", fwd), ("fwd_bwd", step)):
                 host_ms, dev_ms = timed(fn)
                 kinds, ops, kernels = launches(fn, args.top)
