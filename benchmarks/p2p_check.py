@@ -8,16 +8,20 @@ between GPUs (the bytes go through this GPU's memory, not NVLink: the rates are 
 own, a bound for a peer over NVLink, not a measurement of it):
 1. correct: n in {2, 4}, 12 calls of random splits, rows of 16-byte pieces (bf16, the
    dispatch row of H 7168) and of odd bytes (3 x fp32), every rank's call in flight before
-   any is read out: each `out` equals what `all_to_all_single` gives;
+   any is read out: each `out` equals what `all_to_all_single` gives; and with `sent_rows`
+   (random device counts of the rows in use, some past the split): those rows as sent, the
+   rest of each split all-ones bytes, `arrived_rows` the counts;
 2. sync-free: after a warm-up, 8 more calls under `torch.cuda.set_sync_debug_mode("error")`;
 3. CUDA graphs: each rank's sequence of 4 calls captured in a graph of its own, replayed 5
    times with new inputs, the ranks' graphs at once on their streams: every replay correct;
+   and with `sent_rows` given new counts before each replay (read on the device);
 4. timeout: rank 1 never sends; rank 0's wait ends after `timeout_s` = 0.5 with an error
    naming the call (read from host-mapped memory): the wall time says there was no hang;
 5. rate: the sending kernel with G programs moving 59 MB (4096 dsv3 dispatch rows) to the
    other rank, G in {4, 8, 16, 24, 32, 64}, 32 or 64 KB per program and step: median ms
    over 20 after 5 warm-ups, GB/s, GB/s per program; the receiving kernel's time; the host's time to issue a call and its wait
-   (two kernel launches); `copy_` of the same bytes;
+   (two kernel launches); `copy_` of the same bytes; at 16 programs also with 66% of the
+   rows in use (`sent_rows`: a dsv3 region at EP 8), where only those should move;
 6. with `--host-profile`: cProfile of 200 small calls and waits, the functions of most own time.
 Prints a table and "N passed, M failed"; exits non-zero on any failure.
 
@@ -57,13 +61,16 @@ def world(n, **kw):
     return trs, streams
 
 
-def one_call(trs, streams, splits, ins, outs, label, bound):
-    """Issue every rank's call on its stream, then every rank's wait (the receiving kernel)."""
+def one_call(trs, streams, splits, ins, outs, label, bound, used=None):
+    """Issue every rank's call on its stream (`used[r]`: rank r's `sent_rows`, host ints or a
+    device tensor), then every rank's wait (the receiving kernel)."""
     n = len(trs)
     pend = []
     for r in range(n):
+        sent = None if used is None else torch.as_tensor(used[r], dtype=torch.int64, device=DEV)
         with torch.cuda.stream(streams[r]):
-            pend.append(trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r], label, bound))
+            pend.append(trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r], label, bound,
+                                          sent))
     return pend
 
 
@@ -86,18 +93,39 @@ def buffers(splits, shape, dtype, g):
     return ins, outs
 
 
-def check_calls(n, shape, dtype, calls=12, bound=64, seed=0):
+def left_out(ins, outs, splits, used, pend) -> int:
+    """Ranks whose `out` or `arrived_rows` differ from a call that sent only `used[p][r]` rows:
+    those as sent, the rest of each split all-ones bytes."""
+    n, bad = len(ins), 0
+    for r in range(n):
+        at, ok = 0, True
+        for p in range(n):
+            rows, kept = splits[p][r], min(used[p][r], splits[p][r])
+            frm = sum(splits[p][:r])
+            got = outs[r][at:at + rows]
+            ok &= torch.equal(got[:kept], ins[p][frm:frm + kept]) and bool((got[kept:].view(torch.uint8) == 255).all())
+            ok &= pend[r].arrived_rows[p].item() == kept
+            at += rows
+        bad += not ok
+    return bad
+
+
+def check_calls(n, shape, dtype, calls=12, bound=64, seed=0, sent=False):
     g = torch.Generator().manual_seed(seed)
     trs, streams = world(n, timeout_s=10.0)
     bad = 0
     for c in range(calls):
         splits = torch.randint(0, bound + 1, (n, n), generator=g).tolist()
+        used = torch.randint(0, bound + 8, (n, n), generator=g).tolist()
         ins, outs = buffers(splits, shape, dtype, g)
         torch.cuda.synchronize()
-        pend = one_call(trs, streams, splits, ins, outs, f"call {c}", bound)
+        pend = one_call(trs, streams, splits, ins, outs, f"call {c}", bound, used if sent else None)
         wait_all(pend, streams)
         torch.cuda.synchronize()
-        bad += sum(not torch.equal(outs[r], expected(ins, splits, r)) for r in range(n))
+        if sent:
+            bad += left_out(ins, outs, splits, used, pend)
+        else:
+            bad += sum(not torch.equal(outs[r], expected(ins, splits, r)) for r in range(n))
     for tr in trs:
         tr.raise_errors()
     return bad == 0, f"{calls} calls x {n} ranks, {bad} wrong"
@@ -122,35 +150,43 @@ def check_sync_free(n=2, bound=256):
     return ok, "8 calls under set_sync_debug_mode('error')"
 
 
-def check_graphs(n=2, bound=128, calls=4, replays=5):
+def check_graphs(n=2, bound=128, calls=4, replays=5, sent=False):
     g = torch.Generator().manual_seed(11)
     trs, streams = world(n, timeout_s=10.0)
     splits = [[torch.randint(1, bound + 1, (1,), generator=g).item() for _ in range(n)] for _ in range(n)]
     bufs = [buffers(splits, (ROW,), torch.bfloat16, g) for _ in range(calls)]
+    used = [torch.full((n, n), bound, dtype=torch.int64, device=DEV) if sent else None for _ in range(calls)]
     for c in range(2):  # warm-up outside capture
-        for ins, outs in bufs:
-            wait_all(one_call(trs, streams, splits, ins, outs, "warm-up", bound), streams)
+        for (ins, outs), u in zip(bufs, used):
+            wait_all(one_call(trs, streams, splits, ins, outs, "warm-up", bound, u), streams)
     torch.cuda.synchronize()
     graphs = [torch.cuda.CUDAGraph() for _ in range(n)]
+    pends = [[None] * calls for _ in range(n)]
     for r in range(n):  # each rank's sequence in a graph of its own (the kernels do not run while capturing)
         with torch.cuda.graph(graphs[r], stream=streams[r]):
             for c, (ins, outs) in enumerate(bufs):
-                pend = trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r],
-                                         f"graph call {c}", bound)
-                pend.wait()
+                pends[r][c] = trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r],
+                                                f"graph call {c}", bound, None if used[c] is None else used[c][r])
+                pends[r][c].wait()
     wrong = 0
     for rep in range(replays):
-        for ins, outs in bufs:
+        for c, (ins, outs) in enumerate(bufs):
             for r in range(n):
                 ins[r].copy_((torch.randn(ins[r].shape, generator=g) * 3).to(torch.bfloat16))
                 outs[r].fill_(float("nan"))
+            if sent:  # new counts, read on the device at the replay
+                used[c].copy_(torch.randint(0, bound + 1, (n, n), generator=g))
         torch.cuda.synchronize()
         for r in range(n):
             streams[r].wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(streams[r]):
                 graphs[r].replay()
         torch.cuda.synchronize()
-        wrong += sum(not torch.equal(outs[r], expected(ins, splits, r)) for ins, outs in bufs for r in range(n))
+        for c, (ins, outs) in enumerate(bufs):
+            if sent:
+                wrong += left_out(ins, outs, splits, used[c].tolist(), [pends[r][c] for r in range(n)])
+            else:
+                wrong += sum(not torch.equal(outs[r], expected(ins, splits, r)) for r in range(n))
     for tr in trs:
         tr.raise_errors()
     return wrong == 0, f"{replays} replays of {calls} calls x {n} ranks, {wrong} wrong"
@@ -184,14 +220,17 @@ def timed(fn, iters=20, warm=5):
     return statistics.median(ts)
 
 
-def rate(programs, block_bytes=32768, rows=4096):
+def rate(programs, block_bytes=32768, rows=4096, in_use=None):
     """Rank 0 sends `rows` dispatch rows to rank 1 (none to itself), and back: the sending
-    kernel's time on rank 0's stream, the receiving kernel's on rank 1's, each alone."""
+    kernel's time on rank 0's stream, the receiving kernel's on rank 1's, each alone. With
+    `in_use` (a fraction): only that share of the rows carries data (`sent_rows`)."""
     trs, streams = world(2, timeout_s=10.0, programs=programs, block_bytes=block_bytes)
     splits = [[0, rows], [rows, 0]]
     g = torch.Generator().manual_seed(3)
     ins, outs = buffers(splits, (ROW,), torch.bfloat16, g)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    kept = rows if in_use is None else round(rows * in_use)
+    sent = None if in_use is None else torch.tensor([0, kept], dtype=torch.int64, device=DEV)
 
     host = []
 
@@ -199,7 +238,7 @@ def rate(programs, block_bytes=32768, rows=4096):
         with torch.cuda.stream(streams[0]):
             ev[0].record()
             t0 = time.perf_counter()
-            p0 = trs[0].all_to_all(outs[0], ins[0], [0, rows], [0, rows], "rate", rows)
+            p0 = trs[0].all_to_all(outs[0], ins[0], [0, rows], [0, rows], "rate", rows, sent)
             host.append(time.perf_counter() - t0)
             ev[1].record()
         torch.cuda.synchronize()  # rank 0's put waits for nothing of this call: it ends alone
@@ -220,10 +259,11 @@ def rate(programs, block_bytes=32768, rows=4096):
     for _ in range(5):
         step()
     puts, takes = zip(*(step() for _ in range(20)))
-    ok = torch.equal(outs[1], ins[0])
-    nbytes = rows * ROW * 2
+    ok = torch.equal(outs[1][:kept], ins[0][:kept]) and bool((outs[1][kept:].view(torch.uint8) == 255).all())
+    nbytes = kept * ROW * 2  # the bytes that moved
     put_ms, take_ms = statistics.median(puts), statistics.median(takes)
-    return dict(programs=programs, block_bytes=block_bytes, MB=nbytes / 1e6, put_ms=put_ms, put_GBps=nbytes / put_ms / 1e6,
+    return dict(programs=programs, block_bytes=block_bytes, in_use=in_use or 1.0, MB=nbytes / 1e6, put_ms=put_ms,
+                put_GBps=nbytes / put_ms / 1e6,
                 put_GBps_per_program=nbytes / put_ms / 1e6 / programs, take_ms=take_ms,
                 take_GBps=nbytes / take_ms / 1e6, host_us_per_call=statistics.median(host[5:]) * 1e6, correct=ok)
 
@@ -294,9 +334,12 @@ def main():
     case("rows, n=2, bf16 dispatch rows", check_calls, 2, (ROW,), torch.bfloat16, seed=1)
     case("rows, n=4, bf16 dispatch rows", check_calls, 4, (ROW,), torch.bfloat16, seed=2)
     case("rows, n=3, 12-byte rows (byte copies)", check_calls, 3, (3,), torch.float32, seed=3)
+    case("rows in use only, n=4, bf16 dispatch rows", check_calls, 4, (ROW,), torch.bfloat16, seed=4, sent=True)
+    case("rows in use only, n=3, 12-byte rows", check_calls, 3, (3,), torch.float32, seed=5, sent=True)
     case("sync-free, n=2", check_sync_free)
     case("CUDA graphs, n=2", check_graphs)
     case("CUDA graphs, n=4", check_graphs, 4)
+    case("CUDA graphs, rows in use only, n=4", check_graphs, 4, sent=True)
     case("timeout: a peer that never sends", check_timeout)
     rates = []
     for block in map(int, args.blocks.split(",")):
@@ -305,16 +348,22 @@ def main():
                 rates.append(rate(G, block))
             except Exception as e:  # noqa: BLE001
                 rates.append(dict(programs=G, block_bytes=block, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    try:
+        rates.append(rate(16, in_use=0.66))
+    except Exception as e:  # noqa: BLE001
+        rates.append(dict(programs=16, block_bytes=32768, in_use=0.66, error=f"{type(e).__name__}: {str(e)[:300]}"))
     base = copy_rate()
     print(f"\ncopy_ of {base['MB']:.0f} MB: {base['copy_ms']:.3f} ms ({base['copy_GBps']:.0f} GB/s, read+write "
           f"{2 * base['copy_GBps']:.0f})")
-    print(f"{'block':>6} {'G':>4} {'put ms':>8} {'GB/s':>7} {'GB/s/prog':>9} {'take ms':>8} {'GB/s':>7} {'host us':>8} correct")
+    print(f"{'block':>6} {'G':>4} {'in use':>6} {'put ms':>8} {'GB/s':>7} {'GB/s/prog':>9} {'take ms':>8} {'GB/s':>7} "
+          f"{'host us':>8} correct")
     for r in rates:
         if "error" in r:
             print(f"{r['block_bytes']:>6} {r['programs']:>4} {r['error']}")
             continue
-        print(f"{r['block_bytes']:>6} {r['programs']:>4} {r['put_ms']:8.3f} {r['put_GBps']:7.0f} {r['put_GBps_per_program']:9.1f} "
-              f"{r['take_ms']:8.3f} {r['take_GBps']:7.0f} {r['host_us_per_call']:8.1f} {r['correct']}")
+        print(f"{r['block_bytes']:>6} {r['programs']:>4} {r['in_use']:6.2f} {r['put_ms']:8.3f} {r['put_GBps']:7.0f} "
+              f"{r['put_GBps_per_program']:9.1f} {r['take_ms']:8.3f} {r['take_GBps']:7.0f} {r['host_us_per_call']:8.1f} "
+              f"{r['correct']}")
     profile = None
     if args.host_profile:
         per_call_us, profile = host_profile()

@@ -9,10 +9,11 @@ own, so here each rank is a process on GPU 0, the arenas are shared by CUDA IPC 
 travel through a Gloo group), and the GPU's time slices let one process's kernels run while
 another's wait. The layer (token waves, given routing; W = 1, 2) runs forward and backward
 with `transport=DevicePutTransport(...)`, its host side over Gloo, against the float64
-reference (`tests/reference.py`), every output and gradient within 1e-2 (bf16). Slow by
-design (the processes take turns on the GPU): correctness only, no timing.
-Prints "N passed, M failed" on rank 0; exits non-zero on any failure. Written after the
-session's device time was spent: not run yet (`scripts/gpu_bench.sh 1` runs it first).
+reference (`tests/reference.py`), every output and gradient within 1e-2 (bf16). The ranks'
+token counts are below `max_tokens`, so the regions have padding, which the transport leaves
+out (`sent_rows`). Slow by design (the processes take turns on the GPU): correctness only,
+no timing. Any number of processes (`--nproc-per-node 3`: three ranks on the GPU).
+Prints "N passed, M failed" on rank 0; exits non-zero on any failure. First run in r25.
 """
 from __future__ import annotations
 

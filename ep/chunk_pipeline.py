@@ -4,7 +4,10 @@ Forward, per layer (`ep.chunks` made the plan; every size below is fixed before 
     1. gather every route's row into its place among the sent rows, with its slot table
        (`ep.layout`): one pass for all waves;
     2. dispatch(w) sends wave w's n regions (one all-to-all of n x capacity rows each way),
-       every wave's at once (each waits only for the pack, `ep.pipeline.issue_after`);
+       every wave's at once (each waits only for the pack, `ep.pipeline.issue_after`); with
+       the regions' rows in use (`ChunkPlan.region_rows`), so a transport that can leaves the
+       padding out (`Transport.all_to_all`'s `sent_rows`; the combine then returns only the
+       rows that arrived);
     3. per wave as its rows land: the items in expert order from the rows' slot tables
        (`ep.chunks.wave_items`), linear1 and linear2 over all local experts (grouped GEMMs
        that read their group sizes on the device), each row's weighted sum over its items
@@ -36,7 +39,7 @@ from .layout import RowLayout
 from .pipeline import _range, _SmCarveout, issue_after, ready_point, run_waves
 from .transport import Pending, Transport
 
-_PLAN_TENSORS = ("route_row", "row_token", "topk_idx", "status")
+_PLAN_TENSORS = ("route_row", "row_token", "topk_idx", "status", "region_rows")
 _ITEM_TENSORS = ("item_row", "item_weight", "item_expert", "offs", "slot_item")
 
 
@@ -65,11 +68,15 @@ class ChunkedExperts(torch.autograd.Function):
         back = x_TH.new_empty(W * N, H)
         items: List[Optional[WaveItems]] = [None] * W
         hidden: List[Optional[torch.Tensor]] = [None] * W
+        arrived: List[Optional[torch.Tensor]] = [None] * W  # rows in use per source, where the transport counted them
         carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
 
         def dispatch(w: int) -> Pending:
-            return issue_after(device, packed, lambda: transport.all_to_all(
-                recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}", cap))
+            flight = issue_after(device, packed, lambda: transport.all_to_all(
+                recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}", cap,
+                plan.region_rows[w]))
+            arrived[w] = flight.arrived_rows
+            return flight
 
         def compute(w: int) -> Callable[[], Pending]:
             rows = recv[w]
@@ -83,7 +90,7 @@ class ChunkedExperts(torch.autograd.Function):
             items[w], hidden[w] = it, h
             summed = ready_point(device)
             return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-                back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}", cap))
+                back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}", cap, arrived[w]))
 
         run_waves(W, dispatch, compute, math_first=False)  # dispatches wait for the pack only: all go first
         y_TH = torch.empty_like(x_TH)
@@ -128,11 +135,15 @@ class ChunkedExperts(torch.autograd.Function):
         dh: List[Optional[torch.Tensor]] = [None] * W
         wa: List[Optional[torch.Tensor]] = [None] * W
         dz: List[Optional[torch.Tensor]] = [None] * W
+        arrived: List[Optional[torch.Tensor]] = [None] * W
         carve = _SmCarveout(ctx.sm_carveout if W > 1 else 0, device)
 
         def combine_backward(w: int) -> Pending:
-            return issue_after(device, packed, lambda: transport.all_to_all(
-                recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}", cap))
+            flight = issue_after(device, packed, lambda: transport.all_to_all(
+                recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}", cap,
+                plan.region_rows[w]))
+            arrived[w] = flight.arrived_rows
+            return flight
 
         def compute(w: int) -> Callable[[], Pending]:
             it = items[w]
@@ -147,7 +158,7 @@ class ChunkedExperts(torch.autograd.Function):
             gather_slots(dweight_I, it.slot_item, layout.weights(rows))
             summed = ready_point(device)
             return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-                back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap))
+                back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap, arrived[w]))
 
         flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
         with _range("ep.weight_grads"), carve:  # beside the last transfers

@@ -74,6 +74,12 @@ class ChunkPlan:
     """`[T, k]` int64: each slot's global expert, clamped into `[0, E)` (its rank: `// E_local`)."""
     status: torch.Tensor
     """`[STATUS_SLOTS]` int32: this rank's findings (host and device checks, rows over capacity)."""
+    region_rows: torch.Tensor
+    """`[W, n]` int64: the rows of each region that carry data, from its start (the routes
+    placed there come first, in token order), and at least one where the region has rows
+    (every sent row carries the sender's status, which the receiver reads from the first
+    row of each region of wave 0). The rest of a region is padding: a transport may leave it
+    out (`Transport.all_to_all`'s `sent_rows`)."""
 
     @property
     def rows_per_wave(self) -> int:
@@ -121,14 +127,15 @@ def sender_plan(
     if topk_idx_TK.is_cuda and triton_available():
         from .kernels.triton_chunks import route_rows_triton
 
-        route_row, row_token, status, idx = route_rows_triton(
+        route_row, row_token, status, idx, region_rows = route_rows_triton(
             topk_idx_TK.to(torch.int64), topk_weights_TK, num_experts, n, W, capacity, STATUS_SLOTS,
             (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
         for slot, value in enumerate(host_status or ()):
             if value:  # a host int: added as a kernel argument, no copy to the device
                 status[slot] += value
         return ChunkPlan(num_ranks=n, num_waves=W, num_local_experts=E_local, top_k=k, capacity=capacity,
-                         route_row=route_row, row_token=row_token, topk_idx=idx, status=status)
+                         route_row=route_row, row_token=row_token, topk_idx=idx, status=status,
+                         region_rows=region_rows.view(W, n))
     idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
     slot_rank = idx // E_local
     # [n, T]: the scan over tokens runs along the inner dimension (an outer-dimension scan of
@@ -148,6 +155,9 @@ def sender_plan(
     tokens = torch.arange(T, device=device).unsqueeze(1).expand(T, n)
     row_token.scatter_(0, torch.where(route_row >= 0, route_row, rows).flatten(), tokens.flatten())
     row_token = row_token[:rows]
+    region = torch.where(route_row >= 0, route_row // max(capacity, 1), W * n).flatten()
+    placed = torch.zeros(W * n + 1, dtype=torch.int64, device=device).scatter_add_(0, region, torch.ones_like(region))
+    region_rows = placed[:W * n].clamp(min=min(1, capacity)).view(W, n)  # at most the capacity: only fits are placed
 
     checks = value_status(topk_idx_TK, topk_weights_TK, num_experts)
     status = torch.zeros(STATUS_SLOTS, dtype=torch.int64, device=device)
@@ -160,6 +170,7 @@ def sender_plan(
     return ChunkPlan(
         num_ranks=n, num_waves=W, num_local_experts=E_local, top_k=k, capacity=capacity,
         route_row=route_row, row_token=row_token, topk_idx=idx, status=status.to(torch.int32),
+        region_rows=region_rows,
     )
 
 

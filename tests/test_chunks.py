@@ -26,10 +26,22 @@ def test_sender_plan_by_hand():
     assert plan.route_row.tolist() == [[0, 2], [1, -1], [-1, 6], [4, 7]]
     assert plan.row_token.tolist() == [0, 1, 0, -1, 3, -1, 2, 3]
     assert plan.status.tolist() == [0] * STATUS_SLOTS
+    assert plan.region_rows.tolist() == [[2, 1], [1, 2]]  # the routes placed first in each region
     # one row per region: the second route of a region does not fit, and is counted
     small = sender_plan(idx, None, 4, 2, 2, capacity=1)
     assert small.route_row.tolist() == [[0, 1], [-1, -1], [-1, 3], [2, -1]]
     assert small.status[ROWS_OVER].item() == 2
+    assert small.region_rows.tolist() == [[1, 1], [1, 1]]  # never more than the capacity
+
+
+def test_region_rows_send_the_status_row_of_a_region_without_routes():
+    # rank 1 owns experts 2, 3: no token of wave 0 goes there, and no token at all in wave 1
+    # of rank 0; the first row of each region still carries the sender's status
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])
+    assert sender_plan(idx, None, 4, 2, 2, capacity=2).region_rows.tolist() == [[2, 1], [2, 1]]
+    empty = torch.empty(0, 2, dtype=torch.int64)  # a rank with no tokens in a call where others have some
+    assert sender_plan(empty, None, 4, 2, 2, capacity=3).region_rows.tolist() == [[1, 1], [1, 1]]
+    assert sender_plan(empty, None, 4, 2, 2, capacity=0).region_rows.tolist() == [[0, 0], [0, 0]]
 
 
 def test_slot_tables_by_hand():

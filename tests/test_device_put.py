@@ -1,6 +1,7 @@
 """The device-put transport (`ep.transport.device_put`) on the CPU: its ring and arena layout
 by hand, and its Triton kernels in Triton's interpreter with every rank in this process
-(`ProcessMesh`): every call's rows land where `all_to_all_single` would put them, the ring's
+(`ProcessMesh`): every call's rows land where `all_to_all_single` would put them (given
+device counts of the rows in use, only those travel: the rest reads as padding), the ring's
 bytes are reused only after the receiver read them out, and a peer that never sends or never
 reads becomes a `CommunicationError` naming the call, never a hang.
 
@@ -79,6 +80,49 @@ def test_rows_land_as_all_to_all_single_puts_them(interpreted, n, shape, dtype):
         tr.raise_errors()  # nothing timed out
 
 
+@pytest.mark.parametrize("n, shape, dtype", [(2, (8,), torch.float32), (3, (3,), torch.float32),
+                                             (4, (2, 8), torch.bfloat16)])
+def test_only_the_rows_in_use_travel_and_the_rest_reads_as_padding(interpreted, n, shape, dtype):
+    """With `sent_rows`, each split's first rows arrive as sent, the rest of it holds all-ones
+    bytes (the rows' padding), and `arrived_rows` says how many arrived from each peer."""
+    g = torch.Generator().manual_seed(10 + n)
+    trs = _world(n, timeout_s=1.0, ring_calls=2, chunks=4)
+    for call in range(4):  # wraps the ring: headers and rows of later calls land on earlier ones'
+        splits = torch.randint(0, 5, (n, n), generator=g).tolist()
+        used = [[int(torch.randint(0, 6, (), generator=g)) for _ in range(n)] for _ in range(n)]  # may pass the split
+        ins = [torch.randn(sum(splits[r]), *shape, generator=g).to(dtype) for r in range(n)]
+        outs = [torch.zeros(sum(splits[p][r] for p in range(n)), *shape).to(dtype) for r in range(n)]
+        pending = [trs[r].all_to_all(outs[r], ins[r], [splits[p][r] for p in range(n)], splits[r], f"call {call}", 4,
+                                     sent_rows=torch.tensor(used[r])) for r in range(n)]
+        for p in pending:
+            p.wait()
+        for r in range(n):
+            at = 0
+            for p in range(n):
+                rows, kept = splits[p][r], min(used[p][r], splits[p][r])
+                sent_from = sum(splits[p][:r])
+                got = outs[r][at:at + rows]
+                assert torch.equal(got[:kept], ins[p][sent_from:sent_from + kept]), (call, r, p)
+                assert bool((got[kept:].reshape(-1).view(torch.uint8) == 255).all()), (call, r, p)
+                assert pending[r].arrived_rows[p].item() == kept, (call, r, p)
+                at += rows
+    for tr in trs:
+        tr.raise_errors()
+
+
+def test_without_sent_rows_nothing_is_counted(interpreted):
+    trs = _world(2, timeout_s=1.0)
+    outs, wants, pending = _call(trs, [[2, 1], [3, 2]], (4,), torch.float32, torch.Generator().manual_seed(3))
+    assert all(torch.equal(o, w) for o, w in zip(outs, wants))
+    assert all(p.arrived_rows is None for p in pending)
+
+
+def test_sent_rows_of_the_wrong_shape_are_refused(interpreted):
+    trs = _world(2)
+    with pytest.raises(ValueError, match=r"sent_rows must be \[2\] int64"):
+        trs[0].all_to_all(torch.empty(4, 4), torch.empty(4, 4), [2, 2], [2, 2], "x", 2, torch.tensor([1, 1, 1]))
+
+
 def test_two_calls_in_flight_before_either_is_read(interpreted):
     g = torch.Generator().manual_seed(5)
     trs = _world(2, timeout_s=1.0, ring_calls=2, chunks=4)
@@ -93,9 +137,12 @@ def test_two_calls_in_flight_before_either_is_read(interpreted):
 def test_a_peer_that_never_sends_is_an_error_naming_the_call(interpreted):
     trs = _world(2, timeout_s=0.05)
     out, inp = torch.empty(4, 4), torch.randn(4, 4)
-    trs[0].all_to_all(out, inp, [2, 2], [2, 2], "dispatch (forward) of wave 3", 2).wait()  # rank 1 never sends
+    pending = trs[0].all_to_all(out, inp, [2, 2], [2, 2], "dispatch (forward) of wave 3", 2,
+                                sent_rows=torch.tensor([2, 2]))
+    pending.wait()  # rank 1 never sends
     assert torch.equal(out[:2], inp[:2])  # this rank's own rows
     assert bool((out[2:].view(torch.int32) == -1).all())  # rank 1's: all-ones bytes, the rows' padding
+    assert pending.arrived_rows.tolist() == [2, 0]
     with pytest.raises(CommunicationError, match=r"rank 0 timed out .* dispatch \(forward\) of wave 3.* rank 1 \(its rows"):
         trs[0].raise_errors()
     trs[1].raise_errors()  # rank 1 waited for nothing

@@ -29,13 +29,14 @@ def _cases():
 
     p2p = dict(words=P("i64"), groups=P("i64"), sizes=P("i64"), uses=P("i64"), err_addr="i64", me=I32, n=I32,
                call_at="i64", per_src="i64", first=I32, chunks=I32, ready_at=I32, freed_at=I32, deadline="i64",
-               label=I32)
-    wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, CHUNKS=32, USE_CLOCK=True)
+               label=I32, arrived_rows=P("i64"), row_pieces=I32)
+    wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, CHUNKS=32, USE_CLOCK=True, HAS_SENT=True)
     return [
-        (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), wait_programs=I32, **p2p), wide),
+        (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), sent_rows=P("i64"), wait_programs=I32,
+                              **p2p), wide),
         (tp._take_kernel, dict(out=P("i32"), arena=P("i32"), put_programs=I32, **p2p), wide),
-        (tp._put_kernel, dict(src=P("u8"), out=P("u8"), arena=P("u8"), wait_programs=I32, **p2p),
-         dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, CHUNKS=32, USE_CLOCK=True)),
+        (tp._put_kernel, dict(src=P("u8"), out=P("u8"), arena=P("u8"), sent_rows=P("i64"), wait_programs=I32, **p2p),
+         dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, CHUNKS=32, USE_CLOCK=True, HAS_SENT=False)),
         (tg._few_rows_kernel, dict(x=P("bf16"), index=P("i64"), w=P("bf16"), offs=P("i32"), out=P("bf16"), N=I32,
                                    x_stride=I32, w_se="i64", w_sk=I32, out_stride=I32),
          dict(K=7168, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GATHER=True)),
@@ -46,7 +47,8 @@ def _cases():
                                       clamped_ptr=P("i64"), row_token_ptr=P("i64"), cap=I32, **COMMON),
          dict(K=8, KP=8, HAS_W=True, BT=32, SLOT_RANGE=5, SLOT_REPEAT=6, SLOT_NONFINITE=7)),
         (tc._route_place_kernel, dict(idx_ptr=P("i64"), counts_ptr=P("i32"), route_ptr=P("i64"), row_token_ptr=P("i64"),
-                                      status_ptr=P("i32"), cap=I32, **COMMON), dict(K=6, KP=8, BT=32, NBP=128, SLOT_OVER=10)),
+                                      status_ptr=P("i32"), region_rows_ptr=P("i64"), cap=I32, **COMMON),
+         dict(K=6, KP=8, BT=32, NBP=128, SLOT_OVER=10)),
         (tc._returned_slots_kernel, dict(route_ptr=P("i64"), idx_ptr=P("i64"), values_ptr=P("fp32"), out_ptr=P("fp32"),
                                          T=I32, n=I32, E_local=I32, v_stride=I32), dict(K=8, KP=8, BT=128)),
         (tr._gather_slots_kernel, dict(values=P("fp32"), items=P("i64"), out=P("fp32"), N=I32, out_stride=I32),

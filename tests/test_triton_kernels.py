@@ -262,10 +262,11 @@ def test_route_rows_match_torch(triton_chunks, T, n, E_local, k, W, cap_factor, 
     idx, w = _routing(T * 10 + n, T, E, k, bad)
     cap = wave_capacity(T, W, cap_factor)
     want = sender_plan(idx, w, E, n, W, cap)  # the torch path, on the CPU
-    route, row_token, status, clamped = triton_chunks.route_rows_triton(idx, w, E, n, W, cap, STATUS_SLOTS,
-                                                                         (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+    route, row_token, status, clamped, region_rows = triton_chunks.route_rows_triton(
+        idx, w, E, n, W, cap, STATUS_SLOTS, (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
     assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
     assert torch.equal(clamped, want.topk_idx)
+    assert torch.equal(region_rows.view(W, n), want.region_rows)
 
 
 def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_chunks):
@@ -278,11 +279,12 @@ def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_chu
     idx, w = _routing(7, T, n * E_local, k, False)
     cap = wave_capacity(4 * T, W)
     want = sender_plan(idx, w, n * E_local, n, W, cap)
-    route, row_token, status, _ = triton_chunks.route_rows_triton(idx, w, n * E_local, n, W, cap, STATUS_SLOTS,
-                                                                   (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+    route, row_token, status, _, region_rows = triton_chunks.route_rows_triton(
+        idx, w, n * E_local, n, W, cap, STATUS_SLOTS, (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
     assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
     assert (row_token == -1).sum() > W * n * cap // 2
     assert status.tolist() == want.status.tolist()
+    assert torch.equal(region_rows.view(W, n), want.region_rows) and bool((region_rows < cap // 2).all())
 
 
 @pytest.mark.parametrize("n, E_local, k, W", [(2, 4, 3, 2), (3, 2, 4, 1)])

@@ -65,8 +65,8 @@ def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, row
 
 
 @triton.jit
-def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_ptr, T, E, E_local, n, W, NB, cap,
-                        K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
+def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_ptr, region_rows_ptr, T, E, E_local, n,
+                        W, NB, cap, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
                         SLOT_OVER: tl.constexpr):
     w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
     blocks = tl.arange(0, NBP)  # the routes of the wave's earlier blocks: their counts, summed here
@@ -78,15 +78,20 @@ def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_pt
     tl.store(route_ptr + tok.to(tl.int64) * n + d, route.to(tl.int64), mask=vt)
     tl.store(row_token_ptr + route, tok.to(tl.int64), mask=vt & (has > 0) & fits)
     tl.atomic_add(status_ptr + SLOT_OVER, tl.sum(tl.where(vt & (has > 0) & ~fits, 1, 0), axis=0))
+    if tl.program_id(1) == NB - 1:  # the region's last block: its rows in use (at least one, the status row)
+        placed = before + tl.sum(has, axis=0)
+        tl.store(region_rows_ptr + tl.program_id(0), tl.minimum(tl.maximum(placed, 1), cap).to(tl.int64))
 
 
 def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_experts: int, num_ranks: int,
                       num_waves: int, capacity: int, status_slots: int, slots: Tuple[int, int, int, int]):
     """Returns route_row `[T, n]` int64, row_token `[W * n * capacity]` int64, the status
-    `[status_slots]` int32 (slots: range, repeat, nonfinite, over capacity) and the ids
-    clamped into `[0, E)` `[T, k]` int64. Programs per (wave x rank, block of the wave's
+    `[status_slots]` int32 (slots: range, repeat, nonfinite, over capacity), the ids
+    clamped into `[0, E)` `[T, k]` int64 and each region's rows in use `[W * n]` int64
+    (`ep.chunks.ChunkPlan.region_rows`). Programs per (wave x rank, block of the wave's
     tokens): a count pass, then a place pass (each route's row: the rank's routes from
-    earlier blocks, summed from their counts, and earlier tokens of the block)."""
+    earlier blocks, summed from their counts, and earlier tokens of the block; a region's
+    last block also writes its rows in use)."""
     T, k = idx.shape
     n, W = num_ranks, num_waves
     dev = idx.device
@@ -94,7 +99,9 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
     status = torch.zeros(status_slots, dtype=torch.int32, device=dev)
     clamped = torch.empty(T, k, dtype=torch.int64, device=dev)
     if T == 0:
-        return route, torch.full((W * n * capacity,), -1, dtype=torch.int64, device=dev), status, clamped
+        return (route, torch.full((W * n * capacity,), -1, dtype=torch.int64, device=dev), status, clamped,
+                torch.full((W * n,), min(1, capacity), dtype=torch.int64, device=dev))
+    region_rows = torch.empty(W * n, dtype=torch.int64, device=dev)
     row_token = torch.empty(W * n * capacity, dtype=torch.int64, device=dev)  # the count pass fills it with -1
     kp = triton.next_power_of_2(k)
     block = max(16, min(256, 2048 // (kp * kp)))
@@ -106,9 +113,9 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
     _route_count_kernel[(W * n, NB)](idx, w, counts, status, clamped, row_token, *args, capacity, K=k, KP=kp,
                                      HAS_W=weights is not None, BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1],
                                      SLOT_NONFINITE=slots[2], num_warps=4)
-    _route_place_kernel[(W * n, NB)](idx, counts, route, row_token, status, *args, capacity, K=k, KP=kp, BT=block,
-                                     NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], num_warps=4)
-    return route, row_token, status, clamped
+    _route_place_kernel[(W * n, NB)](idx, counts, route, row_token, status, region_rows, *args, capacity, K=k, KP=kp,
+                                     BT=block, NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], num_warps=4)
+    return route, row_token, status, clamped, region_rows
 
 
 @triton.jit

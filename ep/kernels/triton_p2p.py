@@ -6,15 +6,19 @@ process stand in for them):
 
 - `put`: on the sender, G programs copy the rows for this rank straight into `out`, then
   for each peer in turn its rows straight into that peer's *arena* (the rank's symmetric
-  buffer; `ep.transport.device_put.ArenaLayout` says where each part lies), and raise the
+  buffer; `ep.transport.device_put.ArenaLayout` says where each part lies), after a
+  *header* (one int64 word in 16 bytes) that says how many pieces follow, and raise the
   peer's *ready* counter of each of the call's ring chunks by one (a release at system
   scope, after a barrier of the program's threads, so every store of the program is
   visible before the counts are). Before writing into a peer's arena, a program waits until
   the peer has read out every earlier use of those chunks: their *freed* counters, kept in
-  this rank's arena, have reached their counts.
+  this rank's arena, have reached their counts. With `sent_rows` (device counts) only the
+  first rows of each peer's split travel: the rest is padding, and no bytes move for it.
 - `take`: on the receiver, GW programs wait until each peer's ready counter of each of the
-  call's chunks has reached G x (this use of the chunk), copy the peer's rows out of the
-  arena into `out`, then raise the peer's freed counters of the chunks by one.
+  call's chunks has reached G x (this use of the chunk), copy as many pieces as the
+  peer's header says out of the arena into `out`, fill the rest of the peer's split with
+  all-ones bytes, write the rows that arrived (`arrived`), then raise the peer's freed
+  counters of the chunks by one.
 
 Counters belong to places (chunks of the ring), not to calls: whatever call used a chunk
 last, an eager call or one replayed from a CUDA graph, its counts are the ones waited for.
@@ -27,7 +31,8 @@ Every wait has a deadline (nanoseconds of `%globaltimer` on the GPU; a number of
 the interpreter, which has no clock). A wait past it writes what it waited for into the
 error record (4 int64 words at a host-mapped address: the first error wins) and goes on:
 a sender that timed out sends that peer nothing, a receiver fills what did not arrive with
-all-ones bytes (the rows' padding: expert ids -1, so nothing after it indexes out of bounds).
+all-ones bytes (the rows' padding, as for rows left out: expert ids -1, so nothing after it
+indexes out of bounds).
 So a peer that never arrives becomes an error the host reads at its next look, never a hang.
 
 Bytes move as elements of the caller's choosing (int32 where every offset and size is a
@@ -62,20 +67,36 @@ def _peer(base, groups, me, peer, PER_GROUP: tl.constexpr):
 
 
 @triton.jit
-def _copy(src, dst, count, pid, G, arrived, BLOCK: tl.constexpr, CACHE: tl.constexpr):
-    """Program `pid` of G copies its share (blocks pid, pid + G, ...) of `count` elements; where
-    the rows never `arrived`, it writes all-ones bytes instead (the row layout's padding: every
-    slot's expert id -1), so what follows a timed-out wait indexes nothing out of bounds."""
+def _copy(src, dst, valid, total, pid, G, BLOCK: tl.constexpr, CACHE: tl.constexpr):
+    """Program `pid` of G writes its share (blocks pid, pid + G, ...) of `total` elements of
+    `dst`: the first `valid` copied from `src`, the rest all-ones bytes (the row layout's
+    padding: every slot's expert id -1), so rows left out, or that never arrived after a
+    timed-out wait, index nothing out of bounds."""
     cols = tl.arange(0, BLOCK)
     b = pid.to(tl.int64)
-    while b * BLOCK < count:  # (while: Triton's interpreter cannot range over device scalars)
+    while b * BLOCK < total:  # (while: Triton's interpreter cannot range over device scalars)
         at = b * BLOCK + cols
-        keep = at < count
         if CACHE:
-            tl.store(dst + at, tl.load(src + at, mask=keep & arrived, other=-1), mask=keep)
+            tl.store(dst + at, tl.load(src + at, mask=at < valid, other=-1), mask=at < total)
         else:  # rows written by another GPU: past the L1
-            tl.store(dst + at, tl.load(src + at, mask=keep & arrived, other=-1, cache_modifier=".cg"), mask=keep)
+            tl.store(dst + at, tl.load(src + at, mask=at < valid, other=-1, cache_modifier=".cg"), mask=at < total)
         b += G
+
+
+@triton.jit
+def _sent(sizes, sent_rows, n, peer, row_pieces, HAS_SENT: tl.constexpr):
+    """Pieces this rank sends `peer`: its split, or only the first `sent_rows[peer]` rows of it.
+    (Counts stay in pieces until they meet ALIGN, so the compiler sees whole pieces.)"""
+    count = tl.load(sizes + n + peer)
+    if HAS_SENT:
+        count = tl.minimum(count, tl.maximum(tl.load(sent_rows + peer), 0) * row_pieces)
+    return count
+
+
+@triton.jit
+def _header(words, call_at, per_src, src_rank, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr):
+    """The header word of the rows from `src_rank` in a call's place (elements -> int64 words)."""
+    return words + (call_at + src_rank * per_src) * ALIGN // (PER_GROUP // 2)
 
 
 @triton.jit
@@ -132,27 +153,34 @@ def _count_use(uses, G, pid, first, count, CHUNKS: tl.constexpr):
 
 # The per-call integers are not specialised on (Triton would compile a variant for each value
 # of 1 and each multiple of 16 it meets: a rank, a label, a ring place, first seen mid-run).
-_PER_CALL = ("me", "n", "call_at", "per_src", "first", "chunks", "ready_at", "freed_at", "deadline", "label")
+_PER_CALL = ("me", "n", "call_at", "per_src", "first", "chunks", "ready_at", "freed_at", "deadline", "label",
+             "row_pieces")
 
 
 @triton.jit(do_not_specialize=_PER_CALL + ("wait_programs",))
 def _put_kernel(
-    src, out, arena, words, groups, sizes, uses, err_addr,
-    me, n, call_at, per_src, first, chunks, ready_at, freed_at, wait_programs, deadline, label,
+    src, out, arena, words, groups, sizes, sent_rows, arrived_rows, uses, err_addr,
+    me, n, call_at, per_src, first, chunks, ready_at, freed_at, wait_programs, deadline, label, row_pieces,
     BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, CHUNKS: tl.constexpr,
-    USE_CLOCK: tl.constexpr,
+    USE_CLOCK: tl.constexpr, HAS_SENT: tl.constexpr,
 ):
     """Sizes and places count *pieces* of ALIGN elements (16 bytes when ALIGN x element = 16):
     sizes `[4, n]` int64: send offset, send count, receive offset, receive count per rank;
     `call_at`: this call's place in the arena (from its start); rows from rank s land at
-    `call_at + s * per_src`; the call covers `chunks` chunks of the ring from `first`.
-    `arena` / `words`: this rank's arena as elements / int64 words; `groups`: every rank's
-    arena address in 16-byte groups; `uses` `[chunks of the ring, G]`: each program's uses."""
+    `call_at + s * per_src`, after their 16-byte header; the call covers `chunks` chunks of
+    the ring from `first`. `arena` / `words`: this rank's arena as elements / int64 words;
+    `groups`: every rank's arena address in 16-byte groups; `uses` `[chunks of the ring, G]`:
+    each program's uses. With HAS_SENT, `sent_rows` `[n]`: the rows of each peer's split that
+    carry data (`row_pieces` pieces each), the only ones sent; `arrived_rows[me]` gets this
+    rank's own (the receiving kernel writes the peers'). A header holds its count in pieces."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
-    # this rank's own rows, straight into out
-    _copy(src + tl.load(sizes + me) * ALIGN, out + tl.load(sizes + 2 * n + me) * ALIGN,
-          tl.load(sizes + n + me) * ALIGN, pid, G, True, BLOCK, True)
+    # this rank's own rows, straight into out (the rest of its split: padding)
+    own = _sent(sizes, sent_rows, n, me, row_pieces, HAS_SENT)
+    _copy(src + tl.load(sizes + me) * ALIGN, out + tl.load(sizes + 2 * n + me) * ALIGN, own * ALIGN,
+          tl.load(sizes + 3 * n + me) * ALIGN, pid, G, BLOCK, True)
+    if HAS_SENT and pid == 0:
+        tl.store(arrived_rows + me, own // tl.maximum(row_pieces, 1))
     j = 1
     while j < n:
         peer = (me + j) % n
@@ -160,9 +188,11 @@ def _put_kernel(
         free = _all_reached(words + freed_at + peer, n, first, chunks, uses, G, pid, 0, wait_programs, deadline,
                             err_addr, 2, peer, label, CHUNKS, USE_CLOCK)
         if free:  # else neither rows nor counts: the peer's wait times out too, and reads padding
-            dst = _peer(arena, groups, me, peer, PER_GROUP) + (call_at + me * per_src) * ALIGN
-            _copy(src + tl.load(sizes + peer) * ALIGN, dst, tl.load(sizes + n + peer) * ALIGN, pid, G, True,
-                  BLOCK, True)
+            count = _sent(sizes, sent_rows, n, peer, row_pieces, HAS_SENT)
+            if pid == 0:
+                tl.store(_header(_peer(words, groups, me, peer, 2), call_at, per_src, me, ALIGN, PER_GROUP), count)
+            dst = _peer(arena, groups, me, peer, PER_GROUP) + (call_at + me * per_src) * ALIGN + PER_GROUP
+            _copy(src + tl.load(sizes + peer) * ALIGN, dst, count * ALIGN, count * ALIGN, pid, G, BLOCK, True)
             tl.debug_barrier()  # every thread's stores are issued before the counts go up
             _raise_all(_peer(words, groups, me, peer, 2) + ready_at + me, n, first, chunks, CHUNKS)
         j += 1
@@ -171,12 +201,14 @@ def _put_kernel(
 
 @triton.jit(do_not_specialize=_PER_CALL + ("put_programs",))
 def _take_kernel(
-    out, arena, words, groups, sizes, uses, err_addr,
-    me, n, call_at, per_src, first, chunks, ready_at, freed_at, put_programs, deadline, label,
+    out, arena, words, groups, sizes, arrived_rows, uses, err_addr,
+    me, n, call_at, per_src, first, chunks, ready_at, freed_at, put_programs, deadline, label, row_pieces,
     BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, CHUNKS: tl.constexpr,
-    USE_CLOCK: tl.constexpr,
+    USE_CLOCK: tl.constexpr, HAS_SENT: tl.constexpr,
 ):
-    """The receiving half of `_put_kernel`'s call (same sizes, place and chunks)."""
+    """The receiving half of `_put_kernel`'s call (same sizes, place and chunks): each peer's
+    pieces as its header says, the rest of its split all-ones bytes; with HAS_SENT, the rows
+    that arrived from each peer into `arrived_rows`."""
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     j = 1
@@ -184,8 +216,13 @@ def _take_kernel(
         peer = (me - j + n) % n
         arrived = _all_reached(words + ready_at + peer, n, first, chunks, uses, G, pid, 1, put_programs, deadline,
                                err_addr, 1, peer, label, CHUNKS, USE_CLOCK)
-        _copy(arena + (call_at + peer * per_src) * ALIGN, out + tl.load(sizes + 2 * n + peer) * ALIGN,
-              tl.load(sizes + 3 * n + peer) * ALIGN, pid, G, arrived, BLOCK, False)
+        total = tl.load(sizes + 3 * n + peer)
+        told = tl.load(_header(words, call_at, per_src, peer, ALIGN, PER_GROUP), cache_modifier=".cg")
+        valid = tl.where(arrived, tl.minimum(tl.maximum(told, 0), total), 0)  # within the split, whatever it says
+        _copy(arena + (call_at + peer * per_src) * ALIGN + PER_GROUP, out + tl.load(sizes + 2 * n + peer) * ALIGN,
+              valid * ALIGN, total * ALIGN, pid, G, BLOCK, False)
+        if HAS_SENT and pid == 0:
+            tl.store(arrived_rows + peer, valid // tl.maximum(row_pieces, 1))
         j += 1
     tl.debug_barrier()  # every thread's reads are done before the peers may overwrite
     j = 1
@@ -201,23 +238,27 @@ def _lanes(uses: torch.Tensor) -> int:
     return triton.next_power_of_2(uses.shape[0])
 
 
-def put(src, out, arena, groups, sizes, uses, err_addr: int, *, me: int, n: int, call_at: int, per_src: int,
-        first: int, chunks: int, ready_at: int, freed_at: int, programs: int, wait_programs: int, deadline: int,
-        label: int, block: int, align: int, use_clock: bool) -> None:
+def put(src, out, arena, groups, sizes, sent_rows, arrived_rows, uses, err_addr: int, *, me: int, n: int,
+        call_at: int, per_src: int, first: int, chunks: int, ready_at: int, freed_at: int, programs: int,
+        wait_programs: int, deadline: int, label: int, row_pieces: int, block: int, align: int,
+        use_clock: bool) -> None:
     """Launch the sending half on the current stream (see the module docstring); `arena` is
-    this rank's arena viewed as `src`'s elements."""
+    this rank's arena viewed as `src`'s elements; `sent_rows` None: every row of each split."""
     _put_kernel[(programs,)](
-        src, out, arena, arena.view(torch.int64), groups, sizes, uses, err_addr, me, n, call_at, per_src,
-        first, chunks, ready_at, freed_at, wait_programs, deadline, label, BLOCK=block, ALIGN=align,
-        PER_GROUP=16 // src.element_size(), CHUNKS=_lanes(uses), USE_CLOCK=use_clock, num_warps=8)
+        src, out, arena, arena.view(torch.int64), groups, sizes, sizes if sent_rows is None else sent_rows,
+        sizes if arrived_rows is None else arrived_rows, uses, err_addr, me, n, call_at, per_src,
+        first, chunks, ready_at, freed_at, wait_programs, deadline, label, row_pieces, BLOCK=block, ALIGN=align,
+        PER_GROUP=16 // src.element_size(), CHUNKS=_lanes(uses), USE_CLOCK=use_clock, HAS_SENT=sent_rows is not None,
+        num_warps=8)
 
 
-def take(out, arena, groups, sizes, uses, err_addr: int, *, me: int, n: int, call_at: int, per_src: int,
-         first: int, chunks: int, ready_at: int, freed_at: int, programs: int, put_programs: int, deadline: int,
-         label: int, block: int, align: int, use_clock: bool) -> None:
-    """Launch the receiving half on the current stream."""
+def take(out, arena, groups, sizes, arrived_rows, uses, err_addr: int, *, me: int, n: int, call_at: int,
+         per_src: int, first: int, chunks: int, ready_at: int, freed_at: int, programs: int, put_programs: int,
+         deadline: int, label: int, row_pieces: int, block: int, align: int, use_clock: bool) -> None:
+    """Launch the receiving half on the current stream; `arrived_rows` None: not counted."""
     _take_kernel[(programs,)](
-        out, arena, arena.view(torch.int64), groups, sizes, uses, err_addr, me, n, call_at, per_src, first,
-        chunks, ready_at, freed_at, put_programs, deadline, label, BLOCK=block, ALIGN=align,
-        PER_GROUP=16 // out.element_size(), CHUNKS=_lanes(uses), USE_CLOCK=use_clock, num_warps=8)
+        out, arena, arena.view(torch.int64), groups, sizes, sizes if arrived_rows is None else arrived_rows, uses,
+        err_addr, me, n, call_at, per_src, first, chunks, ready_at, freed_at, put_programs, deadline, label,
+        row_pieces, BLOCK=block, ALIGN=align, PER_GROUP=16 // out.element_size(), CHUNKS=_lanes(uses),
+        USE_CLOCK=use_clock, HAS_SENT=arrived_rows is not None, num_warps=8)
 

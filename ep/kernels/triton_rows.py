@@ -30,8 +30,8 @@ def _reduce_rows_kernel(
     for j in tl.static_range(K):
         i = tl.load(items + n * K + j)
         term = tl.load(src + tl.maximum(i, 0) * src_stride + cols, mask=inb & (i >= 0), other=0.0).to(tl.float32)
-        if HAS_W:
-            term = term * tl.load(weights + n * w_stride + j).to(tl.float32)
+        if HAS_W:  # (a slot served elsewhere may carry any bytes: its row may be padding)
+            term = term * tl.load(weights + n * w_stride + j, mask=i >= 0, other=0.0).to(tl.float32)
         total += term
     if HAS_ACC:
         dst = tl.load(out_pos + n)

@@ -20,7 +20,15 @@ class CommunicationError(RuntimeError):
 
 
 class Pending(ABC):
-    """An operation in flight."""
+    """An operation in flight.
+
+    `arrived_rows`: for an all-to-all whose transport sent only the caller's `sent_rows`, an
+    `[n]` int64 device tensor: the rows of each peer's split that carried data (written by
+    the time `wait()` returns, in stream order; the rest of the split holds all-ones bytes);
+    None when every row of every split arrived as it was sent.
+    """
+
+    arrived_rows: Optional[torch.Tensor] = None
 
     @abstractmethod
     def wait(self) -> None:
@@ -80,6 +88,7 @@ class Transport(ABC):
         in_splits: Sequence[int],
         label: str = "all-to-all",
         rows_bound: Optional[int] = None,
+        sent_rows: Optional[torch.Tensor] = None,
     ) -> Pending:
         """Start an all-to-all of rows.
 
@@ -93,6 +102,11 @@ class Transport(ABC):
             rows_bound: optional, the same on every rank: no rank sends or receives more
                 rows than this for one peer in this call (transports that place a call's
                 rows in fixed buffers size the call from it; others ignore it).
+            sent_rows: optional `[world_size]` int64 device tensor: only the first
+                `sent_rows[p]` rows of the split for rank p carry data, the rest is padding.
+                A transport may leave the padding out (then the receiver finds all-ones bytes
+                there, and `Pending.arrived_rows` says how many rows arrived); one that sends
+                everything ignores it. Either way the rows that carry data arrive as sent.
         """
 
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:

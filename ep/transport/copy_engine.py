@@ -85,7 +85,8 @@ class CopyEngineTransport(Transport):
 
     # -- the all-to-all ----------------------------------------------------------------
     def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all",
-                   rows_bound: Optional[int] = None) -> Pending:
+                   rows_bound: Optional[int] = None,
+                   sent_rows: Optional[torch.Tensor] = None) -> Pending:
         """Copies into the peers' slots of this call's half of their buffers, one barrier,
         then copies out of this rank's slots. The halves alternate between calls, so the
         half a call writes was last read two calls ago, before the previous call's

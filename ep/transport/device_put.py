@@ -4,11 +4,15 @@ Every rank owns one *arena*, a torch symmetric-memory buffer that every rank of 
 maps (`ArenaLayout` says where its parts lie): counters, then a data region used as a ring
 of equal chunks, each with its own counters. Each call takes the next whole chunks of the
 ring (the same on every rank: its size is the group-wide bound of rows per peer times the
-row's bytes, times n). On the sender, one kernel with `programs` programs (a few
-SMs) copies each peer's rows into place (`call place + me x per_src`) in that peer's arena
-and raises the peer's ready counter; `Pending.wait()` launches, on the caller's stream, the
-receiving kernel, which waits for every peer's count, copies the rows out into `out` and
-raises the peer's freed counters. A sender waits until the peer has read out every earlier
+row's bytes, plus a 16-byte header, times n). On the sender, one kernel with `programs`
+programs (a few SMs) copies each peer's rows into place (`call place + me x per_src`, after
+the header that says how many bytes follow) in that peer's arena and raises the peer's ready
+counter; `Pending.wait()` launches, on the caller's stream, the receiving kernel, which waits
+for every peer's count, copies the rows out into `out` and raises the peer's freed counters.
+Given `sent_rows` (device counts: the token waves' rows in use per region), only those rows
+travel; the receiver fills the rest of each split with all-ones bytes (the rows' padding) and
+writes the rows that arrived into `Pending.arrived_rows`, which the layer passes back as the
+combine's `sent_rows`: the fixed regions cost memory, not bandwidth. A sender waits until the peer has read out every earlier
 use of the chunks it is about to overwrite, whichever calls (eager or replayed) those were
 (the ring holds `ring_calls` of the largest call, a whole token-wave forward at the default
 2, so in a layer's own calls it rarely waits).
@@ -161,8 +165,8 @@ class SymmetricMesh:
 class _TakePending(Pending):
     """Waiting launches the receiving kernel on the caller's stream (once)."""
 
-    def __init__(self, take, put_done: Optional[torch.cuda.Event]) -> None:
-        self._take, self._put_done = take, put_done
+    def __init__(self, take, put_done: Optional[torch.cuda.Event], arrived_rows: Optional[torch.Tensor]) -> None:
+        self._take, self._put_done, self.arrived_rows = take, put_done, arrived_rows
 
     def wait(self) -> None:
         if self._take is None:
@@ -253,7 +257,8 @@ class DevicePutTransport(Transport):
 
     # -- the all-to-all ----------------------------------------------------------------
     def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all",
-                   rows_bound: Optional[int] = None) -> Pending:
+                   rows_bound: Optional[int] = None,
+                   sent_rows: Optional[torch.Tensor] = None) -> Pending:
         n, me = self.world_size, self.rank
         if n == 1:
             return copy_pending(out, inp)
@@ -268,7 +273,7 @@ class DevicePutTransport(Transport):
         row_bytes = math.prod(inp.shape[1:]) * inp.element_size()
         wide = row_bytes % 16 == 0 and inp.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
         unit, piece = (torch.int32, 16) if wide else (torch.uint8, 1)  # piece: bytes of the kernels' size unit
-        per_src = -(-bound * row_bytes // 16) * 16  # one source's place in a call, the same on every rank
+        per_src = 16 + -(-bound * row_bytes // 16) * 16  # one source's place in a call (its header, its rows)
         if self._layout is None or n * per_src * self.ring_calls > self._layout.data_bytes:
             self._grow(n * per_src)
         at, first, chunks = self._ring.place(n * per_src)
@@ -277,15 +282,21 @@ class DevicePutTransport(Transport):
         common = dict(me=me, n=n, call_at=(layout.data_at + at) // piece, per_src=per_src // piece,
                       first=first, chunks=chunks, ready_at=layout.ready_at, freed_at=layout.freed_at,
                       deadline=int(self.timeout_s * 1e9) if cuda else max(1, int(self.timeout_s * 1000)),
-                      label=self._label(label), block=self.block_bytes // unit.itemsize, align=piece // unit.itemsize,
-                      use_clock=cuda)
+                      label=self._label(label), row_pieces=row_bytes // piece,
+                      block=self.block_bytes // unit.itemsize, align=piece // unit.itemsize, use_clock=cuda)
         from ..kernels import triton_p2p
 
         src, dst, arena = inp.view(-1).view(unit), out.view(-1).view(unit), self._arena.view(unit)
         err = self._err.data_ptr()
+        arrived = None
+        if sent_rows is not None:
+            if sent_rows.shape != (n,) or sent_rows.dtype != torch.int64 or sent_rows.device != self.device:
+                raise ValueError(f"ep: {label}: sent_rows must be [{n}] int64 on {self.device}, got "
+                                 f"{tuple(sent_rows.shape)} {sent_rows.dtype} on {sent_rows.device}")
+            sent_rows, arrived = sent_rows.contiguous(), torch.empty(n, dtype=torch.int64, device=self.device)
         try:
-            triton_p2p.put(src, dst, arena, self._groups, sizes, self._uses_put, err, programs=self.programs,
-                           wait_programs=self.programs, **common)
+            triton_p2p.put(src, dst, arena, self._groups, sizes, sent_rows, arrived, self._uses_put, err,
+                           programs=self.programs, wait_programs=self.programs, **common)
         except Exception as e:  # noqa: BLE001
             raise CommunicationError(f"ep: rank {me} failed starting {label}: {type(e).__name__}: {e}") from e
         done = None
@@ -293,14 +304,17 @@ class DevicePutTransport(Transport):
             done = torch.cuda.Event()
             done.record()
             stream = torch.cuda.current_stream()
-            for t in (inp, out):  # the caller may free them while the kernel runs
-                t.record_stream(stream)
+            for t in (inp, out, sent_rows):  # the caller may free them while the kernel runs
+                if t is not None:
+                    t.record_stream(stream)
 
         def take() -> None:
-            triton_p2p.take(dst, arena, self._groups, sizes, self._uses_take, err, programs=self.programs,
+            triton_p2p.take(dst, arena, self._groups, sizes, arrived, self._uses_take, err, programs=self.programs,
                             put_programs=self.programs, **common)
+            if cuda and arrived is not None:  # made on the issuing stream, written on this one
+                arrived.record_stream(torch.cuda.current_stream())
 
-        return _TakePending(take, done)
+        return _TakePending(take, done, arrived)
 
     def raise_errors(self) -> None:
         """Raise `CommunicationError` for what a device-side wait recorded (no sync: reads

@@ -66,7 +66,8 @@ class TorchDistTransport(Transport):
         self.timeout = self.host_timeout if self.backend == "gloo" else None
 
     def all_to_all(self, out, inp, out_splits: Sequence[int], in_splits: Sequence[int], label: str = "all-to-all",
-                   rows_bound: Optional[int] = None) -> Pending:
+                   rows_bound: Optional[int] = None,
+                   sent_rows: Optional[torch.Tensor] = None) -> Pending:
         if self.world_size == 1:
             return copy_pending(out, inp)
         try:
@@ -125,7 +126,8 @@ class LocalTransport(Transport):
     """Where host-made tensors may go; exchanges keep their input's device."""
 
     def all_to_all(self, out, inp, out_splits, in_splits, label: str = "all-to-all",
-                   rows_bound: Optional[int] = None) -> Pending:
+                   rows_bound: Optional[int] = None,
+                   sent_rows: Optional[torch.Tensor] = None) -> Pending:
         return copy_pending(out, inp)
 
     def exchange(self, inp: torch.Tensor, label: str = "exchange") -> torch.Tensor:
