@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 
 import torch
@@ -23,24 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ep.kernels.triton_grouped import grouped_mm_few_rows  # noqa: E402
 from benchmarks import provenance  # noqa: E402
+from benchmarks.kernel_time import kernel_ms  # noqa: E402
 
 CONFIGS = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 64, 128, 4, 4),
            (32, 128, 128, 4, 4), (32, 128, 128, 8, 4), (32, 64, 256, 4, 3), (32, 128, 64, 4, 5),
            (32, 256, 64, 8, 4), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
 
 
-def timed(fn, iters=20, warmup=5):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(iters):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e))
-    return statistics.median(ts)
 
 
 def case(E, K, N, mean_rows, seed, configs):
@@ -52,12 +40,12 @@ def case(E, K, N, mean_rows, seed, configs):
     offs = counts.cumsum(0).to(device="cuda", dtype=torch.int32)
     want = torch._grouped_mm(x, w, offs=offs)[:used].float()
     weight_bytes = sum(int(c > 0) for c in counts) * K * N * 2
-    rows = [dict(kernel="torch._grouped_mm", ms=timed(lambda: torch._grouped_mm(x, w, offs=offs)), err=0.0)]
+    rows = [dict(kernel="torch._grouped_mm", ms=kernel_ms(lambda: torch._grouped_mm(x, w, offs=offs)), err=0.0)]
     for cfg in configs:
         try:
             got = grouped_mm_few_rows(x, w, offs, cfg)[:used].float()
             err = ((got - want).norm() / want.norm()).item()
-            rows.append(dict(kernel="few_rows", config=list(cfg), ms=timed(lambda: grouped_mm_few_rows(x, w, offs, cfg)),
+            rows.append(dict(kernel="few_rows", config=list(cfg), ms=kernel_ms(lambda: grouped_mm_few_rows(x, w, offs, cfg)),
                              err=err))
         except Exception as e:  # noqa: BLE001 - a config that does not compile or run is reported
             rows.append(dict(kernel="few_rows", config=list(cfg), error=f"{type(e).__name__}: {str(e)[:200]}"))

@@ -20,8 +20,10 @@ own, a bound for a peer over NVLink, not a measurement of it):
 5. rate: the sending kernel with G programs moving 59 MB (4096 dsv3 dispatch rows) to the
    other rank, G in {4, 8, 16, 24, 32, 64}, 32 or 64 KB per program and step: median ms
    over 20 after 5 warm-ups, GB/s, GB/s per program; the receiving kernel's time; the host's time to issue a call and its wait
-   (two kernel launches); `copy_` of the same bytes; at 16 programs also with 66% of the
-   rows in use (`sent_rows`: a dsv3 region at EP 8), where only those should move;
+   (two kernel launches); `copy_` of the same bytes; at 16 programs also with 66% and 33%
+   of the rows in use (`sent_rows`: a dsv3 region at EP 8, a top-2 model's at EP 4), where
+   only those should move. Each kernel is timed alone, without the host's time to issue it
+   (`benchmarks.kernel_time`; r20-r34 included it: 0.2-0.3 ms per call);
 6. with `--host-profile`: cProfile of 200 small calls and waits, the functions of most own time.
 Prints a table and "N passed, M failed"; exits non-zero on any failure.
 
@@ -49,6 +51,7 @@ from ep.layout import RowLayout  # noqa: E402
 from ep.transport.base import CommunicationError  # noqa: E402
 from ep.transport.device_put import DevicePutTransport, ProcessMesh  # noqa: E402
 from benchmarks import provenance  # noqa: E402
+from benchmarks.kernel_time import hold, kernel_ms  # noqa: E402
 
 DEV = torch.device("cuda", 0)
 ROW = RowLayout(7168, 8, torch.bfloat16).width  # the dsv3 dispatch row, in bf16 elements
@@ -210,16 +213,6 @@ def check_timeout(timeout_s=0.5):
         return ok, f"raised after {wall:.2f} s: {e}"
 
 
-def timed(fn, iters=20, warm=5):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(iters):
-        ts.append(fn())
-    return statistics.median(ts)
-
-
 def rate(programs, block_bytes=32768, rows=4096, in_use=None):
     """Rank 0 sends `rows` dispatch rows to rank 1 (none to itself), and back: the sending
     kernel's time on rank 0's stream, the receiving kernel's on rank 1's, each alone. With
@@ -234,8 +227,10 @@ def rate(programs, block_bytes=32768, rows=4096, in_use=None):
 
     host = []
 
-    def step():  # each timed kernel runs alone on the GPU (r24-r25 timed both ranks' puts at once)
+    def step():  # each timed kernel runs alone on the GPU (r24-r25 timed both ranks' puts at once),
+        # its start event just before it (`hold`: r20-r34 timed the host's issue of the call too)
         with torch.cuda.stream(streams[0]):
+            hold()
             ev[0].record()
             t0 = time.perf_counter()
             p0 = trs[0].all_to_all(outs[0], ins[0], [0, rows], [0, rows], "rate", rows, sent)
@@ -246,6 +241,7 @@ def rate(programs, block_bytes=32768, rows=4096, in_use=None):
             p1 = trs[1].all_to_all(outs[1], ins[1], [rows, 0], [rows, 0], "rate", rows)
         torch.cuda.synchronize()  # rank 1's rows are in place: its take below copies and waits for none
         with torch.cuda.stream(streams[1]):
+            hold()
             ev[2].record()
             p1.wait()
             ev[3].record()
@@ -301,16 +297,7 @@ def host_profile(programs=16, rows=64, steps=200, top=14):
 def copy_rate(rows=4096):
     a = torch.randn(rows, ROW, device=DEV).to(torch.bfloat16)
     b = torch.empty_like(a)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-
-    def once():
-        s.record()
-        b.copy_(a)
-        e.record()
-        e.synchronize()
-        return s.elapsed_time(e)
-
-    ms = timed(once)
+    ms = kernel_ms(lambda: b.copy_(a))
     return dict(MB=a.numel() * 2 / 1e6, copy_ms=ms, copy_GBps=a.numel() * 2 / ms / 1e6)
 
 
@@ -348,10 +335,11 @@ def main():
                 rates.append(rate(G, block))
             except Exception as e:  # noqa: BLE001
                 rates.append(dict(programs=G, block_bytes=block, error=f"{type(e).__name__}: {str(e)[:300]}"))
-    try:
-        rates.append(rate(16, in_use=0.66))
-    except Exception as e:  # noqa: BLE001
-        rates.append(dict(programs=16, block_bytes=32768, in_use=0.66, error=f"{type(e).__name__}: {str(e)[:300]}"))
+    for share in (0.66, 0.33):  # the rows in use of a dsv3 region at EP 8; of a top-2 model's at EP 4
+        try:
+            rates.append(rate(16, in_use=share))
+        except Exception as e:  # noqa: BLE001
+            rates.append(dict(programs=16, block_bytes=32768, in_use=share, error=f"{type(e).__name__}: {str(e)[:300]}"))
     base = copy_rate()
     print(f"\ncopy_ of {base['MB']:.0f} MB: {base['copy_ms']:.3f} ms ({base['copy_GBps']:.0f} GB/s, read+write "
           f"{2 * base['copy_GBps']:.0f})")
