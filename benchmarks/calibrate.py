@@ -841,8 +841,9 @@ def _best_cell(layer: Layer, topo: Topology, rates: Rates, backward: bool, call:
 
 def token_predictions(by_shape: Dict[str, Rates], topo: Topology) -> List[str]:
     """Per shape and EP size: token waves with CUDA graphs (W = 1, 2, 4, 8, no carveout), the
-    best W with carveout 16 and eagerly, the padding the fixed regions carry, and the best W
-    with a capacity that holds the routes up to 4 standard deviations."""
+    best W with carveout 16 and eagerly, the padding the fixed regions carry, the best W
+    with a capacity that holds the routes up to 4 standard deviations, and (one node) the
+    best W when the transport sends only the rows in use (device_put)."""
     out = []
     for shape in ("dsv3", "v4flash"):
         layer, rates = Layer(**SHAPES[shape]), by_shape[shape]
@@ -850,8 +851,9 @@ def token_predictions(by_shape: Dict[str, Rates], topo: Topology) -> List[str]:
                 f"T={layer.tokens} per rank, bf16", "",
                 "| EP | experts/rank | pass | graph W=1 | W=2 | W=4 | W=8 | best | graph, carveout 16: best | "
                 "eager: best | a token misses a rank | dispatch MB/rank on the wire (real rows' MB) | "
-                "capacity factor (mean + 4 sd, W=1) | graph, carveout 16, that capacity: best |",
-                "|" + "---|" * 14]
+                "capacity factor (mean + 4 sd, W=1) | graph, carveout 16, that capacity: best | "
+                "graph, carveout 16, rows in use only (device_put, one node): best |",
+                "|" + "---|" * 15]
         for n in (8, 16, 64):
             t = replace(topo, ranks=n)
             tr = token_traffic(layer, n, 1)
@@ -866,12 +868,14 @@ def token_predictions(by_shape: Dict[str, Rates], topo: Topology) -> List[str]:
                     graph=True, sm_carveout=16, capacity_factor=fitting_capacity_factor(layer, n, W))).layer_ms
                     for W in (1, 2, 4, 8)}
                 low = min(lowered, key=lambda w: (lowered[w], w))
+                in_use = _best_cell(layer, t, rates, bwd, TokenCall(graph=True, sm_carveout=16, rows_in_use_only=True)) \
+                    if n <= t.gpus_per_node else "-"
                 out.append(f"| {n} | {layer.num_experts // n} | {'fwd+bwd' if bwd else 'fwd'} | "
                            + " | ".join(f"{times[w]:.2f}" for w in (1, 2, 4, 8))
                            + f" | W={best} ({times[1] / times[best]:.2f}x W=1) | "
                            f"{_best_cell(layer, t, rates, bwd, TokenCall(graph=True, sm_carveout=16))} | "
                            f"{_best_cell(layer, t, rates, bwd, TokenCall())} | {tr.miss:.0%} | "
-                           f"{wire / 1e6:.0f} ({real / 1e6:.0f}) | {factor:.2f} | W={low}, {lowered[low]:.2f} |")
+                           f"{wire / 1e6:.0f} ({real / 1e6:.0f}) | {factor:.2f} | W={low}, {lowered[low]:.2f} | {in_use} |")
         out.append("")
     return out
 
@@ -884,8 +888,10 @@ T/W rows per wave whatever the routing. A token misses a given rank with probabi
 fixed regions carry {ratio64:.1f}x the rows a token really needs (the tables' MB columns). The model
 includes it (`ep.sim.TokenTraffic`): past one node the token-wave layer with the default
 `capacity_factor=1` is bound by the network moving padding; a capacity near the real rows
-(last columns: mean + 4 sd of a region's routes under uniform routing, a call that
-overflows raises) brings it back towards the expert-wave figures below. Host time of an eager
+(mean + 4 sd of a region's routes under uniform routing, a call that overflows raises)
+brings it back towards the expert-wave figures below. Within one node the device-put
+transport sends only the rows in use (`sent_rows`, no overflow possible; the last column,
+at NCCL's NVLink rate: its own over NVLink is not measured yet). Host time of an eager
 call is the fitted per-launch cost at every EP (the hosts' exchange of token counts among more
 ranks is not modelled).
 """

@@ -27,7 +27,8 @@ Two schedules, one per wave split of the layer (`MoEConfig.wave_split`):
   `capacity = ceil(T_max / W)` rows and the all-to-all moves all of it, padding included
   (`TokenTraffic`): the bytes on the wire are fixed by the shape, and the expected real
   rows (a token misses a rank with probability `p_avoids(E, k, E_local)`) set the
-  compute side. Backward mirrors it, with the weight gradients once over all waves after
+  compute side; with `TokenCall.rows_in_use_only` (the device-put transport, which sends
+  only each region's rows in use) the real rows set the wire too. Backward mirrors it, with the weight gradients once over all waves after
   the last wave's data gradients. Every step costs its kernel launches (`TOKEN_LAUNCHES`,
   counted from the code): `Rates.host_ms` each on the host in an eager call,
   `Rates.replay_host_ms` in a CUDA-graph replay (`TokenCall.graph`), and `stage_ms` of
@@ -179,6 +180,9 @@ class TokenCall:
     """each later dispatch waits for the compute stream's earlier work (the first engine, r16-dev)."""
     capacity_factor: float = 1.0
     """`MoEConfig.capacity_factor`: the share of the worst case a region holds."""
+    rows_in_use_only: bool = False
+    """the transport moves only each region's rows in use (`transport="device_put"`), not the
+    whole region; its rate is taken as the topology's (device_put's over NVLink is unmeasured)."""
 
 
 def _interp(table: Sequence[Tuple[float, float]], x: float) -> float:
@@ -300,6 +304,15 @@ class TokenTraffic:
         """Share of the regions' rows that carry no route."""
         W = len(self.tokens)
         return 1 - sum(self.real_rows(w) for w in range(W)) / (W * self.capacity) if self.capacity else 0.0
+
+    def wire_rows(self, in_use_only: bool = False) -> float:
+        """Rows an all-to-all moves per peer and wave: the whole region, or (a transport that
+        sends only the rows in use) a wave's expected routes to a rank, at least the first row
+        (`ep.chunks.ChunkPlan.region_rows`). The receiver writes the whole region either way
+        (copies, then padding), which the model leaves out: local writes, ~1% of an all-to-all."""
+        if not in_use_only or not self.capacity:
+            return self.capacity
+        return max(1.0, max(self.real_rows(w) for w in range(len(self.tokens))))
 
     def wire_bytes(self, ranks: int) -> Tuple[int, int]:
         """Bytes one rank sends to the other ranks per wave: (dispatch, combine)."""
@@ -680,8 +693,9 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
     pack = kernels("pack", "pack", 2 * rows * tr.dispatch_row_bytes, [plan])
     if call.shared_ms and call.shared_beside:
         shared_beside("", call.shared_ms, "shared", pack)
-    back = waves("", pack, _a2a_ms(tr.capacity, tr.dispatch_row_bytes, topo),
-                 _a2a_ms(tr.capacity, tr.combine_row_bytes, topo), forward_wave)
+    wire = tr.wire_rows(call.rows_in_use_only)
+    back = waves("", pack, _a2a_ms(wire, tr.dispatch_row_bytes, topo),
+                 _a2a_ms(wire, tr.combine_row_bytes, topo), forward_wave)
     y = kernels("unpermute", "unpermute", (rows + layer.tokens) * H * e, back)
     if call.shared_ms:
         done = y if call.shared_beside else shared("", call.shared_ms, "shared", [y])
@@ -698,8 +712,8 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
     pack_dy = kernels("bwd pack", "bwd pack", 2 * rows * H * e, [] if first is None else [first])
     if call.shared_ms and call.shared_beside:
         shared_beside("bwd ", shared_bwd, "shared bwd", pack_dy)
-    back = waves("bwd ", pack_dy, _a2a_ms(tr.capacity, tr.combine_row_bytes, topo),
-                 _a2a_ms(tr.capacity, tr.dispatch_row_bytes, topo), backward_wave)
+    back = waves("bwd ", pack_dy, _a2a_ms(wire, tr.combine_row_bytes, topo),
+                 _a2a_ms(wire, tr.dispatch_row_bytes, topo), backward_wave)
     # after the last wave's data gradients (the compute stream's order), beside the last
     # transfers: the weight gradients over all waves' items, ragged along the tile's K (64 rows)
     full = _experts_math(sum(tr.items), E_local, layer, rates, 64 if rates.gemm_tiles else 0)
@@ -840,6 +854,8 @@ def main(argv=None) -> int:
     p.add_argument("--graph", action="store_true", help="token waves: replayed from a CUDA graph (else eager)")
     p.add_argument("--carveout", type=int, default=0, help="token waves: MoEConfig.sm_carveout")
     p.add_argument("--capacity-factor", type=float, default=1.0, help="token waves: MoEConfig.capacity_factor")
+    p.add_argument("--rows-in-use-only", action="store_true",
+                   help="token waves: the transport sends only each region's rows in use (device_put), not its padding")
     p.add_argument("--skew", type=float, default=1.0)
     p.add_argument("--backward", action="store_true", help="forward + backward")
     p.add_argument("--png", default=None, help="draw the best W's timeline here")
@@ -852,7 +868,8 @@ def main(argv=None) -> int:
     profile = a.profile or DEFAULT_PROFILES[a.wave_split]
     rates, topo = PROFILES[profile]
     topo = replace(topo, ranks=a.ranks, gpus_per_node=a.gpus_per_node, inter_GBps=a.inter_GBps)
-    call = TokenCall(graph=a.graph, sm_carveout=a.carveout, capacity_factor=a.capacity_factor)
+    call = TokenCall(graph=a.graph, sm_carveout=a.carveout, capacity_factor=a.capacity_factor,
+                     rows_in_use_only=a.rows_in_use_only)
     waves = [int(w) for w in a.waves.split(",")]
     best, times = best_waves(layer, topo, rates, waves, a.dedup, a.backward, a.wave_split, call)
     how = f"dedup {a.dedup}" if a.wave_split == "experts" else (
@@ -865,7 +882,7 @@ def main(argv=None) -> int:
         extra = ""
         if a.wave_split == "tokens":
             tr = token_traffic(layer, a.ranks, w, a.capacity_factor)
-            extra = f"  padding {tr.padding:4.0%}"
+            extra = f"  padding {tr.padding:4.0%}" + (" (not sent)" if a.rows_in_use_only else "")
         print(f"  W={w}: {ms:7.3f} ms  ({base / ms:4.2f}x W=1)  compute {pred.compute_ms:6.3f}  "
               f"comm {pred.comm_ms:6.3f}  exposed comm {pred.exposed_comm_ms:6.3f}{extra}"
               + ("   <- best" if w == best else ""))

@@ -137,6 +137,8 @@ def test_token_traffic_is_the_padded_regions():
     assert tr.real_rows(0) == pytest.approx(3 * 13 / 28)
     assert tr.padding == pytest.approx(1 - 10 * 13 / 28 / 12)
     assert tr.items == (6, 4, 6, 2 * 2)  # t tokens x k slots arrive at each rank per wave
+    # a transport that sends only the rows in use moves a 3-token wave's expected routes
+    assert tr.wire_rows() == 3 and tr.wire_rows(in_use_only=True) == pytest.approx(3 * 13 / 28)
 
 
 def test_token_traffic_matches_the_engines_buffers():
@@ -194,6 +196,11 @@ def test_token_wave_forward_by_hand():
     assert p.layer_ms == pytest.approx(3.775)
     # W=1 applies no carveout (`ep.chunk_pipeline`): as without one
     assert simulate(_LAYER, _TOPO, carved, 1, call=TokenCall(sm_carveout=10)).layer_ms == pytest.approx(4.65)
+    # only the rows in use on the wire: a token misses the other rank half the time (k=1 of 2
+    # experts), so the region of 1000 rows carries 500: dispatch [0, 1], the math [1, 3.4],
+    # combine [3.4, 3.525]
+    used = TokenCall(graph=True, rows_in_use_only=True)
+    assert simulate(_LAYER, _TOPO, _token_rates(), 1, call=used).layer_ms == pytest.approx(3.525)
 
 
 def test_token_wave_backward_by_hand():
