@@ -7,8 +7,9 @@
 # overlap benchmark in both regimes: NVLink (dsv3, wide, decode; token and expert
 # waves; NCCL, the copy engines and the device puts; CUDA graphs) and NCCL without peer access (dsv3, the
 # comm-bound regime; SM carveouts). Everything lands under $OUT (default out/gpu):
-#   env.txt, log_nN.txt, check_nN.json, p2p_n1.json, readme_n1.json, overlap_nN_nvlink.json,
-#   overlap_nN_no_p2p.json, traces_nN.tgz; with one GPU also host_launches_n1.json, few_rows_n1.json
+#   log_nN.txt, check_nN.json, overlap_nN_nvlink.json, overlap_nN_no_p2p.json, traces_nN.tgz,
+#   and side_nN.tgz holding env.txt, p2p_n1.json, readme_n1.json (with one GPU also
+#   host_launches_n1.json, few_rows_n1.json): six files at most, the device call returns eight
 # usage: scripts/gpu_bench.sh [NGPUS] [--quick]
 #   --quick: dsv3 and decode only, fewer variants (a development run of ~4 minutes)
 #   EP_PRESETS, EP_WAVES: the NVLink run's presets and token-wave W values (default
@@ -99,5 +100,11 @@ if [ "$n" -gt 1 ]; then
 fi
 if [ -d "$OUT/traces" ]; then
   tar -czf "$OUT/traces_n$n.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
+fi
+# the device call returns at most 8 files (r36 lost its timelines to that): the side results in one archive
+side=$(cd "$OUT" && ls env.txt p2p_n1.json readme_n1.json host_launches_n1.json few_rows_n1.json \
+  check_n*_without_device_put.json 2>/dev/null)
+if [ -n "$side" ]; then
+  (cd "$OUT" && tar -czf "side_n$n.tgz" $side && rm -f $side)
 fi
 exit $rc
