@@ -34,6 +34,7 @@ def _rank_main(rank, world_size, store_path, timeout_s, fn, args, results, barri
             out = fn(rank, world_size, *args)
             if barrier:
                 dist.barrier()
+            results.put((rank, None, None))  # the check returned: what follows is the teardown
         finally:
             dist.destroy_process_group()
         results.put((rank, True, out))
@@ -63,7 +64,7 @@ def run_world(
         ]
         for p in procs:
             p.start()
-        got, errors, failed = {}, [], set()
+        got, errors, failed, returned = {}, [], set(), set()
         deadline = time.monotonic() + timeout_s + 60
         try:
             while True:
@@ -75,10 +76,14 @@ def run_world(
                 except queue.Empty:
                     if time.monotonic() > deadline:
                         missing = sorted(set(range(world_size)) - set(got) - failed - dead)
-                        errors.append(f"timed out: ranks {missing} did not finish")
+                        where = {r: "its check returned; destroying the process group" if r in returned else "in its check"
+                                 for r in missing}
+                        errors.append(f"timed out: ranks {missing} did not finish ({where})")
                         break
                     continue
-                if ok:
+                if ok is None:
+                    returned.add(rank)
+                elif ok:
                     got[rank] = payload
                 else:
                     failed.add(rank)
