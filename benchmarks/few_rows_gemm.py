@@ -29,8 +29,6 @@ CONFIGS = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (32, 
            (32, 256, 64, 8, 4), (64, 64, 128, 4, 4), (64, 128, 128, 8, 3), (64, 128, 64, 4, 4)]
 
 
-
-
 def case(E, K, N, mean_rows, seed, configs):
     g = torch.Generator().manual_seed(seed)
     counts = torch.multinomial(torch.ones(E), E * mean_rows, replacement=True, generator=g).bincount(minlength=E)
