@@ -26,19 +26,20 @@ class MoEConfig:
             (once per process, shape and power of two of the token count; the same W on
             every rank; `ep.auto`).
         wave_split: "tokens" (wave w is the w-th of W chunks of every rank's tokens, through
-            all local experts: each wave carries 1/W of the bytes, buffers have sizes
-            fixed by bounds known before the call, and on CUDA the layer never waits for
-            the device, so it can be captured in a CUDA graph; `ep.chunks`) or "experts"
-            (wave w is the w-th contiguous group of each rank's local experts; W may not
-            exceed E_local, and waves differ in size by at most one expert; exact buffer
-            sizes, read on the host once per call; `ep.plan`).
-        max_tokens: "tokens" split: the most tokens any rank passes to one call. Given, the
+            all local experts: each wave carries 1/W of the bytes) or "experts" (wave w is
+            the w-th contiguous group of each rank's local experts; W may not exceed
+            E_local, and waves differ in size by at most one expert). Either way one plan
+            and one pipeline (`ep.plan`, `ep.pipeline`): buffers have sizes fixed by bounds
+            known before the call, and on CUDA the layer never waits for the device, so it
+            can be captured in a CUDA graph.
+        max_tokens: the most tokens any rank passes to one call. Given, the
             buffers are sized from it and the call makes no host exchange at all; None:
             each call's ranks agree on their largest token count in one small exchange
             between the hosts (no device sync).
-        capacity_factor: "tokens" split, in (0, 1]: the share of the worst case (every
-            token of a wave sent to every rank) that each rank's receive buffers hold,
-            per sending rank and wave. 1 never overflows; lower saves memory, and a call
+        capacity_factor: in (0, 1]: the share of the worst case (every token of a wave sent
+            to every rank; with expert waves every token of the call, since any token may
+            have a route in any wave) that each rank's receive buffers hold, per sending
+            rank and wave. 1 never overflows; lower saves memory, and a call
             whose routes do not fit raises `InputError` on every rank (on CUDA at the
             rank's next call, or `ExpertParallelMoE.check_errors()`): never a silent drop.
         score_func: "softmax" (over all E), "sigmoid", or "sqrtsoftplus"
@@ -63,9 +64,9 @@ class MoEConfig:
             never waits on the host; there NCCL's watchdog ends a hung collective after
             the group's own timeout (`ep.init_distributed(timeout_s=...)`).
         dedup_across_waves: "experts" split: a token travels to a rank once, in the first wave that needs
-            it there, and its summed result comes back once, after the last (True: W=1's
-            bytes for any W); or once per (rank, wave) (False: more bytes, but each
-            wave's transfers hold only that wave's rows).
+            it there, and that rank's later waves reuse its row (True: W=1's dispatch bytes
+            for any W); or once per (rank, wave) (False). Either way each wave's results
+            come back in that wave's combine, summed over the wave's experts on the rank.
         sm_carveout: on CUDA, SMs the grouped GEMMs leave free for communication
             kernels while waves are in flight (0: none). Ignored on CPU.
         transport: how rows move between ranks: "nccl" (torch.distributed's all-to-all:

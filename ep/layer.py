@@ -8,12 +8,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
-from .chunk_pipeline import chunked_experts
-from .chunks import sender_plan, wave_capacity
 from .config import MoEConfig
 from .experts import Experts
-from .pipeline import run_beside, waved_experts
-from .plan_exchange import make_plan
+from .pipeline import run_beside, wave_experts
+from .plan import WaveMap, sender_plan
 from .router import Router
 from .shared import SharedExperts
 from .transport import Transport, make_transport
@@ -37,16 +35,15 @@ class ExpertParallelMoE(nn.Module):
         1. route: logits `x @ router.weight.T` in at least fp32, scores, top-k of the biased
            scores (within the best groups), weights (skipped when the caller passes
            `topk_idx` and `topk_weights`);
-        2. plan: token waves (default): the largest token count of any rank (`max_tokens`,
-           or one exchange between the hosts), then each (token, rank) route's row in the
-           fixed regions of its wave, on the device (`ep.chunks`); expert waves: the rank,
-           local expert and wave of every (token, slot) and one exchange of counts, read on
-           the host (`ep.plan`);
-        3. shared experts (when configured): issued beside the waves (token waves) or after;
+        2. plan: the largest token count of any rank (`max_tokens`, or one exchange between
+           the hosts), the wave map (token chunks or local expert groups), then each route's
+           row in the fixed regions of its wave and each touch's returned row, on the device
+           (`ep.plan`);
+        3. shared experts (when configured): issued beside the first dispatch;
         4. waves: dispatch, linear1, linear2, combine of wave w while wave w+1 is in flight
-           (`ep.chunk_pipeline`, `ep.pipeline`); backward runs the mirror schedule. Token
-           waves never read the device on the host: input problems found there raise at
-           once on the CPU and at the next call on CUDA (or `check_errors()`).
+           (`ep.pipeline`); backward runs the mirror schedule. The layer never reads the
+           device on the host: input problems found there raise at once on the CPU and at
+           the next call on CUDA (or `check_errors()`).
 
     Args:
         config: the layer's shape and knobs.
@@ -73,7 +70,7 @@ class ExpertParallelMoE(nn.Module):
         """W in use: the config's, or for "auto" the one chosen at the first forward."""
         self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
         self._posted = PostedFindings()
-        """Device findings of earlier calls (token waves on CUDA), raised at the next call."""
+        """Device findings of earlier calls (on CUDA), raised at the next call."""
 
     def reset_parameters(self) -> None:
         """Fresh initial values (as construction draws them, in the same order)."""
@@ -132,46 +129,16 @@ class ExpertParallelMoE(nn.Module):
                 timed out (`ep.transport.device_put`).
         """
         cfg = self.config
-        w1, w2 = self.experts.w1, self.experts.w2
         self.transport.raise_errors()  # what the device saw go wrong in earlier calls
         self.sync_replicas()
-        if cfg.wave_split == "tokens":
-            return self._forward_tokens(x, topk_idx, topk_weights)
-        if self.num_waves is None:  # "auto": collective, once (every rank is in this forward)
-            from .auto import choose_waves
-
-            tokens = x.numel() // cfg.hidden if x.shape and x.shape[-1] == cfg.hidden else 0
-            self.num_waves = choose_waves(cfg, self.transport, w1, w2, tokens)
-        W = self.num_waves
-        status = host_status(cfg, x, w1, topk_idx, topk_weights)
-        if any(status):
-            # take part in the count exchange with no tokens: every rank raises there
-            empty = torch.empty(0, cfg.top_k, dtype=torch.int64, device=w1.device)
-            make_plan(empty, cfg.num_experts, W, self.transport, None, cfg.dedup_across_waves, status, cfg)
-            raise RuntimeError(f"ep: internal error: make_plan accepted input with problems {status}")
-        x_TH = x.reshape(-1, cfg.hidden)
-        if topk_idx is None:
-            topk_idx, topk_weights = self.router(x_TH)
-        plan = make_plan(
-            topk_idx, cfg.num_experts, W, self.transport, topk_weights, cfg.dedup_across_waves,
-            config=cfg,
-        )
-        y_TH = waved_experts(x_TH, topk_weights, w1, w2, plan, self.transport, cfg.sm_carveout, cfg.swiglu_limit)
-        if self.shared_experts is not None:
-            y_TH = y_TH + self.shared_experts(x_TH)  # step 3, after the waves here
-        return y_TH.view(x.shape)
-
-    def _forward_tokens(self, x, topk_idx, topk_weights) -> torch.Tensor:
-        """Token waves (`ep.chunks`, `ep.chunk_pipeline`): no host sync on the way."""
-        cfg = self.config
         status, max_tokens = self._token_bound(x, topk_idx, topk_weights)
         W = cfg.num_waves
         if W == "auto":  # the same W on every rank: chosen from what all ranks measured
-            from .auto import choose_token_waves
+            from .auto import choose_waves
 
-            W = choose_token_waves(self, x, topk_idx, topk_weights, status, max_tokens)
+            W = choose_waves(self, x, topk_idx, topk_weights, status, max_tokens)
         self.num_waves = W
-        return self._run_tokens(x, topk_idx, topk_weights, W, status, max_tokens)
+        return self._run(x, topk_idx, topk_weights, W, status, max_tokens)
 
     def _token_bound(self, x, topk_idx, topk_weights):
         """This rank's host findings, and the most tokens of any rank in this call (from
@@ -196,7 +163,7 @@ class ExpertParallelMoE(nn.Module):
                 status[X_TOKENS] = T
         return status, max_tokens
 
-    def _run_tokens(self, x, topk_idx, topk_weights, W: int, status, max_tokens: int) -> torch.Tensor:
+    def _run(self, x, topk_idx, topk_weights, W: int, status, max_tokens: int) -> torch.Tensor:
         cfg, tr = self.config, self.transport
         w1, w2 = self.experts.w1, self.experts.w2
         bad = any(status)
@@ -208,12 +175,14 @@ class ExpertParallelMoE(nn.Module):
             x_TH = x.reshape(-1, cfg.hidden)
             if topk_idx is None:
                 topk_idx, topk_weights = self.router(x_TH)
-        W = max(1, min(W, max_tokens))
-        plan = sender_plan(topk_idx, topk_weights, cfg.num_experts, tr.world_size, W,
-                           wave_capacity(max_tokens, W, cfg.capacity_factor), status if bad else None)
+        if cfg.wave_split == "tokens":
+            W = max(1, min(W, max_tokens))
+        waves = WaveMap.of(cfg.wave_split, W, cfg.dedup_across_waves)
+        plan = sender_plan(topk_idx, topk_weights, cfg.num_experts, tr.world_size, waves,
+                           waves.capacity(max_tokens, cfg.capacity_factor), max_tokens, status if bad else None)
         if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
             shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
-        y_TH, found = chunked_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit)
+        y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit)
         if self.shared_experts is not None:
             join()
             y_TH = y_TH + shared_TH
@@ -238,7 +207,7 @@ class ExpertParallelMoE(nn.Module):
 
     def check_errors(self) -> None:
         """Wait for the device and raise `InputError` for what earlier calls found there
-        (token waves on CUDA report a call's input problems at the next call; this is the
+        (on CUDA a call's input problems are reported at the next call; this is the
         explicit, blocking point). Collective only in the sense that every rank finds the
         same table: each rank may call it alone. Also raises `CommunicationError` for a
         device-side wait that timed out (`transport="device_put"`)."""

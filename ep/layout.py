@@ -1,9 +1,11 @@
-"""The one layout of an exchanged row of the token-wave engine (`ep.chunks`, `ep.chunk_pipeline`).
+"""The one layout of an exchanged row of the wave engine (`ep.plan`, `ep.pipeline`).
 
 A dispatched row carries its token's hidden vector and, in the same bytes, what its owner
 needs to use it: for each of the token's k slots the local expert it serves there (-1: a
 slot served on another rank, or a padding row) and its routing weight, and the sender's
-status words (`ep.checks`' status slots: its input checks, rows past the capacity). So one all-to-all per wave moves a wave's
+status words (`ep.checks`' status slots: its input checks, rows past the capacity), and
+with dedup across expert waves each slot's place in the rows that return its touch. So
+one all-to-all per wave moves a wave's
 rows and their slot tables together, and the receiver needs no count exchange: a row whose
 k expert ids are all -1 is padding. The backward's returning rows use the same layout with
 the weight columns holding the routing weights' gradients.
@@ -12,7 +14,7 @@ Bytes of one row, in order (each part aligned to its element size; the row holds
 number of 16-element groups, so every part can be viewed in place and row starts stay
 16-byte aligned):
 
-    [ data: H x dtype | weights: k x acc dtype | ids: k x int32 | status: S x int32 | pad ]
+    [ data: H x dtype | weights: k x acc dtype | ids: k x int32 | back: k x int32 | status: S x int32 | pad ]
 
 `acc` is the accumulation dtype (at least fp32: float64 under float64), so float64 weights
 travel exactly. The row is stored as `dtype` elements (`RowLayout.width` of them), so the
@@ -57,7 +59,8 @@ class RowLayout:
         acc_es = torch.empty(0, dtype=self.acc_dtype).element_size()
         weights_at = _round_up(self.hidden * es, acc_es)
         ids_at = weights_at + self.top_k * acc_es
-        status_at = ids_at + 4 * self.top_k
+        back_at = ids_at + 4 * self.top_k
+        status_at = back_at + 4 * self.top_k
         # a whole number of 16-element groups: strided row kernels can then use 16-byte accesses
         row_bytes = _round_up(status_at + 4 * STATUS_SLOTS, max(16 * es, acc_es))
         return es, weights_at, ids_at, status_at, row_bytes
@@ -90,7 +93,13 @@ class RowLayout:
     def ids(self, rows: torch.Tensor) -> torch.Tensor:
         """`[N, k]` int32 view: the local expert of each slot at the receiver, -1 for none."""
         _, _, ids_at, status_at, _ = self._sizes
-        return self._part(rows, ids_at, status_at, torch.int32)
+        return self._part(rows, ids_at, ids_at + 4 * self.top_k, torch.int32)
+
+    def back(self, rows: torch.Tensor) -> torch.Tensor:
+        """`[N, k]` int32 view: with dedup across expert waves, each slot's row within the
+        region that returns its touch (-1: none); unwritten otherwise."""
+        _, _, ids_at, status_at, _ = self._sizes
+        return self._part(rows, ids_at + 4 * self.top_k, status_at, torch.int32)
 
     def status(self, rows: torch.Tensor) -> torch.Tensor:
         """`[N, STATUS_SLOTS]` int32 view: the sender's status (`ep.checks`' slots)."""

@@ -1,35 +1,46 @@
 """The wave schedule, forward and backward: the only room that knows streams and events.
 
-Forward, per layer:
-    1. (the plan already carried every route's weights to the owners);
-    2. gather every route's row once (dispatch order); start dispatch(0), wait for it and
-       issue wave 0's linear1 and linear2 (on CUDA; on CPU, where math runs as it is
-       issued, every dispatch starts first); then start dispatch(w) of every later wave,
-       each sending its slice (the transport runs them in order), while wave 0 computes;
-    3. start combine(0), which sends back the rows whose last wave is 0; then for
-       w = 1..W-1: wait for dispatch(w); linear1(w); linear2(w); start combine(w) (it
-       flies during wave w+1's math);
-    4. wait for the combines; un-permute: each token's returned rows summed into `y`.
-Backward mirrors it: the output gradient goes out per wave in the dispatch direction,
-each wave's expert backward runs as its gradient lands, and the input gradients fly back
-while the next wave computes. The weights' gradients go back in one exchange at the end.
+Forward, per layer (`ep.plan` made the plan; every size below is fixed before the call):
+    1. gather every route's row into its place among the sent rows, with its slot table
+       (`ep.layout`): one pass for all waves;
+    2. dispatch(w) sends wave w's n regions (one all-to-all of n x capacity rows each way),
+       every wave's at once (each waits only for the pack, `issue_after`); with the
+       regions' rows in use (`WavePlan.region_rows`), so a transport that can leaves the
+       padding out (`Transport.all_to_all`'s `sent_rows`; the combine then returns only the
+       rows that arrived);
+    3. per wave as its rows land: the items in expert order from the candidate rows' slot
+       tables (`ep.plan.wave_items`; with dedup across expert waves the rows of earlier
+       waves serve later ones), linear1 and linear2 over the local experts (grouped GEMMs
+       that read their group sizes on the device), each touch's weighted sum over its items
+       here, and combine(w) sends the sums back into the sender's returned rows of that wave;
+    4. after the last combine: each token's returned rows summed into `y` (the un-permute).
+Backward mirrors it: the output gradients go out per wave into the returned rows, each
+wave's expert backward (data gradients) runs as its rows land, and the input gradients fly
+back with the routing weights' gradients in the same rows while the next wave computes.
+The weight gradients sum over every wave: they run once, after the last wave's data
+gradients (beside the last transfers), over all waves' items in expert order
+(`ep.plan.expert_major`).
 
-With W=1 this is the plain sequential layer. On CUDA, communication runs on the
-transport's streams; the compute stream waits only for its own wave's data.
+Nothing here reads a device value on the host: the layer can be captured in a CUDA graph.
+Every transfer is issued with `issue_after` its inputs' `ready_point`, so it waits for them
+only (not for the math of waves issued before it), and `run_waves` orders the issue.
 """
 from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import replace
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 from torch.profiler import record_function
 
-from . import stages
-from .dtypes import accumulate_dtype
-from .plan import DispatchPlan
-from .transport import Transport
+from .checks import STATUS_SLOTS
+from .experts import linear1, linear1_backward_data, linear2, linear2_backward_data
+from .kernels import gather_rows, gather_rows_into, gather_slots, grouped_mm_wgrad, reduce_rows
+from .layout import RowLayout
+from .plan import WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values, wave_items, wave_slots
+from .transport import Pending, Transport
 
 Started = TypeVar("Started")
 
@@ -119,11 +130,11 @@ def _range(name: str):
 
 def run_waves(
     num_waves: int,
-    start_in: Callable[[int], stages.InFlight],
-    compute: Callable[[int], Callable[[], stages.InFlight]],
+    start_in: Callable[[int], Pending],
+    compute: Callable[[int], Callable[[], Pending]],
     math_first: bool,
     wait_out: bool = True,
-) -> List[stages.InFlight]:
+) -> List[Pending]:
     """Drive W waves. `compute(w)` issues wave w's math and returns the call that starts
     its outbound transfer.
 
@@ -135,8 +146,8 @@ def run_waves(
     ahead of every outbound one (an outbound transfer waits for its wave's math, and must
     not hold up a later wave's rows). Then every outbound transfer is waited for (or, with
     `wait_out=False`, returned in flight, so the caller can issue more work first)."""
-    inbound: List[stages.InFlight] = []
-    outbound: List[stages.InFlight] = []
+    inbound: List[Pending] = []
+    outbound: List[Pending] = []
     early = 1 if math_first else num_waves  # inbound transfers started before wave 0's math
     for w in range(early):
         with _range(f"ep.in[{w}]"):
@@ -160,88 +171,175 @@ def run_waves(
     return outbound
 
 
-class WavedExperts(torch.autograd.Function):
-    """`y = sum_j w[t, j] * expert_j(x[t])` over experts on all ranks, in waves."""
+_PLAN_TENSORS = ("route_row", "row_token", "region_rows", "back_row", "back_token", "back_region_rows", "topk_idx",
+                 "status")
+_WAVE_TENSORS = ("item_row", "item_weight", "item_expert", "offs", "slot_item", "back_item", "item_back")
+
+
+class WaveExperts(torch.autograd.Function):
+    """`y = sum_j w[t, j] * expert_j(x[t])` over experts on all ranks, in waves.
+
+    Returns y `[T, H]` and the status every rank sent `[n, STATUS_SLOTS]` int32 (device;
+    not differentiable): the layer reports it.
+    """
 
     @staticmethod
-    def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: DispatchPlan, transport: Transport, sm_carveout: int,
-                swiglu_limit: Optional[float] = None):
-        if plan.recv_weights is None:
-            raise ValueError("WavedExperts needs a plan made with topk_weights")
-        acc = accumulate_dtype(x_TH.dtype)
+    def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
+                swiglu_limit: Optional[float]):
+        H, device = x_TH.shape[1], x_TH.device
+        layout = RowLayout(H, plan.top_k, x_TH.dtype)
+        W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
+        dedup = plan.wave_map.dedup
+        splits = [cap] * n
+        transport.reserve(cap)  # the same on every rank: transports with fixed buffers size them from it
         x_TH = x_TH.contiguous()
-        weights_flat = plan.recv_weights.to(acc)
-        touch_weights = plan.touch_weights.to(acc)
-        rows_all = stages.received_rows(plan, x_TH)
-        acc_all = stages.return_accumulator(plan, x_TH)
-        back_all = stages.returned_rows(plan, x_TH)
-        hidden: List[torch.Tensor] = [None] * plan.num_waves  # type: ignore[list-item]
-        carve = _SmCarveout(sm_carveout if plan.num_waves > 1 else 0, x_TH.device)
 
-        def compute(w: int) -> Callable[[], stages.InFlight]:
+        send = layout.empty(W * N, device)
+        pack_rows(x_TH, topk_weights_TK, plan, layout, send)
+        packed = ready_point(device)
+        recv = layout.empty(W * (N + 1), device).view(W, N + 1, layout.width)
+        recv[:, N].zero_()  # each wave's zero row: the anchors' source
+        if dedup:  # (its ids are read with the later waves' candidate rows)
+            layout.ids(recv[:, N]).fill_(-1)
+        stacked = recv.view(-1, layout.width)
+        back = x_TH.new_empty(W * N, H)
+        waves: List[Optional[Tuple[WaveItems, torch.Tensor, torch.Tensor]]] = [None] * W
+        hidden: List[Optional[torch.Tensor]] = [None] * W
+        arrived: List[Optional[torch.Tensor]] = [None] * W  # rows in use per source, where the transport counted them
+        carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
+
+        def dispatch(w: int) -> Pending:
+            flight = issue_after(device, packed, lambda: transport.all_to_all(
+                recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}", cap,
+                plan.region_rows[w]))
+            arrived[w] = flight.arrived_rows
+            return flight
+
+        def compute(w: int) -> Callable[[], Pending]:
+            first, count = plan.candidate_rows(w)
+            rows = stacked[first:first + count + 1]  # the candidates and the anchors' zero row
+            it = wave_items(wave_slots(plan, layout, rows[:count], w), layout.weights(rows[:count]),
+                            plan.num_local_experts, plan.item_capacity(w))
             with carve:
-                h = stages.linear1(rows_all, w1, plan, w)
-                o = stages.linear2(h, w2, plan, w, swiglu_limit=swiglu_limit)
-            hidden[w] = h
-            return lambda: stages.combine(o, touch_weights[plan.touch_slice(w)], acc_all, back_all, plan, w, transport)
+                few = plan.expected_items_per_expert
+                h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
+                o = linear2(h, w2, None, it.offs, swiglu_limit, few)
+            if dedup:
+                back_item, back_weight, item_back = return_items(plan, layout, rows[:count], first, it)
+            else:  # a touch is its row: it comes back in the row's place
+                back_item, back_weight, item_back = it.slot_item, layout.weights(rows[:N]), it.item_row
+            sums = x_TH.new_empty(N, H)
+            reduce_rows(o, back_item, sums, back_weight)
+            waves[w], hidden[w] = (it, back_item, item_back), h
+            summed = ready_point(device)
+            rows_back = None if dedup else arrived[w]  # with dedup every returned row goes back
+            return lambda: issue_after(device, summed, lambda: transport.all_to_all(
+                back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}", cap, rows_back))
 
-        sends = stages.routes_out(x_TH, plan)  # one gather for all waves
-        run_waves(plan.num_waves, lambda w: stages.dispatch(x_TH, rows_all, plan, w, transport, sends), compute,
-                  math_first=x_TH.is_cuda)
+        run_waves(W, dispatch, compute, math_first=False)  # dispatches wait for the pack only: all go first
         y_TH = torch.empty_like(x_TH)
         with _range("ep.unpermute"):
-            stages.unpermute(back_all, plan, y_TH)
-        # every tensor through save_for_backward, so checkpointing and saved-tensor hooks see them;
-        # the plan (host ints and index tables, no activations) stays on ctx
-        ctx.save_for_backward(w1, w2, rows_all, weights_flat, *hidden)
-        ctx.plan, ctx.transport, ctx.sm_carveout, ctx.swiglu_limit = plan, transport, sm_carveout, swiglu_limit
-        ctx.x_dtype, ctx.w_dtype = x_TH.dtype, topk_weights_TK.dtype
-        return y_TH
+            reduce_rows(back, plan.back_row, y_TH)
+        if cap:
+            status = layout.status(recv[0, :N]).view(n, cap, STATUS_SLOTS)[:, 0]
+        else:  # no rank has tokens: nothing was sent, so nothing was found
+            status = torch.zeros(n, STATUS_SLOTS, dtype=torch.int32, device=device)
+        ctx.mark_non_differentiable(status)
+
+        ctx.plan = replace(plan, **{name: None for name in _PLAN_TENSORS})
+        ctx.transport, ctx.sm_carveout, ctx.swiglu_limit = transport, sm_carveout, swiglu_limit
+        ctx.w_dtype = topk_weights_TK.dtype
+        per_wave = [t for it, back_item, item_back in waves
+                    for t in (it.item_row, it.item_weight, it.item_expert, it.offs, it.slot_item, back_item, item_back)]
+        ctx.save_for_backward(w1, w2, recv, *(getattr(plan, name) for name in _PLAN_TENSORS), *hidden, *per_wave)
+        return y_TH, status
 
     @staticmethod
-    def backward(ctx, dy_TH):
-        w1, w2, rows_all, weights_flat, *hidden = ctx.saved_tensors  # unpacked once (hooks may copy)
-        plan: DispatchPlan = ctx.plan
+    def backward(ctx, dy_TH, _dstatus):
+        w1, w2, recv, *rest = ctx.saved_tensors
+        plan: WavePlan = replace(ctx.plan, **dict(zip(_PLAN_TENSORS, rest)))
+        rest = rest[len(_PLAN_TENSORS):]
         transport: Transport = ctx.transport
-        dy_TH = dy_TH.to(ctx.x_dtype).contiguous()
-        dz_all = stages.received_rows(plan, dy_TH)
-        dacc_all = stages.return_accumulator(plan, dy_TH)
-        dback_all = stages.returned_rows(plan, dy_TH)
-        dw1, dw2 = torch.empty_like(w1), torch.empty_like(w2)
-        dweights_flat = torch.zeros_like(weights_flat)
-        carve = _SmCarveout(ctx.sm_carveout if plan.num_waves > 1 else 0, dy_TH.device)
+        W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
+        hidden = list(rest[:W])
+        per = len(_WAVE_TENSORS)
+        waves = [dict(zip(_WAVE_TENSORS, rest[W + w * per: W + (w + 1) * per])) for w in range(W)]
+        items = [WaveItems(*(t[name] for name in _WAVE_TENSORS[:5])) for t in waves]
+        H, device = dy_TH.shape[1], dy_TH.device
+        layout = RowLayout(H, plan.top_k, recv.dtype)
+        splits = [cap] * n
+        dy_TH = dy_TH.to(recv.dtype).contiguous()
 
-        def compute(w: int) -> Callable[[], stages.InFlight]:
-            i0, i1 = plan.item_range(w)
-            e0, e1 = plan.wave_experts(w)
-            slots = plan.item_slot_flat[i0:i1]
+        send = dy_TH.new_empty(W * N, H)
+        gather_rows_into(dy_TH, plan.back_token, send)
+        packed = ready_point(device)
+        recv_dy = dy_TH.new_empty(W, N + 1, H)
+        recv_dy[:, N].zero_()
+        back = layout.empty(W * N, device)
+        dh: List[Optional[torch.Tensor]] = [None] * W
+        wa: List[Optional[torch.Tensor]] = [None] * W
+        dz: List[Optional[torch.Tensor]] = [None] * W
+        arrived: List[Optional[torch.Tensor]] = [None] * W
+        carve = _SmCarveout(ctx.sm_carveout if W > 1 else 0, device)
+
+        def combine_backward(w: int) -> Pending:
+            flight = issue_after(device, packed, lambda: transport.all_to_all(
+                recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}", cap,
+                plan.back_region_rows[w]))
+            arrived[w] = flight.arrived_rows
+            return flight
+
+        def compute(w: int) -> Callable[[], Pending]:
+            it, back_item = items[w], waves[w]["back_item"]
+            dz[w] = gather_rows(recv_dy[w], waves[w]["item_back"], it.count)
             with carve:
-                dx_IH, dw1[e0:e1], dw2[e0:e1], dweight_I = stages.experts_backward(
-                    dz_all, rows_all, hidden[w], weights_flat[slots], w1, w2, plan, w, swiglu_limit=ctx.swiglu_limit
-                )
-            hidden[w] = None  # this wave's unpacked copy (the autograd graph frees its own after backward)
-            dweights_flat[slots] = dweight_I
-            return lambda: stages.dispatch_backward(dx_IH, dacc_all, dback_all, plan, w, transport)
+                dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
+                                                                ctx.swiglu_limit)
+                dx_I = linear1_backward_data(dh[w], w1, None, it.offs)
+            hidden[w] = None
+            rows = layout.empty(N, device)
+            reduce_rows(dx_I, back_item, layout.data(rows))
+            gather_slots(dweight_I, back_item, layout.weights(rows))
+            summed = ready_point(device)
+            return lambda: issue_after(device, summed, lambda: transport.all_to_all(
+                back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap, arrived[w]))
 
-        sends = stages.routes_out(dy_TH, plan)
-        run_waves(plan.num_waves, lambda w: stages.combine_backward(dy_TH, dz_all, plan, w, transport, sends), compute,
-                  math_first=dy_TH.is_cuda)
+        flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
+        stacked = recv.view(-1, layout.width)
+        with _range("ep.weight_grads"), carve:  # beside the last transfers
+            if W == 1:
+                it = items[0]
+                x_I = gather_rows(layout.data(recv[0]), it.item_row, it.count)
+                dw1 = grouped_mm_wgrad(x_I, dh[0], None, it.offs)
+                dw2 = grouped_mm_wgrad(wa[0], dz[0], None, it.offs)
+            else:
+                x_rows = [it.item_row + plan.candidate_rows(w)[0] for w, it in enumerate(items)]
+                dz_rows = [t["item_back"] + w * (N + 1) for w, t in enumerate(waves)]
+                order, x_at, dz_at, offs = expert_major(items, x_rows, dz_rows, plan.num_local_experts)
+                used = offs[-1]
+                dw1 = grouped_mm_wgrad(gather_rows(layout.data(stacked), x_at, used),
+                                       gather_rows(torch.cat(dh), order, used), None, offs)
+                dw2 = grouped_mm_wgrad(gather_rows(torch.cat(wa), order, used),
+                                       gather_rows(recv_dy.view(-1, H), dz_at, used), None, offs)
+        for flight in flights:
+            flight.wait()
         dx_TH = torch.empty_like(dy_TH)
         with _range("ep.unpermute"):
-            stages.unpermute(dback_all, plan, dx_TH)
-        dtopk_TK = stages.exchange_weight_grads(dweights_flat, plan, transport).to(ctx.w_dtype)
-        return dx_TH, dtopk_TK, dw1, dw2, None, None, None, None
+            reduce_rows(layout.data(back), plan.back_row, dx_TH)
+        dtopk_TK = returned_slot_values(plan, layout.weights(back))
+        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None
 
 
-def waved_experts(
+def wave_experts(
     x_TH: torch.Tensor,
     topk_weights_TK: torch.Tensor,
     w1: torch.Tensor,
     w2: torch.Tensor,
-    plan: DispatchPlan,
+    plan: WavePlan,
     transport: Transport,
     sm_carveout: int = 0,
     swiglu_limit: Optional[float] = None,
-) -> torch.Tensor:
-    """Differentiable expert part of the layer: `[T, H]` in, `[T, H]` out (x's dtype)."""
-    return WavedExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit)
+):
+    """Differentiable expert part of the layer: `[T, H]` in, (`[T, H]`, the ranks' status
+    `[n, STATUS_SLOTS]`) out."""
+    return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit)

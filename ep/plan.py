@@ -1,637 +1,463 @@
-"""The dispatch plan: where every (token, slot) goes, in which wave, and how rows come back.
+"""The wave plan: pure tensor math over buffers whose sizes are known before the call.
 
-A *route* is one row on the wire: token t sent to rank r. A token that picks several
-experts on one rank travels there once, with its k weights, and comes back once: the
-owner sums its experts' outputs for that row. With waves, a route travels in the
-dispatch of its *first* wave (the first wave with one of its experts) and the owner
-keeps the row for its later waves; the summed row travels back in the combine of its
-*last* wave. So waves cost no extra bytes over W=1. (With `dedup_across_waves=False`
-a route is (token, rank, wave) instead, first = last wave: more bytes, but each wave's
-dispatch and combine carry only that wave's rows.) An *item* is one (received row,
-slot) pair, i.e. one row of expert math.
+A wave is a set of (token, slot) items chosen by the *wave map* (`WaveMap`), the only place
+where the two wave splits differ:
+- `wave_split="tokens"`: the w-th of W chunks of every rank's tokens, through all experts
+  (token t of T is in wave `t * W // T`);
+- `wave_split="experts"`: the w-th group of each rank's local experts (local expert e is in
+  wave `e * W // E_local`); with `dedup_across_waves` a token's row travels to a rank once,
+  in the wave of its first use there, and that rank's later waves reuse it.
+Everything after the map is shared. A *route* is one row on the wire: a token sent to a
+rank in a wave with the slots that row serves there; a *touch* is a (token, rank, wave) that
+has items, whose result comes back in that wave's combine, summed over its items. Without
+dedup across waves a route is a touch (one table serves both directions); with it, a route
+(token, rank) travels in its first wave and each of its touches comes back in its own wave.
 
-Orders (all stable, so the plan is deterministic):
-- sender routes, dispatch order: `(first wave, dest rank, token)`; wave w's dispatch is one
-  contiguous range, already split by destination as `all_to_all_single` wants.
-- sender routes, combine order: `(last wave, dest rank, first wave, token)`.
-- receiver rows: `(first wave, source rank, source's dispatch order)`; rows going back in
-  wave w's combine: `(last wave, source rank, first wave, position)`, which is the source's
-  combine order.
-- items: by local expert, then received row, then slot; wave w's items are contiguous
-  because waves are contiguous groups of experts.
+Every buffer has a size fixed by bounds the host knows without reading the device:
+- a *region* holds the rows one rank sends another in one wave: `capacity` rows (token
+  waves: at most the tokens of a wave, ceil(T_max / W); expert waves: T_max), lowered by
+  `MoEConfig.capacity_factor`; the rows of wave w sent to rank d sit in region (w, d), in
+  token order, so the sender alone decides where a row goes (no count exchange);
+- a wave's *items* (rows of expert math) at one owner are bounded per wave
+  (`WavePlan.item_capacity`), plus one *anchor* item per local expert: a zero row that
+  keeps every expert's group non-empty, so grouped kernels write every expert's output
+  (their weight gradient) without the host knowing which experts got tokens.
+Counts stay on the device: the grouped GEMMs take cumulative counts (`offs`) there, and
+the kernels skip the unused rows.
 
-The plan is made once per forward from `topk_idx` alone and reused by backward, in pure
-steps (no transport here; `ep.plan_exchange.make_plan` makes the two exchanges between them):
-1. `sender_side`: routing -> the count table this rank sends (`ep.count_table`: per
-   destination its routes per wave, touches, items per expert, and this rank's token count
-   and status);
-2. `CountTable.parse`: what every rank sent, read on the host once (the layer's only host
-   sync) -> the counts (`PlanCounts`); the largest token count bounds every all-to-all's
-   rows per peer (`SenderSide.rows_per_peer_bound`, for `Transport.reserve`);
-3. `sender_routes`: counts -> the sender's routes in both orders and the routes'
-   slot-to-expert tables it sends;
-4. `receiver_side`: the received slot tables -> the receiver's tables and the `DispatchPlan`.
+Sender side (`sender_plan`): each route's row among the sent rows and each touch's row among
+the returned rows, from `topk_idx` alone. Receiver side (`wave_items`, `return_items`): from
+the received rows' slot tables, the items in expert order (stable: by expert, then row,
+then slot) and where each touch's sum goes back. Nothing here talks to other ranks: the
+pipeline (`ep.pipeline`) moves the rows.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
-from .checks import STATUS_SLOTS, value_status
-from .count_table import Counts, CountTable, PlanCounts, per_rank
-from .kernels.permute import triton_available
-
-
-def wave_bounds(num_local_experts: int, num_waves: int) -> Tuple[int, ...]:
-    """Local-expert boundaries of the W contiguous waves: wave w owns `[b[w], b[w+1])`.
-
-    Sizes differ by at most one: `b[w] = ceil(w * E_local / W)`.
-    """
-    if not 1 <= num_waves <= num_local_experts:
-        raise ValueError(f"num_waves must be in [1, {num_local_experts}], got {num_waves}")
-    return tuple(-(-w * num_local_experts // num_waves) for w in range(num_waves + 1))
-
-
-def block_transpose_index(counts, total: Optional[int] = None, device=None) -> torch.Tensor:
-    """Gather index that reorders rows laid out in blocks `(a, b)` into `(b, a)` order.
-
-    Args:
-        counts: `[A][B]` ints, rows in block (a, b), blocks stored a-major: host ints
-            (computed on the host, then copied to `device` once), or a tensor (computed
-            where it lives).
-        total: sum(counts) when known on the host (saves a device sync for a CUDA tensor).
-    Returns:
-        `[sum(counts)]` int64: `rows[index]` holds the same blocks, b-major.
-    """
-    if not isinstance(counts, torch.Tensor):
-        c = np.asarray(counts, dtype=np.int64).reshape(len(counts), -1)
-        flat = c.ravel()
-        start = (np.cumsum(flat) - flat).reshape(c.shape)
-        ct, st = c.T.ravel(), start.T.ravel()
-        new_start = np.cumsum(ct) - ct
-        index = np.arange(int(flat.sum())) - np.repeat(new_start, ct) + np.repeat(st, ct)
-        return torch.from_numpy(index).to(device)
-    c = counts.to(torch.int64).reshape(counts.shape[0], -1)
-    flat = c.flatten()
-    start = (flat.cumsum(0) - flat).view_as(c)
-    ct, st = c.t().flatten(), start.t().flatten()
-    new_start = ct.cumsum(0) - ct
-    total = int(flat.sum()) if total is None else total
-    return (
-        torch.arange(total, device=c.device)
-        - torch.repeat_interleave(new_start, ct, output_size=total)
-        + torch.repeat_interleave(st, ct, output_size=total)
-    )
-
-
-def _transposed(counts: Counts) -> List[List[int]]:
-    return [list(col) for col in zip(*counts)]
-
-
-def first_slot_of_channel(channel_TK: torch.Tensor) -> torch.Tensor:
-    """For each (token, slot), the first slot of that token with the same channel.
-
-    Args:
-        channel_TK: `[T, k]` int64.
-    Returns:
-        `[T, k]` int64; equal to the slot's own index where it opens its channel.
-    """
-    same_TKK = channel_TK.unsqueeze(2) == channel_TK.unsqueeze(1)  # [t, j, j']
-    return same_TKK.to(torch.uint8).argmax(dim=2)  # first j' with the same channel
-
-
-def sender_tables(
-    topk_idx_TK: torch.Tensor,
-    topk_weights_TK: Optional[torch.Tensor],
-    num_experts: int,
-    layout: CountTable,
-    num_ranks: int,
-    dedup_across_waves: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sender's per-slot tables and counts (one Triton kernel on CUDA, torch elsewhere).
-
-    Returns:
-        first_TK: `[T, k]` first slot of the token on the same route;
-        fw_TK, lw_TK: `[T, k]` first and last wave of the slot's route;
-        count_table: `[n, layout.width]` int64, row r for rank r: routes out per first wave,
-            routes back per last wave, (route, wave) touches per wave, items per local
-            expert of r; the tokens and status columns 0;
-        status: `[STATUS_SLOTS]` the value checks (`ep.checks.value_status`).
-    """
-    T, k = topk_idx_TK.shape
-    E_local, W, n = layout.num_local_experts, layout.num_waves, num_ranks
-    if topk_idx_TK.is_cuda and triton_available():
-        from .checks import IDX_RANGE, IDX_REPEAT, W_NONFINITE
-        from .kernels.triton_plan import sender_tables_triton
-
-        first, fw, lw, _, count_table, status = sender_tables_triton(
-            topk_idx_TK, topk_weights_TK, num_experts, layout, n, dedup_across_waves, STATUS_SLOTS,
-            (IDX_RANGE, IDX_REPEAT, W_NONFINITE),
-        )
-        return first, fw, lw, count_table, status
-    device = topk_idx_TK.device
-    status = value_status(topk_idx_TK, topk_weights_TK, num_experts)
-    idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
-    dest_TK = idx // E_local
-    wave_TK = (idx % E_local) * W // E_local
-    channel_TK = dest_TK if dedup_across_waves else wave_TK * n + dest_TK
-    first_TK = first_slot_of_channel(channel_TK)
-    opens_TK = first_TK == torch.arange(k, device=device)
-    # first and last wave of each slot's route: min / max over the slots sharing it
-    same_TKK = channel_TK.unsqueeze(2) == channel_TK.unsqueeze(1)
-    waves_TKK = wave_TK.unsqueeze(1).expand(T, k, k)
-    fw_TK = torch.where(same_TKK, waves_TKK, W).amin(dim=2)
-    lw_TK = torch.where(same_TKK, waves_TKK, -1).amax(dim=2)
-    # (route, wave) pairs: a route touched by wave w gets that wave's partial sum
-    opens_touch_TK = first_slot_of_channel(wave_TK * n + dest_TK) == torch.arange(k, device=device)
-    # each count lands in its destination's row of the table
-    row_TK = dest_TK * layout.width
-    cells = torch.cat([
-        (row_TK + layout.routes_out.start + fw_TK).flatten(),
-        (row_TK + layout.routes_back.start + lw_TK).flatten(),
-        (row_TK + layout.touches.start + wave_TK).flatten(),
-        (row_TK + layout.items.start + idx % E_local).flatten(),
-    ])
-    counted = torch.cat([opens_TK.flatten(), opens_TK.flatten(), opens_touch_TK.flatten(),
-                         torch.ones_like(opens_TK.flatten())]).to(torch.int64)
-    count_table = torch.zeros(n, layout.width, dtype=torch.int64, device=device)
-    count_table.view(-1).index_add_(0, cells, counted)
-    return first_TK, fw_TK, lw_TK, count_table, status
-
-
-def _offsets(sizes: Sequence[int]) -> Tuple[int, ...]:
-    out = [0]
-    for s in sizes:
-        out.append(out[-1] + s)
-    return tuple(out)
+from .checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE, value_status
+from .kernels import gather_rows_into
+from .kernels.permute import triton_available, use_triton
+from .layout import RowLayout
 
 
 @dataclass(frozen=True)
-class DispatchPlan:
-    """Everything the stages need to move one layer's tokens, for forward and backward.
+class WaveMap:
+    """Which wave each (token, slot) item is in, and whether a row serves several waves.
 
-    Sizes: T tokens here, k slots, n ranks, W waves, E_local experts here, R_send routes
-    sent, R_recv rows received, I items (rows of expert math) here.
+    Args:
+        num_waves: W.
+        by_experts: False: token waves; True: expert waves (W at most E_local).
+        dedup: expert waves only: a token travels to a rank once, in its first wave there.
+    """
+
+    num_waves: int
+    by_experts: bool = False
+    dedup: bool = False
+
+    @classmethod
+    def of(cls, wave_split: str, num_waves: int, dedup_across_waves: bool) -> "WaveMap":
+        """The map of `MoEConfig`'s knobs; with one wave both splits are the same map."""
+        by_experts = wave_split == "experts" and num_waves > 1
+        return cls(num_waves, by_experts, by_experts and dedup_across_waves)
+
+    def capacity(self, max_tokens: int, capacity_factor: float = 1.0) -> int:
+        """Rows of one region (`wave_capacity`)."""
+        return wave_capacity(max_tokens, 1 if self.by_experts else self.num_waves, capacity_factor)
+
+    def item_waves(self, topk_idx_TK: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+        """`[T, k]` int64: each item's wave (ids already clamped into range)."""
+        T, k = topk_idx_TK.shape
+        W = self.num_waves
+        if self.by_experts:
+            return (topk_idx_TK % num_local_experts) * W // num_local_experts
+        return (torch.arange(T, device=topk_idx_TK.device) * W // max(T, 1)).unsqueeze(1).expand(T, k)
+
+    def expert_waves(self, ids: torch.Tensor, num_local_experts: int) -> torch.Tensor:
+        """The wave of each local expert id at the owner (-1 stays negative)."""
+        return ids * self.num_waves // num_local_experts
+
+
+def wave_capacity(max_tokens: int, num_waves: int, capacity_factor: float = 1.0) -> int:
+    """Rows of one region: ceil(factor x ceil(T_max / W)), at least one row when there are
+    tokens; the worst case (every token of the wave) at factor 1. Expert waves pass W=1:
+    any token may have a route in any wave."""
+    per_wave = -(-max_tokens // num_waves)
+    if capacity_factor >= 1 or per_wave == 0:
+        return per_wave
+    return max(1, math.ceil(per_wave * capacity_factor - 1e-9))
+
+
+def wave_tokens(num_tokens: int, num_waves: int) -> Tuple[int, ...]:
+    """`[W + 1]` first token of each token wave: token t is in wave `t * W // T`."""
+    return tuple(-(-w * num_tokens // num_waves) for w in range(num_waves + 1))
+
+
+@dataclass(frozen=True)
+class WavePlan:
+    """This rank's sending side of one call, and the sizes every rank shares.
+
+    Rows are numbered over all waves: region (w, d) holds rows
+    `[(w*n + d) * capacity, (w*n + d + 1) * capacity)`, for the sent rows and the returned
+    rows alike. Route and touch tables have one column per (rank) or per (wave, rank):
+    `columns` says which (`slot_columns`).
     """
 
     num_ranks: int
-    num_waves: int
+    wave_map: WaveMap
     num_local_experts: int
-    num_tokens: int
     top_k: int
-    rows_per_peer: int
-    """No all-to-all of this plan moves more rows for one peer (the same on every rank)."""
-    wave_bounds: Tuple[int, ...]
-    """`[W + 1]` local-expert boundaries of the waves."""
-
-    # sender side
-    route_token: torch.Tensor
-    """`[R_send]` int64: token of each route, in dispatch order."""
-    slot_route_flat: torch.Tensor
-    """`[T, k]` int64: `route * k + slot` of each (token, slot), an index into a `[R_send, k]` table."""
-    send_counts: Counts
-    """`[W][n]` routes sent to each rank in each wave's dispatch."""
+    capacity: int
+    """Rows per region (the same on every rank)."""
+    max_tokens: int
+    """T_max: the most tokens of any rank in this call (bounds a wave's items with dedup)."""
+    route_row: torch.Tensor
+    """`[T, C]` int64: the sent row of each route; -1 where the token has none there (or its
+    row did not fit a lowered capacity). C = n (a route per rank: token waves, dedup) or
+    W x n (a route per wave and rank: expert waves without dedup), column `w * n + d`."""
+    row_token: torch.Tensor
+    """`[W * n * capacity]` int64: the token in each sent row; -1 for an unused row."""
+    region_rows: torch.Tensor
+    """`[W, n]` int64: the rows of each region that carry data, from its start (the routes
+    placed there come first, in token order), and at least one where the region has rows
+    (every sent row carries the sender's status, which the receiver reads from the first
+    row of each region of wave 0). The rest of a region is padding: a transport may leave it
+    out (`Transport.all_to_all`'s `sent_rows`)."""
+    back_row: torch.Tensor
+    """`[T, C']` int64: the returned row of each touch (-1: none); the un-permute's table.
+    The same tensor as `route_row` unless the map dedups across waves (then C' = W x n)."""
     back_token: torch.Tensor
-    """`[R_send]` int64: token of each route, in combine order."""
-    back_counts: Counts
-    """`[W][n]` rows coming back from each rank in each wave's combine."""
-    token_back_pos: torch.Tensor
-    """`[T, k]` int64: for the slot that opens a route, the route's position in combine
-    order (its returned row); -1 for the token's other slots (the un-permute's table)."""
-
-    # receiver side
-    recv_counts: Counts
-    """`[W][n]` rows received from each rank in each wave's dispatch."""
-    return_row: torch.Tensor
-    """`[R_recv]` int64: received rows in the order they go back (combine order)."""
-    return_counts: Counts
-    """`[W][n]` rows sent back to each rank in each wave's combine."""
-    item_row: torch.Tensor
-    """`[I]` int64: received row of each item (rows counted over all waves)."""
-    item_slot_flat: torch.Tensor
-    """`[I]` int64: `row * k + slot` of each item."""
-    items_per_expert: Tuple[int, ...]
-    """`[E_local]` items (rows of expert math) of each local expert."""
-    touch_counts: Tuple[int, ...]
-    """`[W]` touches per wave. A touch is a (wave, received row) pair with items: the
-    combine of that wave adds the row's items of the wave to its partial sum."""
-    touch_row: torch.Tensor
-    """`[N]` int64: received row of each touch (touches wave-major, then by row)."""
-    touch_items: torch.Tensor
-    """`[N, k]` int64: the touch's items, counted from its wave's first item; -1 pads."""
-    touch_carry: torch.Tensor
-    """`[N]` bool: an earlier wave left a partial sum of this row."""
-    touch_out: torch.Tensor
-    """`[N]` int64: where the row goes in its wave's combine when this is its last wave, else -1."""
-    touch_slot_flat: torch.Tensor
-    """`[N, k]` int64: `row * k + slot` of each of the touch's items; -1 pads."""
-    touch_weights: Optional[torch.Tensor]
-    """`[N, k]` routing weights of the touch's items (0 pads); None without weights."""
-    wave_offs: Tuple[torch.Tensor, ...]
-    """`W` int32 device tensors: cumulative item counts of each wave's experts (the
-    `offs` of a grouped GEMM over the wave's items)."""
-    recv_weights: Optional[torch.Tensor]
-    """`[R_recv * k]` routing weight of each received (row, slot), 0 where the slot is
-    served elsewhere; the weights' dtype promoted to at least fp32. Values only (no
-    autograd): the pipeline sends their gradients back with `stages.exchange_weight_grads`.
-    None when the plan was made without weights."""
-
-    # derived offsets, computed once per plan (host ints; the slices below run per wave)
-    @cached_property
-    def _wave_offsets(self) -> Dict[str, Tuple[int, ...]]:
-        per_wave = lambda counts: _offsets([sum(c) for c in counts])  # noqa: E731
-        return {
-            "send": per_wave(self.send_counts), "recv": per_wave(self.recv_counts),
-            "return": per_wave(self.return_counts), "back": per_wave(self.back_counts),
-            "touch": _offsets(self.touch_counts),
-        }
-
-    def _slice(self, kind: str, wave: int) -> slice:
-        off = self._wave_offsets[kind]
-        return slice(off[wave], off[wave + 1])
-
-    def dispatch_slice(self, wave: int) -> slice:
-        """Wave w's routes in dispatch order (sender side)."""
-        return self._slice("send", wave)
-
-    def recv_slice(self, wave: int) -> slice:
-        """Wave w's received rows (receiver side)."""
-        return self._slice("recv", wave)
-
-    def return_slice(self, wave: int) -> slice:
-        """Wave w's rows going back, in `return_row` (receiver side)."""
-        return self._slice("return", wave)
-
-    def touch_slice(self, wave: int) -> slice:
-        """Wave w's touches (receiver side)."""
-        return self._slice("touch", wave)
-
-    def back_slice(self, wave: int) -> slice:
-        """Wave w's rows coming back, in `back_token` (sender side)."""
-        return self._slice("back", wave)
-
-    @cached_property
-    def expert_offsets(self) -> Tuple[int, ...]:
-        """`[E_local + 1]` first item of each local expert."""
-        return _offsets(self.items_per_expert)
-
-    def item_range(self, wave: int) -> Tuple[int, int]:
-        off = self.expert_offsets
-        return off[self.wave_bounds[wave]], off[self.wave_bounds[wave + 1]]
-
-    def wave_experts(self, wave: int) -> Tuple[int, int]:
-        return self.wave_bounds[wave], self.wave_bounds[wave + 1]
+    """`[W * n * capacity]` int64: the token of each returned row (the backward sends the
+    output gradient there); `row_token` unless dedup."""
+    back_region_rows: torch.Tensor
+    """`[W, n]` int64: `region_rows` of the returned rows; `region_rows` unless dedup."""
+    topk_idx: torch.Tensor
+    """`[T, k]` int64: each slot's global expert, clamped into `[0, E)` (its rank: `// E_local`)."""
+    status: torch.Tensor
+    """`[STATUS_SLOTS]` int32: this rank's findings (host and device checks, rows over capacity)."""
 
     @property
-    def num_routes_sent(self) -> int:
-        return self._wave_offsets["send"][-1]
+    def num_waves(self) -> int:
+        return self.wave_map.num_waves
 
     @property
-    def num_rows_received(self) -> int:
-        return self._wave_offsets["recv"][-1]
-
-    def send_rank_splits(self) -> List[int]:
-        """Routes sent to each rank, summed over waves."""
-        return per_rank(self.send_counts)
-
-    def recv_rank_splits(self) -> List[int]:
-        """Rows received from each rank, summed over waves."""
-        return per_rank(self.recv_counts)
-
-
-def _wave_offs(items_per_expert: Sequence[int], bounds: Sequence[int], device) -> Tuple[torch.Tensor, ...]:
-    """Each wave's cumulative item counts per expert, made on the host, copied once."""
-    offs = np.concatenate([np.cumsum(items_per_expert[e0:e1]) for e0, e1 in zip(bounds[:-1], bounds[1:])])
-    dev = torch.from_numpy(offs.astype(np.int32)).to(device)
-    return tuple(dev[e0:e1] for e0, e1 in zip(bounds[:-1], bounds[1:]))
-
-
-def route_tables(
-    first_TK: torch.Tensor,
-    fw_TK: torch.Tensor,
-    idx_TK: torch.Tensor,
-    topk_weights_TK: Optional[torch.Tensor],
-    send_counts: Counts,
-    num_local_experts: int,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The sender's routes in dispatch order and their slot tables (torch;
-    `ep.kernels.triton_plan.route_tables_triton` on CUDA).
-
-    A route is a slot that opens its (token, channel) (`first_TK[t, j] == j`); routes are
-    ordered by (first wave, dest rank, token): within a token each (first wave, dest) key
-    occurs once.
-
-    Args:
-        first_TK, fw_TK: `[T, k]` from `sender_tables`.
-        idx_TK: `[T, k]` int64 global expert ids (in range).
-        send_counts: host ints `[W][n]`, routes per (first wave, dest) (the exchanged counts).
-    Returns:
-        route_slot `[R]` (flat slot of each route), slot_route `[T, k]` (route of each
-        slot), and the slot tables `[R, k, 2]` float64 in rank-major order (dest, then first
-        wave: as the exchange sends them): per slot of the route's token the local expert
-        it serves there (-1: another route's) and its weight (0 without weights).
-    """
-    T, k = first_TK.shape
-    W, n = len(send_counts), len(send_counts[0]) if send_counts else 0
-    E_local = num_local_experts
-    device = first_TK.device
-    R = sum(map(sum, send_counts))
-    if first_TK.is_cuda and triton_available() and W * n <= 256:
-        from .kernels.triton_plan import route_tables_triton
-
-        return route_tables_triton(first_TK, fw_TK, idx_TK, topk_weights_TK, send_counts, E_local)
-    opens_TK = first_TK == torch.arange(k, device=device)
-    dest_TK = idx_TK // E_local
-    token_TK = torch.arange(T, device=device).unsqueeze(1).expand(T, k)
-    never = W * n * T  # sorts after every real key
-    key = torch.where(opens_TK, (fw_TK * n + dest_TK) * T + token_TK, torch.full_like(dest_TK, never))
-    route_slot = torch.sort(key.flatten(), stable=True).indices[:R]
-    route_of_flat_slot = torch.empty(T * k, dtype=torch.int64, device=device)
-    route_of_flat_slot[route_slot] = torch.arange(R, device=device)
-    slot_route = route_of_flat_slot.view(T, k).gather(1, first_TK)
-    slot_route_flat = (slot_route * k + torch.arange(k, device=device)).flatten()
-    table = torch.zeros(R * k, 2, dtype=torch.float64, device=device)
-    table[:, 0] = -1
-    table[slot_route_flat, 0] = (idx_TK % E_local).flatten().to(torch.float64)
-    if topk_weights_TK is not None:
-        table[slot_route_flat, 1] = topk_weights_TK.detach().flatten().to(torch.float64)
-    rank_major = block_transpose_index(send_counts, device=device)
-    return route_slot, slot_route, table.view(R, k, 2)[rank_major].contiguous()
-
-
-def receiver_tables(
-    recv_rows: torch.Tensor,
-    row_source: torch.Tensor,
-    num_local_experts: int,
-    num_waves: int,
-    num_ranks: int,
-    expert_off: Sequence[int],
-    return_off: Sequence[int],
-    wave_first_item: Sequence[int],
-    num_touches: int,
-    weights_dtype: torch.dtype,
-) -> Dict[str, torch.Tensor]:
-    """The receiver's tables (torch; `ep.kernels.triton_plan.receiver_tables_triton` on CUDA).
-
-    Args:
-        recv_rows: `[R, k, 2]` float64, the exchanged slot tables in row order: per slot the
-            local expert (-1: served elsewhere) and the routing weight.
-        row_source: `[R]` int64, the source rank of each row.
-        expert_off: host ints `[E_local + 1]`, first item of each local expert.
-        return_off: host ints `[W + 1]`, first row of each wave's combine.
-        wave_first_item: host ints `[W]`, first item of each wave.
-    Returns:
-        the `DispatchPlan` fields `recv_weights`, `return_row`, `item_slot_flat`, `item_row`
-        and the `touch_*` tables.
-    """
-    device = recv_rows.device
-    R, k = recv_rows.shape[0], recv_rows.shape[1]
-    W, n, E_local = num_waves, num_ranks, num_local_experts
-    I, N_touch = expert_off[-1], num_touches
-    wave_of_expert = torch.arange(E_local, device=device) * W // E_local
-    slot_expert_RK = recv_rows[:, :, 0].to(torch.int64)
-    recv_weights = recv_rows[:, :, 1].flatten().to(weights_dtype)
-
-    # rows going back: by (last wave, source), stably over row order
-    slot_wave_RK = torch.where(slot_expert_RK >= 0, wave_of_expert[slot_expert_RK.clamp(min=0)], -1)
-    row_last_wave = slot_wave_RK.amax(dim=1)
-    return_row = torch.sort(row_last_wave * n + row_source, stable=True).indices
-
-    # items: received (row, slot) pairs with an expert here, sorted by expert (stable)
-    slot_expert = slot_expert_RK.flatten()
-    ekey = torch.where(slot_expert >= 0, slot_expert, torch.full_like(slot_expert, E_local))
-    item_slot_flat = torch.sort(ekey, stable=True).indices[:I]
-    item_row = item_slot_flat // k
-    item_wave = slot_wave_RK.flatten()[item_slot_flat]
-
-    # touches: the (wave, row) pairs among items; per touch its items (<= k, relative to
-    # the wave's first item), whether an earlier wave left a partial sum, and where the
-    # row goes when this is its last wave
-    by_touch = torch.sort(item_wave * R + item_row, stable=True)
-    opens_touch = torch.ones(I, dtype=torch.bool, device=device)
-    opens_touch[1:] = by_touch.values[1:] != by_touch.values[:-1]
-    touch_of = opens_touch.to(torch.int64).cumsum(0) - 1  # touch of each (sorted) item
-    touch_start = torch.full((N_touch,), I, dtype=torch.int64, device=device)
-    touch_start.scatter_reduce_(0, touch_of, torch.arange(I, device=device), "amin")
-    slot_in_touch = torch.arange(I, device=device) - touch_start[touch_of]
-    item = by_touch.indices
-    wave_starts = torch.tensor([list(wave_first_item), list(return_off[:-1])]).to(device)
-    wave_first, return_wave_start = wave_starts[0], wave_starts[1]
-    touch_items = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
-    touch_items[touch_of, slot_in_touch] = item - wave_first[item_wave[item]]
-    touch_slot_flat = torch.full((N_touch, k), -1, dtype=torch.int64, device=device)
-    touch_slot_flat[touch_of, slot_in_touch] = item_slot_flat[item]
-    touch_row = torch.empty(N_touch, dtype=torch.int64, device=device)
-    touch_row[touch_of] = item_row[item]
-    touch_wave = torch.empty(N_touch, dtype=torch.int64, device=device)
-    touch_wave[touch_of] = item_wave[item]
-    row_first_wave = torch.full((R,), W, dtype=torch.int64, device=device)
-    row_first_wave.scatter_reduce_(0, item_row, item_wave, "amin")
-    return_pos = torch.empty(R, dtype=torch.int64, device=device)
-    return_pos[return_row] = torch.arange(R, device=device)
-    return_pos -= return_wave_start[row_last_wave]
-    touch_out = torch.where(touch_wave == row_last_wave[touch_row], return_pos[touch_row], -1)
-    touch_weights = torch.where(touch_slot_flat >= 0, recv_weights[touch_slot_flat.clamp(min=0)], 0)
-    return dict(
-        recv_weights=recv_weights, return_row=return_row, item_slot_flat=item_slot_flat, item_row=item_row,
-        touch_row=touch_row, touch_carry=touch_wave > row_first_wave[touch_row], touch_out=touch_out,
-        touch_items=touch_items, touch_slot_flat=touch_slot_flat, touch_weights=touch_weights,
-    )
-
-
-@dataclass(frozen=True)
-class SenderSide:
-    """This rank's routing, tabled for the count exchange (`sender_side`): T tokens, k slots."""
-
-    layout: CountTable
-    wave_bounds: Tuple[int, ...]
-    """`[W + 1]` local-expert boundaries of the waves."""
-    dedup_across_waves: bool
-    idx_TK: torch.Tensor
-    """`[T, k]` int64 global expert ids, clamped into `[0, E)` (in range until the status raises)."""
-    topk_weights_TK: Optional[torch.Tensor]
-    """`[T, k]` routing weights as given, or None."""
-    first_TK: torch.Tensor
-    """`[T, k]` int64: the first slot of the token on the same route."""
-    fw_TK: torch.Tensor
-    """`[T, k]` int64: the first wave of the slot's route."""
-    lw_TK: torch.Tensor
-    """`[T, k]` int64: the last wave of the slot's route."""
-    count_table: torch.Tensor
-    """`[n, layout.width]` int64: row r is what this rank sends rank r (`ep.count_table`)."""
+    def rows_per_wave(self) -> int:
+        return self.num_ranks * self.capacity
 
     @property
-    def num_ranks(self) -> int:
-        return self.count_table.shape[0]
+    def experts_per_wave(self) -> int:
+        """The most local experts whose items one wave computes."""
+        if self.wave_map.by_experts:
+            return -(-self.num_local_experts // self.num_waves)
+        return self.num_local_experts
 
-    def rows_per_peer_bound(self, max_tokens: int) -> int:
-        """No all-to-all of this layer moves more rows for one peer than the largest T of any
-        rank (`max_tokens`, the same everywhere), or T times the waves a token can reach a
-        rank in without the deduplication: the value for `Transport.reserve`."""
-        return max_tokens * (1 if self.dedup_across_waves else min(self.layout.num_waves, self.idx_TK.shape[1]))
+    def item_capacity(self, wave: int) -> int:
+        """Items wave w may hold at an owner, anchors included (the same on every rank): a row
+        serves at most min(k, experts of the wave) items of it; with dedup the wave's rows
+        may have arrived in any earlier wave, at most T_max (and the regions' rows) per source."""
+        per_row = min(self.top_k, self.experts_per_wave)
+        rows = self.rows_per_wave
+        if self.wave_map.dedup:
+            rows = self.num_ranks * min(self.max_tokens, (wave + 1) * self.capacity)
+        return rows * per_row + self.num_local_experts
+
+    @property
+    def expected_items_per_expert(self) -> float:
+        """Items one local expert gets in a wave with uniform routing and full waves: a host
+        number that picks kernels (`ep.kernels.grouped_mm`), never a size."""
+        tokens = self.max_tokens if self.wave_map.by_experts else self.capacity
+        return tokens * self.num_ranks * self.top_k / max(self.num_local_experts * self.num_ranks, 1)
+
+    def wave_rows(self, wave: int) -> slice:
+        """Wave w's rows among all sent (or received, or returned) rows."""
+        return slice(wave * self.rows_per_wave, (wave + 1) * self.rows_per_wave)
+
+    def candidate_rows(self, wave: int) -> Tuple[int, int]:
+        """(first, count): the received rows that may serve wave w, in the stack of every wave's
+        received rows each followed by its zero row (`[W * (N + 1)]`); the zero row after them
+        (at first + count) is the wave's anchor row. With dedup: every wave's rows so far."""
+        N = self.rows_per_wave
+        if self.wave_map.dedup:
+            return 0, (wave + 1) * (N + 1) - 1
+        return wave * (N + 1), N
+
+    def slot_columns(self, table: torch.Tensor) -> torch.Tensor:
+        """`[T, k]` int64: the column of each slot's route (or touch) in `table`."""
+        rank = self.topk_idx // self.num_local_experts
+        if table.shape[1] == self.num_ranks:
+            return rank
+        return self.wave_map.item_waves(self.topk_idx, self.num_local_experts) * self.num_ranks + rank
 
 
-@dataclass(frozen=True)
-class SenderRoutes:
-    """The sender's routes, placed by the exchanged counts (`sender_routes`).
+def _place(region_TK: torch.Tensor, columns: int, num_ranks: int, num_regions: int, capacity: int):
+    """Rows for the distinct regions of each token's slots: a token's route in region r is
+    row `r * capacity + (its earlier tokens with a route in r)` when that fits, else -1.
 
-    `route_token`, `slot_route_flat`, `back_token` and `token_back_pos` are the
-    `DispatchPlan` fields of the same names.
-    """
+    Returns the `[T, columns]` table (column `r % columns`), the row tokens
+    `[num_regions * capacity]`, the rows in use per region `[num_regions]`, and the routes
+    that did not fit (0-d)."""
+    T = region_TK.shape[0]
+    device = region_TK.device
+    # [regions, T]: the scan over tokens runs along the inner dimension
+    has_RT = torch.zeros(num_regions, T, dtype=torch.int32, device=device).scatter_(0, region_TK.t(), 1)
+    before_RT = has_RT.cumsum(1, dtype=torch.int32) - has_RT
+    pos_TK = before_RT.gather(0, region_TK.t()).t().to(torch.int64)
+    row_TK = torch.where(pos_TK < capacity, region_TK * capacity + pos_TK, -1)
+    table = torch.full((T, columns), -1, dtype=torch.int64, device=device).scatter_(1, region_TK % columns, row_TK)
+    rows = num_regions * capacity
+    row_token = torch.full((rows + 1,), -1, dtype=torch.int64, device=device)  # + a sink for non-routes
+    tokens = torch.arange(T, device=device).unsqueeze(1).expand_as(table)
+    row_token.scatter_(0, torch.where(table >= 0, table, rows).flatten(), tokens.flatten())
+    placed = has_RT.sum(1)
+    region_rows = placed.clamp(min=min(1, capacity), max=capacity).to(torch.int64)
+    return table, row_token[:rows], region_rows, (placed - capacity).clamp(min=0).sum()
 
-    route_token: torch.Tensor
-    slot_route_flat: torch.Tensor
-    back_token: torch.Tensor
-    token_back_pos: torch.Tensor
-    slot_tables: torch.Tensor
-    """`[R_send, k, 2]` float64 in rank-major order (dest, then first wave), as the slot-table
-    exchange sends them: per slot of the route's token the local expert it serves at the
-    destination (-1: another route's) and its weight (0 without weights)."""
 
-
-def sender_side(
+def sender_plan(
     topk_idx_TK: torch.Tensor,
     topk_weights_TK: Optional[torch.Tensor],
     num_experts: int,
     num_ranks: int,
-    num_waves: int,
-    dedup_across_waves: bool = True,
+    wave_map: WaveMap,
+    capacity: int,
+    max_tokens: int,
     host_status: Optional[Sequence[int]] = None,
-) -> SenderSide:
-    """Step 1: the routing -> the count table this rank sends, and its per-slot tables.
+) -> WavePlan:
+    """Where each route's row goes and each touch's row comes back. Sync-free: device
+    tensors in, device tensors out. Token waves on CUDA: two Triton kernels; otherwise torch.
 
     Args:
-        topk_idx_TK: `[T, k]` int64 global expert ids in `[0, E)`, distinct per token; ids
-            that are not are counted in the status (and clamped).
-        topk_weights_TK: optional `[T, k]` routing weights (NaN/Inf counted in the status).
-        num_experts: E.
-        num_ranks: n.
-        num_waves: W, 1 <= W <= E / n.
-        dedup_across_waves: a token travels to a rank once (True) or once per (rank, wave).
-        host_status: this rank's input problems found without looking at values
-            (`ep.checks.host_status`), added to the status the table carries.
-    Raises:
-        ValueError: `num_waves` out of range.
+        topk_idx_TK: `[T, k]` global expert ids (out-of-range ids are counted in the status
+            and clamped, so kernels stay in bounds until the error is raised).
+        topk_weights_TK: `[T, k]` or None; only checked here (NaN/Inf).
+        capacity: rows per region (`WaveMap.capacity`), the same on every rank.
+        max_tokens: T_max, the same on every rank.
+        host_status: this rank's host-visible findings (`ep.checks.host_status`), sent along.
     """
-    E_local = num_experts // num_ranks
-    bounds = wave_bounds(E_local, num_waves)
-    layout = CountTable(num_waves, E_local)
-    first_TK, fw_TK, lw_TK, count_table, status = sender_tables(
-        topk_idx_TK, topk_weights_TK, num_experts, layout, num_ranks, dedup_across_waves
-    )
-    if host_status is not None:
-        status = status + torch.tensor(host_status, dtype=torch.int64).to(status.device)
-    count_table[:, layout.tokens] = topk_idx_TK.shape[0]
-    count_table[:, layout.status] = status
-    return SenderSide(
-        layout=layout, wave_bounds=bounds, dedup_across_waves=dedup_across_waves,
-        idx_TK=topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1), topk_weights_TK=topk_weights_TK,
-        first_TK=first_TK, fw_TK=fw_TK, lw_TK=lw_TK, count_table=count_table,
-    )
+    T, k = topk_idx_TK.shape
+    n, W = num_ranks, wave_map.num_waves
+    E_local = num_experts // n
+    device = topk_idx_TK.device
+    sizes = dict(num_ranks=n, wave_map=wave_map, num_local_experts=E_local, top_k=k, capacity=capacity,
+                 max_tokens=max_tokens)
+    if topk_idx_TK.is_cuda and triton_available() and not wave_map.by_experts:
+        from .kernels.triton_plan import route_rows_triton
+
+        route_row, row_token, status, idx, region_rows = route_rows_triton(
+            topk_idx_TK.to(torch.int64), topk_weights_TK, num_experts, n, W, capacity, STATUS_SLOTS,
+            (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+        _add_host_status(status, host_status)
+        region_rows = region_rows.view(W, n)
+        return WavePlan(**sizes, route_row=route_row, row_token=row_token, region_rows=region_rows,
+                        back_row=route_row, back_token=row_token, back_region_rows=region_rows, topk_idx=idx,
+                        status=status)
+    idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
+    rank_TK = idx // E_local
+    wave_TK = wave_map.item_waves(idx, E_local)
+    per_wave = wave_map.by_experts and not wave_map.dedup  # a route per (wave, rank)
+    route_wave_TK = wave_TK
+    if wave_map.dedup:  # a route per rank, in the first wave of the token's slots there
+        same_TKK = rank_TK.unsqueeze(2) == rank_TK.unsqueeze(1)
+        route_wave_TK = torch.where(same_TKK, wave_TK.unsqueeze(1), W).amin(dim=2)
+    route_row, row_token, region_rows, over = _place(route_wave_TK * n + rank_TK, W * n if per_wave else n, n,
+                                                     W * n, capacity)
+    region_rows = region_rows.view(W, n)
+    back = (route_row, row_token, region_rows)
+    if wave_map.dedup:  # each (wave, rank) touch comes back in its own wave
+        back_row, back_token, back_rows, back_over = _place(wave_TK * n + rank_TK, W * n, n, W * n, capacity)
+        back, over = (back_row, back_token, back_rows.view(W, n)), over + back_over
+
+    checks = value_status(topk_idx_TK, topk_weights_TK, num_experts)
+    status = torch.zeros(STATUS_SLOTS, dtype=torch.int64, device=device)
+    for slot in (IDX_RANGE, IDX_REPEAT, W_NONFINITE):
+        status[slot] = checks[slot]
+    status[ROWS_OVER] = over
+    _add_host_status(status, host_status)
+    return WavePlan(**sizes, route_row=route_row, row_token=row_token, region_rows=region_rows, back_row=back[0],
+                    back_token=back[1], back_region_rows=back[2], topk_idx=idx, status=status.to(torch.int32))
 
 
-def sender_routes(sender: SenderSide, counts: PlanCounts) -> SenderRoutes:
-    """Step 3: the sender's routes in dispatch and combine order, and the slot tables it sends.
+def _add_host_status(status: torch.Tensor, host_status: Optional[Sequence[int]]) -> None:
+    for slot, value in enumerate(host_status or ()):
+        if value:  # a host int: added as a kernel argument, no copy to the device
+            status[slot] += value
+
+
+def returned_slot_values(plan: WavePlan, values_RK: torch.Tensor) -> torch.Tensor:
+    """`[T, k]`: for slot j of token t, `values[row, j]` of the returned row of that slot's
+    touch (`plan.back_row`), 0 where there is none (the backward's routing-weight gradients,
+    which come back in the rows' weight columns). One kernel on CUDA for token waves."""
+    if values_RK.is_cuda and triton_available() and not plan.wave_map.by_experts:
+        from .kernels.triton_plan import returned_slots_triton
+
+        return returned_slots_triton(plan.back_row, plan.topk_idx, plan.num_local_experts, values_RK)
+    slot_row = plan.back_row.gather(1, plan.slot_columns(plan.back_row))  # [T, k]: each slot's row
+    return torch.where(slot_row >= 0, values_RK.gather(0, slot_row.clamp(min=0)), 0)
+
+
+def pack_rows(x_TH: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], plan: WavePlan, layout: RowLayout,
+              rows: torch.Tensor) -> None:
+    """Write every sent row (`ep.layout`): its token's hidden vector, and for each slot of the
+    token its expert at the row's rank (-1: served by another row) and its weight, and this
+    rank's status; with dedup also each slot's returned row within its region. Unused rows
+    get -1 everywhere in their slot table (their data is unspecified). One Triton kernel for
+    token waves on CUDA (below float64), torch elsewhere.
 
     Args:
-        counts: every rank's count table, parsed (`CountTable.parse`); this step reads
-            `send_counts`.
+        x_TH: `[T, H]`.
+        rows: `[W * n * capacity, layout.width]`.
     """
-    k = sender.idx_TK.shape[1]
-    n, E_local = sender.num_ranks, sender.layout.num_local_experts
-    device = sender.idx_TK.device
-    route_slot, slot_route, slot_tables = route_tables(
-        sender.first_TK, sender.fw_TK, sender.idx_TK, sender.topk_weights_TK, counts.send_counts, E_local,
-    )
-    route_token = route_slot // k
-    # combine order: (last wave, dest) stably over dispatch order -> (.., first wave, token)
-    dest_TK = sender.idx_TK // E_local
-    back_order = torch.sort((sender.lw_TK * n + dest_TK).flatten()[route_slot], stable=True).indices
-    R_send = counts.num_routes_sent
-    back_pos_of_route = torch.empty(R_send, dtype=torch.int64, device=device)
-    back_pos_of_route[back_order] = torch.arange(R_send, device=device)
-    opens_TK = sender.first_TK == torch.arange(k, device=device)
-    return SenderRoutes(
-        route_token=route_token,
-        slot_route_flat=slot_route * k + torch.arange(k, device=device),
-        back_token=route_token[back_order],
-        token_back_pos=torch.where(opens_TK, back_pos_of_route[slot_route], -1),
-        slot_tables=slot_tables,
-    )
+    n, cap, E = plan.num_ranks, plan.capacity, plan.num_local_experts * plan.num_ranks
+    if use_triton(x_TH) and rows.shape[0] and not plan.wave_map.by_experts:
+        from .kernels.triton_plan import pack_rows_triton
 
-
-def _receiver_tabs(
-    recv_rows: torch.Tensor, counts: PlanCounts, sender: SenderSide
-) -> Dict[str, Optional[torch.Tensor]]:
-    """`receiver_tables` (torch) or its Triton kernels (CUDA) on the received slot tables.
-
-    Returns:
-        the `DispatchPlan`'s receiver fields (see `receiver_tables`); the weights None when
-        the plan is made without weights.
-    """
-    device = recv_rows.device
-    k = recv_rows.shape[1]
-    n, W, E_local = sender.num_ranks, sender.layout.num_waves, sender.layout.num_local_experts
-    recv_counts = counts.recv_counts
-    recv_wave_major = block_transpose_index(_transposed(recv_counts), device=device)
-    row_source = torch.from_numpy(
-        np.repeat(np.tile(np.arange(n), W), np.asarray(recv_counts, dtype=np.int64).ravel())
-    ).to(device)
-    expert_off = _offsets(counts.items_per_expert)
-    return_off = _offsets([sum(c) for c in counts.return_counts])
-    wave_first_item = [expert_off[b] for b in sender.wave_bounds[:-1]]
-    I, N_touch = expert_off[-1], sum(counts.touch_counts)
-    weights = sender.topk_weights_TK
-    wdtype = torch.promote_types(weights.dtype, torch.float32) if weights is not None else torch.float32
-    if recv_rows.is_cuda and triton_available():
-        from .kernels.triton_plan import receiver_tables_triton
-
-        tabs = receiver_tables_triton(
-            recv_rows, recv_wave_major, row_source, E_local, W, n, k, expert_off, _offsets(counts.touch_counts),
-            return_off, wave_first_item, I, N_touch, wdtype,
-        )
+        pack_rows_triton(x_TH, plan.topk_idx, topk_weights_TK, plan.row_token, plan.status, layout.data(rows),
+                         layout.ids(rows), layout.weights(rows), layout.status(rows), E, n, cap)
+        return
+    gather_rows_into(x_TH, plan.row_token, layout.data(rows))
+    token = plan.row_token
+    layout.status(rows).copy_(plan.status.unsqueeze(0).expand(token.shape[0], -1))
+    if plan.topk_idx.shape[0] == 0:  # no tokens here: every row is unused
+        layout.ids(rows).fill_(-1)
+        layout.weights(rows).zero_()
+        return
+    t = token.clamp(min=0)
+    row = torch.arange(token.shape[0], device=rows.device)
+    slot_row = plan.route_row.gather(1, plan.slot_columns(plan.route_row))[t]  # [R, k]: the row serving each slot
+    here = (slot_row == row.unsqueeze(1)) & (token >= 0).unsqueeze(1)
+    layout.ids(rows).copy_(torch.where(here, plan.topk_idx[t] % plan.num_local_experts, -1))
+    if topk_weights_TK is not None:
+        w = topk_weights_TK.detach().to(layout.acc_dtype)[t]
+        layout.weights(rows).copy_(torch.where(here, w, 0))
     else:
-        tabs = receiver_tables(
-            recv_rows[recv_wave_major], row_source, E_local, W, n, expert_off, return_off, wave_first_item, N_touch, wdtype,
-        )
-    if weights is None:
-        tabs["recv_weights"] = tabs["touch_weights"] = None
-    return tabs
+        layout.weights(rows).zero_()
+    if plan.wave_map.dedup:  # each slot's touch: its row within the returned region
+        back = plan.back_row.gather(1, plan.slot_columns(plan.back_row))[t]
+        layout.back(rows).copy_(torch.where(here & (back >= 0), back % max(cap, 1), -1))
 
 
-def receiver_side(
-    sender: SenderSide, routes: SenderRoutes, counts: PlanCounts, recv_rows: torch.Tensor
-) -> DispatchPlan:
-    """Step 4: the receiver's tables from the received slot tables, then the frozen plan.
+@dataclass(frozen=True)
+class WaveItems:
+    """One wave's items at their owner, in expert order (anchors first in each expert's group).
+
+    Sizes: M candidate rows (`WavePlan.candidate_rows`; the anchors' zero row is row M),
+    I = the plan's item_capacity, k slots.
+    """
+
+    item_row: torch.Tensor
+    """`[I]` int64: the candidate row of each item (M for anchors)."""
+    item_weight: torch.Tensor
+    """`[I]` acc dtype: the item's routing weight (0 for anchors)."""
+    item_expert: torch.Tensor
+    """`[I]` int64: the item's local expert. Past `count` (unused items) these three are
+    unspecified: every consumer stops there."""
+    offs: torch.Tensor
+    """`[E_local]` int32: cumulative items per expert (anchors included): a grouped GEMM's `offs`."""
+    slot_item: torch.Tensor
+    """`[M, k]` int64: the item of each candidate (row, slot); -1 where the slot is not this wave's."""
+
+    @property
+    def count(self) -> torch.Tensor:
+        """`[]` items in use (device)."""
+        return self.offs[-1]
+
+
+def wave_items(ids_MK: torch.Tensor, weights_MK: torch.Tensor, num_local_experts: int, item_capacity: int) -> WaveItems:
+    """The items of one wave from its candidate rows' slot tables. Sync-free. A counting sort
+    in Triton on CUDA (below float64: its consumers stop at `offs[-1]`, and it leaves the
+    entries past it unwritten), a stable sort in torch elsewhere.
 
     Args:
-        recv_rows: `[R_recv, k, 2]` float64, the slot tables every rank sent this one
-            (`SenderRoutes.slot_tables`), as the exchange lays them out: by source rank, then
-            in the source's order (`counts.recv_counts` rows from each per wave).
+        ids_MK: `[M, k]` int32: each slot's local expert, -1 for none (`RowLayout.ids`, the
+            slots of other waves already masked out).
+        weights_MK: `[M, k]` acc dtype: the slots' routing weights (`RowLayout.weights`).
+        item_capacity: items this wave may hold, anchors included (`WavePlan.item_capacity`).
     """
-    T, k = sender.idx_TK.shape
-    return DispatchPlan(
-        num_ranks=sender.num_ranks,
-        num_waves=sender.layout.num_waves,
-        num_local_experts=sender.layout.num_local_experts,
-        num_tokens=T,
-        top_k=k,
-        rows_per_peer=sender.rows_per_peer_bound(counts.max_tokens),
-        wave_bounds=sender.wave_bounds,
-        route_token=routes.route_token,
-        slot_route_flat=routes.slot_route_flat,
-        send_counts=counts.send_counts,
-        back_token=routes.back_token,
-        back_counts=counts.back_counts,
-        token_back_pos=routes.token_back_pos,
-        recv_counts=counts.recv_counts,
-        return_counts=counts.return_counts,
-        items_per_expert=counts.items_per_expert,
-        touch_counts=counts.touch_counts,
-        **_receiver_tabs(recv_rows, counts, sender),
-        wave_offs=_wave_offs(counts.items_per_expert, sender.wave_bounds, recv_rows.device),
-    )
+    if use_triton(weights_MK):
+        from .kernels.triton_plan import wave_items_triton
+
+        return WaveItems(*wave_items_triton(ids_MK, weights_MK, num_local_experts, item_capacity))
+    M, k = ids_MK.shape
+    E_local, device = num_local_experts, ids_MK.device
+    slot_key = torch.where(ids_MK >= 0, ids_MK.to(torch.int64), E_local).flatten()
+    key = torch.cat([torch.arange(E_local, device=device), slot_key])  # anchors first: first in their group
+    sorted_key, order = torch.sort(key, stable=True)
+    order, sorted_key = order[:item_capacity], sorted_key[:item_capacity]
+    real = (order >= E_local) & (sorted_key < E_local)
+    slot = torch.where(real, order - E_local, M * k)  # M * k: past the slots (anchors, unused items)
+    counts = torch.zeros(E_local + 1, dtype=torch.int64, device=device).scatter_add_(0, key, torch.ones_like(key))
+    # within the capacity by construction, but repeated ids in a token (an input error,
+    # reported) could make more items than a row may have: clamp so kernels stay in bounds
+    offs = counts[:E_local].cumsum(0).clamp(max=item_capacity).to(torch.int32)
+    item_row = slot // k  # M (the zero row) for anchors and unused items
+    item_weight = torch.cat([weights_MK.flatten(), weights_MK.new_zeros(1)])[slot]
+    slot_item = torch.full((M * k + 1,), -1, dtype=torch.int64, device=device)  # + a sink at M * k
+    slot_item.scatter_(0, slot, torch.arange(order.shape[0], device=device))
+    return WaveItems(item_row=item_row, item_weight=item_weight, item_expert=sorted_key, offs=offs,
+                     slot_item=slot_item[:M * k].view(M, k))
+
+
+def wave_slots(plan: WavePlan, layout: RowLayout, candidates: torch.Tensor, wave: int) -> torch.Tensor:
+    """`[M, k]` int32: the candidate rows' local expert ids of wave w's slots, -1 elsewhere
+    (with dedup a row serves every wave of its token there; otherwise the rows' own ids)."""
+    ids = layout.ids(candidates)
+    if not plan.wave_map.dedup:
+        return ids
+    return torch.where(plan.wave_map.expert_waves(ids, plan.num_local_experts) == wave, ids, -1)
+
+
+def return_items(plan: WavePlan, layout: RowLayout, candidates: torch.Tensor, first_row: int,
+                 items: WaveItems) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """With dedup: where wave w's results go back. Row q of the wave's returned rows (region
+    of the source, then the touch's place written by the sender, `RowLayout.back`) sums the
+    items of its touch.
+
+    Returns back_item `[N, k]` int64 (the item of each returned (row, slot), -1 for none),
+    back_weight `[N, k]` (their routing weights) and item_back `[I]` int64 (the returned row
+    of each item; N, the zero row, for anchors and unused items)."""
+    N, k, cap = plan.rows_per_wave, plan.top_k, plan.capacity
+    M = candidates.shape[0]
+    device = candidates.device
+    source = ((torch.arange(M, device=device) + first_row) % (N + 1)) // max(cap, 1)  # [M]: the sending rank
+    back = layout.back(candidates).to(torch.int64)
+    ok = (items.slot_item >= 0) & (back >= 0)
+    cell = torch.where(ok, (source.unsqueeze(1) * cap + back) * k + torch.arange(k, device=device), N * k).flatten()
+    back_item = torch.full((N * k + 1,), -1, dtype=torch.int64, device=device)
+    back_item.scatter_(0, cell, items.slot_item.flatten())
+    weights = layout.weights(candidates)
+    back_weight = weights.new_zeros(N * k + 1).scatter_(0, cell, weights.flatten())
+    I = items.item_row.shape[0]
+    back_item, back_weight = back_item[:N * k].view(N, k), back_weight[:N * k].view(N, k)
+    q = torch.arange(N, device=device).repeat_interleave(k)
+    item_back = torch.full((I + 1,), N, dtype=torch.int64, device=device)
+    item_back.scatter_(0, torch.where(back_item.flatten() >= 0, back_item.flatten(), I), q)
+    return back_item, back_weight, item_back[:I]
+
+
+def expert_major(items: Sequence[WaveItems], x_rows: Sequence[torch.Tensor], dz_rows: Sequence[torch.Tensor],
+                 num_local_experts: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All waves' items in one expert-major order (by expert, then wave), for the weight
+    gradients that sum over every wave. Sync-free.
+
+    Args:
+        items: each wave's `WaveItems`.
+        x_rows, dz_rows: per wave `[I_w]` the rows of its items in the stacked received rows
+            and in the stacked output-gradient rows.
+    Returns:
+        order `[sum I_w]` (positions in the waves' concatenated items), x rows and dz rows in
+        that order, offs `[E_local]` int32.
+    """
+    E_local = num_local_experts
+    device = items[0].item_row.device
+    used = [torch.arange(it.item_row.shape[0], device=device) < it.count for it in items]
+    expert = torch.cat([torch.where(u, it.item_expert, E_local) for u, it in zip(used, items)])  # unused: E_local
+    wave = torch.cat([torch.full_like(u, w, dtype=torch.int64) for w, u in enumerate(used)])
+    order = torch.sort(expert * len(items) + wave, stable=True).indices
+    x = torch.cat([torch.where(u, r, 0) for u, r in zip(used, x_rows)])[order]
+    dz = torch.cat([torch.where(u, r, 0) for u, r in zip(used, dz_rows)])[order]
+    counts = torch.zeros(E_local + 1, dtype=torch.int64, device=device).scatter_add_(0, expert, torch.ones_like(expert))
+    return order, x, dz, counts[:E_local].cumsum(0).to(torch.int32)

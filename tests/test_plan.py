@@ -1,272 +1,209 @@
-"""Single-process tests of the plan's index math on small hand-derived cases (a world of n ranks
-simulated in one process for the pure steps; one Gloo world checks that simulation)."""
-import dataclasses
-
+"""The wave plan's index math on hand-derived cases (one process; token and expert wave
+maps, with and without dedup across waves), the row layout, and the engine's bounds on
+Gloo ranks (errors on every rank, never a silent drop)."""
 import pytest
 import torch
 
-from ep.checks import IDX_RANGE, STATUS_SLOTS
-from ep.count_table import CountTable, per_rank
-from ep.plan import block_transpose_index, first_slot_of_channel, receiver_side, sender_routes, sender_side, wave_bounds
-from ep.plan_exchange import make_plan
-from ep.transport import LocalTransport
+import ep
+from ep.checks import ROWS_OVER, STATUS_SLOTS, InputError
+from ep.plan import WaveMap, expert_major, pack_rows, return_items, sender_plan, wave_capacity, wave_items, wave_slots, wave_tokens
+from ep.layout import RowLayout
 from tests.world import run_world
 
 
-@pytest.mark.parametrize(
-    "experts, waves, want",
-    [(4, 1, (0, 4)), (4, 2, (0, 2, 4)), (5, 2, (0, 3, 5)), (4, 4, (0, 1, 2, 3, 4)), (7, 3, (0, 3, 5, 7))],
-)
-def test_wave_bounds(experts, waves, want):
-    assert wave_bounds(experts, waves) == want
+def test_wave_tokens_and_capacity():
+    assert wave_tokens(10, 4) == (0, 3, 5, 8, 10)
+    assert [t * 4 // 10 for t in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]  # the device formula agrees
+    assert wave_tokens(2, 4) == (0, 1, 1, 2, 2)  # fewer tokens than waves: empty waves
+    assert wave_capacity(10, 4) == 3 and wave_capacity(12, 4) == 3
+    assert wave_capacity(100, 1, 0.3) == 30 and wave_capacity(3, 1, 0.01) == 1 and wave_capacity(0, 2) == 0
 
 
-@pytest.mark.parametrize("waves", [0, 5])
-def test_wave_bounds_rejects(waves):
-    with pytest.raises(ValueError, match="num_waves"):
-        wave_bounds(4, waves)
+def test_sender_plan_by_hand():
+    # n=2 ranks, E=4 (2 per rank), k=2, W=2, T=4: waves are tokens {0, 1} and {2, 3}
+    idx = torch.tensor([[0, 3], [1, 0], [2, 3], [3, 1]])
+    plan = sender_plan(idx, None, num_experts=4, num_ranks=2, wave_map=WaveMap(2), capacity=2, max_tokens=4)
+    # region (w, d) starts at (w*2 + d) * 2; in each region the wave's tokens for d, in order
+    assert plan.route_row.tolist() == [[0, 2], [1, -1], [-1, 6], [4, 7]]
+    assert plan.row_token.tolist() == [0, 1, 0, -1, 3, -1, 2, 3]
+    assert plan.status.tolist() == [0] * STATUS_SLOTS
+    assert plan.region_rows.tolist() == [[2, 1], [1, 2]]  # the routes placed first in each region
+    assert plan.back_row is plan.route_row and plan.back_token is plan.row_token  # a route is its touch
+    # one row per region: the second route of a region does not fit, and is counted
+    small = sender_plan(idx, None, 4, 2, WaveMap(2), capacity=1, max_tokens=4)
+    assert small.route_row.tolist() == [[0, 1], [-1, -1], [-1, 3], [2, -1]]
+    assert small.status[ROWS_OVER].item() == 2
+    assert small.region_rows.tolist() == [[1, 1], [1, 1]]  # never more than the capacity
 
 
-def test_block_transpose_index():
-    # blocks (a, b), a-major: (0,0)=[0] (0,1)=[1,2] (1,0)=[3,4,5] (1,1)=[]
-    # b-major: (0,0) (1,0) (0,1) (1,1)
-    assert block_transpose_index([[1, 2], [3, 0]]).tolist() == [0, 3, 4, 5, 1, 2]
-    assert block_transpose_index([[0, 0], [0, 0]]).tolist() == []
+def test_region_rows_send_the_status_row_of_a_region_without_routes():
+    # rank 1 owns experts 2, 3: no token of wave 0 goes there, and no token at all in wave 1
+    # of rank 0; the first row of each region still carries the sender's status
+    idx = torch.tensor([[0, 1], [1, 0], [0, 1], [1, 0]])
+    assert sender_plan(idx, None, 4, 2, WaveMap(2), capacity=2, max_tokens=4).region_rows.tolist() == [[2, 1], [2, 1]]
+    empty = torch.empty(0, 2, dtype=torch.int64)  # a rank with no tokens in a call where others have some
+    assert sender_plan(empty, None, 4, 2, WaveMap(2), capacity=3, max_tokens=6).region_rows.tolist() == [[1, 1], [1, 1]]
+    assert sender_plan(empty, None, 4, 2, WaveMap(2), capacity=0, max_tokens=0).region_rows.tolist() == [[0, 0], [0, 0]]
 
 
-def test_block_transpose_index_round_trip():
-    counts = [[2, 0, 1], [1, 3, 0]]
-    fwd = block_transpose_index(counts)
-    back = block_transpose_index([list(c) for c in zip(*counts)])
-    assert fwd[back].tolist() == list(range(7))
+def test_slot_tables_by_hand():
+    idx = torch.tensor([[0, 3], [1, 0], [2, 3], [3, 1]])
+    w = torch.tensor([[0.5, 0.25], [0.125, 1.0], [2.0, 4.0], [8.0, 16.0]], dtype=torch.float64)
+    plan = sender_plan(idx, w, 4, 2, WaveMap(2), capacity=2, max_tokens=4)
+    layout = RowLayout(hidden=3, top_k=2, dtype=torch.float64)
+    rows = layout.empty(8, "cpu")
+    x = torch.arange(12, dtype=torch.float64).view(4, 3)
+    pack_rows(x, w, plan, layout, rows)
+    # row 2 is token 0 at rank 1: its slot 1 (expert 3 = rank 1's local 1) is served there
+    assert layout.ids(rows).tolist() == [[0, -1], [1, 0], [-1, 1], [-1, -1], [-1, 1], [-1, -1], [0, 1], [1, -1]]
+    assert layout.weights(rows)[2].tolist() == [0.0, 0.25] and layout.weights(rows)[7].tolist() == [8.0, 0.0]
+    used = plan.row_token >= 0
+    assert torch.equal(layout.data(rows)[used], x[plan.row_token[used]])
+    assert (layout.status(rows) == 0).all()
 
 
-def test_first_slot_of_channel():
-    assert first_slot_of_channel(torch.tensor([[3, 1, 3, 2, 1]])).tolist() == [[0, 1, 0, 3, 1]]
+def received(ids, weights):
+    """The slot tables of received rows (float64: the torch path)."""
+    return ids, weights.to(torch.float64)
 
 
-def test_plan_by_hand_once_per_rank():
-    """T=3, k=2, E=4, W=2 on one rank: experts 0,1 are wave 0 and 2,3 wave 1.
-
-    token 0 -> experts 0 (wave 0) and 3 (wave 1): one route, out in wave 0, back in wave 1
-    token 1 -> experts 1, 0: one route, out and back in wave 0
-    token 2 -> experts 2, 3: one route, out and back in wave 1
-    """
-    topk_idx = torch.tensor([[0, 3], [1, 0], [2, 3]])
-    plan = make_plan(topk_idx, num_experts=4, num_waves=2, transport=LocalTransport())
-    assert plan.route_token.tolist() == [0, 1, 2]  # (first wave, dest, token)
-    assert plan.send_counts == ((2,), (1,)) and plan.recv_counts == ((2,), (1,))
-    assert plan.back_token.tolist() == [1, 0, 2]  # (last wave, dest, first wave, token)
-    assert plan.back_counts == ((1,), (2,)) and plan.return_counts == ((1,), (2,))
-    assert plan.slot_route_flat.tolist() == [[0, 1], [2, 3], [4, 5]]  # route * k + slot
-    assert plan.return_row.tolist() == [1, 0, 2]  # row 1 is done after wave 0, rows 0, 2 after 1
-    # items by expert: e0 <- (row0,slot0),(row1,slot1); e1 <- (row1,slot0);
-    #                  e2 <- (row2,slot0); e3 <- (row0,slot1),(row2,slot1)
-    assert plan.items_per_expert == (2, 1, 1, 2)
-    assert plan.item_slot_flat.tolist() == [0, 3, 2, 4, 1, 5]
-    assert plan.item_row.tolist() == [0, 1, 1, 2, 0, 2]  # row 0 serves waves 0 and 1
-    assert plan.item_range(0) == (0, 3) and plan.item_range(1) == (3, 6)
-    # un-permute: the slot opening each token's route points at its returned row
-    assert plan.token_back_pos.tolist() == [[1, -1], [0, -1], [2, -1]]
-    # touches (wave, row): w0 row0 {i0}, w0 row1 {i1, i2}, w1 row0 {i4}, w1 row2 {i3, i5};
-    # items counted from their wave's first item (0 and 3)
-    assert plan.touch_counts == (2, 2)
-    assert plan.touch_row.tolist() == [0, 1, 0, 2]
-    assert plan.touch_items.tolist() == [[0, -1], [1, 2], [1, -1], [0, 2]]
-    assert plan.touch_slot_flat.tolist() == [[0, -1], [3, 2], [1, -1], [4, 5]]
-    assert plan.touch_carry.tolist() == [False, False, True, False]  # row 0 carries w0's sum
-    assert plan.touch_out.tolist() == [-1, 0, 0, 1]  # row 0 waits for w1; rows 1, 0, 2 leave
-
-
-def test_plan_by_hand_once_per_rank_and_wave():
-    """The same routing with a route per (token, rank, wave)."""
-    topk_idx = torch.tensor([[0, 3], [1, 0], [2, 3]])
-    plan = make_plan(topk_idx, 4, 2, LocalTransport(), dedup_across_waves=False)
-    # routes: 0=(t0,w0) 1=(t1,w0) 2=(t0,w1) 3=(t2,w1)
-    assert plan.route_token.tolist() == [0, 1, 0, 2]
-    assert plan.send_counts == ((2,), (2,)) and plan.back_counts == ((2,), (2,))
-    assert plan.back_token.tolist() == [0, 1, 0, 2]
-    assert plan.slot_route_flat.tolist() == [[0, 5], [2, 3], [6, 7]]
-    assert plan.return_row.tolist() == [0, 1, 2, 3]
-    assert plan.item_slot_flat.tolist() == [0, 3, 2, 6, 5, 7]
-    assert plan.item_row.tolist() == [0, 1, 1, 3, 2, 3]
-
-
-def test_plan_weights_ride_along():
-    topk_idx = torch.tensor([[0, 3], [1, 0], [2, 3]])
+def test_wave_items_by_hand():
+    ids = torch.tensor([[1, 0], [-1, 1], [0, -1]], dtype=torch.int32)
     w = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]], dtype=torch.float64)
-    plan = make_plan(topk_idx, 4, 2, LocalTransport(), topk_weights_TK=w)
-    # received (row, slot) table = the token's weights (one rank: rows are tokens here)
-    assert plan.recv_weights.tolist() == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
-    assert plan.recv_weights[plan.item_slot_flat].tolist() == [0.1, 0.4, 0.3, 0.5, 0.2, 0.6]
+    it = wave_items(*received(ids, w), num_local_experts=2, item_capacity=8)
+    # expert 0: its anchor, (row 0, slot 1), (row 2, slot 0); expert 1: anchor, (0, 0), (1, 1)
+    assert it.offs.tolist() == [3, 6]
+    assert it.item_row.tolist() == [3, 0, 2, 3, 0, 1, 3, 3]  # 3 = N: the zero row
+    assert it.item_weight.tolist() == [0, 0.2, 0.5, 0, 0.1, 0.4, 0, 0]
+    assert it.item_expert.tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert it.slot_item.tolist() == [[4, 1], [-1, 5], [2, -1]]
 
 
-def test_plan_dropless_counts():
-    """Every (token, slot) becomes exactly one item; routes are at most T * k."""
-    g = torch.Generator().manual_seed(0)
-    T, k, E = 37, 3, 12
-    topk_idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    for W in (1, 2, 3, 4, 6, 12):
-        for across in (True, False):
-            plan = make_plan(topk_idx, num_experts=E, num_waves=W, transport=LocalTransport(), dedup_across_waves=across)
-            assert sum(plan.items_per_expert) == T * k
-            assert plan.items_per_expert == tuple(torch.bincount(topk_idx.flatten(), minlength=E).tolist())
-            # one rank: a route per token, or per distinct (token, wave)
-            waves = torch.tensor([e * W // E for e in range(E)])[topk_idx]
-            distinct = T if across else sum(len(set(row)) for row in waves.tolist())
-            assert plan.num_routes_sent == distinct == plan.num_rows_received
-            assert sorted(plan.return_row.tolist()) == list(range(distinct))
-        assert sorted(plan.item_slot_flat.tolist()) == sorted(set(plan.item_slot_flat.tolist()))
+def test_expert_major_by_hand():
+    a = wave_items(*received(torch.tensor([[1, 0], [-1, 1], [0, -1]], dtype=torch.int32), torch.ones(3, 2)), 2, 8)
+    b = wave_items(*received(torch.tensor([[0, -1], [-1, -1], [-1, 1]], dtype=torch.int32), torch.ones(3, 2)), 2, 8)
+    rows = [a.item_row, b.item_row + 4]  # wave b's rows from 4 = N + 1 in the stack
+    order, x_rows, dz_rows, offs = expert_major([a, b], rows, rows, num_local_experts=2)
+    assert order.tolist() == [0, 1, 2, 8, 9, 3, 4, 5, 10, 11, 6, 7, 12, 13, 14, 15]
+    # unused items (past each wave's count) last, row 0
+    assert x_rows.tolist() == [3, 0, 2, 7, 4, 3, 0, 1, 7, 6, 0, 0, 0, 0, 0, 0]
+    assert torch.equal(x_rows, dz_rows)
+    assert offs.tolist() == [5, 10]
 
 
-def test_plan_empty():
-    plan = make_plan(torch.empty(0, 2, dtype=torch.int64), num_experts=4, num_waves=2, transport=LocalTransport())
-    assert plan.num_routes_sent == 0 and plan.items_per_expert == (0, 0, 0, 0)
+# n=2 ranks, E=8 (4 per rank), k=3, W=2 expert waves: local experts {0, 1} are wave 0 and
+# {2, 3} wave 1, so global experts 0, 1, 4, 5 are wave 0 and 2, 3, 6, 7 wave 1
+EXPERT_IDX = torch.tensor([[0, 3, 4], [2, 1, 6], [7, 5, 3]])
 
 
-# ---- the pure steps, with a world of n ranks simulated in one process ----------------------
-def simulate_world(routing, num_experts, num_waves, dedup_across_waves=True):
-    """Every rank's plan from its `(topk_idx, topk_weights)`, the exchanges done by hand.
-
-    Returns per rank the parsed counts and the plan.
-    """
-    n = len(routing)
-    senders = [sender_side(idx, w, num_experts, n, num_waves, dedup_across_waves) for idx, w in routing]
-    tables = [s.count_table for s in senders]
-    # the count exchange: rank r receives row r of every rank's table
-    counts = [s.layout.parse(tables[r].tolist(), [t[r].tolist() for t in tables]) for r, s in enumerate(senders)]
-    routes = [sender_routes(s, c) for s, c in zip(senders, counts)]
-    # the slot-table exchange: rank r receives its block of every rank's rank-major tables
-    blocks = [r.slot_tables.split(per_rank(c.send_counts)) for r, c in zip(routes, counts)]
-    plans = [
-        receiver_side(senders[r], routes[r], counts[r], torch.cat([b[r] for b in blocks]))
-        for r in range(n)
-    ]
-    return counts, plans
-
-
-def _two_rank_routing():
-    """n=2, E=4 (E_local=2), W=2, k=2: rank r owns experts 2r (wave 0) and 2r+1 (wave 1).
-
-    rank 0: t0 -> experts 0, 3 (a route to each rank); t1 -> experts 2, 3 (one route to rank 1,
-            out in wave 0, back in wave 1)
-    rank 1: u0 -> experts 1, 2 (a route to each rank)
-    """
-    w0 = torch.tensor([[0.1, 0.2], [0.3, 0.4]], dtype=torch.float64)
-    w1 = torch.tensor([[0.5, 0.6]], dtype=torch.float64)
-    return [(torch.tensor([[0, 3], [2, 3]]), w0), (torch.tensor([[1, 2]]), w1)]
+def test_expert_waves_without_dedup_by_hand():
+    # a route per (wave, rank): column w * n + d of the route table
+    plan = sender_plan(EXPERT_IDX, None, 8, 2, WaveMap(2, by_experts=True), capacity=3, max_tokens=3)
+    # token 0: (w0, d0) expert 0, (w1, d0) expert 3, (w0, d1) expert 4
+    # token 1: (w1, d0) 2, (w0, d0) 1, (w1, d1) 6; token 2: (w1, d1) 7, (w0, d1) 5, (w1, d0) 3
+    # region (w, d) starts at (w * 2 + d) * 3
+    assert plan.route_row.tolist() == [[0, 3, 6, -1], [1, -1, 7, 9], [-1, 4, 8, 10]]
+    assert plan.row_token.tolist() == [0, 1, -1, 0, 2, -1, 0, 1, 2, 1, 2, -1]
+    assert plan.region_rows.tolist() == [[2, 2], [3, 2]]
+    assert plan.back_row is plan.route_row
+    layout = RowLayout(hidden=2, top_k=3, dtype=torch.float64)
+    rows = layout.empty(12, "cpu")
+    pack_rows(torch.zeros(3, 2, dtype=torch.float64), None, plan, layout, rows)
+    # a row serves only its wave's slots: row 6 is token 0 at rank 0 in wave 1 (expert 3 = local 3)
+    assert layout.ids(rows).tolist() == [
+        [0, -1, -1], [-1, 1, -1], [-1] * 3, [-1, -1, 0], [-1, 1, -1], [-1] * 3,
+        [-1, 3, -1], [2, -1, -1], [-1, -1, 3], [-1, -1, 2], [3, -1, -1], [-1] * 3]
+    assert plan.item_capacity(0) == 6 * 2 + 4  # a row serves at most 2 experts of a wave
 
 
-def test_count_table_by_hand():
-    """Rank 0's count table: row r is [routes out per wave | back per wave | touches per wave |
-    items per local expert of r | T | status]."""
-    (idx, w), _ = _two_rank_routing()
-    sender = sender_side(idx, w, num_experts=4, num_ranks=2, num_waves=2)
-    zeros = [0] * STATUS_SLOTS
-    assert sender.count_table.tolist() == [
-        [1, 0, 1, 0, 1, 0, 1, 0, 2, *zeros],  # to rank 0: t0 (expert 0, wave 0)
-        [1, 1, 0, 2, 1, 2, 1, 2, 2, *zeros],  # to rank 1: t1 (waves 0, 1), t0 (wave 1)
-    ]
+def test_expert_waves_with_dedup_by_hand():
+    plan = sender_plan(EXPERT_IDX, None, 8, 2, WaveMap(2, by_experts=True, dedup=True), capacity=3, max_tokens=3)
+    # a route per rank, in the first wave of the token's slots there: token 0 -> d0 in w0
+    # (experts 0, 3), d1 in w0 (4); token 1 -> d0 in w0 (2, 1), d1 in w1 (6);
+    # token 2 -> d0 in w1 (3), d1 in w0 (7, 5)
+    assert plan.route_row.tolist() == [[0, 3], [1, 9], [6, 4]]
+    assert plan.row_token.tolist() == [0, 1, -1, 0, 2, -1, 2, -1, -1, 1, -1, -1]
+    # touches per (wave, rank), as without dedup: they come back in their own wave
+    assert plan.back_row.tolist() == [[0, 3, 6, -1], [1, -1, 7, 9], [-1, 4, 8, 10]]
+    assert plan.back_token.tolist() == [0, 1, -1, 0, 2, -1, 0, 1, 2, 1, 2, -1]
+    layout = RowLayout(hidden=2, top_k=3, dtype=torch.float64)
+    rows = layout.empty(12, "cpu")
+    pack_rows(torch.zeros(3, 2, dtype=torch.float64), None, plan, layout, rows)
+    ids, back = layout.ids(rows), layout.back(rows)
+    # row 0: token 0 at rank 0 with both its slots there (waves 0 and 1) and each slot's
+    # returned row in its wave's region: expert 0 -> row 0 of (w0, d0), expert 3 -> row 0 of (w1, d0)
+    assert ids[0].tolist() == [0, 3, -1] and back[0].tolist() == [0, 0, -1]
+    # row 1: token 1 at rank 0: expert 2 (wave 1, returned row 1 of (w1, d0)), expert 1 (wave 0, row 1)
+    assert ids[1].tolist() == [2, 1, -1] and back[1].tolist() == [1, 1, -1]
+    # row 4: token 2 at rank 1 in wave 0: experts 7 (local 3, wave 1) and 5 (local 1, wave 0)
+    assert ids[4].tolist() == [3, 1, -1] and back[4].tolist() == [1, 1, -1]
+    # rank 0 as the owner of wave 1, with what source 0 (this plan's rank) sent it: its
+    # candidates are both waves' received rows, each wave followed by its zero row (source
+    # 1's regions left empty here)
+    N = plan.rows_per_wave
+    stacked = layout.empty(2 * (N + 1), "cpu")
+    layout.ids(stacked).fill_(-1)
+    layout.weights(stacked).zero_()
+    stacked[0:3] = rows[0:3]  # region (w0, d0) of source 0
+    stacked[N + 1:N + 4] = rows[6:9]  # region (w1, d0) of source 0
+    first, count = plan.candidate_rows(1)
+    assert (first, count) == (0, 2 * (N + 1) - 1)
+    cand = stacked[first:first + count]
+    ids_w1 = wave_slots(plan, layout, cand, 1)
+    assert ids_w1[0].tolist() == [-1, 3, -1] and ids_w1[1].tolist() == [2, -1, -1]  # wave 0's slots masked
+    it = wave_items(ids_w1, layout.weights(cand), 4, plan.item_capacity(1))
+    back_item, _, item_back = return_items(plan, layout, cand, first, it)
+    # source 0's touches of (w1, d0): token 0 (its expert 3) and token 1 (its expert 2) from
+    # wave 0's rows, returned in rows 0 and 1; token 2 (expert 3) arrived in wave 1 (candidate
+    # row N + 1), returned in row 2
+    assert back_item[0].tolist() == [-1, it.slot_item[0, 1].item(), -1]
+    assert back_item[1].tolist() == [it.slot_item[1, 0].item(), -1, -1]
+    assert back_item[2].tolist() == [-1, -1, it.slot_item[N + 1, 2].item()]
+    assert item_back[it.slot_item[0, 1]].item() == 0 and item_back[it.slot_item[1, 0]].item() == 1
+    assert (back_item[3:] == -1).all()  # nothing from source 1
+    assert it.count.item() == 3 + 4  # three items and the four anchors
 
 
-def test_pure_steps_by_hand_on_two_ranks():
-    counts, (p0, p1) = simulate_world(_two_rank_routing(), num_experts=4, num_waves=2)
-    c0, c1 = counts
-    # rank 0 sends t0 to itself and t1 to rank 1 in wave 0, t0 to rank 1 in wave 1
-    assert c0.send_counts == ((1, 1), (0, 1)) and c0.back_counts == ((1, 0), (0, 2))
-    assert c0.recv_counts == ((1, 0), (0, 1)) and c0.return_counts == ((1, 0), (0, 1))
-    assert c0.touch_counts == (1, 1) and c0.items_per_expert == (1, 1)
-    assert c1.send_counts == ((0, 1), (1, 0)) and c1.back_counts == ((0, 1), (1, 0))
-    assert c1.recv_counts == ((1, 1), (1, 0)) and c1.return_counts == ((0, 1), (2, 0))
-    assert c1.touch_counts == (2, 2) and c1.items_per_expert == (2, 2)
-    assert c0.max_tokens == c1.max_tokens == 2
-    # rank 0's routes: (w0, r0, t0), (w0, r1, t1), (w1, r1, t0); back in the same order
-    assert p0.route_token.tolist() == [0, 1, 0] and p0.back_token.tolist() == [0, 1, 0]
-    assert p0.slot_route_flat.tolist() == [[0, 5], [2, 3]]
-    assert p0.token_back_pos.tolist() == [[0, 2], [1, -1]]
-    # rank 0 receives its own t0 (wave 0) and rank 1's u0 (wave 1), one item each
-    assert p0.item_slot_flat.tolist() == [0, 2] and p0.return_row.tolist() == [0, 1]
-    assert p0.recv_weights.tolist() == [0.1, 0.0, 0.5, 0.0]
-    assert p0.touch_row.tolist() == [0, 1] and p0.touch_out.tolist() == [0, 0]
-    # rank 1 receives, wave-major: t1 (from 0), u0 (from 1) in wave 0, then t0 (from 0) in wave 1
-    assert p1.recv_weights.tolist() == [0.3, 0.4, 0.0, 0.6, 0.0, 0.2]
-    assert p1.item_slot_flat.tolist() == [0, 3, 1, 5] and p1.item_row.tolist() == [0, 1, 0, 2]
-    assert p1.return_row.tolist() == [1, 0, 2]  # u0 leaves after wave 0; t1, t0 after wave 1
-    assert p1.touch_row.tolist() == [0, 1, 0, 2]
-    assert p1.touch_items.tolist() == [[0, -1], [1, -1], [0, -1], [1, -1]]
-    assert p1.touch_carry.tolist() == [False, False, True, False]  # t1 carries wave 0's sum
-    assert p1.touch_out.tolist() == [-1, 0, 0, 1]
-    assert p1.touch_weights.tolist() == [[0.3, 0.0], [0.6, 0.0], [0.4, 0.0], [0.2, 0.0]]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_row_layout_parts_do_not_overlap(dtype):
+    layout = RowLayout(hidden=7, top_k=3, dtype=dtype)
+    rows = layout.empty(5, "cpu")
+    layout.data(rows).fill_(1.5)
+    layout.weights(rows).fill_(0.25)
+    layout.ids(rows).fill_(-7)
+    layout.back(rows).fill_(5)
+    layout.status(rows).fill_(9)
+    assert (layout.data(rows) == 1.5).all() and (layout.weights(rows) == 0.25).all()
+    assert (layout.ids(rows) == -7).all() and (layout.back(rows) == 5).all() and (layout.status(rows) == 9).all()
+    assert layout.width * rows.element_size() % (16 * rows.element_size()) == 0  # whole 16-element groups
 
 
-def test_count_table_round_trip():
-    """Counts written at the layout's columns come back from the parser, on every rank."""
-    g = torch.Generator().manual_seed(5)
-    n, layout = 3, CountTable(num_waves=2, num_local_experts=3)
-    groups = (layout.routes_out, layout.routes_back, layout.touches, layout.items,
-              slice(layout.tokens, layout.tokens + 1), layout.status)
-    assert [c for g_ in groups for c in range(g_.start, g_.stop)] == list(range(layout.width))  # they tile a row
-    tables = torch.randint(0, 50, (n, n, layout.width), generator=g)  # [sender, receiver, column]
-    tables[:, :, layout.tokens] = torch.tensor([7, 0, 11]).unsqueeze(1)  # a sender's T in each of its rows
-    tables[:, :, layout.status] = tables[:, :1, layout.status]
-    for r in range(n):
-        c = layout.parse(tables[r].tolist(), tables[:, r].tolist())
-        assert c.send_counts == tuple(map(tuple, tables[r][:, layout.routes_out].t().tolist()))
-        assert c.back_counts == tuple(map(tuple, tables[r][:, layout.routes_back].t().tolist()))
-        assert c.recv_counts == tuple(map(tuple, tables[:, r, layout.routes_out].t().tolist()))
-        assert c.return_counts == tuple(map(tuple, tables[:, r, layout.routes_back].t().tolist()))
-        assert c.touch_counts == tuple(tables[:, r, layout.touches].sum(0).tolist())
-        assert c.items_per_expert == tuple(tables[:, r, layout.items].sum(0).tolist())
-        assert c.max_tokens == 11
-        assert c.status_by_rank == tuple(map(tuple, tables[:, 0, layout.status].tolist()))
+def check_overflow_raises_everywhere(rank, n):
+    # every token of rank 1 picks experts on rank 0 only; a capacity of 1/4 of a wave cannot hold them
+    cfg = ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=2 * n, top_k=2, capacity_factor=0.25)
+    layer = ep.ExpertParallelMoE(cfg).double()
+    x = torch.randn(12, 8, dtype=torch.float64)
+    idx = torch.tensor([[0, 1]] * 12)
+    w = torch.full((12, 2), 0.5, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"rank \d: \d+ routes \(token, rank\) did not fit"):
+        layer(x, topk_idx=idx, topk_weights=w)
+    return True
 
 
-def test_bad_input_status_reaches_every_rank():
-    routing = _two_rank_routing()
-    routing[1] = (torch.tensor([[1, 9]]), routing[1][1])  # rank 1: expert 9 is out of range
-    n = len(routing)
-    senders = [sender_side(idx, w, 4, n, 2) for idx, w in routing]
-    for r, s in enumerate(senders):
-        c = s.layout.parse(s.count_table.tolist(), [t.count_table[r].tolist() for t in senders])
-        assert [row[IDX_RANGE] for row in c.status_by_rank] == [0, 1]
+def check_max_tokens(rank, n):
+    cfg = ep.MoEConfig(hidden=8, ffn_hidden=6, num_experts=2 * n, top_k=2, max_tokens=10)
+    layer = ep.ExpertParallelMoE(cfg).double()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    assert layer(x).shape == x.shape  # at the bound: fine, with no host exchange
+    too_many = torch.randn(11 if rank == 1 else 4, 8, dtype=torch.float64)
+    with pytest.raises(InputError, match=r"rank 1: x: 11 tokens, more than MoEConfig.max_tokens=10"):
+        layer(too_many)
+    return layer(x).shape == x.shape  # and the group still works
 
 
-def test_host_status_travels_in_the_table():
-    host = [0] * STATUS_SLOTS
-    host[2] = 1
-    sender = sender_side(torch.empty(0, 2, dtype=torch.int64), None, 4, 2, 2, host_status=host)
-    layout = sender.layout
-    assert sender.count_table[:, layout.status].tolist() == [host, host]
-    assert sender.count_table[:, :layout.status.start].eq(0).all()  # no tokens, no counts
+def test_capacity_overflow_raises_on_every_rank():
+    assert run_world(2, check_overflow_raises_everywhere) == [True, True]
 
 
-def _plan_lists(plan):
-    return {f.name: (v.tolist() if isinstance(v, torch.Tensor) else
-                     [t.tolist() for t in v] if f.name == "wave_offs" else v)
-            for f in dataclasses.fields(plan) for v in [getattr(plan, f.name)]}
-
-
-def _world_routing(n, E, k, seed):
-    g = torch.Generator().manual_seed(seed)
-    sizes = [int(t) for t in torch.randint(0, 15, (n,), generator=g)]
-    return [(torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T
-             else torch.empty(0, k, dtype=torch.int64), torch.rand(T, k, generator=g, dtype=torch.float64))
-            for T in sizes]
-
-
-def _make_plans_on_rank(rank, n, E, W, k, seed):
-    from ep.transport import TorchDistTransport
-
-    idx, w = _world_routing(n, E, k, seed)[rank]
-    return [_plan_lists(make_plan(idx, E, W, TorchDistTransport(), w, dedup_across_waves=across))
-            for across in (True, False)]
-
-
-def test_simulated_world_matches_make_plan_on_gloo():
-    """The pure steps with the exchanges done by hand give the plans make_plan makes on a
-    real group of 3 ranks, field for field."""
-    n, E, W, k, seed = 3, 12, 2, 3, 7
-    got = run_world(n, _make_plans_on_rank, E, W, k, seed)
-    for i, across in enumerate((True, False)):
-        _, plans = simulate_world(_world_routing(n, E, k, seed), E, W, across)
-        assert [g[i] for g in got] == [_plan_lists(p) for p in plans], f"dedup_across_waves={across}"
+def test_max_tokens_bound_raises_on_every_rank():
+    assert run_world(2, check_max_tokens) == [True, True]

@@ -1,15 +1,21 @@
-"""Triton kernel for the sender side of the dispatch plan (CUDA).
+"""Triton kernels for the token-wave plan (`ep.chunks`) on CUDA: a handful of launches where
+the torch path takes ~60 small ops (the host's issue time, not the device's, paced the call).
 
-One pass over `topk_idx [T, k]` (and the weights) does what ~45 small torch ops do in
-`ep.plan`: for every (token, slot) its first slot on the same route, whether it opens
-the route, the route's first and last wave, whether it opens a (route, wave) touch; the
-input checks (ids out of range, repeated ids, NaN/Inf weights); and the counts the plan
-exchanges, accumulated with integer atomics (exact, order-free) into the count table's
-columns (`ep.count_table.CountTable`).
+- `route_rows_triton`: programs per (wave x rank, block of the wave's tokens) count each
+  block's routes, then (after the blocks' prefix sums) give each route (token, rank) its row
+  in that region, in token order (no sort); they also count the input checks and the
+  routes past the capacity.
+- `pack_rows_triton`: one program per (sent row, block of columns) copies the token's hidden
+  vector and writes the row's slot table and status (`ep.layout`).
+- `wave_items_triton`: a counting sort of a wave's received slots by local expert, stable in
+  (row, slot) order: per block of rows, counts per expert, their running sums along the
+  blocks (one program per expert), then each slot's place (its rank among the block's slots
+  of the same expert; the groups' ends summed over the experts by every program). Items
+  past the count in use are left unwritten (consumers stop at `offs[-1]`).
+Their results equal the torch path's, element for element (tests/test_triton_kernels.py).
 """
 from __future__ import annotations
 
-import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -18,322 +24,268 @@ import triton.language as tl
 
 
 @triton.jit
-def _sender_kernel(
-    idx_ptr, w_ptr, first_ptr, fw_ptr, lw_ptr, opens_touch_ptr, table_ptr, status_ptr,
-    T, E, E_local, W, n, WIDTH, OUT, BACK, TOUCH, ITEMS,
-    K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, ACROSS: tl.constexpr,
-    SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
-    slot = tl.arange(0, KP)  # [KP]
-    valid = (tok[:, None] < T) & (slot[None, :] < K)  # [BT, KP]
+def _wave_block(idx_ptr, T, E, E_local, n, W, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+    """Program (wave x rank, block): its tokens, their loaded ids and whether each has the rank."""
+    wd = tl.program_id(0)
+    w, d = wd // n, wd % n
+    t1 = ((w + 1) * T + W - 1) // W
+    tok = (w * T + W - 1) // W + tl.program_id(1) * BT + tl.arange(0, BT)
+    vt = tok < t1
+    slot = tl.arange(0, KP)
+    valid = vt[:, None] & (slot[None, :] < K)
     offs = tok[:, None].to(tl.int64) * K + slot[None, :]
     raw = tl.load(idx_ptr + offs, mask=valid, other=0)
-    bad = valid & ((raw < 0) | (raw >= E))
-    idx = tl.minimum(tl.maximum(raw, 0), E - 1)
-    dest = idx // E_local
-    wave = (idx % E_local) * W // E_local
-    if ACROSS:
-        chan = dest
-    else:
-        chan = wave * n + dest
-    touch = wave * n + dest
-    # pairwise over the token's slots: [BT, KP, KP] (j, j')
-    vj = valid[:, :, None] & valid[:, None, :]
-    same = (chan[:, :, None] == chan[:, None, :]) & vj
-    jj = slot[None, None, :]
-    first = tl.min(tl.where(same, jj, KP), axis=2)
-    fw = tl.min(tl.where(same, wave[:, None, :], W), axis=2)
-    lw = tl.max(tl.where(same, wave[:, None, :], -1), axis=2)
-    same_t = (touch[:, :, None] == touch[:, None, :]) & vj
-    first_t = tl.min(tl.where(same_t, jj, KP), axis=2)
-    opens = valid & (first == slot[None, :])
-    opens_t = valid & (first_t == slot[None, :])
-    tl.store(first_ptr + offs, first.to(tl.int64), mask=valid)
-    tl.store(fw_ptr + offs, fw.to(tl.int64), mask=valid)
-    tl.store(lw_ptr + offs, lw.to(tl.int64), mask=valid)
-    tl.store(opens_touch_ptr + offs, opens_t.to(tl.int8), mask=valid)
-    # the count table's row for dest (columns given by the CountTable): routes out per first
-    # wave, back per last wave, touches per wave, items per local expert
-    row = table_ptr + dest * WIDTH
-    one = tl.full([BLOCK_T, KP], 1, tl.int32)
-    tl.atomic_add(row + OUT + fw, one, mask=opens)
-    tl.atomic_add(row + BACK + lw, one, mask=opens)
-    tl.atomic_add(row + TOUCH + wave, one, mask=opens_t)
-    tl.atomic_add(row + ITEMS + idx % E_local, one, mask=valid)
-    # checks, counted per token
-    rep = (raw[:, :, None] == raw[:, None, :]) & vj & (slot[None, :, None] < slot[None, None, :])
-    tok_ok = tok < T
-    n_range = tl.sum(tl.sum(bad.to(tl.int32), axis=1), axis=0)  # entries, as the torch path counts
-    n_rep = tl.sum(tl.where(tok_ok & (tl.max(tl.max(rep.to(tl.int32), axis=2), axis=1) > 0), 1, 0), axis=0)
-    tl.atomic_add(status_ptr + SLOT_RANGE, n_range)
-    tl.atomic_add(status_ptr + SLOT_REPEAT, n_rep)
-    if HAS_W:
-        w = tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-        nonfinite = valid & ((w != w) | (tl.abs(w) == float("inf")))
-        n_nf = tl.sum(tl.where(tok_ok & (tl.max(nonfinite.to(tl.int32), axis=1) > 0), 1, 0), axis=0)
-        tl.atomic_add(status_ptr + SLOT_NONFINITE, n_nf)
-
-
-def sender_tables_triton(
-    topk_idx: torch.Tensor, topk_weights: Optional[torch.Tensor], num_experts: int, layout, num_ranks: int,
-    dedup_across_waves: bool, status_slots: int, slots: Tuple[int, int, int],
-):
-    """Returns first_TK, fw_TK, lw_TK (int64), opens_touch_TK (bool), the count table
-    `[n, layout.width]` (int64, `layout` an `ep.count_table.CountTable`; its route, touch and
-    item columns filled, the others 0) and the value checks `[status_slots]` (int64, slots
-    (range, repeat, nonfinite))."""
-    T, k = topk_idx.shape
-    dev = topk_idx.device
-    idx = topk_idx.to(torch.int64).contiguous()
-    first = torch.empty(T, k, dtype=torch.int64, device=dev)
-    fw, lw = torch.empty_like(first), torch.empty_like(first)
-    opens_touch = torch.empty(T, k, dtype=torch.int8, device=dev)
-    cells = num_ranks * layout.width
-    counts = torch.zeros(cells + status_slots, dtype=torch.int32, device=dev)  # the table, then the status
-    table, status = counts[:cells], counts[cells:]
-    if T:
-        kp = triton.next_power_of_2(k)
-        block_t = max(1, min(64, 1024 // (kp * kp)))
-        w = topk_weights.detach().contiguous() if topk_weights is not None else idx
-        _sender_kernel[(triton.cdiv(T, block_t),)](
-            idx, w, first, fw, lw, opens_touch, table, status,
-            T, num_experts, layout.num_local_experts, layout.num_waves, num_ranks, layout.width,
-            layout.routes_out.start, layout.routes_back.start, layout.touches.start, layout.items.start,
-            K=k, KP=kp, HAS_W=topk_weights is not None, ACROSS=dedup_across_waves,
-            SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1], SLOT_NONFINITE=slots[2], BLOCK_T=block_t,
-        )
-    counts = counts.to(torch.int64)
-    return first, fw, lw, opens_touch.bool(), counts[:cells].view(num_ranks, layout.width), counts[cells:]
-
-
-# ---- the receiver side: two passes over the received slot tables ------------------------
-@triton.jit
-def _load_rows(table_ptr, order_ptr, b, R, E_local, W, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
-    """Rows `[b*BR, (b+1)*BR)` in row order: each slot's local expert (-1: none), its wave,
-    its weight, and per row the first and last wave with an item."""
-    row = b * BR + tl.arange(0, BR)
-    slot = tl.arange(0, KP)
-    m = (row[:, None] < R) & (slot[None, :] < K)
-    src = tl.load(order_ptr + row, mask=row < R, other=0)  # row -> its place in the exchanged table
-    at = (src[:, None] * K + slot[None, :]) * 2
-    e = tl.load(table_ptr + at, mask=m, other=-1.0).to(tl.int32)
-    wt = tl.load(table_ptr + at + 1, mask=m, other=0.0)
-    valid = m & (e >= 0)
-    wave = tl.where(valid, e * W // E_local, -1)
-    lw = tl.max(wave, axis=1)
-    fw = tl.min(tl.where(valid, wave, W), axis=1)
-    return row, slot, m, e, wt, valid, wave, fw, lw
+    e = tl.minimum(tl.maximum(raw, 0), E - 1)
+    has = tl.max((valid & (e // E_local == d)).to(tl.int32), axis=1)  # [BT]
+    return w, d, tok, vt, slot, valid, offs, raw, e, has
 
 
 @triton.jit
-def _receiver_count_kernel(
-    table_ptr, order_ptr, source_ptr, weights_ptr, key_ptr, hist_ptr, R, E_local, W, n,
-    K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, WP: tl.constexpr, BR: tl.constexpr,
-):
-    b = tl.program_id(0)
-    row, slot, m, e, wt, valid, wave, fw, lw = _load_rows(table_ptr, order_ptr, b, R, E_local, W, K, KP, BR)
-    flat = row[:, None].to(tl.int64) * K + slot[None, :]
-    tl.store(weights_ptr + flat, wt.to(weights_ptr.dtype.element_ty), mask=m)
-    src = tl.load(source_ptr + row, mask=row < R, other=0)
-    tl.store(key_ptr + row, lw.to(tl.int64) * n + src, mask=row < R)  # combine order: (last wave, source)
-    ex = tl.arange(0, EP)
-    wv = tl.arange(0, WP)
-    has_e = (e[:, :, None] == ex[None, None, :]) & valid[:, :, None]  # [BR, KP, EP]
-    items = tl.sum(tl.sum(has_e.to(tl.int32), axis=1), axis=0)  # items per expert in this block
-    touches = tl.sum(tl.max(((wave[:, :, None] == wv[None, None, :]) & valid[:, :, None]).to(tl.int32), axis=1), axis=0)
-    tl.store(hist_ptr + b * (E_local + W) + ex, items, mask=ex < E_local)
-    tl.store(hist_ptr + b * (E_local + W) + E_local + wv, touches, mask=wv < W)
+def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, row_token_ptr, T, E, E_local, n, W, NB,
+                        cap, K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr,
+                        SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr):
+    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+    tl.store(counts_ptr + tl.program_id(0) * NB + tl.program_id(1), tl.sum(has, axis=0))
+    region = row_token_ptr + tl.program_id(0).to(tl.int64) * cap  # every row unused (-1) until placed
+    at = tl.program_id(1) * BT
+    while at < cap:  # (while: Triton's interpreter cannot range over device scalars)
+        r = at + tl.arange(0, BT)
+        tl.store(region + r, tl.full([BT], -1, tl.int64), mask=r < cap)
+        at += NB * BT
+    if d == 0:  # each token's input checks and clamped ids, once (by its wave's first rank)
+        tl.store(clamped_ptr + offs, e, mask=valid)
+        tl.atomic_add(status_ptr + SLOT_RANGE, tl.sum(tl.sum((valid & ((raw < 0) | (raw >= E))).to(tl.int32), axis=1), axis=0))
+        pair = valid[:, :, None] & valid[:, None, :] & (slot[None, :, None] < slot[None, None, :])
+        rep = tl.max(tl.max((pair & (raw[:, :, None] == raw[:, None, :])).to(tl.int32), axis=2), axis=1)
+        tl.atomic_add(status_ptr + SLOT_REPEAT, tl.sum(tl.where(vt & (rep > 0), 1, 0), axis=0))
+        if HAS_W:
+            wt = tl.load(w_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            bad = tl.max((valid & ((wt != wt) | (tl.abs(wt) == float("inf")))).to(tl.int32), axis=1)
+            tl.atomic_add(status_ptr + SLOT_NONFINITE, tl.sum(tl.where(vt & (bad > 0), 1, 0), axis=0))
 
 
 @triton.jit
-def _receiver_place_kernel(
-    table_ptr, order_ptr, base_ptr, return_pos_ptr, return_start_ptr, wave_first_ptr,
-    item_slot_ptr, item_row_ptr, touch_row_ptr, touch_carry_ptr, touch_out_ptr,
-    touch_items_ptr, touch_slot_ptr, touch_w_ptr, R, E_local, W,
-    K: tl.constexpr, KP: tl.constexpr, EP: tl.constexpr, WP: tl.constexpr, BR: tl.constexpr,
-):
-    b = tl.program_id(0)
-    row, slot, m, e, wt, valid, wave, fw, lw = _load_rows(table_ptr, order_ptr, b, R, E_local, W, K, KP, BR)
-    rmask = row < R
-    ex = tl.arange(0, EP)
-    wv = tl.arange(0, WP)
-    base = base_ptr + b * (E_local + W)
-    # items: position = expert's start for this block + rows before it (in the block) with that expert
-    has_e = ((e[:, :, None] == ex[None, None, :]) & valid[:, :, None]).to(tl.int32)  # [BR, KP, EP]
-    row_e = tl.max(has_e, axis=1)  # [BR, EP]: a row has an expert at most once
-    before_e = tl.cumsum(row_e, axis=0) - row_e
-    rank = tl.sum(has_e * before_e[:, None, :], axis=2)  # [BR, KP]
-    pos = tl.load(base + e, mask=valid, other=0).to(tl.int64) + rank
-    flat = row[:, None].to(tl.int64) * K + slot[None, :]
-    tl.store(item_slot_ptr + pos, flat, mask=valid)
-    tl.store(item_row_ptr + pos, row[:, None].to(tl.int64) + slot[None, :] * 0, mask=valid)
-    # touches: one per (row, wave with items), wave-major then row
-    has_w = ((wave[:, :, None] == wv[None, None, :]) & valid[:, :, None]).to(tl.int32)  # [BR, KP, WP]
-    row_w = tl.max(has_w, axis=1)  # [BR, WP]
-    before_w = tl.cumsum(row_w, axis=0) - row_w
-    tmask = (row_w > 0) & rmask[:, None] & (wv[None, :] < W)
-    t = tl.load(base + E_local + wv, mask=wv < W, other=0)[None, :].to(tl.int64) + before_w  # [BR, WP]
-    ret_rel = tl.load(return_pos_ptr + row, mask=rmask, other=0) - tl.load(return_start_ptr + lw, mask=rmask, other=0)
-    row2 = row[:, None].to(tl.int64) + wv[None, :] * 0
-    tl.store(touch_row_ptr + t, row2, mask=tmask)
-    tl.store(touch_carry_ptr + t, (wv[None, :] > fw[:, None]).to(tl.int8), mask=tmask)
-    tl.store(touch_out_ptr + t, tl.where(wv[None, :] == lw[:, None], ret_rel[:, None], -1), mask=tmask)
-    # each item's place in its touch: after the row's items of the same wave with a smaller expert
-    t_slot = tl.sum(has_w.to(tl.int64) * t[:, None, :], axis=2)  # [BR, KP]
-    earlier = (wave[:, :, None] == wave[:, None, :]) & (e[:, None, :] < e[:, :, None]) & valid[:, None, :]
-    s = tl.sum(earlier.to(tl.int64), axis=2)
-    at = t_slot * K + s
-    first_item = tl.load(wave_first_ptr + wave, mask=valid, other=0)
-    tl.store(touch_items_ptr + at, pos - first_item, mask=valid)
-    tl.store(touch_slot_ptr + at, flat, mask=valid)
-    tl.store(touch_w_ptr + at, wt.to(touch_w_ptr.dtype.element_ty), mask=valid)
+def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_ptr, region_rows_ptr, T, E, E_local, n,
+                        W, NB, cap, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
+                        SLOT_OVER: tl.constexpr):
+    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+    blocks = tl.arange(0, NBP)  # the routes of the wave's earlier blocks: their counts, summed here
+    earlier = tl.load(counts_ptr + tl.program_id(0) * NB + blocks, mask=blocks < tl.program_id(1), other=0)
+    before = tl.sum(earlier, axis=0)
+    pos = before + tl.cumsum(has, axis=0) - has
+    fits = pos < cap
+    route = tl.where((has > 0) & fits, (w * n + d) * cap + pos, -1)
+    tl.store(route_ptr + tok.to(tl.int64) * n + d, route.to(tl.int64), mask=vt)
+    tl.store(row_token_ptr + route, tok.to(tl.int64), mask=vt & (has > 0) & fits)
+    tl.atomic_add(status_ptr + SLOT_OVER, tl.sum(tl.where(vt & (has > 0) & ~fits, 1, 0), axis=0))
+    if tl.program_id(1) == NB - 1:  # the region's last block: its rows in use (at least one, the status row)
+        placed = before + tl.sum(has, axis=0)
+        tl.store(region_rows_ptr + tl.program_id(0), tl.minimum(tl.maximum(placed, 1), cap).to(tl.int64))
 
 
-def receiver_tables_triton(table, order, row_source, num_local_experts, num_waves, num_ranks, k,
-                           expert_off, touch_off, return_off, wave_first_item, n_items, n_touch, weights_dtype):
-    """The receiver's tables from the exchanged slot tables (see `ep.plan.receiver_tables`).
-
-    Args:
-        table: `[R, k, 2]` float64 as exchanged (source-major); `order`: `[R]` int64, row r's
-            place in it; `row_source`: `[R]` int64 source rank of each row.
-        expert_off / touch_off / return_off: host ints, first item of each local expert,
-            first touch of each wave, first returned row of each wave.
-    """
-    dev = table.device
-    R = order.numel()
-    E_local, W = num_local_experts, num_waves
-    kp, ep_, wp = triton.next_power_of_2(k), triton.next_power_of_2(E_local), triton.next_power_of_2(W)
-    br = max(1, min(64, 8192 // (kp * max(ep_, kp, wp))))
-    nblocks = max(triton.cdiv(R, br), 1)
-    weights = torch.empty(R * k, dtype=weights_dtype, device=dev)
-    key = torch.empty(R, dtype=torch.int64, device=dev)
-    hist = torch.zeros(nblocks, E_local + W, dtype=torch.int32, device=dev)
-    args = dict(K=k, KP=kp, EP=ep_, WP=wp, BR=br)
-    if R:
-        _receiver_count_kernel[(nblocks,)](table, order, row_source, weights, key, hist, R, E_local, W, num_ranks, **args)
-    return_row = torch.sort(key, stable=True).indices
-    return_pos = torch.empty_like(return_row)
-    return_pos[return_row] = torch.arange(R, device=dev)
-    starts = torch.tensor([*expert_off[:-1], *touch_off[:-1], *return_off[:-1], *wave_first_item], dtype=torch.int64)
-    starts = starts.to(dev, non_blocking=True)
-    h = hist.to(torch.int64)
-    base = h.cumsum(0) - h + starts[: E_local + W]
-    return_start = starts[E_local + W: E_local + 2 * W]
-    wave_first = starts[E_local + 2 * W:]
-    item_slot = torch.empty(n_items, dtype=torch.int64, device=dev)
-    item_row = torch.empty_like(item_slot)
-    touch_row = torch.empty(n_touch, dtype=torch.int64, device=dev)
-    touch_carry = torch.empty(n_touch, dtype=torch.int8, device=dev)
-    touch_out = torch.empty(n_touch, dtype=torch.int64, device=dev)
-    touch_items = torch.full((n_touch, k), -1, dtype=torch.int64, device=dev)
-    touch_slot = torch.full((n_touch, k), -1, dtype=torch.int64, device=dev)
-    touch_w = torch.zeros(n_touch, k, dtype=weights_dtype, device=dev)
-    if R:
-        _receiver_place_kernel[(nblocks,)](
-            table, order, base, return_pos, return_start, wave_first, item_slot, item_row, touch_row, touch_carry,
-            touch_out, touch_items, touch_slot, touch_w, R, E_local, W, **args)
-    return dict(recv_weights=weights, return_row=return_row, item_slot_flat=item_slot, item_row=item_row,
-                touch_row=touch_row, touch_carry=touch_carry.bool(), touch_out=touch_out, touch_items=touch_items,
-                touch_slot_flat=touch_slot, touch_weights=touch_w)
-
-
-# ---- the sender's routes after the count exchange ------------------------------------------
-@triton.jit
-def _load_routes(first_ptr, fw_ptr, idx_ptr, b, T, E_local, n,
-                 K: tl.constexpr, KP: tl.constexpr, KEYP: tl.constexpr, BT: tl.constexpr):
-    """Tokens `[b*BT, (b+1)*BT)`: which slots open a route, each route's (first wave, dest)
-    key, and per token which keys it has (one route each at most)."""
-    tok = b * BT + tl.arange(0, BT)
-    slot = tl.arange(0, KP)
-    m = (tok[:, None] < T) & (slot[None, :] < K)
-    offs = tok[:, None].to(tl.int64) * K + slot[None, :]
-    first = tl.load(first_ptr + offs, mask=m, other=-1)
-    fw = tl.load(fw_ptr + offs, mask=m, other=0)
-    idx = tl.load(idx_ptr + offs, mask=m, other=0)
-    opens = m & (first == slot[None, :])
-    key = fw * n + idx // E_local
-    kk = tl.arange(0, KEYP)
-    has = ((key[:, :, None] == kk[None, None, :]) & opens[:, :, None]).to(tl.int32)  # [BT, KP, KEYP]
-    return tok, slot, m, offs, first, idx, opens, key, has
-
-
-@triton.jit
-def _route_count_kernel(first_ptr, fw_ptr, idx_ptr, hist_ptr, T, E_local, n, WN,
-                        K: tl.constexpr, KP: tl.constexpr, KEYP: tl.constexpr, BT: tl.constexpr):
-    b = tl.program_id(0)
-    tok, slot, m, offs, first, idx, opens, key, has = _load_routes(
-        first_ptr, fw_ptr, idx_ptr, b, T, E_local, n, K, KP, KEYP, BT)
-    kk = tl.arange(0, KEYP)
-    tl.store(hist_ptr + b * WN + kk, tl.sum(tl.sum(has, axis=1), axis=0), mask=kk < WN)
-
-
-@triton.jit
-def _route_place_kernel(first_ptr, fw_ptr, idx_ptr, w_ptr, base_ptr, route_slot_ptr, slot_route_ptr, table_ptr,
-                        T, E_local, n, WN,
-                        K: tl.constexpr, KP: tl.constexpr, KEYP: tl.constexpr, BT: tl.constexpr,
-                        HAS_W: tl.constexpr):
-    b = tl.program_id(0)
-    tok, slot, m, offs, first, idx, opens, key, has = _load_routes(
-        first_ptr, fw_ptr, idx_ptr, b, T, E_local, n, K, KP, KEYP, BT)
-    kk = tl.arange(0, KEYP)
-    row_has = tl.max(has, axis=1)  # [BT, KEYP]
-    before = tl.cumsum(row_has, axis=0) - row_has  # routes of the same key in earlier tokens of the block
-    rank = tl.sum(has * before[:, None, :], axis=2)  # [BT, KP], for the opening slots
-    base = base_ptr + b * 2 * WN
-    keyc = tl.where(opens, key, 0)
-    r = tl.load(base + keyc, mask=opens, other=0) + rank  # dispatch order
-    r_rm = tl.load(base + WN + keyc, mask=opens, other=0) + rank  # rank-major order
-    tl.store(route_slot_ptr + r, offs, mask=opens)
-    # each slot's route: the route of the slot that opens its channel (j' -> first[j'])
-    of_first = (first[:, :, None] == slot[None, None, :]) & opens[:, None, :]  # [BT, KP(j'), KP(j)]
-    slot_route = tl.sum(tl.where(of_first, r[:, None, :], 0), axis=2)
-    tl.store(slot_route_ptr + offs, slot_route, mask=m)
-    # the route's slot table: column j' holds slot j''s local expert and weight when the
-    # slot belongs to the route (opened at j), else (-1, 0)
-    local = (idx % E_local).to(tl.float64)
-    if HAS_W:
-        wt = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float64)
-    else:
-        wt = tl.zeros([BT, KP], dtype=tl.float64)
-    mine = (first[:, None, :] == slot[None, :, None]) & m[:, None, :]  # [BT, KP(j: route), KP(j')]
-    cell = (r_rm[:, :, None] * K + slot[None, None, :]) * 2
-    cmask = opens[:, :, None] & (slot[None, None, :] < K)
-    tl.store(table_ptr + cell, tl.where(mine, local[:, None, :], -1.0), mask=cmask)
-    tl.store(table_ptr + cell + 1, tl.where(mine, wt[:, None, :], 0.0), mask=cmask)
-
-
-def route_tables_triton(first, fw, idx, weights, send_counts, num_local_experts):
-    """`ep.plan.route_tables` in two kernels: per block of tokens the routes per (first wave,
-    dest) key; then, from their prefix sums and the exchanged counts, each route's place in
-    dispatch order and in rank-major order, its slot, and its slot table (W x n <= 256)."""
-    T, k = first.shape
-    dev = first.device
-    first, fw, idx = (t.to(torch.int64).contiguous() for t in (first, fw, idx))
-    W, n = len(send_counts), len(send_counts[0])
-    WN = W * n
-    R = sum(map(sum, send_counts))
-    kp, keyp = triton.next_power_of_2(k), triton.next_power_of_2(WN)
-    bt = max(1, min(64, 16384 // (kp * max(keyp, kp))))
-    nblocks = max(triton.cdiv(T, bt), 1)
-    args = dict(K=k, KP=kp, KEYP=keyp, BT=bt)
-    route_slot = torch.empty(R, dtype=torch.int64, device=dev)
-    slot_route = torch.empty(T, k, dtype=torch.int64, device=dev)
-    table = torch.empty(R, k, 2, dtype=torch.float64, device=dev)
+def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_experts: int, num_ranks: int,
+                      num_waves: int, capacity: int, status_slots: int, slots: Tuple[int, int, int, int]):
+    """Returns route_row `[T, n]` int64, row_token `[W * n * capacity]` int64, the status
+    `[status_slots]` int32 (slots: range, repeat, nonfinite, over capacity), the ids
+    clamped into `[0, E)` `[T, k]` int64 and each region's rows in use `[W * n]` int64
+    (`ep.chunks.ChunkPlan.region_rows`). Programs per (wave x rank, block of the wave's
+    tokens): a count pass, then a place pass (each route's row: the rank's routes from
+    earlier blocks, summed from their counts, and earlier tokens of the block; a region's
+    last block also writes its rows in use)."""
+    T, k = idx.shape
+    n, W = num_ranks, num_waves
+    dev = idx.device
+    route = torch.empty(T, n, dtype=torch.int64, device=dev)
+    status = torch.zeros(status_slots, dtype=torch.int32, device=dev)
+    clamped = torch.empty(T, k, dtype=torch.int64, device=dev)
     if T == 0:
-        return route_slot, slot_route, table
-    hist = torch.empty(nblocks, WN, dtype=torch.int32, device=dev)
-    _route_count_kernel[(nblocks,)](first, fw, idx, hist, T, num_local_experts, n, WN, **args)
-    # where each key's routes start: dispatch order is (wave, dest), rank-major is (dest, wave)
-    disp = list(itertools.accumulate((c for row in send_counts for c in row), initial=0))[:-1]
-    rm_dw = list(itertools.accumulate((send_counts[w][d] for d in range(n) for w in range(W)), initial=0))
-    rm = [rm_dw[d * W + w] for w in range(W) for d in range(n)]  # back in key (wave, dest) order
-    starts = torch.tensor([disp, rm], dtype=torch.int64).to(dev)  # [2, WN]
-    h = hist.to(torch.int64)
-    before = (h.cumsum(0) - h).unsqueeze(1)  # [nblocks, 1, WN]
-    base = (before + starts.unsqueeze(0)).contiguous()  # [nblocks, 2, WN]
-    w = weights.detach().contiguous() if weights is not None else first
-    _route_place_kernel[(nblocks,)](first, fw, idx, w, base, route_slot, slot_route, table, T, num_local_experts, n, WN,
-                                    HAS_W=weights is not None, **args)
-    return route_slot, slot_route, table
+        return (route, torch.full((W * n * capacity,), -1, dtype=torch.int64, device=dev), status, clamped,
+                torch.full((W * n,), min(1, capacity), dtype=torch.int64, device=dev))
+    region_rows = torch.empty(W * n, dtype=torch.int64, device=dev)
+    row_token = torch.empty(W * n * capacity, dtype=torch.int64, device=dev)  # the count pass fills it with -1
+    kp = triton.next_power_of_2(k)
+    block = max(16, min(256, 2048 // (kp * kp)))
+    NB = triton.cdiv(-(-T // W), block)
+    idx = idx.contiguous()
+    w = weights.detach().contiguous() if weights is not None else idx
+    counts = torch.empty(W * n, NB, dtype=torch.int32, device=dev)
+    args = (T, num_experts, num_experts // n, n, W, NB)
+    _route_count_kernel[(W * n, NB)](idx, w, counts, status, clamped, row_token, *args, capacity, K=k, KP=kp,
+                                     HAS_W=weights is not None, BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1],
+                                     SLOT_NONFINITE=slots[2], num_warps=4)
+    _route_place_kernel[(W * n, NB)](idx, counts, route, row_token, status, region_rows, *args, capacity, K=k, KP=kp,
+                                     BT=block, NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], num_warps=4)
+    return route, row_token, status, clamped, region_rows
+
+
+@triton.jit
+def _returned_slots_kernel(route_ptr, idx_ptr, values_ptr, out_ptr, T, n, E_local, v_stride,
+                           K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    j = tl.arange(0, KP)
+    m = (t[:, None] < T) & (j[None, :] < K)
+    e = tl.load(idx_ptr + t[:, None] * K + j[None, :], mask=m, other=0)
+    r = tl.load(route_ptr + t[:, None] * n + e // E_local, mask=m, other=-1)
+    v = tl.load(values_ptr + tl.maximum(r, 0) * v_stride + j[None, :], mask=m & (r >= 0), other=0.0)
+    tl.store(out_ptr + t[:, None] * K + j[None, :], v, mask=m)
+
+
+def returned_slots_triton(route_row: torch.Tensor, topk_idx: torch.Tensor, num_local_experts: int,
+                          values: torch.Tensor) -> torch.Tensor:
+    """`[T, k]` in values' dtype: `values[route_row[t, topk_idx[t, j] // E_local], j]`, 0 where
+    that route has no row (`ep.chunks.returned_slot_values`)."""
+    T, k = topk_idx.shape
+    out = values.new_empty(T, k)
+    if T == 0:
+        return out
+    assert values.stride(1) == 1 or k <= 1
+    route_row, topk_idx = route_row.contiguous(), topk_idx.contiguous()  # (the plan's own: already)
+    kp = triton.next_power_of_2(k)
+    bt = max(1, 1024 // kp)
+    _returned_slots_kernel[(triton.cdiv(T, bt),)](route_row, topk_idx, values, out, T, route_row.shape[1],
+                                                  num_local_experts, values.stride(0), K=k, KP=kp, BT=bt, num_warps=4)
+    return out
+
+
+@triton.jit
+def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids_ptr, wts_ptr, st_ptr,
+                 H, x_stride, data_stride, meta_stride, wts_stride, E, E_local, n, cap,
+                 K: tl.constexpr, KP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_W: tl.constexpr,
+                 BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cb = tl.program_id(1)
+    t = tl.load(row_token_ptr + row)
+    cols = cb * BLOCK + tl.arange(0, BLOCK)
+    inb = cols < H
+    if t >= 0:
+        tl.store(data_ptr + row * data_stride + cols, tl.load(x_ptr + t * x_stride + cols, mask=inb), mask=inb)
+    if cb == 0:
+        d = (row // cap) % n
+        slot = tl.arange(0, KP)
+        ms = slot < K
+        used = ms & (t >= 0)
+        e = tl.load(idx_ptr + tl.maximum(t, 0) * K + slot, mask=used, other=0)
+        e = tl.minimum(tl.maximum(e, 0), E - 1)
+        here = used & (e // E_local == d)
+        tl.store(ids_ptr + row * meta_stride + slot, tl.where(here, e % E_local, -1).to(tl.int32), mask=ms)
+        if HAS_W:
+            wt = tl.load(w_ptr + tl.maximum(t, 0) * K + slot, mask=here, other=0.0)
+        else:
+            wt = tl.zeros([KP], dtype=tl.float32)
+        tl.store(wts_ptr + row * wts_stride + slot, wt.to(wts_ptr.dtype.element_ty), mask=ms)
+        s = tl.arange(0, SP)
+        tl.store(st_ptr + row * meta_stride + s, tl.load(status_ptr + s, mask=s < S, other=0), mask=s < S)
+
+
+def pack_rows_triton(x: torch.Tensor, idx: torch.Tensor, weights: Optional[torch.Tensor], row_token: torch.Tensor,
+                     status: torch.Tensor, data: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, st: torch.Tensor,
+                     num_experts: int, num_ranks: int, capacity: int) -> None:
+    """Rows `row_token`'s tokens: data `[R, H]`, ids `[R, k]` int32, weights `[R, k]`, status
+    `[R, S]` int32 (views into the rows, one row stride for ids and status)."""
+    R, H = data.shape
+    if R == 0:
+        return
+    k, S = ids.shape[1], st.shape[1]
+    assert ids.stride(0) == st.stride(0) and idx.is_contiguous() and x.stride(1) == 1
+    block = min(1024, triton.next_power_of_2(H))
+    w = weights.detach().contiguous() if weights is not None else wts
+    _pack_kernel[(R, triton.cdiv(H, block))](
+        x, idx, w, row_token, status, data, ids, wts, st, H, x.stride(0), data.stride(0), ids.stride(0), wts.stride(0),
+        num_experts, num_experts // num_ranks, num_ranks, capacity, K=k, KP=triton.next_power_of_2(k), S=S,
+        SP=triton.next_power_of_2(S), HAS_W=weights is not None, BLOCK=block, num_warps=4,
+    )
+
+
+@triton.jit
+def _block_slots(ids_ptr, N, E_local, ids_stride, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr):
+    """Program b's slots (rows b x BR.., flattened with their slots) and their local experts."""
+    s = tl.arange(0, BR * KP)
+    row = tl.program_id(0) * BR + s // KP
+    slot = s % KP
+    m = (row < N) & (slot < K)
+    e = tl.load(ids_ptr + row.to(tl.int64) * ids_stride + slot, mask=m, other=-1)
+    return s, row, slot, m, e, m & (e >= 0) & (e < E_local)
+
+
+@triton.jit
+def _count_kernel(ids_ptr, counts_ptr, N, B, E_local, ids_stride, K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr,
+                  EP: tl.constexpr):
+    """counts[e, b]: block b's slots of expert e (every column written by its own program)."""
+    s, row, slot, m, e, valid = _block_slots(ids_ptr, N, E_local, ids_stride, K, KP, BR)
+    ex = tl.arange(0, EP)
+    c = tl.sum(((e[None, :] == ex[:, None]) & valid[None, :]).to(tl.int32), axis=1)
+    tl.store(counts_ptr + ex.to(tl.int64) * B + tl.program_id(0), c, mask=ex < E_local)
+
+
+@triton.jit
+def _items_scan_kernel(counts_ptr, incl_ptr, B, BB: tl.constexpr):
+    """incl[e, b] = counts[e, 0] + ... + counts[e, b] (int64), one program per expert."""
+    at = tl.program_id(0).to(tl.int64) * B
+    running = tl.zeros([], dtype=tl.int64)
+    b0 = 0
+    while b0 < B:  # (while: Triton's interpreter cannot range over device scalars)
+        bs = b0 + tl.arange(0, BB)
+        c = tl.load(counts_ptr + at + bs, mask=bs < B, other=0).to(tl.int64)
+        tl.store(incl_ptr + at + bs, running + tl.cumsum(c, axis=0), mask=bs < B)
+        running += tl.sum(c, axis=0)
+        b0 += BB
+
+
+@triton.jit
+def _place_kernel(ids_ptr, w_ptr, incl_ptr, counts_ptr, slot_item_ptr, item_row_ptr, item_w_ptr, item_e_ptr,
+                  offs_ptr, N, B, E_local, I, ids_stride, w_stride,
+                  K: tl.constexpr, KP: tl.constexpr, BR: tl.constexpr, EP: tl.constexpr):
+    # expert e's group: [ends[e] - total[e] - 1, ends[e]): its anchor, then its items, where
+    # ends = cumsum(total + 1) over the experts (every program sums the EP totals itself);
+    # block b's items of e start after the anchor and the earlier blocks' (incl - counts)
+    b = tl.program_id(0)
+    s, row, slot, m, e, valid = _block_slots(ids_ptr, N, E_local, ids_stride, K, KP, BR)
+    ex = tl.arange(0, EP)
+    live = ex < E_local
+    total = tl.load(incl_ptr + ex.to(tl.int64) * B + B - 1, mask=live, other=0)
+    ends = tl.cumsum(tl.where(live, total + 1, 0), axis=0)
+    earlier = (e[:, None] == e[None, :]) & valid[None, :] & (s[None, :] < s[:, None])
+    within = tl.sum(earlier.to(tl.int32), axis=1)
+    ec = tl.maximum(e, 0).to(tl.int64)
+    first = tl.sum(tl.where(ex[None, :] < ec[:, None], total[None, :] + 1, 0), axis=1) + 1  # after e's anchor
+    at = ec * B + b
+    pos = first + tl.load(incl_ptr + at, mask=valid, other=0) - tl.load(counts_ptr + at, mask=valid, other=0) + within
+    valid = valid & (pos < I)  # past the capacity only with repeated ids in a row (an input error, reported)
+    tl.store(slot_item_ptr + row.to(tl.int64) * K + slot, tl.where(valid, pos, -1).to(tl.int64), mask=m)
+    tl.store(item_row_ptr + pos, row.to(tl.int64), mask=valid)
+    tl.store(item_w_ptr + pos, tl.load(w_ptr + row.to(tl.int64) * w_stride + slot, mask=valid, other=0.0), mask=valid)
+    tl.store(item_e_ptr + pos, e.to(tl.int64), mask=valid)
+    if b == 0:  # the anchors (first of each group: the zero row N, weight 0) and offs
+        anchor = ends - total - 1
+        me = live & (anchor < I)
+        tl.store(item_row_ptr + anchor, tl.full([EP], 0, tl.int64) + N, mask=me)
+        tl.store(item_w_ptr + anchor, tl.zeros([EP], dtype=item_w_ptr.dtype.element_ty), mask=me)
+        tl.store(item_e_ptr + anchor, ex.to(tl.int64), mask=me)
+        tl.store(offs_ptr + ex, tl.minimum(ends, I).to(tl.int32), mask=live)
+
+
+def wave_items_triton(ids: torch.Tensor, weights: torch.Tensor, num_local_experts: int, item_capacity: int):
+    """Returns item_row `[I]`, item_weight `[I]`, item_expert `[I]` (int64), offs `[E_local]`
+    int32 and slot_item `[N, k]` int64, as `ep.chunks.wave_items`; entries past `offs[-1]`
+    are unspecified. Three launches: counts per (expert, block), their running sums along
+    the blocks, the places."""
+    N, k = ids.shape
+    E_local, dev = num_local_experts, ids.device
+    kp, ep = triton.next_power_of_2(k), triton.next_power_of_2(E_local)
+    br = max(1, min(128 // kp, 8192 // (kp * ep)))  # a block's [slots x experts] tiles stay small
+    B = max(1, triton.cdiv(N, br))
+    counts = torch.zeros(E_local, B, dtype=torch.int32, device=dev) if not N else \
+        torch.empty(E_local, B, dtype=torch.int32, device=dev)
+    if N:
+        _count_kernel[(B,)](ids, counts, N, B, E_local, ids.stride(0), K=k, KP=kp, BR=br, EP=ep, num_warps=4)
+    incl = torch.empty(E_local, B, dtype=torch.int64, device=dev)
+    _items_scan_kernel[(E_local,)](counts, incl, B, BB=min(1024, triton.next_power_of_2(B)), num_warps=4)
+    item_row = torch.empty(item_capacity, dtype=torch.int64, device=dev)
+    item_weight = torch.empty(item_capacity, dtype=weights.dtype, device=dev)
+    item_expert = torch.empty(item_capacity, dtype=torch.int64, device=dev)
+    offs = torch.empty(E_local, dtype=torch.int32, device=dev)
+    slot_item = torch.empty(N, k, dtype=torch.int64, device=dev)
+    _place_kernel[(B,)](ids, weights, incl, counts, slot_item, item_row, item_weight, item_expert, offs, N, B,
+                        E_local, item_capacity, ids.stride(0), weights.stride(0), K=k, KP=kp, BR=br, EP=ep,
+                        num_warps=4)
+    return item_row, item_weight, item_expert, offs, slot_item

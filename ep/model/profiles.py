@@ -1,4 +1,4 @@
-"""Measured machine profiles for `ep.sim`: rates and links, and the costs fitted to our runs.
+"""Measured machine profiles for `ep.model.sim`: rates and links, and the costs fitted to our runs.
 
 Written by `python benchmarks/calibrate.py --write-profiles` from the benchmark runs under
 `benchmarks/results/` (see `benchmarks/results/CALIBRATION.md` for predicted against
