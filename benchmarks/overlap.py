@@ -6,8 +6,8 @@ uses NCCL (presets `dsv3`, `wide`, `decode`, `v4flash`; several at once: `--pres
 
 It measures, per rank, with device events (CUDA) or a barrier-aligned wall clock (CPU),
 after warm-up, the median of `--iters` runs, and reports the max over ranks:
-- each stage alone on the expert-wave W=1 plan: dispatch, linear1, linear2, combine
-  (permutes included in the stage that does them), and route+plan; comm = dispatch +
+- each stage alone on the W=1 plan: dispatch (with the pack), linear1 (with the items'
+  sort), linear2, combine (with the un-permute), and route+plan; comm = dispatch +
   combine (the fastest transport's), compute = linear1 + linear2, ideal = max(comm, compute);
 - per variant (wave split x transport x W x SM carveout; `auto` too): the whole call as a
   user makes it, `layer(x, topk_idx=..., topk_weights=...)` (routing given, plan included),
@@ -16,10 +16,10 @@ after warm-up, the median of `--iters` runs, and reports the max over ranks:
   forward of ten calls issued back to back, per call ("b2b": what a model of many layers
   sees when the host runs ahead); the expert part alone with the plan made beforehand
   ("plan given"), from which overlap efficiency = (W=1 - waved) / (W=1 - ideal);
-- with `--graphs` (CUDA, token waves): the same call captured in a CUDA graph, forward and
+- with `--graphs` (CUDA, both splits): the same call captured in a CUDA graph, forward and
   forward+backward, and the host time of a replay;
-- bytes on the wire per rank: rows sent to other ranks x row bytes (token waves: the fixed
-  regions, padding included).
+- bytes on the wire per rank: rows sent to other ranks x row bytes (the fixed regions,
+  padding included, as NCCL sends them).
 `--no-p2p` runs NCCL with peer access off (`NCCL_P2P_DISABLE=1`: rows go through host
 memory, ~22 GB/s on the H200 hosts), a stand-in for a link between hosts where the
 all-to-all is as long as the expert math; `--nccl-ctas N` limits NCCL to N CTAs
@@ -46,11 +46,11 @@ import torch
 import torch.distributed as dist
 
 import ep
-from ep import stages
-from ep.chunk_pipeline import chunked_experts
-from ep.chunks import sender_plan, wave_capacity
-from ep.pipeline import waved_experts
-from ep.plan_exchange import make_plan
+from ep.experts import linear1, linear2
+from ep.kernels import reduce_rows
+from ep.layout import RowLayout
+from ep.pipeline import wave_experts
+from ep.plan import WaveMap, pack_rows, sender_plan, wave_items
 from ep.transport import TorchDistTransport, make_transport
 
 PRESETS: Dict[str, Dict] = {
@@ -228,7 +228,6 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         0, idx.flatten(), torch.ones(idx.numel(), dtype=torch.float64, device=device))
     dist.all_reduce(loads)
     load_max_over_mean = (loads.max() / loads.mean()).item()
-    acc = torch.promote_types(dtype, torch.float32)
     elem = x.element_size()
 
     expert_args = [w.strip() for w in (args.expert_waves or args.waves).split(",")]
@@ -252,35 +251,62 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         log(f"  [{step[0]}/{steps}] {preset_name}: {name}: {ms:.3f} ms")
         return ms
 
-    # ---- each stage alone, W=1, full machine (the expert-wave plan's stages) ------------
+    # ---- each stage alone, W=1, full machine ------------------------------------------
+    max_tokens = max(row[0] for row in tr.host_exchange([P["T"]]))
+    layout = RowLayout(P["H"], P["k"], dtype)
+
     def route_and_plan():
         idx_, tw_ = layer.router(x)
-        make_plan(idx_, E, 1, tr, tw_)
+        T_max = max(row[0] for row in tr.host_exchange([P["T"]]))
+        sender_plan(idx_, tw_, E, n, WaveMap(1), WaveMap(1).capacity(T_max), T_max)
 
     def stages_alone(tr=tr, only_comm: bool = False, tag: str = "") -> Dict[str, float]:
         """Each stage on the W=1 plan (only dispatch and combine with `only_comm`); buffers freed on return."""
-        plan1 = make_plan(idx, E, 1, tr, tw)
-        touch_w = plan1.touch_weights.to(acc)
-        rows_all = stages.received_rows(plan1, x)
-        stages.dispatch(x, rows_all, plan1, 0, tr).wait()
-        h = stages.linear1(rows_all, w1, plan1, 0)
-        o = stages.linear2(h, w2, plan1, 0)
+        plan1 = sender_plan(idx, tw, E, n, WaveMap(1), WaveMap(1).capacity(max_tokens), max_tokens)
+        cap, N = plan1.capacity, plan1.rows_per_wave
+        splits = [cap] * n
+        tr.reserve(cap)
+        send, recv = layout.empty(N, device), layout.empty(N + 1, device)
+        recv[N].zero_()
+        sums, back = x.new_empty(N, P["H"]), x.new_empty(N, P["H"])
+        arrived = []
+
+        def dispatch_alone():
+            pack_rows(x, tw, plan1, layout, send)
+            flight = tr.all_to_all(recv[:N], send, splits, splits, "dispatch alone", cap, plan1.region_rows[0])
+            flight.wait()
+            arrived[:] = [flight.arrived_rows]
+
+        dispatch_alone()
+        few = plan1.expected_items_per_expert
+
+        def items():
+            return wave_items(layout.ids(recv[:N]), layout.weights(recv[:N]), E_local, plan1.item_capacity(0))
+
+        it = items()
+
+        def linear1_alone():
+            got = items()
+            return linear1(layout.data(recv), w1, None, got.offs, few, index=got.item_row, rows=got.count)
+
+        h = linear1_alone()
+        o = linear2(h, w2, None, it.offs, None, few)
 
         def combine_alone():
-            acc_all, back_all = stages.return_accumulator(plan1, x), stages.returned_rows(plan1, x)
-            stages.combine(o, touch_w, acc_all, back_all, plan1, 0, tr).wait()
-            stages.unpermute(back_all, plan1, torch.empty_like(x))
+            reduce_rows(o, it.slot_item, sums, layout.weights(recv[:N]))
+            tr.all_to_all(back, sums, splits, splits, "combine alone", cap, arrived[0]).wait()
+            reduce_rows(back, plan1.back_row, torch.empty_like(x))
 
         if only_comm:
             return {
-                "dispatch": measure(f"dispatch alone{tag}", lambda: stages.dispatch(x, rows_all, plan1, 0, tr).wait()),
+                "dispatch": measure(f"dispatch alone{tag}", dispatch_alone),
                 "combine": measure(f"combine alone{tag}", combine_alone),
             }
         return {
-            "route+plan": measure("route + plan (W=1, expert waves)", route_and_plan),
-            "dispatch": measure("dispatch alone", lambda: stages.dispatch(x, rows_all, plan1, 0, tr).wait()),
-            "linear1": measure("linear1 alone", lambda: stages.linear1(rows_all, w1, plan1, 0)),
-            "linear2": measure("linear2 alone", lambda: stages.linear2(h, w2, plan1, 0)),
+            "route+plan": measure("route + plan (W=1)", route_and_plan),
+            "dispatch": measure("dispatch alone", dispatch_alone),
+            "linear1": measure("linear1 alone", linear1_alone),
+            "linear2": measure("linear2 alone", lambda: linear2(h, w2, None, it.offs, None, few)),
             "combine": measure("combine alone", combine_alone),
         }
 
@@ -308,7 +334,6 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             naive_ms = measure("naive layer forward", lambda: naive_forward(x, idx, tw, w1, w2, E))
 
     # ---- the whole call per variant ------------------------------------------------------
-    max_tokens = max(row[0] for row in tr.host_exchange([P["T"]]))
     rows = []
     for v in variants:
         lv = variant_layer(layer, num_waves=v["W"], wave_split=v["split"], transport=v["transport"],
@@ -329,19 +354,12 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             row["host_ms"] = timer.last_host_ms
             row["b2b_fwd_ms"] = measure(f"{label} forward, 10 back to back", call, calls=10)
             kt = transports[v["transport"]]
-            if v["split"] == "tokens":
-                Wt = max(1, min(W, max_tokens))
-                plan = sender_plan(idx, tw, E, n, Wt, wave_capacity(max_tokens, Wt))
-                given = lambda: chunked_experts(x, tw, w1, w2, plan, kt, v["carveout"])  # noqa: E731
-                cap = plan.capacity
-                remote = (n - 1) * Wt * cap  # the fixed regions for other ranks, padding included
-                row_bytes = ep.layout.RowLayout(P["H"], P["k"], dtype).width * elem
-                routes = int((plan.route_row >= 0).sum().item())
-            else:
-                plan = make_plan(idx, E, W, kt, tw, dedup_across_waves=v["dedup"] == "rank")
-                given = lambda: waved_experts(x, tw, w1, w2, plan, kt, v["carveout"])  # noqa: E731
-                remote = sum(sum(c[r] for c in plan.send_counts) for r in range(n) if r != rank)
-                row_bytes, routes = P["H"] * elem, plan.num_routes_sent
+            wm = WaveMap.of(v["split"], max(1, min(W, max_tokens)) if v["split"] == "tokens" else W, v["dedup"] == "rank")
+            plan = sender_plan(idx, tw, E, n, wm, wm.capacity(max_tokens), max_tokens)
+            given = lambda: wave_experts(x, tw, w1, w2, plan, kt, v["carveout"])  # noqa: E731
+            remote = (n - 1) * wm.num_waves * plan.capacity  # the fixed regions for other ranks, padding included
+            row_bytes = layout.width * elem
+            routes = int((plan.route_row >= 0).sum().item())
             row["plan_given_fwd_ms"] = measure(f"{label} forward, plan given", given)
             del plan, given
         if not args.no_backward:
@@ -359,7 +377,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
         row["dispatch_wire_bytes_max_rank"] = int(wire[0].item())
         row["rows_per_token_max_rank"] = wire[1].item() / max(P["T"], 1)
         rows.append(row)
-        if args.graphs and cuda and v["split"] == "tokens":
+        if args.graphs and cuda:
             rows.append(graph_row(row, lv, x, idx, tw, dy, timer, measure, label, args.no_backward))
         del lv
 
@@ -382,14 +400,15 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             r["fwd_bwd_speedup_vs_w1"] = seq["fwd_bwd_ms"] / r["fwd_bwd_ms"]
     if args.trace_dir and cuda:
         for pick in traced_rows(rows, args.trace_waves):
-            lv = variant_layer(layer, num_waves=pick["W"], wave_split="tokens", transport=pick["transport"],
-                               sm_carveout=pick["carveout"])
+            lv = variant_layer(layer, num_waves=pick["W"], wave_split=pick["split"], transport=pick["transport"],
+                               sm_carveout=pick["carveout"], dedup_across_waves=pick["dedup"] == "rank")
 
             def fwd_bwd_traced():
                 lv(x.clone().requires_grad_(True), topk_idx=idx, topk_weights=tw).backward(dy)
                 lv.zero_grad(set_to_none=True)
 
-            name = f"{preset_name}_n{n}_{regime(device)}_W{pick['W']}_c{pick['carveout']}_{pick['transport']}"
+            name = (f"{preset_name}_n{n}_{regime(device)}_{pick['split']}_W{pick['W']}_c{pick['carveout']}_"
+                    f"{pick['transport']}")
             try:  # a failed timeline is reported; the rows measured above are kept
                 save_trace(args.trace_dir, name, device, lambda: lv(x, topk_idx=idx, topk_weights=tw),
                            None if args.no_backward else fwd_bwd_traced)
@@ -404,16 +423,16 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 
 
 def traced_rows(rows: List[dict], trace_waves: str) -> List[dict]:
-    """The token-wave rows whose timelines are saved: per transport, the fastest waved row,
+    """The rows whose timelines are saved: per wave split and transport, the fastest waved row,
     and the fastest row of each W named in `trace_waves` (e.g. "4": where a model misses)."""
-    eager = [r for r in rows if r["split"] == "tokens" and r["W"] > 1 and not r.get("graph")]
+    eager = [r for r in rows if r["W"] > 1 and not r.get("graph")]
     extra = {int(w) for w in trace_waves.split(",") if w.strip()} if trace_waves else set()
     picks = {}
     for r in sorted(eager, key=lambda r: r["fwd_ms"]):  # the first seen of each key is the fastest
-        picks.setdefault((r["transport"], "best"), r)
+        picks.setdefault((r["split"], r["transport"], "best"), r)
         if r["W"] in extra:
-            picks.setdefault((r["transport"], r["W"]), r)
-    unique = {(r["transport"], r["W"], r["carveout"]): r for r in picks.values()}
+            picks.setdefault((r["split"], r["transport"], r["W"]), r)
+    unique = {(r["split"], r["transport"], r["W"], r["carveout"], r["dedup"]): r for r in picks.values()}
     return list(unique.values())
 
 

@@ -22,10 +22,10 @@ class Injected(RuntimeError):
 # where a fault is injected: (module, function, direction); the fault hits its second call
 # in the faulty step, i.e. wave 1 (the functions run once per wave)
 STAGES = {
-    ("experts", "forward"): ("ep.stages", "linear1"),
-    ("experts", "backward"): ("ep.stages", "experts_backward"),
-    ("tokens", "forward"): ("ep.chunk_pipeline", "linear1"),
-    ("tokens", "backward"): ("ep.chunk_pipeline", "linear2_backward_data"),
+    ("experts", "forward"): ("ep.pipeline", "linear1"),
+    ("experts", "backward"): ("ep.pipeline", "linear2_backward_data"),
+    ("tokens", "forward"): ("ep.pipeline", "linear1"),
+    ("tokens", "backward"): ("ep.pipeline", "linear2_backward_data"),
 }
 
 
@@ -104,7 +104,7 @@ def check_stall_outside(rank, n, split):
 
 
 @pytest.mark.parametrize("split,first_wait", [("tokens", "token counts (host exchange)"),
-                                              ("experts", "plan: count exchange")])
+                                              ("experts", "token counts (host exchange)")])
 def test_stalled_rank_outside_the_layer(split, first_wait):
     out = run_world(3, check_stall_outside, split, timeout_s=30, barrier=False, default_group_timeout=True)
     assert out[1][0] == "stalled"

@@ -1,4 +1,4 @@
-"""The schedule model (`ep.sim`) on small cases worked out by hand, and num_waves="auto"."""
+"""The schedule model (`ep.model.sim`) on small cases worked out by hand, and num_waves="auto"."""
 import math
 import subprocess
 import sys
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import ep
-from ep.chunks import sender_plan, wave_capacity
 from ep.layout import RowLayout
-from ep.sim import (Layer, Op, Rates, TokenCall, Topology, best_waves, gemm_slowdown, gemm_tile_rows, overlap_shares,
+from ep.model.sim import (Layer, Op, Rates, TokenCall, Topology, best_waves, gemm_slowdown, gemm_tile_rows, overlap_shares,
                     p_avoids, padded_rows, play, row_width, simulate, token_launches, token_traffic, traffic)
+from ep.plan import WaveMap, sender_plan, wave_capacity
 from tests.reference import reference_moe, reference_routing
 from tests.world import run_world
 
@@ -108,7 +108,7 @@ def test_wave_pipeline_by_hand():
 
 def test_best_waves_and_speed():
     layer = Layer(hidden=7168, ffn_hidden=2048, num_experts=256, top_k=8, tokens=4096)
-    from ep.sim_profiles import PROFILES
+    from ep.model.profiles import PROFILES
 
     rates, topo = PROFILES["h200-nccl"]
     t0 = time.perf_counter()
@@ -145,7 +145,7 @@ def test_token_traffic_matches_the_engines_buffers():
     torch.manual_seed(0)
     n, E, k, T, W = 4, 16, 3, 37, 3
     idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
-    plan = sender_plan(idx, None, E, n, W, wave_capacity(T, W))
+    plan = sender_plan(idx, None, E, n, WaveMap(W), wave_capacity(T, W), T)
     tr = token_traffic(Layer(hidden=32, ffn_hidden=8, num_experts=E, top_k=k, tokens=T, elem_bytes=4), n, W)
     assert plan.capacity == tr.capacity and plan.rows_per_wave == n * tr.capacity
     assert tr.dispatch_row_bytes == RowLayout(32, k, torch.float32).width * 4
@@ -252,7 +252,7 @@ def test_grouped_gemm_tiles_by_hand():
 
 
 def test_token_wave_prediction_at_256_ranks_is_fast():
-    from ep.sim_profiles import PROFILES
+    from ep.model.profiles import PROFILES
 
     rates, topo = PROFILES["h200-nccl-tokens"]
     layer = Layer(hidden=7168, ffn_hidden=2048, num_experts=256, top_k=8, tokens=4096)
@@ -271,19 +271,20 @@ def replace_ranks(topo: Topology, ranks: int) -> Topology:
 
 
 def test_expert_wave_profiles_keep_their_schedule():
-    from ep.sim_profiles import PROFILES
+    from ep.model.profiles import PROFILES
 
     layer = Layer(hidden=7168, ffn_hidden=2048, num_experts=64, top_k=8, tokens=4096)
-    for name in ("h200-nccl", "h200-copy-engine"):  # what ep/auto.py plays for expert waves
+    for name in ("h200-nccl", "h200-copy-engine"):  # the expert-wave profiles of the retired engine's runs
         rates, topo = PROFILES[name]
         t = replace_ranks(topo, 2)
         assert simulate(layer, t, rates, 2).layer_ms == simulate(layer, t, rates, 2, wave_split="experts").layer_ms
         assert simulate(layer, t, rates, 2, wave_split="tokens").layer_ms != simulate(layer, t, rates, 2).layer_ms
 
 
-def test_the_layer_does_not_import_the_models_picture_or_command():
-    code = ("import sys, torch, ep, ep.auto, ep.sim; "
-            "assert 'matplotlib' not in sys.modules and 'ep.sim' in sys.modules")
+def test_the_runtime_does_not_import_the_model():
+    code = ("import sys, torch, ep, ep.auto, ep.hf, ep.launch; "
+            "assert not [m for m in sys.modules if m.startswith('ep.model')], 'the runtime imported ep.model'; "
+            "import ep.model.sim; assert 'matplotlib' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

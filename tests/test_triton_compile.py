@@ -21,7 +21,7 @@ COMMON = dict(T=I32, E=I32, E_local=I32, n=I32, W=I32, NB=I32)
 
 
 def _cases():
-    from ep.kernels import triton_chunks as tc
+    from ep.kernels import triton_plan as tc
     from ep.kernels import triton_grouped as tg
     from ep.kernels import triton_p2p as tp
     from ep.kernels import triton_rows as tr

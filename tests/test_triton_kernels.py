@@ -149,96 +149,6 @@ def test_swiglu_matches_torch(triton_swiglu, limit):
     torch.testing.assert_close(got[2], ww.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("n, E_local, W, k, across", [(2, 4, 2, 3, True), (3, 4, 4, 4, False), (1, 6, 3, 5, True),
-                                                      (4, 2, 1, 1, True)])
-def test_sender_tables_match_torch(triton_plan, n, E_local, W, k, across):
-    from ep.checks import IDX_RANGE, IDX_REPEAT, STATUS_SLOTS, W_NONFINITE
-    from ep.count_table import CountTable
-    from ep.plan import sender_tables
-
-    g = torch.Generator().manual_seed(n * 100 + k)
-    E, T = n * E_local, 37
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
-    idx[3, 0] = E + 2  # out of range
-    idx[4, :2] = -3  # two out of range in one token (a repeat too, when k > 1)
-    idx[5, -1] = idx[5, 0] if k > 1 else -1  # a repeat (or out of range for k=1)
-    w = torch.rand(T, k, generator=g)
-    w[7, 0] = float("nan")
-    w[8, -1] = float("inf")
-    layout = CountTable(W, E_local)
-    want = sender_tables(idx, w, E, layout, n, across)
-    got = triton_plan.sender_tables_triton(idx, w, E, layout, n, across, STATUS_SLOTS,
-                                           (IDX_RANGE, IDX_REPEAT, W_NONFINITE))
-    first, fw, lw, _, count_table, status = got
-    # the kernel clamps ids like the torch path, so every table agrees, bad rows included
-    for name, a, b in (("first", first, want[0]), ("fw", fw, want[1]), ("lw", lw, want[2]),
-                       ("count_table", count_table, want[3]), ("status", status, want[4])):
-        assert torch.equal(a, b), f"{name}: {a} vs {b}"
-
-
-@pytest.mark.parametrize("n, E_local, W, k, R", [(2, 4, 2, 3, 37), (3, 8, 4, 4, 150), (1, 6, 3, 5, 20),
-                                                 (4, 2, 1, 1, 9), (2, 5, 5, 2, 0)])
-def test_receiver_tables_match_torch(triton_plan, n, E_local, W, k, R):
-    from ep.plan import _offsets, receiver_tables, wave_bounds
-
-    g = torch.Generator().manual_seed(R * 7 + k)
-    # each row: distinct local experts on some of its k slots (at least one), -1 elsewhere
-    table = torch.zeros(R, k, 2, dtype=torch.float64)
-    table[:, :, 0] = -1
-    for r in range(R):
-        m = int(torch.randint(1, min(k, E_local) + 1, (1,), generator=g))
-        slots = torch.randperm(k, generator=g)[:m]
-        table[r, slots, 0] = torch.randperm(E_local, generator=g)[:m].double()
-        table[r, slots, 1] = torch.rand(m, generator=g, dtype=torch.float64)
-    order = torch.randperm(R, generator=g)  # row r sits at order[r] of the exchanged table
-    row_source = torch.sort(torch.randint(0, n, (R,), generator=g)).values
-    rows = table[order]
-    e = rows[:, :, 0].long()
-    wave = torch.where(e >= 0, e * W // E_local, -1)
-    items_per_expert = [int((e == x).sum()) for x in range(E_local)]
-    expert_off = _offsets(items_per_expert)
-    touches = [int((wave == w).any(dim=1).sum()) for w in range(W)]
-    last = wave.amax(dim=1)
-    return_off = _offsets([int((last == w).sum()) for w in range(W)])
-    bounds = wave_bounds(E_local, W)
-    first_item = [expert_off[b] for b in bounds[:-1]]
-    want = receiver_tables(rows, row_source, E_local, W, n, expert_off, return_off, first_item, sum(touches),
-                           torch.float32)
-    got = triton_plan.receiver_tables_triton(table, order, row_source, E_local, W, n, k, expert_off,
-                                             _offsets(touches), return_off, first_item, expert_off[-1],
-                                             sum(touches), torch.float32)
-    assert set(got) == set(want)
-    for name in want:
-        assert torch.equal(got[name], want[name]), f"{name}:\n{got[name]}\nvs\n{want[name]}"
-
-
-@pytest.mark.parametrize("n, E_local, W, k, T, across, weights", [
-    (2, 4, 2, 3, 37, True, True), (3, 8, 4, 4, 150, False, True), (1, 6, 3, 5, 20, True, False),
-    (4, 2, 1, 1, 9, True, True), (2, 5, 5, 2, 0, True, True), (8, 4, 4, 8, 70, False, False),
-])
-def test_route_tables_match_torch(triton_plan, n, E_local, W, k, T, across, weights):
-    from ep.count_table import CountTable
-    from ep.plan import route_tables, sender_tables
-
-    g = torch.Generator().manual_seed(T * 3 + k + n)
-    E = n * E_local
-    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
-    w = torch.rand(T, k, generator=g) if weights else None
-    layout = CountTable(W, E_local)
-    first, fw, lw, count_table, _ = sender_tables(idx, w, E, layout, n, across)
-    send_counts = tuple(tuple(row) for row in count_table[:, layout.routes_out].t().tolist())
-    want = route_tables(first, fw, idx, w, send_counts, E_local)
-    got = triton_plan.route_tables_triton(first, fw, idx, w, send_counts, E_local)
-    for name, a, b in zip(("route_slot", "slot_route", "table"), got, want):
-        assert torch.equal(a, b), f"{name}:\n{a}\nvs\n{b}"
-
-
-@pytest.fixture(scope="module")
-def triton_chunks():
-    yield _fresh("ep.kernels.triton_chunks")
-    sys.modules.pop("ep.kernels.triton_chunks", None)
-
-
 def _routing(seed, T, E, k, bad=False):
     g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
@@ -254,32 +164,32 @@ def _routing(seed, T, E, k, bad=False):
     (37, 2, 4, 3, 1, 1.0, False), (50, 3, 2, 4, 4, 1.0, True), (29, 4, 3, 2, 3, 0.4, False), (0, 2, 2, 2, 2, 1.0, False),
     (9, 1, 5, 5, 2, 1.0, True), (300, 2, 4, 8, 2, 1.0, True),  # the last: 5 blocks of 32 tokens per wave
 ])
-def test_route_rows_match_torch(triton_chunks, T, n, E_local, k, W, cap_factor, bad):
+def test_route_rows_match_torch(triton_plan, T, n, E_local, k, W, cap_factor, bad):
     from ep.checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE
-    from ep.chunks import sender_plan, wave_capacity
+    from ep.plan import WaveMap, sender_plan, wave_capacity
 
     E = n * E_local
     idx, w = _routing(T * 10 + n, T, E, k, bad)
     cap = wave_capacity(T, W, cap_factor)
-    want = sender_plan(idx, w, E, n, W, cap)  # the torch path, on the CPU
-    route, row_token, status, clamped, region_rows = triton_chunks.route_rows_triton(
+    want = sender_plan(idx, w, E, n, WaveMap(W), cap, T)  # the torch path, on the CPU
+    route, row_token, status, clamped, region_rows = triton_plan.route_rows_triton(
         idx, w, E, n, W, cap, STATUS_SLOTS, (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
     assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
     assert torch.equal(clamped, want.topk_idx)
     assert torch.equal(region_rows.view(W, n), want.region_rows)
 
 
-def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_chunks):
+def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_plan):
     """Regions sized for another rank's 4x more tokens: most rows stay unused (-1), filled by
     the count pass over several strides of its blocks."""
     from ep.checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE
-    from ep.chunks import sender_plan, wave_capacity
+    from ep.plan import WaveMap, sender_plan, wave_capacity
 
     T, n, E_local, k, W = 40, 2, 4, 8, 2
     idx, w = _routing(7, T, n * E_local, k, False)
     cap = wave_capacity(4 * T, W)
-    want = sender_plan(idx, w, n * E_local, n, W, cap)
-    route, row_token, status, _, region_rows = triton_chunks.route_rows_triton(
+    want = sender_plan(idx, w, n * E_local, n, WaveMap(W), cap, 4 * T)
+    route, row_token, status, _, region_rows = triton_plan.route_rows_triton(
         idx, w, n * E_local, n, W, cap, STATUS_SLOTS, (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
     assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
     assert (row_token == -1).sum() > W * n * cap // 2
@@ -288,20 +198,20 @@ def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_chu
 
 
 @pytest.mark.parametrize("n, E_local, k, W", [(2, 4, 3, 2), (3, 2, 4, 1)])
-def test_pack_rows_match_torch(triton_chunks, n, E_local, k, W):
-    from ep.chunks import pack_rows, sender_plan, wave_capacity
+def test_pack_rows_match_torch(triton_plan, n, E_local, k, W):
+    from ep.plan import WaveMap, pack_rows, sender_plan, wave_capacity
     from ep.layout import RowLayout
 
     T, H, E = 21, 13, n * E_local
     idx, w = _routing(7 + n, T, E, k)
     x = torch.randn(T, H)
-    plan = sender_plan(idx, w, E, n, W, wave_capacity(T, W))
+    plan = sender_plan(idx, w, E, n, WaveMap(W), wave_capacity(T, W), T)
     layout = RowLayout(H, k, torch.float32)
     want = layout.empty(plan.row_token.shape[0], "cpu")
     pack_rows(x.double(), w, plan, RowLayout(H, k, torch.float64), layout_rows := RowLayout(H, k, torch.float64).empty(
         plan.row_token.shape[0], "cpu"))
     got = torch.full_like(want, float("nan"))
-    triton_chunks.pack_rows_triton(x, plan.topk_idx, w, plan.row_token, plan.status, layout.data(got), layout.ids(got),
+    triton_plan.pack_rows_triton(x, plan.topk_idx, w, plan.row_token, plan.status, layout.data(got), layout.ids(got),
                                    layout.weights(got), layout.status(got), E, n, plan.capacity)
     ref = RowLayout(H, k, torch.float64)
     used = plan.row_token >= 0
@@ -312,8 +222,8 @@ def test_pack_rows_match_torch(triton_chunks, n, E_local, k, W):
 
 
 @pytest.mark.parametrize("N, k, E_local, empty_share", [(40, 3, 5, 0.3), (7, 8, 2, 0.6), (0, 2, 3, 0.0), (130, 4, 16, 0.1)])
-def test_wave_items_match_torch(triton_chunks, N, k, E_local, empty_share):
-    from ep.chunks import wave_items
+def test_wave_items_match_torch(triton_plan, N, k, E_local, empty_share):
+    from ep.plan import WaveMap, wave_items
     from ep.layout import RowLayout
 
     g = torch.Generator().manual_seed(N + k)
@@ -325,12 +235,12 @@ def test_wave_items_match_torch(triton_chunks, N, k, E_local, empty_share):
     layout.ids(rows).copy_(ids)
     layout.weights(rows).copy_(weights.double())
     cap = N * min(k, E_local) + E_local
-    want = wave_items(layout, rows, E_local, cap)  # torch path (float64 rows)
+    want = wave_items(layout.ids(rows), layout.weights(rows), E_local, cap)  # torch path (float64 rows)
     f32 = RowLayout(5, k, torch.float32)
     rows32 = f32.empty(N, "cpu")
     f32.ids(rows32).copy_(ids)
     f32.weights(rows32).copy_(weights)
-    item_row, item_weight, item_expert, offs, slot_item = triton_chunks.wave_items_triton(
+    item_row, item_weight, item_expert, offs, slot_item = triton_plan.wave_items_triton(
         f32.ids(rows32), f32.weights(rows32), E_local, cap)
     used = int(want.offs[-1])
     assert torch.equal(offs, want.offs) and torch.equal(slot_item, want.slot_item)
@@ -397,14 +307,14 @@ def test_gather_slots_matches_torch(triton_rows):
 
 
 @pytest.mark.parametrize("T, n, E_local, k", [(37, 2, 4, 3), (5, 4, 2, 8), (0, 2, 2, 2)])
-def test_returned_slot_values_match_torch(triton_chunks, T, n, E_local, k):
-    from ep.chunks import returned_slot_values, sender_plan, wave_capacity
+def test_returned_slot_values_match_torch(triton_plan, T, n, E_local, k):
+    from ep.plan import WaveMap, returned_slot_values, sender_plan, wave_capacity
 
     idx, w = _routing(T + n, T, n * E_local, k, False)
-    plan = sender_plan(idx, w, n * E_local, n, 2, wave_capacity(T, 2, 0.6))  # some routes past the capacity
+    plan = sender_plan(idx, w, n * E_local, n, WaveMap(2), wave_capacity(T, 2, 0.6), T)  # some routes past the capacity
     values = torch.randn(plan.row_token.shape[0] + 1, k + 3, generator=torch.Generator().manual_seed(T))[:, :k]
     want = returned_slot_values(plan, values)  # torch path (strided rows of values)
-    got = triton_chunks.returned_slots_triton(plan.route_row, plan.topk_idx, E_local, values)
+    got = triton_plan.returned_slots_triton(plan.back_row, plan.topk_idx, E_local, values)
     assert torch.equal(got, want)
     if T:  # the capacity left some routes without a row: their slots read 0
         assert (plan.route_row < 0).any() and (want == 0).any()
