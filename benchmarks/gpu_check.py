@@ -6,7 +6,8 @@ For both wave splits (token waves; expert waves in both deduplication modes), ev
 transport (NCCL; on 2+ GPUs also the copy engines and the device puts), every W in {1, 2, 4, 8}, router-made
 and caller-given routing: forward output and every gradient (x, router, w1, w2, and the
 routing weights when given) within 1e-2 relative of `tests/reference.py` run in float64
-on the same (bf16-rounded) inputs. Then, for token waves on every transport:
+on the same (bf16-rounded) inputs. Then, for both splits (expert waves in both deduplication
+modes) on every transport:
 - sync-free: after two warm-up steps, a forward and a training step (forward, backward,
   SGD step) under `torch.cuda.set_sync_debug_mode("error")`, with the router and with given
   routing, with and without `max_tokens`;
@@ -101,10 +102,11 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
     return worst_over_ranks(got, reference(p, n, rank, device, routing), device)
 
 
-def check_sync_free(n, rank, device, transport, W, routing, max_tokens):
+def check_sync_free(n, rank, device, transport, W, routing, max_tokens, split="tokens", dedup=True):
     """A forward and a training step under sync debug mode "error" (after two warm-up steps)."""
     p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=3, tokens_range=(200, 400))
-    layer = build(p, n, rank, device, num_waves=W, transport=transport, max_tokens=max_tokens)
+    layer = build(p, n, rank, device, num_waves=W, transport=transport, max_tokens=max_tokens, wave_split=split,
+                  dedup_across_waves=dedup)
     opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
     rows = p.rows(rank)
     x = p.x[rows].to(device=device, dtype=torch.bfloat16)
@@ -158,13 +160,13 @@ def check_shared_beside(n, rank, device, W):
     return t.item()
 
 
-def check_graphs(n, rank, device, transport, W):
+def check_graphs(n, rank, device, transport, W, split="tokens", dedup=True):
     """Forward, and forward+backward, captured in CUDA graphs and replayed with new inputs."""
     import time
 
     out = {}
     p0 = make_problem(n, k=4, local_experts=8, H=256, F=128, routing="skewed", seed=11, tokens_per_rank=[256] * n)
-    layer = build(p0, n, rank, device, num_waves=W, transport=transport)
+    layer = build(p0, n, rank, device, num_waves=W, transport=transport, wave_split=split, dedup_across_waves=dedup)
     rows = p0.rows(rank)
     bf = lambda t: t.to(device=device, dtype=torch.bfloat16)  # noqa: E731
     static = dict(x=bf(p0.x[rows]).requires_grad_(True), idx=p0.topk_idx[rows].to(device),
@@ -312,17 +314,18 @@ def main():
                   f"{worst:.2e}  {'ok' if ok else 'FAIL'}  "
                   + " ".join(f"{k}={v:.1e}" if isinstance(v, float) else f"{k}={v}" for k, v in errs.items()),
                   flush=True)
-    for transport, W, routing, max_tokens in itertools.product(transports if cuda and "sync" in checks else [], (1, 2),
-                                                                ("router", "skewed"),
-                                                                (None, 400)):
-        got, why = attempt(transport, lambda: check_sync_free(n, rank, device, transport, W, routing, max_tokens))
+    waved = [(split, dedup, W) for split, dedup in splits for W in (1, 2) if split == "tokens" or W > 1]  # W=1: one map
+    for transport, (split, dedup, W), routing, max_tokens in itertools.product(
+            transports if cuda and "sync" in checks else [], waved, ("router", "skewed"), (None, 400)):
+        got, why = attempt(transport, lambda: check_sync_free(n, rank, device, transport, W, routing, max_tokens,
+                                                              split, dedup))
         ok, detail = (got, "") if why is None else (False, why)  # a sync (or any error) is a failed case
         failed += not ok
-        results.append(dict(check="sync_free", transport=transport, W=W, routing=routing, max_tokens=max_tokens, ok=ok,
-                            error=detail))
+        results.append(dict(check="sync_free", transport=transport, wave_split=split, dedup_across_waves=dedup, W=W,
+                            routing=routing, max_tokens=max_tokens, ok=ok, error=detail))
         if rank == 0:
-            print(f"sync-free  {transport:11} W={W} routing={routing:6} max_tokens={max_tokens}  "
-                  f"{'ok' if ok else 'FAIL ' + detail}", flush=True)
+            print(f"sync-free  {transport:11} {split:7} dedup={dedup!s:5} W={W} routing={routing:6} "
+                  f"max_tokens={max_tokens}  {'ok' if ok else 'FAIL ' + detail}", flush=True)
     for W in (1, 2) if "shared" in checks else ():
         try:
             worst = check_shared_beside(n, rank, device, W)
@@ -333,14 +336,16 @@ def main():
         results.append(dict(check="shared_beside", W=W, ok=ok, detail=detail))
         if rank == 0:
             print(f"shared expert beside the dispatch W={W}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
-    for transport, W in itertools.product(transports if cuda and "graphs" in checks else [], (1, 2)):
-        got, why = attempt(transport, lambda: check_graphs(n, rank, device, transport, W))
+    for transport, (split, dedup, W) in itertools.product(transports if cuda and "graphs" in checks else [], waved):
+        got, why = attempt(transport, lambda: check_graphs(n, rank, device, transport, W, split, dedup))
         got = got if why is None else {"error": why}
         ok = got.get("worst_rel_err", float("inf")) < TOL
         failed += not ok
-        results.append(dict(check="cuda_graph", transport=transport, W=W, ok=ok, **got))
+        results.append(dict(check="cuda_graph", transport=transport, wave_split=split, dedup_across_waves=dedup, W=W,
+                            ok=ok, **got))
         if rank == 0:
-            print(f"cuda graph {transport:11} W={W}  {'ok' if ok else 'FAIL'}  {got}", flush=True)
+            print(f"cuda graph {transport:11} {split:7} dedup={dedup!s:5} W={W}  {'ok' if ok else 'FAIL'}  {got}",
+                  flush=True)
     probe = probe_grouped_mm(device) if rank == 0 and cuda else None
     if rank == 0:
         print("grouped_mm layout probe:", json.dumps(probe, indent=1), flush=True)

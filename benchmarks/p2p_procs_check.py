@@ -7,9 +7,13 @@ ranks that are threads of one process cannot wait for each other (r22-r23: in on
 context an allocation waits for every kernel in flight). Processes have contexts of their
 own, so here each rank is a process on GPU 0, the arenas are shared by CUDA IPC (the handles
 travel through a Gloo group), and the GPU's time slices let one process's kernels run while
-another's wait. The layer (token waves, given routing; W = 1, 2) runs forward and backward
-with `transport=DevicePutTransport(...)`, its host side over Gloo, against the float64
-reference (`tests/reference.py`), every output and gradient within 1e-2 (bf16). The ranks'
+another's wait. The layer (given routing; token waves W = 1, 2; expert waves W = 2 with and
+without dedup across waves) runs forward and backward with `transport=DevicePutTransport(...)`,
+its host side over Gloo, against the float64 reference (`tests/reference.py`), every output
+and gradient within 1e-2 (bf16). Then, per wave split at W = 2: after two warm-up steps a
+forward and a training step under `torch.cuda.set_sync_debug_mode("error")`, and the forward
+and the training step captured in CUDA graphs, replayed with new inputs of the same shape
+(each replay against the reference). The ranks'
 token counts are below `max_tokens`, so the regions have padding, which the transport leaves
 out (`sent_rows`). Slow by design (the processes take turns on the GPU): correctness only,
 no timing. Any number of processes (`--nproc-per-node 3`: three ranks on the GPU).
@@ -60,33 +64,110 @@ class IpcMesh:
         return mine, [a.data_ptr() for a in arenas]
 
 
-def check(n, rank, W, seed):
-    p = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=seed, tokens_range=(60, 120))
+def _layer(p, n, rank, W, split, dedup):
     tr = DevicePutTransport(rank, n, IpcMesh(dist.group.WORLD), TorchDistTransport(), timeout_s=30.0)
-    cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W,
-                       transport="device_put", max_tokens=120)
-    bf = lambda t: t.to(device=DEV, dtype=torch.bfloat16)  # noqa: E731
+    cfg = ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W, wave_split=split,
+                       dedup_across_waves=dedup, transport="device_put", max_tokens=120)
     layer = ep.ExpertParallelMoE(cfg, transport=tr).to(device=DEV, dtype=torch.bfloat16)
     El = p.E // n
     with torch.no_grad():
-        layer.router.weight.copy_(bf(p.router))
-        layer.experts.w1.copy_(bf(p.w1[rank * El:(rank + 1) * El]))
-        layer.experts.w2.copy_(bf(p.w2[rank * El:(rank + 1) * El]))
-    rows = p.rows(rank)
-    x = bf(p.x[rows]).requires_grad_(True)
-    tw = p.topk_weights[rows].to(device=DEV, dtype=torch.float32).requires_grad_(True)
-    y = layer(x, topk_idx=p.topk_idx[rows].to(DEV), topk_weights=tw)
-    y.backward(bf(p.dy[rows]))
-    layer.check_errors()
+        layer.router.weight.copy_(_bf(p.router))
+        layer.experts.w1.copy_(_bf(p.w1[rank * El:(rank + 1) * El]))
+        layer.experts.w2.copy_(_bf(p.w2[rank * El:(rank + 1) * El]))
+    return layer
+
+
+def _bf(t):
+    return t.to(device=DEV, dtype=torch.bfloat16)
+
+
+def _worst(p, n, rank, y, dx, dw1, dw2, dtw) -> float:
+    """The largest relative error of y and every gradient against the float64 reference."""
+    rows, El = p.rows(rank), p.E // n
     d64 = lambda t: t.to(torch.bfloat16).double().requires_grad_(True)  # noqa: E731  the layer's rounding
     xr, w1r, w2r = d64(p.x), d64(p.w1), d64(p.w2)
     twr = p.topk_weights.float().double().requires_grad_(True)
     yr = reference_moe(xr, w1r, w2r, p.topk_idx, twr)
     yr.backward(p.dy.to(torch.bfloat16).double())
     experts = slice(rank * El, (rank + 1) * El)
-    pairs = ((y, yr[rows]), (x.grad, xr.grad[rows]), (layer.experts.w1.grad, w1r.grad[experts]),
-             (layer.experts.w2.grad, w2r.grad[experts]), (tw.grad, twr.grad[rows]))
+    pairs = ((y, yr[rows]), (dx, xr.grad[rows]), (dw1, w1r.grad[experts]), (dw2, w2r.grad[experts]),
+             (dtw, twr.grad[rows]))
     return max(rel_err(got.detach().double().cpu(), want.detach()) for got, want in pairs)
+
+
+def check(n, rank, W, seed, split="tokens", dedup=True):
+    p = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=seed, tokens_range=(60, 120))
+    layer = _layer(p, n, rank, W, split, dedup)
+    rows = p.rows(rank)
+    x = _bf(p.x[rows]).requires_grad_(True)
+    tw = p.topk_weights[rows].to(device=DEV, dtype=torch.float32).requires_grad_(True)
+    y = layer(x, topk_idx=p.topk_idx[rows].to(DEV), topk_weights=tw)
+    y.backward(_bf(p.dy[rows]))
+    layer.check_errors()
+    return _worst(p, n, rank, y, x.grad, layer.experts.w1.grad, layer.experts.w2.grad, tw.grad)
+
+
+def check_sync_free_and_graphs(n, rank, split, dedup, W=2):
+    """A forward and a training step under sync debug mode "error", then both captured in CUDA
+    graphs and replayed with two new inputs (tokens fixed per rank: a graph's shapes are)."""
+    tokens = [80 + 8 * r for r in range(n)]
+    p0 = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=31, tokens_per_rank=tokens)
+    layer = _layer(p0, n, rank, W, split, dedup)
+    rows = p0.rows(rank)
+    static = dict(x=_bf(p0.x[rows]).requires_grad_(True), idx=p0.topk_idx[rows].to(DEV),
+                  tw=p0.topk_weights[rows].to(device=DEV, dtype=torch.float32).requires_grad_(True),
+                  dy=_bf(p0.dy[rows]))
+
+    def fwd():
+        return layer(static["x"], topk_idx=static["idx"], topk_weights=static["tw"])
+
+    def step():
+        y = fwd()
+        y.backward(static["dy"])
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            fwd()
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    layer.check_errors()
+    g_fwd, g_step = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g_fwd):
+        y_fwd = fwd()
+    with torch.cuda.graph(g_step):
+        y_step = step()
+    worst = 0.0
+    params = (layer.experts.w1, layer.experts.w2, static["x"], static["tw"])
+    for trial in range(2):
+        p = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=40 + trial, tokens_per_rank=tokens)
+        p.router, p.w1, p.w2 = p0.router, p0.w1, p0.w2  # new inputs, the layer's weights
+        with torch.no_grad():
+            static["x"].copy_(_bf(p.x[rows]))
+            static["idx"].copy_(p.topk_idx[rows].to(DEV))
+            static["tw"].copy_(p.topk_weights[rows].to(device=DEV, dtype=torch.float32))
+            static["dy"].copy_(_bf(p.dy[rows]))
+            for t in params:
+                t.grad.zero_()
+        dist.barrier()
+        g_fwd.replay()
+        g_step.replay()
+        torch.cuda.synchronize()
+        worst = max(worst, _worst(p, n, rank, y_step, *(t.grad for t in params)))
+        fwd_err = _worst(p, n, rank, y_fwd, *(t.grad for t in params))  # the forward graph's y (grads as above)
+        worst = max(worst, fwd_err)
+    layer.check_errors()
+    return worst
 
 
 def main():
@@ -94,17 +175,23 @@ def main():
     dist.init_process_group("gloo")
     rank, n = dist.get_rank(), dist.get_world_size()
     results = []
-    for W, seed in ((1, 1), (2, 2)):
+    cases = [(f"layer fwd+bwd, tokens W={W}", lambda W=W: check(n, rank, W, W)) for W in (1, 2)]
+    cases += [(f"layer fwd+bwd, experts W=2 dedup={d}", lambda d=d: check(n, rank, 2, 5 + d, "experts", d))
+              for d in (True, False)]
+    cases += [(f"sync-free step and CUDA graphs, {s} W=2 dedup={d}",
+               lambda s=s, d=d: check_sync_free_and_graphs(n, rank, s, d))
+              for s, d in (("tokens", True), ("experts", True), ("experts", False))]
+    for name, case in cases:
         try:
-            worst = check(n, rank, W, seed)
+            worst = case()
         except Exception as e:  # noqa: BLE001 - a failed case, reported
             worst = float("inf")
-            print(f"rank {rank} W={W}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            print(f"rank {rank} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
         every = [None] * n
         dist.all_gather_object(every, worst)
         results.append(max(every) < 1e-2)
         if rank == 0:
-            print(f"layer fwd+bwd, device_put, {n} processes on one GPU, W={W}: worst rel err {max(every):.1e} "
+            print(f"{name}, device_put, {n} processes on one GPU: worst rel err {max(every):.1e} "
                   f"{'ok' if results[-1] else 'FAIL'}", flush=True)
     if rank == 0:
         print(f"{sum(results)} passed, {len(results) - sum(results)} failed", flush=True)

@@ -12,8 +12,9 @@
 #   host_launches_n1.json, few_rows_n1.json): six files at most, the device call returns eight
 # usage: scripts/gpu_bench.sh [NGPUS] [--quick]
 #   --quick: dsv3 and decode only, fewer variants (a development run of ~4 minutes)
-#   EP_PRESETS, EP_WAVES: the NVLink run's presets and token-wave W values (default
-#   dsv3,wide,decode and 1,2,auto); EP_RUN: the run's name in the records
+#   EP_PRESETS, EP_WAVES, EP_EXPERT_WAVES: the NVLink run's presets, token-wave and expert-wave W
+#   values (default dsv3,wide,decode, 1,2,auto and 1, or 1,2 on one GPU); EP_RUN: the run's name
+#   in the records
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -39,8 +40,8 @@ CUDA_VISIBLE_DEVICES=0 python3 benchmarks/p2p_check.py --json "$OUT/p2p_n1.json"
 if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two processes that share it,
   # what an eager call issues, and the few-rows product against torch._grouped_mm
   echo "== the layer with device_put, two processes on GPU 0 (CUDA IPC)" | tee -a "$log"
-  CUDA_VISIBLE_DEVICES=0 timeout 180 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_procs_check.py 2>&1 \
-    | grep -E "layer fwd|passed|Error|rank [0-9] W=" | tee -a "$log" || rc=1
+  CUDA_VISIBLE_DEVICES=0 timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_procs_check.py 2>&1 \
+    | grep -E "device_put, |passed|Error|rank [0-9] " | tee -a "$log" || rc=1
   echo "== launches of one eager call, device work, graph replay (one GPU)" | tee -a "$log"
   python3 benchmarks/host_launches.py --preset decode,dsv3 --waves 1 --json "$OUT/host_launches_n1.json" 2>&1 \
     | grep -E "host |Error" | tee -a "$log" || rc=1
@@ -87,7 +88,9 @@ if [ $quick = 1 ]; then
 else
   # three transports in every row: the presets and W that decide something (v4flash's shared
   # expert: r19; W=4 at NVLink was slower than W=2 in every r16 row), to stay in one 10-minute call
-  nvlink=(--preset "${EP_PRESETS:-dsv3,wide,decode}" --waves "${EP_WAVES:-1,2,auto}" --expert-waves 1 --carveouts 0)
+  # one GPU: expert waves at W=2 beside token waves (the one engine's two maps; every call is a copy)
+  ew=1; [ "$n" -eq 1 ] && ew=1,2
+  nvlink=(--preset "${EP_PRESETS:-dsv3,wide,decode}" --waves "${EP_WAVES:-1,2,auto}" --expert-waves "${EP_EXPERT_WAVES:-$ew}" --carveouts 0)
   no_p2p=(--preset dsv3 --waves 1,2,4,8,auto --expert-waves 1,4 --carveouts 0,16)
 fi
 echo "== overlap benchmark, NVLink, $n GPUs" | tee -a "$log"
