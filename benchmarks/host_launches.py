@@ -3,7 +3,7 @@
     python3 benchmarks/host_launches.py --preset dsv3,decode --waves 1,2,4 --json host_launches.json
 
 One process, one GPU, a world of one (the all-to-alls are copies: the launches of a rank's
-own work, without the transport's). Per preset and W, token waves, routing given (each
+own work, without the transport's). Per preset, wave split and W, routing given (each
 token k of the E experts, uniformly at random):
 - host ms to issue one call (median of 10 after 3 warm-ups, the device synchronised
   between calls so its queue never fills), and the device ms of that call;
@@ -36,9 +36,9 @@ from benchmarks.overlap import PRESETS  # noqa: E402
 STREAM_WORK = ("LaunchKernel", "Memcpy", "Memset", "EventRecord", "StreamWaitEvent", "LaunchCooperative")
 
 
-def build(P: dict, W: int, device):
+def build(P: dict, W: int, device, split: str = "tokens"):
     E = P.get("experts", P.get("local_experts", 1))
-    cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"], num_waves=W,
+    cfg = ep.MoEConfig(hidden=P["H"], ffn_hidden=P["F"], num_experts=E, top_k=P["k"], num_waves=W, wave_split=split,
                        num_shared_experts=P.get("shared", 0) and P["F"], max_tokens=P["T"])
     layer = ep.ExpertParallelMoE(cfg).to(device=device, dtype=getattr(torch, P["dtype"]))
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -111,6 +111,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="dsv3,decode")
     ap.add_argument("--waves", default="1,2,4")
+    ap.add_argument("--expert-waves", default="", help="W values of expert waves too (e.g. 2; W=1 is token waves' map)")
     ap.add_argument("--top", type=int, default=14)
     ap.add_argument("--json", default="host_launches.json")
     ap.add_argument("--python-profile", action="store_true", help="also cProfile each forward (W=1 only)")
@@ -118,12 +119,15 @@ def main() -> int:
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     rows = []
-    for name in args.preset.split(","):
-        P = dict(PRESETS[name])
+    for preset in args.preset.split(","):
+        P = dict(PRESETS[preset])
         if "local_experts" in P:  # one rank holds what a rank of two would (the per-rank work of 2 GPUs)
             P["experts"] = P["local_experts"]
-        for W in map(int, args.waves.split(",")):
-            layer, x, idx, tw = build(P, W, device)
+        runs = [("tokens", int(w)) for w in args.waves.split(",")]
+        runs += [("experts", int(w)) for w in args.expert_waves.split(",") if w.strip()]
+        for split, W in runs:
+            layer, x, idx, tw = build(P, W, device, split)
+            name = preset if split == "tokens" else preset + "/experts"
             xg = x.clone().requires_grad_(True)
 
             def fwd():

@@ -43,7 +43,7 @@ if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two proces
   CUDA_VISIBLE_DEVICES=0 timeout 300 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_procs_check.py 2>&1 \
     | grep -E "device_put, |passed|Error|rank [0-9] " | tee -a "$log" || rc=1
   echo "== launches of one eager call, device work, graph replay (one GPU)" | tee -a "$log"
-  python3 benchmarks/host_launches.py --preset decode,dsv3 --waves 1 --json "$OUT/host_launches_n1.json" 2>&1 \
+  python3 benchmarks/host_launches.py --preset decode,dsv3 --waves 1 --expert-waves 2 --json "$OUT/host_launches_n1.json" 2>&1 \
     | grep -E "host |Error" | tee -a "$log" || rc=1
   echo "== the few-rows grouped product (decode widths) against torch._grouped_mm" | tee -a "$log"
   python3 benchmarks/few_rows_gemm.py --means 32 --json "$OUT/few_rows_n1.json" 2>&1 | grep -v Warn | tee -a "$log" || rc=1
