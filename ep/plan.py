@@ -244,17 +244,23 @@ def sender_plan(
     device = topk_idx_TK.device
     sizes = dict(num_ranks=n, wave_map=wave_map, num_local_experts=E_local, top_k=k, capacity=capacity,
                  max_tokens=max_tokens)
-    if topk_idx_TK.is_cuda and triton_available() and not wave_map.by_experts:
-        from .kernels.triton_plan import route_rows_triton
+    if topk_idx_TK.is_cuda and triton_available():
+        from .kernels.triton_plan import PER_WAVE, route_mode, route_rows_triton
 
+        slots = (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER)
+        idx64 = topk_idx_TK.to(torch.int64)
         route_row, row_token, status, idx, region_rows = route_rows_triton(
-            topk_idx_TK.to(torch.int64), topk_weights_TK, num_experts, n, W, capacity, STATUS_SLOTS,
-            (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+            idx64, topk_weights_TK, num_experts, n, W, capacity, STATUS_SLOTS, slots,
+            route_mode(wave_map.by_experts, wave_map.dedup))
+        back = (route_row, row_token, region_rows.view(W, n))
+        if wave_map.dedup:  # the touches: a route per (wave, rank), as without dedup
+            back_row, back_token, back_over, _, back_rows = route_rows_triton(
+                idx64, None, num_experts, n, W, capacity, STATUS_SLOTS, slots, PER_WAVE, checks=False)
+            back = (back_row, back_token, back_rows.view(W, n))
+            status[ROWS_OVER] += back_over[ROWS_OVER]
         _add_host_status(status, host_status)
-        region_rows = region_rows.view(W, n)
-        return WavePlan(**sizes, route_row=route_row, row_token=row_token, region_rows=region_rows,
-                        back_row=route_row, back_token=row_token, back_region_rows=region_rows, topk_idx=idx,
-                        status=status)
+        return WavePlan(**sizes, route_row=route_row, row_token=row_token, region_rows=region_rows.view(W, n),
+                        back_row=back[0], back_token=back[1], back_region_rows=back[2], topk_idx=idx, status=status)
     idx = topk_idx_TK.to(torch.int64).clamp(0, num_experts - 1)
     rank_TK = idx // E_local
     wave_TK = wave_map.item_waves(idx, E_local)
@@ -290,11 +296,12 @@ def _add_host_status(status: torch.Tensor, host_status: Optional[Sequence[int]])
 def returned_slot_values(plan: WavePlan, values_RK: torch.Tensor) -> torch.Tensor:
     """`[T, k]`: for slot j of token t, `values[row, j]` of the returned row of that slot's
     touch (`plan.back_row`), 0 where there is none (the backward's routing-weight gradients,
-    which come back in the rows' weight columns). One kernel on CUDA for token waves."""
-    if values_RK.is_cuda and triton_available() and not plan.wave_map.by_experts:
+    which come back in the rows' weight columns). One kernel on CUDA."""
+    if values_RK.is_cuda and triton_available():
         from .kernels.triton_plan import returned_slots_triton
 
-        return returned_slots_triton(plan.back_row, plan.topk_idx, plan.num_local_experts, values_RK)
+        return returned_slots_triton(plan.back_row, plan.topk_idx, plan.num_local_experts, values_RK, plan.num_ranks,
+                                     plan.num_waves)
     slot_row = plan.back_row.gather(1, plan.slot_columns(plan.back_row))  # [T, k]: each slot's row
     return torch.where(slot_row >= 0, values_RK.gather(0, slot_row.clamp(min=0)), 0)
 
@@ -304,19 +311,22 @@ def pack_rows(x_TH: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], plan:
     """Write every sent row (`ep.layout`): its token's hidden vector, and for each slot of the
     token its expert at the row's rank (-1: served by another row) and its weight, and this
     rank's status; with dedup also each slot's returned row within its region. Unused rows
-    get -1 everywhere in their slot table (their data is unspecified). One Triton kernel for
-    token waves on CUDA (below float64), torch elsewhere.
+    get -1 everywhere in their slot table (their data is unspecified). One Triton kernel on
+    CUDA (below float64), torch elsewhere.
 
     Args:
         x_TH: `[T, H]`.
         rows: `[W * n * capacity, layout.width]`.
     """
     n, cap, E = plan.num_ranks, plan.capacity, plan.num_local_experts * plan.num_ranks
-    if use_triton(x_TH) and rows.shape[0] and not plan.wave_map.by_experts:
-        from .kernels.triton_plan import pack_rows_triton
+    if use_triton(x_TH) and rows.shape[0]:
+        from .kernels.triton_plan import pack_rows_triton, route_mode
 
+        wm = plan.wave_map
         pack_rows_triton(x_TH, plan.topk_idx, topk_weights_TK, plan.row_token, plan.status, layout.data(rows),
-                         layout.ids(rows), layout.weights(rows), layout.status(rows), E, n, cap)
+                         layout.ids(rows), layout.weights(rows), layout.status(rows), E, n, cap,
+                         route_mode(wm.by_experts, wm.dedup), wm.num_waves, plan.back_row if wm.dedup else None,
+                         layout.back(rows) if wm.dedup else None)
         return
     gather_rows_into(x_TH, plan.row_token, layout.data(rows))
     token = plan.row_token

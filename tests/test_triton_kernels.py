@@ -164,19 +164,33 @@ def _routing(seed, T, E, k, bad=False):
     (37, 2, 4, 3, 1, 1.0, False), (50, 3, 2, 4, 4, 1.0, True), (29, 4, 3, 2, 3, 0.4, False), (0, 2, 2, 2, 2, 1.0, False),
     (9, 1, 5, 5, 2, 1.0, True), (300, 2, 4, 8, 2, 1.0, True),  # the last: 5 blocks of 32 tokens per wave
 ])
-def test_route_rows_match_torch(triton_plan, T, n, E_local, k, W, cap_factor, bad):
+@pytest.mark.parametrize("split", ["tokens", "experts", "dedup"])
+def test_route_rows_match_torch(triton_plan, T, n, E_local, k, W, cap_factor, bad, split):
     from ep.checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE
-    from ep.plan import WaveMap, sender_plan, wave_capacity
+    from ep.plan import WaveMap, sender_plan
 
+    if split != "tokens" and not 1 < W <= E_local:
+        pytest.skip("expert waves: 1 < W <= E_local (W=1 is the token map)")
+    wm = WaveMap(W, by_experts=split != "tokens", dedup=split == "dedup")
     E = n * E_local
     idx, w = _routing(T * 10 + n, T, E, k, bad)
-    cap = wave_capacity(T, W, cap_factor)
-    want = sender_plan(idx, w, E, n, WaveMap(W), cap, T)  # the torch path, on the CPU
+    cap = wm.capacity(T, cap_factor)
+    want = sender_plan(idx, w, E, n, wm, cap, T)  # the torch path, on the CPU
+    slots = (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER)
+    mode = triton_plan.route_mode(wm.by_experts, wm.dedup)
     route, row_token, status, clamped, region_rows = triton_plan.route_rows_triton(
-        idx, w, E, n, W, cap, STATUS_SLOTS, (IDX_RANGE, IDX_REPEAT, W_NONFINITE, ROWS_OVER))
+        idx, w, E, n, W, cap, STATUS_SLOTS, slots, mode)
     assert torch.equal(route, want.route_row) and torch.equal(row_token, want.row_token)
     assert torch.equal(clamped, want.topk_idx)
     assert torch.equal(region_rows.view(W, n), want.region_rows)
+    if wm.dedup:  # the touches' table: the per-wave kernel without the input checks
+        back, back_token, back_status, _, back_rows = triton_plan.route_rows_triton(
+            idx, None, E, n, W, cap, STATUS_SLOTS, slots, triton_plan.PER_WAVE, checks=False)
+        assert torch.equal(back, want.back_row) and torch.equal(back_token, want.back_token)
+        assert torch.equal(back_rows.view(W, n), want.back_region_rows)
+        status[ROWS_OVER] += back_status[ROWS_OVER]
+        assert back_status[:ROWS_OVER].eq(0).all()
+    assert status.tolist() == want.status.tolist()
 
 
 def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_plan):
@@ -197,26 +211,33 @@ def test_route_rows_leave_every_unused_row_of_a_larger_capacity_empty(triton_pla
     assert torch.equal(region_rows.view(W, n), want.region_rows) and bool((region_rows < cap // 2).all())
 
 
-@pytest.mark.parametrize("n, E_local, k, W", [(2, 4, 3, 2), (3, 2, 4, 1)])
-def test_pack_rows_match_torch(triton_plan, n, E_local, k, W):
-    from ep.plan import WaveMap, pack_rows, sender_plan, wave_capacity
+@pytest.mark.parametrize("n, E_local, k, W, split", [(2, 4, 3, 2, "tokens"), (3, 2, 4, 1, "tokens"),
+                                                     (2, 4, 3, 2, "experts"), (3, 4, 4, 3, "dedup"),
+                                                     (2, 4, 3, 4, "dedup")])
+def test_pack_rows_match_torch(triton_plan, n, E_local, k, W, split):
+    from ep.plan import WaveMap, pack_rows, sender_plan
     from ep.layout import RowLayout
 
     T, H, E = 21, 13, n * E_local
     idx, w = _routing(7 + n, T, E, k)
     x = torch.randn(T, H)
-    plan = sender_plan(idx, w, E, n, WaveMap(W), wave_capacity(T, W), T)
+    wm = WaveMap(W, by_experts=split != "tokens", dedup=split == "dedup")
+    plan = sender_plan(idx, w, E, n, wm, wm.capacity(T, 0.7 if split == "dedup" else 1.0), T)
     layout = RowLayout(H, k, torch.float32)
     want = layout.empty(plan.row_token.shape[0], "cpu")
     pack_rows(x.double(), w, plan, RowLayout(H, k, torch.float64), layout_rows := RowLayout(H, k, torch.float64).empty(
         plan.row_token.shape[0], "cpu"))
     got = torch.full_like(want, float("nan"))
     triton_plan.pack_rows_triton(x, plan.topk_idx, w, plan.row_token, plan.status, layout.data(got), layout.ids(got),
-                                   layout.weights(got), layout.status(got), E, n, plan.capacity)
+                                 layout.weights(got), layout.status(got), E, n, plan.capacity,
+                                 triton_plan.route_mode(wm.by_experts, wm.dedup), W,
+                                 plan.back_row if wm.dedup else None, layout.back(got) if wm.dedup else None)
     ref = RowLayout(H, k, torch.float64)
     used = plan.row_token >= 0
     assert torch.equal(layout.data(got)[used], x[plan.row_token[used]])
     assert torch.equal(layout.ids(got), ref.ids(layout_rows))
+    if wm.dedup:  # (a lowered capacity leaves some touches without a returned row: -1)
+        assert torch.equal(layout.back(got)[used], ref.back(layout_rows)[used])
     torch.testing.assert_close(layout.weights(got), ref.weights(layout_rows).float(), rtol=0, atol=0)
     assert torch.equal(layout.status(got), ref.status(layout_rows))
 
@@ -307,14 +328,16 @@ def test_gather_slots_matches_torch(triton_rows):
 
 
 @pytest.mark.parametrize("T, n, E_local, k", [(37, 2, 4, 3), (5, 4, 2, 8), (0, 2, 2, 2)])
-def test_returned_slot_values_match_torch(triton_plan, T, n, E_local, k):
-    from ep.plan import WaveMap, returned_slot_values, sender_plan, wave_capacity
+@pytest.mark.parametrize("split", ["tokens", "experts", "dedup"])
+def test_returned_slot_values_match_torch(triton_plan, T, n, E_local, k, split):
+    from ep.plan import WaveMap, returned_slot_values, sender_plan
 
     idx, w = _routing(T + n, T, n * E_local, k, False)
-    plan = sender_plan(idx, w, n * E_local, n, WaveMap(2), wave_capacity(T, 2, 0.6), T)  # some routes past the capacity
+    wm = WaveMap(2, by_experts=split != "tokens", dedup=split == "dedup")
+    plan = sender_plan(idx, w, n * E_local, n, wm, wm.capacity(T, 0.6), T)  # some routes past the capacity
     values = torch.randn(plan.row_token.shape[0] + 1, k + 3, generator=torch.Generator().manual_seed(T))[:, :k]
     want = returned_slot_values(plan, values)  # torch path (strided rows of values)
-    got = triton_plan.returned_slots_triton(plan.back_row, plan.topk_idx, E_local, values)
+    got = triton_plan.returned_slots_triton(plan.back_row, plan.topk_idx, E_local, values, n, 2)
     assert torch.equal(got, want)
     if T:  # the capacity left some routes without a row: their slots read 0
-        assert (plan.route_row < 0).any() and (want == 0).any()
+        assert (plan.back_row < 0).any() and (want == 0).any()

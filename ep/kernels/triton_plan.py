@@ -1,12 +1,17 @@
-"""Triton kernels for the token-wave plan (`ep.chunks`) on CUDA: a handful of launches where
-the torch path takes ~60 small ops (the host's issue time, not the device's, paced the call).
+"""Triton kernels for the wave plan (`ep.plan`) on CUDA: a handful of launches where the
+torch path takes ~60 small ops (the host's issue time, not the device's, paced the call).
 
-- `route_rows_triton`: programs per (wave x rank, block of the wave's tokens) count each
-  block's routes, then (after the blocks' prefix sums) give each route (token, rank) its row
-  in that region, in token order (no sort); they also count the input checks and the
-  routes past the capacity.
+Every kernel of the sending side takes the wave map as `MODE` (`ROUTE_MODES`): token waves
+(a route per (token, rank) in the token's wave), expert waves with a route per (token,
+rank, wave), or expert waves with dedup (a route per (token, rank), in the first wave of
+the token's slots there).
+- `route_rows_triton`: programs per (wave x rank, block of the wave's tokens: every token
+  for expert waves) count each block's routes, then (after the blocks' prefix sums) give
+  each route its row in that region, in token order (no sort); they also count the input
+  checks and the routes past the capacity.
 - `pack_rows_triton`: one program per (sent row, block of columns) copies the token's hidden
-  vector and writes the row's slot table and status (`ep.layout`).
+  vector and writes the row's slot table and status (`ep.layout`; with dedup each slot's
+  returned row too).
 - `wave_items_triton`: a counting sort of a wave's received slots by local expert, stable in
   (row, slot) order: per block of rows, counts per expert, their running sums along the
   blocks (one program per expert), then each slot's place (its rank among the block's slots
@@ -22,29 +27,52 @@ import torch
 import triton
 import triton.language as tl
 
+TOKENS, PER_WAVE, FIRST_WAVE = 0, 1, 2
+"""`MODE`: token waves; expert waves, a route per (token, rank, wave); expert waves with
+dedup, a route per (token, rank) in its first wave."""
+
+
+def route_mode(by_experts: bool, dedup: bool) -> int:
+    return FIRST_WAVE if dedup else PER_WAVE if by_experts else TOKENS
+
 
 @triton.jit
-def _wave_block(idx_ptr, T, E, E_local, n, W, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
-    """Program (wave x rank, block): its tokens, their loaded ids and whether each has the rank."""
+def _wave_block(idx_ptr, T, E, E_local, n, W, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
+                MODE: tl.constexpr):
+    """Program (wave x rank, block): its tokens, their loaded ids and whether each has a route
+    in the program's region."""
     wd = tl.program_id(0)
     w, d = wd // n, wd % n
-    t1 = ((w + 1) * T + W - 1) // W
-    tok = (w * T + W - 1) // W + tl.program_id(1) * BT + tl.arange(0, BT)
+    if MODE == 0:  # token waves: the wave's chunk of the tokens
+        t0 = (w * T + W - 1) // W
+        t1 = ((w + 1) * T + W - 1) // W
+    else:  # expert waves: any token may have a route in any wave
+        t0 = 0
+        t1 = T
+    tok = t0 + tl.program_id(1) * BT + tl.arange(0, BT)
     vt = tok < t1
     slot = tl.arange(0, KP)
     valid = vt[:, None] & (slot[None, :] < K)
     offs = tok[:, None].to(tl.int64) * K + slot[None, :]
     raw = tl.load(idx_ptr + offs, mask=valid, other=0)
     e = tl.minimum(tl.maximum(raw, 0), E - 1)
-    has = tl.max((valid & (e // E_local == d)).to(tl.int32), axis=1)  # [BT]
+    at_d = valid & (e // E_local == d)
+    if MODE == 0:
+        has = tl.max(at_d.to(tl.int32), axis=1)  # [BT]
+    elif MODE == 1:
+        has = tl.max((at_d & ((e % E_local) * W // E_local == w)).to(tl.int32), axis=1)
+    else:
+        first = tl.min(tl.where(at_d, (e % E_local) * W // E_local, W), axis=1)
+        has = (first == w).to(tl.int32)
     return w, d, tok, vt, slot, valid, offs, raw, e, has
 
 
 @triton.jit
 def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, row_token_ptr, T, E, E_local, n, W, NB,
                         cap, K: tl.constexpr, KP: tl.constexpr, HAS_W: tl.constexpr, BT: tl.constexpr,
-                        SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr):
-    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+                        SLOT_RANGE: tl.constexpr, SLOT_REPEAT: tl.constexpr, SLOT_NONFINITE: tl.constexpr,
+                        MODE: tl.constexpr, CHECKS: tl.constexpr):
+    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT, MODE)
     tl.store(counts_ptr + tl.program_id(0) * NB + tl.program_id(1), tl.sum(has, axis=0))
     region = row_token_ptr + tl.program_id(0).to(tl.int64) * cap  # every row unused (-1) until placed
     at = tl.program_id(1) * BT
@@ -52,7 +80,7 @@ def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, row
         r = at + tl.arange(0, BT)
         tl.store(region + r, tl.full([BT], -1, tl.int64), mask=r < cap)
         at += NB * BT
-    if d == 0:  # each token's input checks and clamped ids, once (by its wave's first rank)
+    if CHECKS and d == 0 and (MODE == 0 or w == 0):  # each token's input checks and clamped ids, once
         tl.store(clamped_ptr + offs, e, mask=valid)
         tl.atomic_add(status_ptr + SLOT_RANGE, tl.sum(tl.sum((valid & ((raw < 0) | (raw >= E))).to(tl.int32), axis=1), axis=0))
         pair = valid[:, :, None] & valid[:, None, :] & (slot[None, :, None] < slot[None, None, :])
@@ -67,15 +95,21 @@ def _route_count_kernel(idx_ptr, w_ptr, counts_ptr, status_ptr, clamped_ptr, row
 @triton.jit
 def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_ptr, region_rows_ptr, T, E, E_local, n,
                         W, NB, cap, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, NBP: tl.constexpr,
-                        SLOT_OVER: tl.constexpr):
-    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT)
+                        SLOT_OVER: tl.constexpr, MODE: tl.constexpr):
+    w, d, tok, vt, slot, valid, offs, raw, e, has = _wave_block(idx_ptr, T, E, E_local, n, W, K, KP, BT, MODE)
     blocks = tl.arange(0, NBP)  # the routes of the wave's earlier blocks: their counts, summed here
     earlier = tl.load(counts_ptr + tl.program_id(0) * NB + blocks, mask=blocks < tl.program_id(1), other=0)
     before = tl.sum(earlier, axis=0)
     pos = before + tl.cumsum(has, axis=0) - has
     fits = pos < cap
     route = tl.where((has > 0) & fits, (w * n + d) * cap + pos, -1)
-    tl.store(route_ptr + tok.to(tl.int64) * n + d, route.to(tl.int64), mask=vt)
+    if MODE == 1:  # a column per (wave, rank)
+        tl.store(route_ptr + tok.to(tl.int64) * (W * n) + tl.program_id(0), route.to(tl.int64), mask=vt)
+    elif MODE == 0:
+        tl.store(route_ptr + tok.to(tl.int64) * n + d, route.to(tl.int64), mask=vt)
+    else:  # a route per rank, written by its first wave's program; wave 0's writes -1 for no route
+        none = tl.max((valid & (e // E_local == d)).to(tl.int32), axis=1) == 0
+        tl.store(route_ptr + tok.to(tl.int64) * n + d, route.to(tl.int64), mask=vt & ((has > 0) | ((w == 0) & none)))
     tl.store(row_token_ptr + route, tok.to(tl.int64), mask=vt & (has > 0) & fits)
     tl.atomic_add(status_ptr + SLOT_OVER, tl.sum(tl.where(vt & (has > 0) & ~fits, 1, 0), axis=0))
     if tl.program_id(1) == NB - 1:  # the region's last block: its rows in use (at least one, the status row)
@@ -84,18 +118,20 @@ def _route_place_kernel(idx_ptr, counts_ptr, route_ptr, row_token_ptr, status_pt
 
 
 def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_experts: int, num_ranks: int,
-                      num_waves: int, capacity: int, status_slots: int, slots: Tuple[int, int, int, int]):
-    """Returns route_row `[T, n]` int64, row_token `[W * n * capacity]` int64, the status
-    `[status_slots]` int32 (slots: range, repeat, nonfinite, over capacity), the ids
-    clamped into `[0, E)` `[T, k]` int64 and each region's rows in use `[W * n]` int64
-    (`ep.chunks.ChunkPlan.region_rows`). Programs per (wave x rank, block of the wave's
-    tokens): a count pass, then a place pass (each route's row: the rank's routes from
-    earlier blocks, summed from their counts, and earlier tokens of the block; a region's
-    last block also writes its rows in use)."""
+                      num_waves: int, capacity: int, status_slots: int, slots: Tuple[int, int, int, int],
+                      mode: int = TOKENS, checks: bool = True):
+    """Returns route_row `[T, C]` int64 (C = W x n for `PER_WAVE`, else n), row_token
+    `[W * n * capacity]` int64, the status `[status_slots]` int32 (slots: range, repeat,
+    nonfinite, over capacity; without `checks` only the last), the ids clamped into `[0, E)`
+    `[T, k]` int64 (written only with `checks`) and each region's rows in use `[W * n]` int64
+    (`ep.plan.WavePlan.region_rows`). Programs per (wave x rank, block of the wave's tokens):
+    a count pass, then a place pass (each route's row: the region's routes from earlier
+    blocks, summed from their counts, and earlier tokens of the block; a region's last block
+    also writes its rows in use)."""
     T, k = idx.shape
     n, W = num_ranks, num_waves
     dev = idx.device
-    route = torch.empty(T, n, dtype=torch.int64, device=dev)
+    route = torch.empty(T, W * n if mode == PER_WAVE else n, dtype=torch.int64, device=dev)
     status = torch.zeros(status_slots, dtype=torch.int32, device=dev)
     clamped = torch.empty(T, k, dtype=torch.int64, device=dev)
     if T == 0:
@@ -105,35 +141,41 @@ def route_rows_triton(idx: torch.Tensor, weights: Optional[torch.Tensor], num_ex
     row_token = torch.empty(W * n * capacity, dtype=torch.int64, device=dev)  # the count pass fills it with -1
     kp = triton.next_power_of_2(k)
     block = max(16, min(256, 2048 // (kp * kp)))
-    NB = triton.cdiv(-(-T // W), block)
+    NB = triton.cdiv(-(-T // W) if mode == TOKENS else T, block)
     idx = idx.contiguous()
     w = weights.detach().contiguous() if weights is not None else idx
     counts = torch.empty(W * n, NB, dtype=torch.int32, device=dev)
     args = (T, num_experts, num_experts // n, n, W, NB)
     _route_count_kernel[(W * n, NB)](idx, w, counts, status, clamped, row_token, *args, capacity, K=k, KP=kp,
                                      HAS_W=weights is not None, BT=block, SLOT_RANGE=slots[0], SLOT_REPEAT=slots[1],
-                                     SLOT_NONFINITE=slots[2], num_warps=4)
+                                     SLOT_NONFINITE=slots[2], MODE=mode, CHECKS=checks, num_warps=4)
     _route_place_kernel[(W * n, NB)](idx, counts, route, row_token, status, region_rows, *args, capacity, K=k, KP=kp,
-                                     BT=block, NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], num_warps=4)
+                                     BT=block, NBP=triton.next_power_of_2(NB), SLOT_OVER=slots[3], MODE=mode,
+                                     num_warps=4)
     return route, row_token, status, clamped, region_rows
 
 
 @triton.jit
-def _returned_slots_kernel(route_ptr, idx_ptr, values_ptr, out_ptr, T, n, E_local, v_stride,
-                           K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr):
+def _returned_slots_kernel(route_ptr, idx_ptr, values_ptr, out_ptr, T, n, E_local, W, v_stride,
+                           K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, PER_WAVE_COLS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     j = tl.arange(0, KP)
     m = (t[:, None] < T) & (j[None, :] < K)
     e = tl.load(idx_ptr + t[:, None] * K + j[None, :], mask=m, other=0)
-    r = tl.load(route_ptr + t[:, None] * n + e // E_local, mask=m, other=-1)
+    if PER_WAVE_COLS:  # the table has a column per (wave, rank)
+        r = tl.load(route_ptr + t[:, None] * (W * n) + ((e % E_local) * W // E_local) * n + e // E_local, mask=m,
+                    other=-1)
+    else:
+        r = tl.load(route_ptr + t[:, None] * n + e // E_local, mask=m, other=-1)
     v = tl.load(values_ptr + tl.maximum(r, 0) * v_stride + j[None, :], mask=m & (r >= 0), other=0.0)
     tl.store(out_ptr + t[:, None] * K + j[None, :], v, mask=m)
 
 
 def returned_slots_triton(route_row: torch.Tensor, topk_idx: torch.Tensor, num_local_experts: int,
-                          values: torch.Tensor) -> torch.Tensor:
-    """`[T, k]` in values' dtype: `values[route_row[t, topk_idx[t, j] // E_local], j]`, 0 where
-    that route has no row (`ep.chunks.returned_slot_values`)."""
+                          values: torch.Tensor, num_ranks: Optional[int] = None, num_waves: int = 1) -> torch.Tensor:
+    """`[T, k]` in values' dtype: `values[route_row[t, column of slot j], j]`, 0 where that
+    route has no row (`ep.plan.returned_slot_values`): the column is the slot's rank, or with
+    a table of W x n columns (wave, rank)."""
     T, k = topk_idx.shape
     out = values.new_empty(T, k)
     if T == 0:
@@ -142,16 +184,18 @@ def returned_slots_triton(route_row: torch.Tensor, topk_idx: torch.Tensor, num_l
     route_row, topk_idx = route_row.contiguous(), topk_idx.contiguous()  # (the plan's own: already)
     kp = triton.next_power_of_2(k)
     bt = max(1, 1024 // kp)
-    _returned_slots_kernel[(triton.cdiv(T, bt),)](route_row, topk_idx, values, out, T, route_row.shape[1],
-                                                  num_local_experts, values.stride(0), K=k, KP=kp, BT=bt, num_warps=4)
+    n = route_row.shape[1] if num_ranks is None else num_ranks
+    _returned_slots_kernel[(triton.cdiv(T, bt),)](route_row, topk_idx, values, out, T, n, num_local_experts, num_waves,
+                                                  values.stride(0), K=k, KP=kp, BT=bt,
+                                                  PER_WAVE_COLS=route_row.shape[1] != n, num_warps=4)
     return out
 
 
 @triton.jit
-def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids_ptr, wts_ptr, st_ptr,
-                 H, x_stride, data_stride, meta_stride, wts_stride, E, E_local, n, cap,
+def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids_ptr, wts_ptr, st_ptr, back_row_ptr,
+                 back_ptr, H, x_stride, data_stride, meta_stride, wts_stride, E, E_local, n, W, cap,
                  K: tl.constexpr, KP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_W: tl.constexpr,
-                 BLOCK: tl.constexpr):
+                 BLOCK: tl.constexpr, MODE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
     t = tl.load(row_token_ptr + row)
@@ -167,7 +211,13 @@ def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids
         e = tl.load(idx_ptr + tl.maximum(t, 0) * K + slot, mask=used, other=0)
         e = tl.minimum(tl.maximum(e, 0), E - 1)
         here = used & (e // E_local == d)
+        wave = (e % E_local) * W // E_local
+        if MODE == 1:  # the row serves its own wave's slots only
+            here = here & (wave == (row // cap) // n)
         tl.store(ids_ptr + row * meta_stride + slot, tl.where(here, e % E_local, -1).to(tl.int32), mask=ms)
+        if MODE == 2:  # each slot's touch: its row within the returned region of the slot's wave
+            back = tl.load(back_row_ptr + tl.maximum(t, 0) * (W * n) + wave * n + d, mask=here, other=-1)
+            tl.store(back_ptr + row * meta_stride + slot, tl.where(back >= 0, back % cap, -1).to(tl.int32), mask=ms)
         if HAS_W:
             wt = tl.load(w_ptr + tl.maximum(t, 0) * K + slot, mask=here, other=0.0)
         else:
@@ -179,20 +229,25 @@ def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids
 
 def pack_rows_triton(x: torch.Tensor, idx: torch.Tensor, weights: Optional[torch.Tensor], row_token: torch.Tensor,
                      status: torch.Tensor, data: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, st: torch.Tensor,
-                     num_experts: int, num_ranks: int, capacity: int) -> None:
+                     num_experts: int, num_ranks: int, capacity: int, mode: int = TOKENS, num_waves: int = 1,
+                     back_row: Optional[torch.Tensor] = None, back: Optional[torch.Tensor] = None) -> None:
     """Rows `row_token`'s tokens: data `[R, H]`, ids `[R, k]` int32, weights `[R, k]`, status
-    `[R, S]` int32 (views into the rows, one row stride for ids and status)."""
+    `[R, S]` int32 (views into the rows, one row stride for ids, back and status); with
+    `FIRST_WAVE` also back `[R, k]` int32 from the touches' table `back_row [T, W * n]`."""
     R, H = data.shape
     if R == 0:
         return
     k, S = ids.shape[1], st.shape[1]
     assert ids.stride(0) == st.stride(0) and idx.is_contiguous() and x.stride(1) == 1
+    if mode == FIRST_WAVE:
+        assert back is not None and back.stride(0) == ids.stride(0) and back_row is not None and back_row.is_contiguous()
     block = min(1024, triton.next_power_of_2(H))
     w = weights.detach().contiguous() if weights is not None else wts
     _pack_kernel[(R, triton.cdiv(H, block))](
-        x, idx, w, row_token, status, data, ids, wts, st, H, x.stride(0), data.stride(0), ids.stride(0), wts.stride(0),
-        num_experts, num_experts // num_ranks, num_ranks, capacity, K=k, KP=triton.next_power_of_2(k), S=S,
-        SP=triton.next_power_of_2(S), HAS_W=weights is not None, BLOCK=block, num_warps=4,
+        x, idx, w, row_token, status, data, ids, wts, st, row_token if back_row is None else back_row,
+        ids if back is None else back, H, x.stride(0), data.stride(0), ids.stride(0), wts.stride(0),
+        num_experts, num_experts // num_ranks, num_ranks, num_waves, capacity, K=k, KP=triton.next_power_of_2(k), S=S,
+        SP=triton.next_power_of_2(S), HAS_W=weights is not None, BLOCK=block, MODE=mode, num_warps=4,
     )
 
 
