@@ -57,7 +57,7 @@ def test_plain_sums_match_torch(triton_rows, with_weights):
     want = torch.empty(items.shape[0], src.shape[1])
     reduce_rows(src, items, want, w)
     got = torch.full_like(want, float("nan"))
-    triton_rows.reduce_rows_triton(src, items, got, w, None, None, None, None)
+    triton_rows.reduce_rows_triton(src, items, got, w)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -71,8 +71,7 @@ def test_strided_rows_match_torch(triton_rows):
     wide_got = torch.full((items.shape[0], 50), float("nan"))
     want = torch.empty(items.shape[0], src.shape[1])
     reduce_rows(src, items, want, weights)
-    triton_rows.reduce_rows_triton(wide_src[:, :src.shape[1]], items, wide_got[:, :src.shape[1]], weights,
-                                   None, None, None, None)
+    triton_rows.reduce_rows_triton(wide_src[:, :src.shape[1]], items, wide_got[:, :src.shape[1]], weights)
     torch.testing.assert_close(wide_got[:, :src.shape[1]], want, rtol=1e-6, atol=1e-6)
     assert wide_got[:, src.shape[1]:].isnan().all()  # nothing written past the row's data
     index = torch.tensor([3, -1, 0, 39, -1, 7])
@@ -103,24 +102,6 @@ def test_rows_in_use_bound_the_kernels(triton_rows, triton_swiglu):
     want = triton_swiglu.swiglu_bwd_triton(grad[:4], h[:4], weight[:4])
     for a, b in zip(got, want):
         torch.testing.assert_close(a[:4], b, rtol=0, atol=0)
-
-
-def test_partial_sums_carry_and_leave(triton_rows):
-    from ep.kernels.permute import reduce_rows
-
-    src, items, weights = _case(2)
-    N, R = items.shape[0], 30
-    g = torch.Generator().manual_seed(3)
-    rows = torch.randperm(R, generator=g)[:N]
-    carry = torch.rand(N, generator=g) < 0.5
-    out_pos = torch.where(torch.rand(N, generator=g) < 0.5, torch.randperm(N, generator=g), -1)
-    acc0 = torch.randn(R, src.shape[1], generator=g)
-    want_out, got_out = torch.zeros(N, src.shape[1]), torch.zeros(N, src.shape[1])
-    want_acc, got_acc = acc0.clone(), acc0.clone()
-    reduce_rows(src, items, want_out, weights, want_acc, rows, carry, out_pos)
-    triton_rows.reduce_rows_triton(src, items, got_out, weights, got_acc, rows, carry, out_pos)
-    torch.testing.assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got_acc, want_acc, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("limit", [None, 0.5])

@@ -75,50 +75,28 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda and t.dtype != torch.float64 and triton_available()
 
 
-def reduce_rows(
-    src_MH: torch.Tensor,
-    items_NK: torch.Tensor,
-    out: torch.Tensor,
-    weights_NK: Optional[torch.Tensor] = None,
-    acc_RH: Optional[torch.Tensor] = None,
-    rows_N: Optional[torch.Tensor] = None,
-    carry_N: Optional[torch.Tensor] = None,
-    out_pos_N: Optional[torch.Tensor] = None,
-) -> None:
-    """Sum rows of `src` into output rows: `v[n] = sum_j weights[n, j] * src[items[n, j]]`
-    over the slots j with `items[n, j] >= 0`, accumulated in at least fp32.
-
-    Without `acc_RH`: `out[n] = v[n]` (`out` is `[N, H]`).
-    With `acc_RH` (partial sums of rows that span several calls, e.g. waves):
-    `v[n] += acc[rows[n]]` where `carry[n]`; then `out[out_pos[n]] = v[n]` where
-    `out_pos[n] >= 0` (the row is complete), else `acc[rows[n]] = v[n]` (kept for later).
+def reduce_rows(src_MH: torch.Tensor, items_NK: torch.Tensor, out: torch.Tensor,
+                weights_NK: Optional[torch.Tensor] = None) -> None:
+    """Sum rows of `src` into output rows: `out[n] = sum_j weights[n, j] * src[items[n, j]]`
+    over the slots j with `items[n, j] >= 0`, accumulated in at least fp32 (0 for a row
+    without any).
 
     Args:
         src_MH: `[M, H]` (rows may be strided).
         items_NK: `[N, K]` int64 row indices into src, -1 for none.
-        out: output rows (rows may be strided), cast to out's dtype.
+        out: `[N, H]` output rows (rows may be strided), cast to out's dtype.
         weights_NK: `[N, K]` or None (unit weights).
-        acc_RH: `[R, H]` accumulator of at least fp32.
-        rows_N, carry_N (bool), out_pos_N (int64): with acc_RH, see above.
     """
     if use_triton(src_MH):
         from .triton_rows import reduce_rows_triton
 
-        reduce_rows_triton(src_MH, items_NK, out, weights_NK, acc_RH, rows_N, carry_N, out_pos_N)
+        reduce_rows_triton(src_MH, items_NK, out, weights_NK)
         return
-    accd = accumulate_dtype(src_MH.dtype) if acc_RH is None else acc_RH.dtype
-    N = items_NK.shape[0]
-    total = torch.zeros(N, src_MH.shape[1], dtype=accd, device=src_MH.device)
-    if acc_RH is not None:
-        total[carry_N] = acc_RH[rows_N[carry_N]]
+    accd = accumulate_dtype(src_MH.dtype)
+    total = torch.zeros(items_NK.shape[0], src_MH.shape[1], dtype=accd, device=src_MH.device)
     n_idx, j_idx = (items_NK >= 0).nonzero(as_tuple=True)  # row-major: slot order per row
     terms = src_MH[items_NK[n_idx, j_idx]].to(accd)
     if weights_NK is not None:
         terms *= weights_NK[n_idx, j_idx].to(accd).unsqueeze(1)
     total.index_add_(0, n_idx, terms)  # sequential on the CPU: deterministic
-    if acc_RH is None:
-        out.copy_(total)
-        return
-    done = out_pos_N >= 0
-    out[out_pos_N[done]] = total[done].to(out.dtype)
-    acc_RH[rows_N[~done]] = total[~done]
+    out.copy_(total)

@@ -16,29 +16,20 @@ import triton.language as tl
 
 @triton.jit
 def _reduce_rows_kernel(
-    src, items, weights, acc, rows, carry, out_pos, out,
-    H, src_stride, out_stride, w_stride, K: tl.constexpr, HAS_W: tl.constexpr, HAS_ACC: tl.constexpr, BLOCK: tl.constexpr,
+    src, items, weights, out, H, src_stride, out_stride, w_stride, K: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     inb = cols < H
     total = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_ACC:
-        row = tl.load(rows + n)
-        keep = tl.load(carry + n) != 0
-        total += tl.load(acc + row * H + cols, mask=inb & keep, other=0.0).to(tl.float32)
     for j in tl.static_range(K):
         i = tl.load(items + n * K + j)
         term = tl.load(src + tl.maximum(i, 0) * src_stride + cols, mask=inb & (i >= 0), other=0.0).to(tl.float32)
         if HAS_W:  # (a slot served elsewhere may carry any bytes: its row may be padding)
             term = term * tl.load(weights + n * w_stride + j, mask=i >= 0, other=0.0).to(tl.float32)
         total += term
-    if HAS_ACC:
-        dst = tl.load(out_pos + n)
-        tl.store(out + tl.maximum(dst, 0) * out_stride + cols, total.to(out.dtype.element_ty), mask=inb & (dst >= 0))
-        tl.store(acc + row * H + cols, total.to(acc.dtype.element_ty), mask=inb & (dst < 0))
-    else:
-        tl.store(out + n * out_stride + cols, total.to(out.dtype.element_ty), mask=inb)
+    tl.store(out + n * out_stride + cols, total.to(out.dtype.element_ty), mask=inb)
 
 
 @triton.jit
@@ -99,24 +90,15 @@ def reduce_rows_triton(
     items: torch.Tensor,
     out: torch.Tensor,
     weights: Optional[torch.Tensor],
-    acc: Optional[torch.Tensor],
-    rows: Optional[torch.Tensor],
-    carry: Optional[torch.Tensor],
-    out_pos: Optional[torch.Tensor],
 ) -> None:
     N, K = items.shape
     if N == 0:
         return
     H = src.shape[1]
     assert _unit_rows(src) and _unit_rows(out) and items.is_contiguous()
-    assert acc is None or acc.is_contiguous()
     assert weights is None or weights.shape[1] <= 1 or weights.stride(1) == 1  # rows may be strided (`ep.layout`)
     block = min(1024, triton.next_power_of_2(H))
-    has_acc = acc is not None
-    dummy = items  # any tensor: never read when its flag is off
     _reduce_rows_kernel[(N, triton.cdiv(H, block))](
-        src, items, weights if weights is not None else dummy,
-        acc if has_acc else dummy, rows if has_acc else dummy,
-        carry if has_acc else dummy, out_pos if has_acc else dummy, out,
-        H, src.stride(0), out.stride(0), weights.stride(0) if weights is not None else K, K=K, HAS_W=weights is not None, HAS_ACC=has_acc, BLOCK=block, num_warps=4,
+        src, items, weights if weights is not None else items, out, H, src.stride(0), out.stride(0),
+        weights.stride(0) if weights is not None else K, K=K, HAS_W=weights is not None, BLOCK=block, num_warps=4,
     )
