@@ -11,7 +11,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ep.kernels import grouped_mm
-from ep.plan import block_transpose_index
+
+
+def expert_order(counts_NE: torch.Tensor, total: int) -> torch.Tensor:
+    """Gather index that puts received rows, laid out in (source rank, expert) blocks, in
+    (expert, source rank) order (each block's rows keep their order).
+
+    Args:
+        counts_NE: `[n, E_local]` rows received from each source for each local expert.
+        total: sum(counts_NE), known on the host.
+    Returns:
+        `[total]` int64: `recv[index]` is expert-major.
+    """
+    n, E_local = counts_NE.shape
+    block = torch.arange(n * E_local, device=counts_NE.device)  # source-major, as the rows arrive
+    key = (block % E_local) * n + block // E_local  # the block's place in expert-major order
+    row_key = torch.repeat_interleave(key, counts_NE.flatten(), output_size=total)
+    return torch.argsort(row_key, stable=True)
 
 
 def naive_forward(x_TH, topk_idx_TK, topk_weights_TK, w1, w2, num_experts, group=None):
@@ -28,7 +44,7 @@ def naive_forward(x_TH, topk_idx_TK, topk_weights_TK, w1, w2, num_experts, group
     out_splits = [sum(r) for r in host[1]]
     recv = x_TH.new_empty(sum(out_splits), x_TH.shape[1])
     dist.all_to_all_single(recv, x_TH[order // k], out_splits, in_splits, group=group)
-    to_expert = block_transpose_index(recv_counts_NE, sum(out_splits))  # (src, e) -> (e, src)
+    to_expert = expert_order(recv_counts_NE, sum(out_splits))  # (src, e) -> (e, src)
     per_expert = [sum(host[1][s][e] for s in range(n)) for e in range(E_local)]
     offs = recv_counts_NE.sum(0).cumsum(0).to(torch.int32)
     h = grouped_mm(recv[to_expert], w1, per_expert, offs)

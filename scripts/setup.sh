@@ -19,7 +19,7 @@ if ! python -c 'import torch' 2>/dev/null; then
 fi
 # triton: its interpreter runs the GPU kernels' tests on the CPU;
 # mpich + mpi4py: MPICH from PyPI, for the real mpirun launch in the tests;
-# matplotlib: the timeline pictures (ep.sim, benchmarks);
+# matplotlib: the timeline pictures (ep.model, benchmarks);
 # transformers: the public MoE blocks the layer is checked against (tests/test_hf.py), the
 # checkpoint loading (ep.hf) and the training example; it needs no torch of its own (pip keeps 2.13.0)
 python -m pip install -q "pytest>=8" "hypothesis>=6" "numpy" "triton==3.6.0" "mpich" "mpi4py>=4" "matplotlib" \
