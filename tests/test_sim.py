@@ -194,7 +194,7 @@ def test_token_wave_forward_by_hand():
     ends = {op.name: op.end for op in p.ops}
     assert ends["dispatch[1]"] == pytest.approx(2.33) and ends["combine[0]"] == pytest.approx(2.33 + 0.125 / 0.75)
     assert p.layer_ms == pytest.approx(3.775)
-    # W=1 applies no carveout (`ep.chunk_pipeline`): as without one
+    # W=1 applies no carveout (`ep.pipeline`): as without one
     assert simulate(_LAYER, _TOPO, carved, 1, call=TokenCall(sm_carveout=10)).layer_ms == pytest.approx(4.65)
     # only the rows in use on the wire: a token misses the other rank half the time (k=1 of 2
     # experts), so the region of 1000 rows carries 500: dispatch [0, 1], the math [1, 3.4],

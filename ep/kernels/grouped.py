@@ -98,7 +98,7 @@ def grouped_mm_wgrad(
     Args:
         counts: `[E]` host ints, or None: then every group must have rows (the CUDA kernel
             does not write the result of an empty group, and which ones are empty is not
-            known on the host; `ep.chunks` keeps one zero row in every group).
+            known on the host; `ep.plan` keeps one zero row in every group).
     Returns:
         `[E, K, N]` in x's dtype.
     """

@@ -321,7 +321,7 @@ def _place_kernel(ids_ptr, w_ptr, incl_ptr, counts_ptr, slot_item_ptr, item_row_
 
 def wave_items_triton(ids: torch.Tensor, weights: torch.Tensor, num_local_experts: int, item_capacity: int):
     """Returns item_row `[I]`, item_weight `[I]`, item_expert `[I]` (int64), offs `[E_local]`
-    int32 and slot_item `[N, k]` int64, as `ep.chunks.wave_items`; entries past `offs[-1]`
+    int32 and slot_item `[N, k]` int64, as `ep.plan.wave_items`; entries past `offs[-1]`
     are unspecified. Three launches: counts per (expert, block), their running sums along
     the blocks, the places."""
     N, k = ids.shape

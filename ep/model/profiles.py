@@ -10,7 +10,7 @@ measured).
   r17's stage-alone math (dsv3), weight reads, tiles, SM carveout and overlap shares from
   `../shared/MEASURED.md`, GPU time per kernel from r17's trace, host costs fitted to the
   measured host times, the backward's costs and the no-P2P share fitted to the rows.
-- Expert waves (`wave_split="experts"`; runs r06-r15; `ep/auto.py` plays these): the
+- Expert waves (`wave_split="experts"`; runs r06-r15 of the retired expert-wave engine, exact sizes from a host exchange): the
   all-to-all links from the all-to-all table of `../shared/MEASURED.md` (latency +
   bytes / bandwidth fitted to the 4-GPU column); the grouped-GEMM table from the 1-GPU
   stage-alone runs (r06, dsv3 and decode shapes); host, kernel, overlap and backward

@@ -19,7 +19,7 @@ read the wave's weights; gathers and row sums move their bytes at `permute_GBps`
 kernel adds `stage_ms`.
 
 Two schedules, one per wave split of the layer (`MoEConfig.wave_split`):
-- token waves (`wave_split="tokens"`, the layer's default; `ep.chunk_pipeline`): wave w is
+- token waves (`wave_split="tokens"`, the layer's default; `ep.pipeline`): wave w is
   the w-th chunk of every rank's tokens through all local experts. One pack kernel writes
   every sent row, every dispatch is issued at once, each wave's math (items, linear1,
   linear2, row sums) starts as its rows land, combine(w) flies during wave w+1's math,
@@ -306,7 +306,7 @@ class TokenTraffic:
     def wire_rows(self, in_use_only: bool = False) -> float:
         """Rows an all-to-all moves per peer and wave: the whole region, or (a transport that
         sends only the rows in use) a wave's expected routes to a rank, at least the first row
-        (`ep.chunks.ChunkPlan.region_rows`). The receiver writes the whole region either way
+        (`ep.plan.WavePlan.region_rows`). The receiver writes the whole region either way
         (copies, then padding), which the model leaves out: local writes, ~1% of an all-to-all."""
         if not in_use_only or not self.capacity:
             return self.capacity
@@ -551,7 +551,7 @@ def build_expert_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int,
 
 
 # Kernel launches of the token-wave engine on CUDA (bf16, Triton kernels), per step,
-# counted from `ep/chunks.py`, `ep/chunk_pipeline.py`, `ep/kernels/` and `ep/checks.py`
+# counted from `ep/plan.py`, `ep/pipeline.py`, `ep/kernels/` and `ep/checks.py`
 # (`benchmarks/calibrate.py` sets them beside the r17 profiler traces):
 # The launches of the code the calibrated runs ran (r16-r19; r17's trace: 42 at W=2). Since
 # then (session 5, not yet measured on 2 GPUs) the code launches fewer: "plan" 3, "items" 3,
@@ -577,7 +577,7 @@ TOKEN_LAUNCHES = {
     # reduce_rows of dx; the routing weights' gradients into the rows (>=, clamp, index, where)
     "bwd sum": 7,
     "weights": 5,  # W=1: gather of x's items, the grouped GEMMs x^T @ dh and wa^T @ dz
-    # W>1, once and per wave: ep.chunks.expert_major (a stable sort of int64 keys, 22 launches
+    # W>1, once and per wave: ep.plan.expert_major (a stable sort of int64 keys, 22 launches
     # with its memsets; the index tables), the gathers and concatenations of every wave's tensors
     "weights once": 45,
     "weights per wave": 7,
@@ -608,7 +608,7 @@ def token_launches(num_waves: int, backward: bool = False, shared: bool = False)
 
 def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, backward: bool = False,
                     call: TokenCall = TokenCall()) -> List[Op]:
-    """The token-wave layer's ops in issue order, as `ep.layer` and `ep.chunk_pipeline` issue
+    """The token-wave layer's ops in issue order, as `ep.layer` and `ep.pipeline` issue
     them on CUDA (see the module docstring); with `backward`, its mirror after it."""
     n, W, H, F, e = topo.ranks, num_waves, layer.hidden, layer.ffn_hidden, layer.elem_bytes
     tr = token_traffic(layer, n, W, call.capacity_factor)
@@ -619,7 +619,7 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
     L, stage = TOKEN_LAUNCHES, rates.stage_ms
     slow = gemm_slowdown(rates, call.sm_carveout if W > 1 else 0)
     rows = W * n * tr.capacity  # sent (and received) rows over all waves
-    # the items buffer holds n x capacity x min(k, E_local) rows and an anchor per expert (`ep.chunks`)
+    # the items buffer holds n x capacity x min(k, E_local) rows and an anchor per expert (`ep.plan`)
     bound = (n * tr.capacity * min(layer.top_k, E_local) + E_local) / E_local
     tile = gemm_tile_rows(bound) if rates.gemm_tiles else 0
     math_ms = [_experts_math(items, E_local, layer, rates, tile) for items in tr.items]
