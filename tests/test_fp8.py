@@ -5,7 +5,9 @@
 - the accuracy of the recipes on Gaussian data (printed; the README's "Precision (FP8
   building blocks)" quotes these numbers);
 - the Triton kernels in Triton's interpreter against the torch paths (the quantizers bit for
-  bit), and compiled for sm_90 in a fresh process (`python tests/test_fp8.py` compiles alone).
+  bit), and compiled for sm_90 in a fresh process (`python tests/test_fp8.py` compiles alone);
+- `ep.hf.load_block` / `load_fp8_experts` from a DeepSeek-V3 block in transformers' own
+  fine-grained FP8 modules, against the block with the dequantized weights, in float64.
 """
 import importlib
 import importlib.util
@@ -371,6 +373,159 @@ def test_kernels_compile_for_sm90():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert done.stdout.count("compiled ") == 5
+
+
+# ---------------------------------------------------------------- FP8 checkpoints (ep.hf)
+
+HF_H, HF_F, HF_E, HF_K = 128, 128, 8, 2
+FP32_TOL = 5e-6  # DeepSeek-V3's router scores in float32 (tests/test_hf.py)
+
+
+def _fp8_v3_block(H, F, E, seed=7):
+    """(float64 DeepseekV3MoE, the same block in transformers' fine-grained FP8 modules holding
+    its weights quantized by `ep.kernels.fp8`, the float64 block with the dequantized weights,
+    the transformers config)."""
+    import transformers as tf
+    from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    cfg = tf.DeepseekV3Config(hidden_size=H, moe_intermediate_size=F, n_routed_experts=E, num_experts_per_tok=HF_K,
+                              n_group=2, topk_group=1, n_shared_experts=1, routed_scaling_factor=2.5,
+                              experts_implementation="eager")
+    g = torch.Generator().manual_seed(seed)
+    block = DeepseekV3MoE(cfg).double()
+    with torch.no_grad():
+        for name, p in block.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * (1.0 if name == "gate.weight" else 0.4))
+        block.gate.e_score_correction_bias.copy_((torch.rand(E, generator=g) * 0.2).float())
+    holder = torch.nn.Module()
+    holder.config = cfg
+    holder.mlp = DeepseekV3MoE(cfg).double()  # the unquantized tensors (router) in float64
+    fp8_block = replace_with_fp8_linear(holder, quantization_config=tf.FineGrainedFP8Config(
+        weight_block_size=[128, 128])).mlp.to_empty(device="cpu")
+    deq_block = DeepseekV3MoE(cfg).double()
+    fp8_state, deq_state = {}, {}
+    for key, value in block.state_dict().items():
+        scale_key = key + "_scale_inv"
+        if scale_key not in fp8_block.state_dict():
+            fp8_state[key], deq_state[key] = value, value
+            continue
+        grid = fp8_block.state_dict()[scale_key].shape
+        w = value if value.dim() == 3 else value[None]
+        if w.shape[1] > 128 * grid[-2] or grid[-2] == -(-w.shape[1] // 128):
+            q, s = fp8.quantize_weight_blocks(w)
+        else:  # transformers' grid for a gate_up narrower than 128: one block per half
+            halves = [fp8.quantize_weight_blocks(part) for part in w.chunk(grid[-2], dim=1)]
+            q, s = torch.cat([h[0] for h in halves], dim=1), torch.cat([h[1] for h in halves], dim=1)
+        q, s = (q, s) if value.dim() == 3 else (q[0], s[0])
+        fp8_state[key], fp8_state[scale_key] = q, s
+        rows, cols = q.shape[-2:]
+        br = 128 if s.shape[-2] == -(-rows // 128) else rows // s.shape[-2]
+        deq_state[key] = q.double() * fp8.expand_blocks(s.double(), rows, cols, br, 128)
+    fp8_block.load_state_dict(fp8_state)
+    deq_block.load_state_dict(deq_state)
+    return block, fp8_block, deq_block, cfg
+
+
+def test_load_block_dequantizes_fp8_checkpoint():
+    pytest.importorskip("transformers")
+    import ep
+    import ep.hf
+
+    block, fp8_block, deq_block, cfg = _fp8_v3_block(HF_H, HF_F, HF_E)
+    assert fp8_block.experts.gate_up_proj.dtype == fp8.FP8
+    assert {"experts.gate_up_proj_scale_inv", "shared_experts.gate_proj.weight_scale_inv"} <= set(fp8_block.state_dict())
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 19, HF_H, generator=g, dtype=torch.float64)
+    want = deq_block(x)[0]
+    for source, prefix in ((fp8_block, ""), ({"model.layers.3.mlp." + k: v for k, v in fp8_block.state_dict().items()},
+                                             "model.layers.3.mlp.")):
+        layer = ep.ExpertParallelMoE(ep.hf.moe_config(cfg)).double()
+        ep.hf.load_block(layer, source, prefix=prefix)
+        # exact: e4m3 x fp32 scale in float64
+        assert torch.equal(layer.experts.w1, deq_block.experts.gate_up_proj.transpose(1, 2))
+        assert torch.equal(layer.experts.w2, deq_block.experts.down_proj.transpose(1, 2))
+        s = deq_block.shared_experts
+        assert torch.equal(layer.shared_experts.w1, torch.cat([s.gate_proj.weight.T, s.up_proj.weight.T], dim=1))
+        assert torch.equal(layer.router.weight, block.gate.weight)
+        got = layer(x[0])
+        assert _rel(got, want) < FP32_TOL
+    # bf16 layer: dequantized in fp32, then rounded once
+    layer16 = ep.ExpertParallelMoE(ep.hf.moe_config(cfg)).bfloat16()
+    ep.hf.load_block(layer16, fp8_block)
+    assert torch.equal(layer16.experts.w1, deq_block.experts.gate_up_proj.transpose(1, 2).float().bfloat16())
+    # an FP8 tensor without its scales is refused, naming it
+    state = dict(fp8_block.state_dict())
+    del state["experts.down_proj_scale_inv"]
+    with pytest.raises(ValueError, match="experts.down_proj is torch.float8_e4m3fn without its block scales"):
+        ep.hf.load_block(layer, state)
+
+
+def test_replace_moe_blocks_of_fp8_model():
+    pytest.importorskip("transformers")
+    import ep
+    import ep.hf
+
+    block, fp8_block, deq_block, cfg = _fp8_v3_block(HF_H, HF_F, HF_E)
+    # the router's dtype (float64 here) is the model's; the layer takes it, not the experts' e4m3
+    assert fp8_block.experts.gate_up_proj.dtype == fp8.FP8 and fp8_block.gate.weight.dtype == torch.float64
+    model = torch.nn.Module()
+    model.config = cfg
+    model.mlp = fp8_block
+    assert ep.hf.replace_moe_blocks(model) == 1
+    assert model.mlp.moe.experts.w1.dtype == torch.float64
+    x = torch.randn(1, 7, HF_H, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    assert _rel(model.mlp(x), deq_block(x)) < FP32_TOL
+
+
+def test_small_fp8_block_shares_blocks_between_gate_and_up():
+    """H=16, F=8: transformers keeps two scale rows for the fused gate_up (one per half);
+    load_block dequantizes it; the FP8 layout needs whole blocks and says so."""
+    pytest.importorskip("transformers")
+    import ep
+    import ep.hf
+
+    block, fp8_block, deq_block, cfg = _fp8_v3_block(16, 8, HF_E)
+    assert fp8_block.state_dict()["experts.gate_up_proj_scale_inv"].shape == (HF_E, 2, 1)
+    layer = ep.ExpertParallelMoE(ep.hf.moe_config(cfg)).double()
+    ep.hf.load_block(layer, fp8_block)
+    assert torch.equal(layer.experts.w1, deq_block.experts.gate_up_proj.transpose(1, 2))
+    x = torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    assert _rel(layer(x[0]), deq_block(x)[0]) < FP32_TOL
+    with pytest.raises(ValueError, match="multiples of 128"):
+        ep.hf.load_fp8_experts(layer, fp8_block)
+
+
+def check_fp8_experts_layout(rank, n):
+    import ep
+    import ep.hf
+
+    block, fp8_block, deq_block, cfg = _fp8_v3_block(HF_H, HF_F, HF_E)
+    layer = ep.ExpertParallelMoE(ep.hf.moe_config(cfg)).double()
+    ep.hf.load_block(layer, fp8_block)
+    experts = ep.hf.load_fp8_experts(layer, fp8_block.state_dict())
+    El = HF_E // n
+    mine = slice(rank * El, (rank + 1) * El)
+    w1, w2 = experts.w1, experts.w2
+    assert w1.q.dtype == fp8.FP8 and w1.q.shape == (El, HF_H, 2 * HF_F) and w1.q.is_contiguous()
+    assert w1.scale.shape == (El, HF_H // 128, 2 * HF_F // 128) and w1.scale.dtype == torch.float32
+    assert w2.q.shape == (El, HF_F, HF_H) and w2.scale.shape == (El, HF_F // 128, HF_H // 128)
+    assert torch.equal(w1.q.view(torch.uint8), fp8_block.experts.gate_up_proj[mine].transpose(1, 2).view(torch.uint8))
+    # q and scales together give the layer's own (dequantized) parameters, exactly
+    assert torch.equal(w1.dequantize(torch.float64), layer.experts.w1)
+    assert torch.equal(w2.dequantize(torch.float64), layer.experts.w2)
+    return True
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_load_fp8_experts_in_layer_layout(n):
+    pytest.importorskip("transformers")
+    from tests.world import run_world
+
+    if n == 1:
+        assert check_fp8_experts_layout(0, 1)
+    else:
+        assert run_world(n, check_fp8_experts_layout, timeout_s=120) == [True] * n
 
 
 if __name__ == "__main__":
