@@ -4,7 +4,9 @@
   computes (`overrides`: the runtime's own knobs, e.g. `num_waves`).
 - `load_block(layer, block_or_state_dict, prefix="")`: the block's weights into the layer,
   on every rank: the replicated router and shared experts whole, the routed experts only
-  those this rank owns.
+  those this rank owns (FP8 checkpoints dequantized, below).
+- `load_fp8_experts(layer, block_or_state_dict, prefix="")`: this rank's experts of an FP8
+  block in the layer's layout, still FP8.
 - `block_state_dict(layer, dst=0)`: collective; on rank `dst`, the layer's weights in the
   block's layout, every rank's experts gathered (None on the other ranks).
   `save_block(layer, block, dst=0)` writes them into a block on `dst`.
@@ -21,6 +23,15 @@ Layouts (transformers 5 fuses each block's experts into two tensors):
     shared_experts.gate_proj.weight [Fs, H]  \\
     shared_experts.up_proj.weight [Fs, H]    /     shared_experts.w1 [H, 2Fs] = [gate.T | up.T]
     shared_experts.down_proj.weight [H, Fs]        shared_experts.w2 [Fs, H]  = down.T
+
+FP8 checkpoints (transformers' fine-grained FP8, DeepSeek-V3's format): a quantized tensor
+`name` (`float8_e4m3fn`, `[..., out, in]`) comes with `name + "_scale_inv"` (float32, or
+`float8_e8m0fnu` for "ue8m0" checkpoints), `[..., ceil(out/128), ceil(in/128)]`, one scale
+per 128x128 block, `w = weight * scale_inv` (so `experts.gate_up_proj_scale_inv`,
+`shared_experts.gate_proj.weight_scale_inv`, ...). `load_block` dequantizes such tensors
+into the layer's dtype (only this rank's experts). `load_fp8_experts` returns this rank's
+experts in the layer's layout still in FP8, q and scales moved together, no high-precision
+copy (`ep.kernels.fp8.Fp8Experts`), for an FP8 expert mode.
 """
 from __future__ import annotations
 
@@ -30,6 +41,7 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
+from .kernels.fp8 import BLOCK, FP8, BlockFp8Weight, Fp8Experts, expand_blocks
 from .layer import ExpertParallelMoE
 
 ROUTER, BIAS = "gate.weight", "gate.e_score_correction_bias"
@@ -37,6 +49,8 @@ GATE_UP, DOWN = "experts.gate_up_proj", "experts.down_proj"
 SHARED_GATE, SHARED_UP, SHARED_DOWN = ("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight",
                                        "shared_experts.down_proj.weight")
 HASH_TABLE = "gate.tid2eid"
+SCALE_INV = "_scale_inv"
+"""A quantized tensor's block scales are under its name plus this (transformers' naming)."""
 
 
 def moe_config(hf_config, **overrides) -> MoEConfig:
@@ -84,13 +98,51 @@ def _state(source: Union[nn.Module, Mapping[str, torch.Tensor]], prefix: str) ->
     return {k[len(prefix):]: v for k, v in items if k.startswith(prefix)}
 
 
-def _take(state: Mapping[str, torch.Tensor], key: str, shape, prefix: str) -> torch.Tensor:
+def _take(state: Mapping[str, torch.Tensor], key: str, shape, prefix: str, rows: Optional[slice] = None,
+          dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`state[key]` checked against `shape`, then `[rows]` (experts: this rank's only), then,
+    where the checkpoint holds it in FP8 with block scales, dequantized in at least fp32."""
     if key not in state:
         raise ValueError(f"ep.hf: {prefix}{key} is missing")
     t = state[key]
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"ep.hf: {prefix}{key} has shape {tuple(t.shape)}, the layer needs {tuple(shape)}")
-    return t.detach()
+    t = t.detach()
+    scale = state.get(key + SCALE_INV)
+    if rows is not None:
+        t = t[rows]
+        scale = None if scale is None else scale[rows]
+    if scale is None:
+        if t.dtype == FP8:
+            raise ValueError(f"ep.hf: {prefix}{key} is {FP8} without its block scales {prefix}{key}{SCALE_INV}")
+        return t
+    return _dequantized(t, scale.detach(), torch.promote_types(dtype or torch.float32, torch.float32), prefix + key)
+
+
+def _block_sides(q_shape, scale_shape, name: str):
+    """The block's (rows, columns) for a quantized `[..., R, C]` and its scales `[..., Rb, Cb]`:
+    128 where the grid is ceil(R/128) (edge blocks partial), else R/Rb where that divides
+    (transformers keeps two scale rows for a fused gate_up narrower than 128: one per half)."""
+    sides = []
+    for n, nb in zip(q_shape[-2:], scale_shape[-2:]):
+        if nb == -(-n // BLOCK):
+            sides.append(BLOCK)
+        elif nb and n % nb == 0:
+            sides.append(n // nb)
+        else:
+            raise ValueError(f"ep.hf: {name}: scales {tuple(scale_shape)} do not tile a weight of shape "
+                             f"{tuple(q_shape)} in blocks of {BLOCK}")
+    return sides
+
+
+def _dequantized(q: torch.Tensor, scale: torch.Tensor, acc: torch.dtype, name: str) -> torch.Tensor:
+    """`q * scale_inv` per block, in `acc` (float64 exact; fp32 rounds the product once)."""
+    if q.dtype != FP8:
+        raise ValueError(f"ep.hf: {name} has block scales but is {q.dtype}, not {FP8}")
+    if scale.dim() != q.dim() or tuple(scale.shape[:-2]) != tuple(q.shape[:-2]):
+        raise ValueError(f"ep.hf: {name}{SCALE_INV} has shape {tuple(scale.shape)} for a weight of {tuple(q.shape)}")
+    br, bc = _block_sides(q.shape, scale.shape, name)
+    return q.to(acc) * expand_blocks(scale.to(acc), q.shape[-2], q.shape[-1], br, bc)
 
 
 @torch.no_grad()
@@ -101,7 +153,9 @@ def load_block(layer: ExpertParallelMoE, source: Union[nn.Module, Mapping[str, t
         layer: built with `moe_config(...)` of the same model (checked by shape).
         source: the block, or a state dict holding its tensors under `prefix`
             (e.g. `model.state_dict()` and `"model.layers.3.mlp."`); only this rank's
-            experts are read from the expert tensors.
+            experts are read from the expert tensors. A tensor stored in FP8 with its
+            `_scale_inv` block scales (transformers' fine-grained FP8) is dequantized
+            (this rank's experts only), in at least fp32, then cast to the layer's dtype.
     Raises:
         ValueError: naming the tensor that is missing or has the wrong shape, or the shared
             experts that one side has and the other has not.
@@ -109,12 +163,13 @@ def load_block(layer: ExpertParallelMoE, source: Union[nn.Module, Mapping[str, t
     cfg, r, El = layer.config, layer.rank, layer.num_local_experts
     H, F, E = cfg.hidden, cfg.ffn_hidden, cfg.num_experts
     state = _state(source, prefix)
-    layer.router.weight.copy_(_take(state, ROUTER, (E, H), prefix))
+    dt = layer.experts.w1.dtype
+    layer.router.weight.copy_(_take(state, ROUTER, (E, H), prefix, dtype=dt))
     bias = state.get(BIAS)
     layer.router.e_score_correction_bias.copy_(_take(state, BIAS, (E,), prefix) if bias is not None else 0.0)
     mine = slice(r * El, (r + 1) * El)
-    layer.experts.w1.copy_(_take(state, GATE_UP, (E, 2 * F, H), prefix)[mine].transpose(1, 2))
-    layer.experts.w2.copy_(_take(state, DOWN, (E, H, F), prefix)[mine].transpose(1, 2))
+    layer.experts.w1.copy_(_take(state, GATE_UP, (E, 2 * F, H), prefix, mine, dt).transpose(1, 2))
+    layer.experts.w2.copy_(_take(state, DOWN, (E, H, F), prefix, mine, dt).transpose(1, 2))
     shared = layer.shared_experts
     if (shared is None) != (SHARED_GATE not in state):
         raise ValueError(f"ep.hf: the block {'has' if shared is None else 'has no'} shared experts "
@@ -122,9 +177,56 @@ def load_block(layer: ExpertParallelMoE, source: Union[nn.Module, Mapping[str, t
                          f"(MoEConfig.num_shared_experts={cfg.num_shared_experts})")
     if shared is not None:
         Fs = shared.w2.shape[0]
-        shared.w1[:, :Fs].copy_(_take(state, SHARED_GATE, (Fs, H), prefix).T)
-        shared.w1[:, Fs:].copy_(_take(state, SHARED_UP, (Fs, H), prefix).T)
-        shared.w2.copy_(_take(state, SHARED_DOWN, (H, Fs), prefix).T)
+        shared.w1[:, :Fs].copy_(_take(state, SHARED_GATE, (Fs, H), prefix, dtype=dt).T)
+        shared.w1[:, Fs:].copy_(_take(state, SHARED_UP, (Fs, H), prefix, dtype=dt).T)
+        shared.w2.copy_(_take(state, SHARED_DOWN, (H, Fs), prefix, dtype=dt).T)
+
+
+@torch.no_grad()
+def load_fp8_experts(layer: ExpertParallelMoE, source: Union[nn.Module, Mapping[str, torch.Tensor]],
+                     prefix: str = "") -> Fp8Experts:
+    """This rank's routed experts of an FP8 block, kept in FP8, in the layer's layout (every
+    rank, no communication; the layer's parameters are not touched).
+
+    From `experts.gate_up_proj [E, 2F, H]` and `experts.down_proj [E, H, F]` (e4m3) with their
+    `_scale_inv` block scales: `w1.q [E_local, H, 2F]` (gate columns then up, as `experts.w1`)
+    with `w1.scale [E_local, H/128, 2F/128]`, and `w2.q [E_local, F, H]` with
+    `w2.scale [E_local, F/128, H/128]`: the block's tensors transposed, blocks and all (a
+    128x128 block of `[out, in]` is one of `[in, out]`), contiguous, float32 scales, on the
+    layer's device.
+
+    Raises:
+        ValueError: a tensor missing, of the wrong shape or not FP8; H or F not a multiple of
+            128 (then gate and up share blocks: load the dequantized weights with `load_block`).
+    """
+    cfg, r, El = layer.config, layer.rank, layer.num_local_experts
+    H, F, E = cfg.hidden, cfg.ffn_hidden, cfg.num_experts
+    if H % BLOCK or F % BLOCK:
+        raise ValueError(f"ep.hf: FP8 experts in the layer's layout need hidden ({H}) and ffn_hidden ({F}) "
+                         f"multiples of {BLOCK}")
+    state = _state(source, prefix)
+    mine = slice(r * El, (r + 1) * El)
+    device = layer.experts.w1.device
+    parts = []
+    for key, shape in ((GATE_UP, (E, 2 * F, H)), (DOWN, (E, H, F))):
+        q = _take_raw(state, key, shape, prefix)
+        if q.dtype != FP8:
+            raise ValueError(f"ep.hf: {prefix}{key} is {q.dtype}, not {FP8}")
+        grid = (E, shape[1] // BLOCK, shape[2] // BLOCK)
+        scale = _take_raw(state, key + SCALE_INV, grid, prefix)
+        parts.append(BlockFp8Weight(q=q[mine].transpose(1, 2).contiguous().to(device),
+                                    scale=scale[mine].float().transpose(1, 2).contiguous().to(device)))
+    return Fp8Experts(w1=parts[0], w2=parts[1])
+
+
+def _take_raw(state: Mapping[str, torch.Tensor], key: str, shape, prefix: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"ep.hf: {prefix}{key} is missing")
+    t = state[key]
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"ep.hf: {prefix}{key} has shape {tuple(t.shape)}, FP8 experts in the layer's layout "
+                         f"need {tuple(shape)}")
+    return t.detach()
 
 
 @torch.no_grad()
@@ -216,8 +318,10 @@ def replace_moe_blocks(model: nn.Module, group=None, **overrides) -> int:
     targets = [(name, m) for name, m in model.named_modules() if hasattr(m, "gate") and hasattr(m, "experts")]
     for name, block in targets:
         layer = ExpertParallelMoE(cfg, group)
+        experts = block.experts.gate_up_proj
+        dtype = block.gate.weight.dtype if experts.dtype == FP8 else experts.dtype  # FP8 blocks: the router's
         with torch.no_grad():
-            layer.to(dtype=block.experts.gate_up_proj.dtype, device=block.experts.gate_up_proj.device)
+            layer.to(dtype=dtype, device=experts.device)
         load_block(layer, block)
         table = getattr(block.gate, "tid2eid", None)
         parent_name, _, attr = name.rpartition(".")

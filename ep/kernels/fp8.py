@@ -1,0 +1,337 @@
+"""FP8 (e4m3) building blocks, the DeepSeek way: activations in 1x128 tiles, weights in
+128x128 blocks, one fp32 scale each, products accumulated in fp32.
+
+Not wired into the layer yet: these are the pieces an FP8 expert mode (and FP8 dispatch)
+will call. Each has a plain torch path (CPU, or any device) and, where it pays, a Triton
+kernel for CUDA (`ep.kernels.triton_fp8`), chosen as `ep.kernels.permute.use_triton` does.
+
+Layouts (the layer's: weights `[E, K, N]`, rows of x grouped by expert, `offs` as
+`torch._grouped_mm` takes it):
+
+    activations  x [M, K]     ->  q [M, K] e4m3,  scale [M, K/128] fp32     (1x128 tiles; K % 128 == 0)
+    weights      w [E, K, N]  ->  q [E, K, N] e4m3, scale [E, ceil(K/128), ceil(N/128)] fp32  (128x128)
+    rowwise (the `torch._scaled_grouped_mm` recipe):
+                 x [M, K]     ->  q [M, K],  scale [M]          (one scale per row, over all of K)
+                 w [E, K, N]  ->  q [E, K, N] stored K-contiguous (a transposed `[E, N, K]`),
+                                  scale [E, N]                   (one scale per column of each expert)
+
+A scale is what dequantization multiplies by: `x ~= q * scale`, `scale = amax / 448` over
+the tile or block (448 the largest e4m3 value), so the tile's largest magnitude maps to
+448. With `pow2_scales` the scale is rounded up to a power of two (exact in the exponent
+alone, as DeepSeek-V3.1's UE8M0 scales; costs up to a factor 2 of range). A tile of zeros
+gets scale 1 (its q is 0, so it dequantizes to exact zeros); a tile whose amax would give
+a subnormal fp32 scale gets the smallest normal one.
+
+Blockwise to rowwise: `torch._scaled_grouped_mm` takes only one scale per row of x and
+one per column of w (the 1x128 / 128x128 recipes exist for `torch._scaled_mm`, not for the
+grouped product, in torch 2.11-2.13). A 128x128-scaled weight cannot be folded into
+per-column scales exactly (a column's K/128 blocks have different scales), so the rowwise
+path requantizes: weights once, at load (`requantize_weight_columns`: dequantize in fp32,
+quantize per column), and activations per call from the high-precision rows
+(`quantize_rowwise`). One scale per 7168 values loses more to outliers than one per 128
+(the numbers are in the README's "Precision (FP8 building blocks)").
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .permute import use_triton
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+"""The largest finite e4m3 (fn) value."""
+BLOCK = 128
+"""Tile width of activations (1 x BLOCK) and block side of weights (BLOCK x BLOCK)."""
+AMAX_FLOOR = FP8_MAX * 2.0 ** -126
+"""Smallest amax given its own scale: below it (zero excepted) the scale would be a subnormal fp32."""
+
+
+@dataclass(frozen=True)
+class BlockFp8Weight:
+    """A stack of expert weights `[E, K, N]` in FP8 with one scale per 128x128 block.
+
+    q: `[E, K, N]` float8_e4m3fn; scale: `[E, ceil(K/128), ceil(N/128)]` float32;
+    `w[e, k, n] ~= q[e, k, n] * scale[e, k // 128, n // 128]`."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight_blocks(self.q, self.scale, dtype)
+
+
+@dataclass(frozen=True)
+class Fp8Experts:
+    """A rank's routed experts in FP8, the layer's layout: w1 `[E_local, H, 2F]` (gate
+    columns `[:F]`, up `[F:]`), w2 `[E_local, F, H]`, each with its 128x128 block scales."""
+
+    w1: BlockFp8Weight
+    w2: BlockFp8Weight
+
+
+def _check_fp8(q: torch.Tensor, name: str) -> None:
+    if q.dtype != FP8:
+        raise ValueError(f"ep.kernels.fp8: {name} must be {FP8}, got {q.dtype}")
+
+
+def scale_from_amax(amax: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
+    """fp32 scales from fp32 amaxes: `amax / 448`, 1 where amax is 0, floored at a normal
+    fp32; with `pow2_scales` rounded up to a power of two (on the bits, exact)."""
+    amax = amax.float()
+    scale = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR) / FP8_MAX, torch.ones_like(amax))
+    if pow2_scales:
+        bits = scale.view(torch.int32)
+        up = (bits & 0x7FFFFF) != 0  # not a power of two already: the next exponent, mantissa 0
+        bits = torch.where(up, ((bits >> 23) + 1) << 23, bits)
+        scale = bits.view(torch.float32)
+    return scale
+
+
+def _to_fp8(x_scaled: torch.Tensor) -> torch.Tensor:
+    """Round to nearest e4m3 (ties to even), saturating at +-448 (e4m3fn has no infinity)."""
+    return x_scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def _check_rows(x: torch.Tensor, name: str) -> Tuple[int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"ep.kernels.fp8: {name} must be 2-d [rows, width], got shape {tuple(x.shape)}")
+    N, H = x.shape
+    if H % BLOCK:
+        raise ValueError(f"ep.kernels.fp8: {name} has width {H}, not a multiple of {BLOCK} "
+                         f"(1x{BLOCK} tiles need whole tiles)")
+    return N, H
+
+
+def quantize_rows_torch(x_NH: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rows` in plain torch (the reference the Triton kernel is tested against)."""
+    N, H = _check_rows(x_NH, "x")
+    tiles = x_NH.float().reshape(N, H // BLOCK, BLOCK)
+    scale = scale_from_amax(tiles.abs().amax(dim=2), pow2_scales)
+    q = _to_fp8(tiles / scale.unsqueeze(2)).reshape(N, H)
+    return q, scale
+
+
+def quantize_rows(x_NH: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize rows in 1x128 tiles -> (q `[N, H]` float8_e4m3fn, scale `[N, H/128]` fp32).
+
+    `x ~= q * scale` tile by tile (`dequantize_rows`). H must be a multiple of 128. One
+    Triton kernel on CUDA; bitwise the same as the torch path (IEEE division in both)."""
+    if use_triton(x_NH):
+        from .triton_fp8 import quantize_rows_triton
+
+        _check_rows(x_NH, "x")
+        return quantize_rows_triton(x_NH, pow2_scales)
+    return quantize_rows_torch(x_NH, pow2_scales)
+
+
+def dequantize_rows(q_NH: torch.Tensor, scale_NT: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`q * scale` per 1x128 tile -> `[N, H]` in `dtype` (products in at least fp32)."""
+    _check_fp8(q_NH, "q")
+    N, H = _check_rows(q_NH, "q")
+    if tuple(scale_NT.shape) != (N, H // BLOCK):
+        raise ValueError(f"ep.kernels.fp8: scale has shape {tuple(scale_NT.shape)}, q {tuple(q_NH.shape)} needs "
+                         f"{(N, H // BLOCK)}")
+    acc = torch.promote_types(dtype, torch.float32)
+    tiles = q_NH.to(acc).reshape(N, H // BLOCK, BLOCK) * scale_NT.to(acc).unsqueeze(2)
+    return tiles.reshape(N, H).to(dtype)
+
+
+def quantize_rowwise(x_MK: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row (the rowwise recipe of `torch._scaled_grouped_mm`) -> (q `[M, K]`
+    e4m3, scale `[M]` fp32). Plain torch (a few kernels on any device)."""
+    if x_MK.dim() != 2:
+        raise ValueError(f"ep.kernels.fp8: x must be 2-d, got shape {tuple(x_MK.shape)}")
+    x = x_MK.float()
+    scale = scale_from_amax(x.abs().amax(dim=1), pow2_scales)
+    return _to_fp8(x / scale.unsqueeze(1)), scale
+
+
+def _blocked(w: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
+    """`[E, K, N]` -> fp32 `[E, Kb, 128, Nb, 128]`, zero-padded to whole blocks."""
+    E, K, N = w.shape
+    Kb, Nb = -(-K // BLOCK), -(-N // BLOCK)
+    w = w.float()
+    if K % BLOCK or N % BLOCK:
+        w = torch.nn.functional.pad(w, (0, Nb * BLOCK - N, 0, Kb * BLOCK - K))
+    return w.reshape(E, Kb, BLOCK, Nb, BLOCK), Kb, Nb
+
+
+def quantize_weight_blocks(w_EKN: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `[E, K, N]` weights in 128x128 blocks -> (q `[E, K, N]` e4m3 contiguous,
+    scale `[E, ceil(K/128), ceil(N/128)]` fp32); edge blocks may be partial (a 2-d weight:
+    `w[None]`). Plain torch (done once, at load)."""
+    if w_EKN.dim() != 3:
+        raise ValueError(f"ep.kernels.fp8: w must be 3-d [E, K, N], got shape {tuple(w_EKN.shape)}")
+    E, K, N = w_EKN.shape
+    blocks, Kb, Nb = _blocked(w_EKN)
+    scale = scale_from_amax(blocks.abs().amax(dim=(2, 4)), pow2_scales)
+    q = _to_fp8(blocks / scale[:, :, None, :, None]).reshape(E, Kb * BLOCK, Nb * BLOCK)[:, :K, :N]
+    return q.contiguous(), scale
+
+
+def expand_blocks(scale: torch.Tensor, K: int, N: int, block_k: int = BLOCK, block_n: int = BLOCK) -> torch.Tensor:
+    """Block scales `[..., Kb, Nb]` -> one per element `[..., K, N]` (edge blocks cut)."""
+    return scale.repeat_interleave(block_k, dim=-2)[..., :K, :].repeat_interleave(block_n, dim=-1)[..., :N]
+
+
+def dequantize_weight_blocks(q_EKN: torch.Tensor, scale: torch.Tensor,
+                             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`q * scale` per 128x128 block -> `[E, K, N]` in `dtype` (products in at least fp32)."""
+    _check_fp8(q_EKN, "q")
+    E, K, N = q_EKN.shape
+    want = (E, -(-K // BLOCK), -(-N // BLOCK))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"ep.kernels.fp8: scale has shape {tuple(scale.shape)}, q {tuple(q_EKN.shape)} needs {want}")
+    acc = torch.promote_types(dtype, torch.float32)
+    return (q_EKN.to(acc) * expand_blocks(scale.to(acc), K, N)).to(dtype)
+
+
+def quantize_weight_columns(w_EKN: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One scale per column of each expert (the rowwise recipe) -> (q `[E, K, N]` e4m3,
+    K-contiguous as `torch._scaled_grouped_mm` wants it: `q.transpose(1, 2)` is contiguous;
+    scale `[E, N]` fp32)."""
+    if w_EKN.dim() != 3:
+        raise ValueError(f"ep.kernels.fp8: w must be 3-d [E, K, N], got shape {tuple(w_EKN.shape)}")
+    w = w_EKN.float()
+    scale = scale_from_amax(w.abs().amax(dim=1), pow2_scales)
+    q = _to_fp8(w / scale.unsqueeze(1))
+    return q.transpose(1, 2).contiguous().transpose(1, 2), scale
+
+
+def requantize_weight_columns(q_EKN: torch.Tensor, scale: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """128x128-block FP8 weights -> the rowwise recipe (`quantize_weight_columns` of their
+    fp32 dequantization): a second rounding, once, at load."""
+    return quantize_weight_columns(dequantize_weight_blocks(q_EKN, scale, torch.float32))
+
+
+def _host_ends(offs: torch.Tensor, counts: Optional[Sequence[int]]) -> List[int]:
+    if counts is not None:
+        ends, total = [], 0
+        for c in counts:
+            total += int(c)
+            ends.append(total)
+        return ends
+    return [int(v) for v in offs.tolist()]
+
+
+def fp8_grouped_mm_emulated(
+    xq_MK: torch.Tensor, x_scale: torch.Tensor, wq_EKN: torch.Tensor, w_scale: torch.Tensor,
+    offs: Optional[torch.Tensor], out_dtype: torch.dtype = torch.float32, counts: Optional[Sequence[int]] = None,
+    acc_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`fp8_grouped_mm` by dequantizing both operands in `acc_dtype` and multiplying there
+    (fp32: the CPU path; float64: the reference). Exact promotion: every product of the
+    dequantized operands equals `(qa * qb) * (sa * sb)` up to `acc_dtype` rounding. Reads
+    the group ends on the host (`counts`, or `offs`)."""
+    M, K = xq_MK.shape
+    E, _, N = wq_EKN.shape
+    if x_scale.dim() == 2:
+        x = dequantize_rows(xq_MK, x_scale, acc_dtype)
+        w = dequantize_weight_blocks(wq_EKN, w_scale, acc_dtype)
+    else:
+        x = xq_MK.to(acc_dtype) * x_scale.to(acc_dtype).unsqueeze(1)
+        w = wq_EKN.to(acc_dtype) * w_scale.to(acc_dtype).unsqueeze(1)
+    out = torch.zeros(M, N, dtype=acc_dtype, device=xq_MK.device)
+    start = 0
+    for e, end in enumerate(_host_ends(offs, counts)):
+        if end > start:
+            torch.mm(x[start:end], w[e], out=out[start:end])
+        start = end
+    return out.to(out_dtype)
+
+
+def _check_grouped(xq_MK, x_scale, wq_EKN, w_scale) -> str:
+    """Shapes and dtypes of `fp8_grouped_mm`'s operands; returns "blocks" or "rowwise"."""
+    _check_fp8(xq_MK, "xq")
+    _check_fp8(wq_EKN, "wq")
+    if xq_MK.dim() != 2 or wq_EKN.dim() != 3 or xq_MK.shape[1] != wq_EKN.shape[1]:
+        raise ValueError(f"ep.kernels.fp8: xq [M, K] and wq [E, K, N] do not fit: {tuple(xq_MK.shape)}, "
+                         f"{tuple(wq_EKN.shape)}")
+    M, K = xq_MK.shape
+    E, _, N = wq_EKN.shape
+    if x_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
+        raise ValueError(f"ep.kernels.fp8: scales must be float32, got {x_scale.dtype}, {w_scale.dtype}")
+    if x_scale.dim() == 2:
+        want_x, want_w = (M, K // BLOCK), (E, -(-K // BLOCK), -(-N // BLOCK))
+        if K % BLOCK:
+            raise ValueError(f"ep.kernels.fp8: K={K} is not a multiple of {BLOCK} (1x{BLOCK} activation tiles)")
+        kind = "blocks"
+    else:
+        want_x, want_w = (M,), (E, N)
+        kind = "rowwise"
+    if tuple(x_scale.shape) != want_x or tuple(w_scale.shape) != want_w:
+        raise ValueError(f"ep.kernels.fp8: {kind} scales need x_scale {want_x} and w_scale {want_w}, got "
+                         f"{tuple(x_scale.shape)} and {tuple(w_scale.shape)}")
+    return kind
+
+
+def scaled_grouped_mm_available(x: torch.Tensor) -> bool:
+    """Whether `torch._scaled_grouped_mm` (rowwise FP8, bf16 out) runs here: CUDA devices of
+    compute capability 9.0 or 10.0 (the only ones its CUDA path accepts in torch 2.11-2.13)."""
+    return (x.is_cuda and hasattr(torch, "_scaled_grouped_mm") and torch.version.hip is None
+            and torch.cuda.get_device_capability(x.device) in ((9, 0), (10, 0)))
+
+
+def fp8_grouped_mm(
+    xq_MK: torch.Tensor, x_scale: torch.Tensor, wq_EKN: torch.Tensor, w_scale: torch.Tensor,
+    offs: Optional[torch.Tensor], out_dtype: torch.dtype = torch.bfloat16, counts: Optional[Sequence[int]] = None,
+) -> torch.Tensor:
+    """`out[rows of e] = dequant(x)[rows of e] @ dequant(w[e])` for every expert e, in fp32
+    accumulation, -> `[M, N]` in `out_dtype` (rows past the last group: unspecified).
+
+    The scales say the recipe:
+      blockwise: x_scale `[M, K/128]` (`quantize_rows`), w_scale `[E, ceil(K/128), ceil(N/128)]`
+        (`quantize_weight_blocks`). CUDA: one Triton kernel (`ep.kernels.triton_fp8`: a K loop
+        of 128 whose fp32 partial products are scaled by `sa[row] * sb[block]` and summed,
+        DeepGEMM's promotion); elsewhere the fp32 emulation.
+      rowwise: x_scale `[M]` (`quantize_rowwise`), w_scale `[E, N]` (`quantize_weight_columns`).
+        CUDA sm90/sm100 with `out_dtype=bfloat16`: `torch._scaled_grouped_mm` (wq must be
+        K-contiguous, K and N multiples of 16, fewer than 1024 experts); elsewhere the emulation.
+
+    Args:
+        xq_MK: `[M, K]` e4m3, rows grouped by expert in expert order, unit stride along K.
+        wq_EKN: `[E, K, N]` e4m3.
+        offs: `[E]` int32 cumulative rows per expert on x's device (the device paths read it
+            there: no host sync), or None with `counts`.
+        counts: `[E]` host ints (the emulation's group sizes; read from `offs` if None).
+    """
+    kind = _check_grouped(xq_MK, x_scale, wq_EKN, w_scale)
+    if offs is not None and kind == "blocks" and use_triton(x_scale):
+        from .triton_fp8 import fp8_grouped_mm_triton
+
+        return fp8_grouped_mm_triton(xq_MK, x_scale, wq_EKN, w_scale, offs, out_dtype)
+    E, K, N = wq_EKN.shape
+    if (offs is not None and kind == "rowwise" and out_dtype == torch.bfloat16 and scaled_grouped_mm_available(xq_MK)
+            and wq_EKN.stride(1) == 1 and xq_MK.stride(1) == 1 and K % 16 == 0 and N % 16 == 0 and E < 1024):
+        return torch._scaled_grouped_mm(xq_MK, wq_EKN, x_scale, w_scale, offs=offs, out_dtype=torch.bfloat16)
+    return fp8_grouped_mm_emulated(xq_MK, x_scale, wq_EKN, w_scale, offs, out_dtype, counts)
+
+
+def swiglu_quantize_torch(h_N2F: torch.Tensor, limit: Optional[float] = None,
+                          pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`swiglu_quantize` in plain torch: SwiGLU in fp32, quantized from fp32."""
+    if h_N2F.dim() != 2 or h_N2F.shape[1] % (2 * BLOCK):
+        raise ValueError(f"ep.kernels.fp8: h must be [N, 2F] with F a multiple of {BLOCK}, got {tuple(h_N2F.shape)}")
+    gate, up = h_N2F.float().chunk(2, dim=-1)
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return quantize_rows_torch(torch.nn.functional.silu(gate) * up, pow2_scales)
+
+
+def swiglu_quantize(h_N2F: torch.Tensor, limit: Optional[float] = None,
+                    pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU fused with linear2's input quantization: `silu(gate) * up` of `h = [gate | up]`
+    (clamped by `limit` as `ep.kernels.swiglu`), computed in fp32 and quantized straight from
+    fp32 in 1x128 tiles -> (q `[N, F]` e4m3, scale `[N, F/128]` fp32). F must be a multiple
+    of 128. One Triton kernel on CUDA (reads 2F, writes F bytes + F/128 scales per row)."""
+    if use_triton(h_N2F):
+        from .triton_fp8 import swiglu_quantize_triton
+
+        if h_N2F.dim() != 2 or h_N2F.shape[1] % (2 * BLOCK):
+            raise ValueError(f"ep.kernels.fp8: h must be [N, 2F] with F a multiple of {BLOCK}, "
+                             f"got {tuple(h_N2F.shape)}")
+        return swiglu_quantize_triton(h_N2F, limit, pow2_scales)
+    return swiglu_quantize_torch(h_N2F, limit, pow2_scales)

@@ -1,0 +1,196 @@
+"""Triton kernels of the FP8 building blocks (CUDA): 1x128 quantization, SwiGLU fused with
+it, and the blockwise-scaled grouped product. `ep.kernels.fp8` holds the layouts, the torch
+paths these are tested against (`tests/test_fp8.py`, in Triton's interpreter), and the
+dispatch.
+
+Quantization (`_quantize_rows_kernel`, `_swiglu_quantize_kernel`): program (row, j) takes
+TILES tiles of 128 columns of one row as a `[TILES, 128]` block: amax per tile, the scale
+(`scale_from_amax`'s rule, the power-of-two rounding on the bits), `q = x / scale` with
+IEEE division (`div_rn`: the same bits as the torch path), saturated to +-448, rounded to
+e4m3 on the bits (`_round_e4m3`), then converted (exactly). SwiGLU is computed in fp32
+from h and quantized from fp32 (no bf16 rounding between).
+
+Grouped product (`_fp8_grouped_kernel`), DeepGEMM's scheme in plain Triton: program
+(t, j) computes tile t of BLOCK_M rows of one expert's group (each group is cut into
+ceil(rows / BLOCK_M) tiles, found from `offs` on the device: no host sync) times columns
+`[j BLOCK_N, (j + 1) BLOCK_N)` (BLOCK_N divides 128: one weight block column). Along K,
+steps of 128: the e4m3 x e4m3 product of the step (tensor cores; on sm90 Triton lets them
+accumulate the 128 terms at their own reduced precision) is promoted to fp32 and added
+times `sa[row, step] * sb[e, step, j]`. Not tuned, not persistent, no TMA: a correct
+first kernel, its speed not measured yet.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8 import AMAX_FLOOR, BLOCK, FP8, FP8_MAX
+
+_MAX = tl.constexpr(FP8_MAX)
+_FLOOR = tl.constexpr(AMAX_FLOOR)
+_TILE = tl.constexpr(BLOCK)
+
+GROUPED_CONFIG: Tuple[int, int, int, int] = (64, 128, 4, 3)
+"""(BLOCK_M, BLOCK_N, num_warps, num_stages) of the grouped product; BLOCK_N must divide 128."""
+QUANT_TILES = 8
+"""Tiles of 128 columns per quantization program."""
+
+
+@triton.jit
+def _scale_of(amax, POW2: tl.constexpr):
+    """fp32 scales from fp32 amaxes, as `ep.kernels.fp8.scale_from_amax`."""
+    scale = tl.where(amax > 0, tl.math.div_rn(tl.maximum(amax, _FLOOR), _MAX), 1.0)
+    if POW2:
+        bits = scale.to(tl.int32, bitcast=True)
+        bits = tl.where((bits & 0x7FFFFF) != 0, ((bits >> 23) + 1) << 23, bits)
+        scale = bits.to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit
+def _round_e4m3(v):
+    """fp32 v with |v| <= 448 -> the nearest e4m3 value (ties to even), still fp32, sign kept.
+
+    Done on the bits so that the conversion after it is exact: Triton's interpreter rounds
+    wrongly where rounding carries into the exponent (124.3 -> 64, not 128), and this keeps
+    the kernel's bits those of the torch path wherever it runs."""
+    bits = v.to(tl.int32, bitcast=True)
+    mag = bits & 0x7FFFFFFF
+    # normal e4m3 (>= 2^-6): keep 3 mantissa bits, round half to even (a carry moves the exponent)
+    normal = (mag + 0x7FFFF + ((mag >> 20) & 1)) & -0x100000
+    # subnormal e4m3: multiples of 2^-9, rounded by fp32 addition at that spacing
+    a = mag.to(tl.float32, bitcast=True)
+    sub = ((a + 16384.0) - 16384.0).to(tl.int32, bitcast=True)
+    r = tl.where(a >= 0.015625, normal, sub) | (bits & -0x80000000)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_quantized(v, q, s, row, t, live, cols, q_stride, s_stride, POW2: tl.constexpr):
+    """v `[TILES, 128]` fp32 -> e4m3 into q's row, the tiles' scales into s's row."""
+    scale = _scale_of(tl.max(tl.abs(v), axis=1), POW2)
+    qv = tl.math.div_rn(v, scale[:, None])
+    qv = _round_e4m3(tl.minimum(tl.maximum(qv, -_MAX), _MAX))
+    tl.store(q + row * q_stride + cols, qv.to(tl.float8e4nv), mask=live[:, None])
+    tl.store(s + row * s_stride + t, scale, mask=live)
+
+
+@triton.jit
+def _quantize_rows_kernel(x, q, s, T, x_stride, q_stride, s_stride, TILES: tl.constexpr, POW2: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    live = t < T
+    cols = t[:, None] * _TILE + tl.arange(0, _TILE)[None, :]
+    v = tl.load(x + row * x_stride + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    _store_quantized(v, q, s, row, t, live, cols, q_stride, s_stride, POW2)
+
+
+@triton.jit
+def _swiglu_quantize_kernel(h, q, s, F, T, limit, h_stride, q_stride, s_stride, TILES: tl.constexpr,
+                            HAS_LIMIT: tl.constexpr, POW2: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * TILES + tl.arange(0, TILES)
+    live = t < T
+    cols = t[:, None] * _TILE + tl.arange(0, _TILE)[None, :]
+    gate = tl.load(h + row * h_stride + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    up = tl.load(h + row * h_stride + F + cols, mask=live[:, None], other=0.0).to(tl.float32)
+    if HAS_LIMIT:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    _store_quantized(gate * tl.sigmoid(gate) * up, q, s, row, t, live, cols, q_stride, s_stride, POW2)
+
+
+@triton.jit
+def _fp8_grouped_kernel(x, xs, w, ws, offs, out, N, E, x_stride, xs_stride, w_se, w_sk, w_sn, ws_se, ws_sk, ws_sn,
+                        out_stride, K: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    # which expert's group, and which tile of it, this program computes (from offs alone)
+    es = tl.arange(0, EP)
+    ends = tl.load(offs + es, mask=es < E, other=0)
+    starts = tl.load(offs + es - 1, mask=(es > 0) & (es < E), other=0)
+    tiles = tl.where(es < E, tl.cdiv(ends - starts, BLOCK_M), 0)
+    first = tl.cumsum(tiles, axis=0) - tiles
+    mine = (first <= pid_m) & (pid_m < first + tiles)
+    if tl.sum(mine.to(tl.int32), axis=0) == 0:  # past the last group's last tile
+        return
+    e = tl.sum(tl.where(mine, es, 0), axis=0).to(tl.int64)
+    m0 = tl.sum(tl.where(mine, starts + (pid_m - first) * BLOCK_M, 0), axis=0)
+    end = tl.sum(tl.where(mine, ends, 0), axis=0)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    live = rows < end
+    rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    live_c = cols < N
+    nb = (pid_n * BLOCK_N) // _TILE
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(0, K // _TILE):
+        ks = kb * _TILE + tl.arange(0, _TILE)
+        a = tl.load(x + rows[:, None] * x_stride + ks[None, :], mask=live[:, None], other=0.0)
+        b = tl.load(w + e * w_se + ks[:, None] * w_sk + cols[None, :] * w_sn, mask=live_c[None, :], other=0.0)
+        sa = tl.load(xs + rows * xs_stride + kb, mask=live, other=0.0)
+        sb = tl.load(ws + e * ws_se + kb * ws_sk + nb * ws_sn)
+        acc += tl.dot(a, b) * (sa[:, None] * sb)
+    tl.store(out + rows[:, None] * out_stride + cols[None, :], acc.to(out.dtype.element_ty),
+             mask=live[:, None] & live_c[None, :])
+
+
+def quantize_rows_triton(x_NH: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x `[N, H]` with unit stride along H, H % 128 == 0 -> (q, scale), as `quantize_rows`."""
+    N, H = x_NH.shape
+    T = H // BLOCK
+    if x_NH.stride(1) != 1:
+        x_NH = x_NH.contiguous()
+    q = torch.empty(N, H, dtype=FP8, device=x_NH.device)
+    s = torch.empty(N, T, dtype=torch.float32, device=x_NH.device)
+    if N and T:
+        tiles = min(QUANT_TILES, triton.next_power_of_2(T))
+        _quantize_rows_kernel[(N, triton.cdiv(T, tiles))](x_NH, q, s, T, x_NH.stride(0), q.stride(0), s.stride(0),
+                                                         TILES=tiles, POW2=pow2_scales, num_warps=4)
+    return q, s
+
+
+def swiglu_quantize_triton(h_N2F: torch.Tensor, limit: Optional[float] = None,
+                           pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """h `[N, 2F]`, F % 128 == 0 -> (q `[N, F]`, scale `[N, F/128]`), as `swiglu_quantize`."""
+    N, F2 = h_N2F.shape
+    F = F2 // 2
+    T = F // BLOCK
+    if h_N2F.stride(1) != 1:
+        h_N2F = h_N2F.contiguous()
+    q = torch.empty(N, F, dtype=FP8, device=h_N2F.device)
+    s = torch.empty(N, T, dtype=torch.float32, device=h_N2F.device)
+    if N and T:
+        tiles = min(QUANT_TILES, triton.next_power_of_2(T))
+        _swiglu_quantize_kernel[(N, triton.cdiv(T, tiles))](h_N2F, q, s, F, T, float(limit or 0.0), h_N2F.stride(0),
+                                                           q.stride(0), s.stride(0), TILES=tiles,
+                                                           HAS_LIMIT=limit is not None, POW2=pow2_scales, num_warps=4)
+    return q, s
+
+
+def fp8_grouped_mm_triton(xq_MK: torch.Tensor, x_scale: torch.Tensor, wq_EKN: torch.Tensor, w_scale: torch.Tensor,
+                          offs: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16,
+                          config: Optional[Tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """The blockwise `fp8_grouped_mm` (shapes checked there) -> `[M, N]` in `out_dtype`
+    (rows past `offs[-1]`: unspecified). x needs unit stride along K; w any strides."""
+    M, K = xq_MK.shape
+    E, _, N = wq_EKN.shape
+    bm, bn, warps, stages = config or GROUPED_CONFIG
+    if BLOCK % bn:
+        raise ValueError(f"fp8_grouped_mm_triton: BLOCK_N={bn} must divide {BLOCK}")
+    if xq_MK.stride(1) != 1:
+        xq_MK = xq_MK.contiguous()
+    x_scale = x_scale.contiguous()
+    out = torch.empty(M, N, dtype=out_dtype, device=xq_MK.device)
+    if M == 0 or N == 0 or E == 0:
+        return out
+    grid = (triton.cdiv(M, bm) + E, triton.cdiv(N, bn))
+    _fp8_grouped_kernel[grid](
+        xq_MK, x_scale, wq_EKN, w_scale, offs, out, N, E, xq_MK.stride(0), x_scale.stride(0), wq_EKN.stride(0),
+        wq_EKN.stride(1), wq_EKN.stride(2), w_scale.stride(0), w_scale.stride(1), w_scale.stride(2), out.stride(0),
+        K=K, EP=max(16, triton.next_power_of_2(E)), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    return out
