@@ -102,6 +102,41 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
     return worst_over_ranks(got, reference(p, n, rank, device, routing), device)
 
 
+def check_fp8(n, rank, device, W, split):
+    """FP8 expert products (`MoEConfig.expert_dtype`): the forward against the float64
+    emulation of the same quantization (`tests.test_fp8_layer`) and against the unquantized
+    reference; the straight-through gradients against the reference; then a forward and a
+    training step under sync debug mode "error". Returns (vs emulation, vs reference y, worst grad)."""
+    from tests.test_fp8_layer import emulated_fp8_moe
+
+    p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=17 + W, tokens_range=(200, 400))
+    layer = build(p, n, rank, device, num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn)
+    rows = p.rows(rank)
+    x = p.x[rows].to(device=device, dtype=torch.bfloat16).requires_grad_(True)
+    idx = p.topk_idx[rows].to(device)
+    tw = p.topk_weights[rows].to(device=device, dtype=torch.float32).requires_grad_(True)
+    y = layer(x, topk_idx=idx, topk_weights=tw)
+    y.backward(p.dy[rows].to(device=device, dtype=torch.bfloat16))
+    d64 = lambda t: t.to(torch.bfloat16).double()  # noqa: E731  the layer's rounding of its inputs
+    emulated = emulated_fp8_moe(d64(p.x), d64(p.w1), d64(p.w2), p.topk_idx, p.topk_weights.float().double())[rows]
+    ref = reference(p, n, rank, device, "skewed")
+    errs = [rel_err(y.detach().double().cpu(), emulated), rel_err(y.detach().double(), ref["y"]),
+            max(rel_err(a.double(), ref[k]) for a, k in ((x.grad, "dx"), (layer.experts.w1.grad, "dw1"),
+                                                         (layer.experts.w2.grad, "dw2"), (tw.grad, "dweights")))]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            layer(x, topk_idx=idx, topk_weights=tw)
+        layer(x, topk_idx=idx, topk_weights=tw).backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    layer.check_errors()
+    t = torch.tensor(errs, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def check_sync_free(n, rank, device, transport, W, routing, max_tokens, split="tokens", dedup=True):
     """A forward and a training step under sync debug mode "error" (after two warm-up steps)."""
     p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=3, tokens_range=(200, 400))
@@ -271,8 +306,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="gpu_check.json")
     ap.add_argument("--transports", default=None, help="comma-separated subset of the transports to check")
-    ap.add_argument("--checks", default="reference,sync,shared,graphs",
-                    help="comma-separated: reference, sync, shared, graphs")
+    ap.add_argument("--checks", default="reference,sync,shared,graphs,fp8",
+                    help="comma-separated: reference, sync, shared, graphs, fp8")
     args = ap.parse_args()
     checks = args.checks.split(",")
     ep.init_distributed()
@@ -326,6 +361,19 @@ def main():
         if rank == 0:
             print(f"sync-free  {transport:11} {split:7} dedup={dedup!s:5} W={W} routing={routing:6} "
                   f"max_tokens={max_tokens}  {'ok' if ok else 'FAIL ' + detail}", flush=True)
+    for split, W in (("tokens", 1), ("tokens", 2), ("experts", 2)) if cuda and "fp8" in checks else ():
+        try:
+            emulated, plain, grads = check_fp8(n, rank, device, W, split)
+            # bf16 outputs of fp32 sums against float64, and an element's e4m3 step where rounding
+            # differs (SwiGLU's fp32 on the GPU); FP8's own error against the unquantized layer
+            ok = emulated < 1e-2 and plain < 0.1 and grads < 0.1
+            detail = f"vs emulation {emulated:.1e}, vs unquantized {plain:.1e}, gradients {grads:.1e}; sync-free step ok"
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, repr(e)[:400]
+        failed += not ok
+        results.append(dict(check="fp8_experts", wave_split=split, W=W, ok=ok, detail=detail))
+        if rank == 0:
+            print(f"fp8 experts {split:7} W={W}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
     for W in (1, 2) if "shared" in checks else ():
         try:
             worst = check_shared_beside(n, rank, device, W)

@@ -68,6 +68,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"comma-separated, from {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
     p.add_argument("--splits", default="tokens,experts", help="comma-separated wave splits: tokens, experts")
+    p.add_argument("--precisions", default="bf16",
+                   help="comma-separated expert products: bf16 (the layer's dtype), fp8 (MoEConfig.expert_dtype, "
+                        "H and F multiples of 128)")
     p.add_argument("--waves", default="1,2,4,auto",
                    help="comma-separated W values, or auto (the layer's own choice); 1 is always measured")
     p.add_argument("--expert-waves", default=None, help="W values for the expert-wave split (default: --waves)")
@@ -194,6 +197,9 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     dedups = [d.strip() for d in args.dedup.split(",")]
     splits = [t.strip() for t in args.splits.split(",")]
     kinds = [t.strip() for t in args.transports.split(",")]
+    precisions = [t.strip() for t in args.precisions.split(",")]
+    if any(t not in ("bf16", "fp8") for t in precisions):
+        raise SystemExit(f"--precisions takes bf16 and/or fp8, got {args.precisions!r}")
     if any(d not in ("rank", "wave") for d in dedups):
         raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
     if any(t not in ep.config.WAVE_SPLITS for t in splits):
@@ -241,7 +247,9 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
                     if split == "experts" and W != "auto" and W > E_local:
                         continue
                     for carve in (carveouts if W != 1 else [0]):
-                        variants.append(dict(split=split, transport=kind, W=W, carveout=carve, dedup=dedup))
+                        for prec in precisions:
+                            variants.append(dict(split=split, transport=kind, W=W, carveout=carve, dedup=dedup,
+                                                 precision=prec))
     steps = 5 + 2 * (len(kinds) - 1) + len(variants) * (3 + (0 if args.no_backward else 1)) + int(args.naive)
     step = [0]
 
@@ -336,8 +344,9 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     # ---- the whole call per variant ------------------------------------------------------
     rows = []
     for v in variants:
+        fp8 = torch.float8_e4m3fn if v["precision"] == "fp8" else None
         lv = variant_layer(layer, num_waves=v["W"], wave_split=v["split"], transport=v["transport"],
-                           sm_carveout=v["carveout"], dedup_across_waves=v["dedup"] == "rank")
+                           sm_carveout=v["carveout"], dedup_across_waves=v["dedup"] == "rank", expert_dtype=fp8)
         row = dict(v, auto=v["W"] == "auto")
         if row["auto"]:
             with torch.no_grad():
@@ -347,7 +356,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             row["W"] = lv.num_waves
         W = row["W"]
         label = (f"{v['split']} W={'auto->' if row['auto'] else ''}{W} carveout={v['carveout']} "
-                 f"{v['transport']}{' dedup=' + v['dedup'] if v['split'] == 'experts' else ''}")
+                 f"{v['transport']}{' dedup=' + v['dedup'] if v['split'] == 'experts' else ''} {v['precision']}")
         call = lambda: lv(x, topk_idx=idx, topk_weights=tw)  # noqa: E731
         with torch.no_grad():
             row["fwd_ms"] = measure(f"{label} forward", call)
@@ -356,7 +365,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             kt = transports[v["transport"]]
             wm = WaveMap.of(v["split"], max(1, min(W, max_tokens)) if v["split"] == "tokens" else W, v["dedup"] == "rank")
             plan = sender_plan(idx, tw, E, n, wm, wm.capacity(max_tokens), max_tokens)
-            given = lambda: wave_experts(x, tw, w1, w2, plan, kt, v["carveout"])  # noqa: E731
+            given = lambda: wave_experts(x, tw, w1, w2, plan, kt, v["carveout"], None, fp8)  # noqa: E731
             remote = (n - 1) * wm.num_waves * plan.capacity  # the fixed regions for other ranks, padding included
             row_bytes = layout.width * elem
             routes = int((plan.route_row >= 0).sum().item())
@@ -384,9 +393,9 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     base = {}
     for r in rows:
         if r["W"] == 1 and not r["auto"] and not r.get("graph"):
-            base.setdefault((r["split"], r["transport"], r["dedup"]), r)
+            base.setdefault((r["split"], r["transport"], r["dedup"], r["precision"]), r)
     for r in rows:
-        seq = base.get((r["split"], r["transport"], r["dedup"]))
+        seq = base.get((r["split"], r["transport"], r["dedup"], r["precision"]))
         if seq is None:
             continue
         r["speedup_vs_w1"] = seq["fwd_ms"] / r["fwd_ms"]
@@ -425,7 +434,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 def traced_rows(rows: List[dict], trace_waves: str) -> List[dict]:
     """The rows whose timelines are saved: per wave split and transport, the fastest waved row,
     and the fastest row of each W named in `trace_waves` (e.g. "4": where a model misses)."""
-    eager = [r for r in rows if r["W"] > 1 and not r.get("graph")]
+    eager = [r for r in rows if r["W"] > 1 and not r.get("graph") and r.get("precision", "bf16") == "bf16"]
     extra = {int(w) for w in trace_waves.split(",") if w.strip()} if trace_waves else set()
     picks = {}
     for r in sorted(eager, key=lambda r: r["fwd_ms"]):  # the first seen of each key is the fastest
@@ -538,7 +547,8 @@ def format_table(r: dict, meta: dict) -> str:
         eff = row.get("overlap_efficiency")
         label = (f"{row['split'][:6]} W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']}"
                  + {"copy_engine": " CE", "device_put": " DP"}.get(row["transport"], "")
-                 + (f" {row['dedup']}" if row["split"] == "experts" else "") + (" graph" if row.get("graph") else ""))
+                 + (f" {row['dedup']}" if row["split"] == "experts" else "") + (" graph" if row.get("graph") else "")
+                 + (" fp8" if row.get("precision") == "fp8" else ""))
         lines.append(
             f"  {label:<43} {row['fwd_ms']:8.3f}  {row.get('host_ms', nan):7.3f}  {row.get('b2b_fwd_ms', nan):6.3f}  "
             f"{row.get('speedup_vs_w1', nan):5.2f}x  {row.get('plan_given_fwd_ms', nan):10.3f}  "
@@ -561,7 +571,7 @@ def records(result: dict, run_name: Optional[str]) -> List[dict]:
                 nccl_ctas=meta["env"].get("NCCL_MAX_CTAS"), transport=row["transport"], wave_split=row["split"],
                 dedup=row["dedup"] if row["split"] == "experts" else None, num_waves=row["W"],
                 auto_from="auto" if row.get("auto") else None, sm_carveout=row["carveout"], graph=bool(row.get("graph")),
-                shared_experts=r.get("shared", 0),
+                shared_experts=r.get("shared", 0), precision=row.get("precision", "bf16"),
                 fwd_ms=row["fwd_ms"], fwd_bwd_ms=row.get("fwd_bwd_ms"), plan_given_fwd_ms=row.get("plan_given_fwd_ms"),
                 host_ms=row.get("host_ms"), b2b_fwd_ms=row.get("b2b_fwd_ms"), comm_ms=r["comm_ms"],
                 compute_ms=r["compute_ms"], ideal_ms=r["ideal_ms"], overlap_efficiency=row.get("overlap_efficiency"),

@@ -5,9 +5,13 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
+import torch
+
 SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TRANSPORTS = ("nccl", "copy_engine", "device_put")
 WAVE_SPLITS = ("tokens", "experts")
+EXPERT_DTYPES = (None, torch.float8_e4m3fn)
+FP8_BLOCK = 128  # the side of FP8 scale blocks (1x128 activation tiles, 128x128 weight blocks)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,13 @@ class MoEConfig:
         num_shared_experts: 0, or the width of the dense shared expert beside the routed
             ones in units of `ffn_hidden` (`Fs = ffn_hidden * num_shared_experts`);
             `y = routed(x) + shared(x)`, replicated on every rank like the router.
+        expert_dtype: None (the products in the parameters' dtype) or `torch.float8_e4m3fn`:
+            linear1 and linear2 in FP8 the DeepSeek way (`ep.kernels.fp8`): the expert
+            weights quantized once per call in 128x128 blocks and shared by every wave, each
+            item's row in 1x128 tiles, SwiGLU fused with linear2's input quantization,
+            products accumulated in fp32; outputs in the layer's dtype. Backward: bf16 (the
+            layer's dtype) gradients from the saved activations and the unquantized weights
+            (straight through the quantization). H and F must be multiples of 128.
         timeout_s: the longest any wait inside the layer lasts on Gloo (CPU) ranks, however
             the process group was made: a stalled or dead peer becomes a
             `CommunicationError` naming the stage and wave waited for. With
@@ -97,6 +108,7 @@ class MoEConfig:
     swiglu_limit: Optional[float] = None
     num_shared_experts: int = 0
     timeout_s: float = 60.0
+    expert_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "n_group", "topk_group"):
@@ -155,6 +167,12 @@ class MoEConfig:
         if isinstance(self.capacity_factor, bool) or not isinstance(self.capacity_factor, (int, float)) \
                 or not 0 < self.capacity_factor <= 1:
             raise ValueError(f"MoEConfig.capacity_factor must be a number in (0, 1], got {self.capacity_factor!r}")
+
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"MoEConfig.expert_dtype must be None or torch.float8_e4m3fn, got {self.expert_dtype!r}")
+        if self.expert_dtype is not None and (self.hidden % FP8_BLOCK or self.ffn_hidden % FP8_BLOCK):
+            raise ValueError(f"MoEConfig.expert_dtype={self.expert_dtype}: hidden ({self.hidden}) and ffn_hidden "
+                             f"({self.ffn_hidden}) must be multiples of {FP8_BLOCK} (FP8 scale blocks)")
 
     def num_local_experts(self, world_size: int) -> int:
         """E_local = E / n; raises if E does not divide evenly, or (experts split) W exceeds it."""

@@ -3,7 +3,9 @@
 Rows arrive grouped by expert (`counts[e]` rows for expert e). linear1 is `h = x @ w1`;
 linear2 is SwiGLU (`a = silu(gate) * up`, gate = columns `[:F]` of h, up = `[F:]`, both
 clamped first when a `swiglu_limit` is given) then `a @ w2`.
-Backward is written out by hand so the pipeline can run it wave by wave.
+Backward is written out by hand so the pipeline can run it wave by wave. With FP8 experts
+(`MoEConfig.expert_dtype`) the forward products run in FP8 (`linear1_fp8`, `linear2_fp8`)
+and the backward is the same bf16 one, from the saved activations.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .kernels import grouped_mm, grouped_mm_wgrad
+from .kernels import gather_rows, grouped_mm, grouped_mm_wgrad
+from .kernels.fp8 import BlockFp8Weight, Fp8Experts, fp8_grouped_mm, quantize_rows, quantize_weight_blocks, swiglu_quantize
 from .kernels.swiglu import swiglu, swiglu_backward_weighted
 
 
@@ -112,3 +115,27 @@ def linear1_backward_data(
 ) -> torch.Tensor:
     """The data part of `linear1_backward`: dx `[I, H]` (dw1 = x^T @ dh is left to the caller)."""
     return grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)
+
+
+def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor) -> Fp8Experts:
+    """The experts in FP8 (128x128 blocks), once per call: every wave's products share them."""
+    return Fp8Experts(BlockFp8Weight(*quantize_weight_blocks(w1_EH2F.detach())),
+                      BlockFp8Weight(*quantize_weight_blocks(w2_EFH.detach())))
+
+
+def linear1_fp8(x_MH: torch.Tensor, w1: BlockFp8Weight, offs: torch.Tensor, index: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`linear1` in FP8: the item rows (`x[index]`) quantized in 1x128 tiles, times the
+    128x128-block weights, fp32 accumulation -> `[I, 2F]` in x's dtype."""
+    if index is not None:
+        x_MH = gather_rows(x_MH, index, rows)
+    xq, x_scale = quantize_rows(x_MH)
+    return fp8_grouped_mm(xq, x_scale, w1.q, w1.scale, offs, x_MH.dtype)
+
+
+def linear2_fp8(h_I2F: torch.Tensor, w2: BlockFp8Weight, offs: torch.Tensor,
+                swiglu_limit: Optional[float] = None) -> torch.Tensor:
+    """`linear2` in FP8: SwiGLU fused with its quantization (1x128 tiles), times the
+    128x128-block weights -> `[I, H]` in h's dtype."""
+    aq, a_scale = swiglu_quantize(h_I2F, swiglu_limit)
+    return fp8_grouped_mm(aq, a_scale, w2.q, w2.scale, offs, h_I2F.dtype)

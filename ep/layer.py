@@ -182,7 +182,8 @@ class ExpertParallelMoE(nn.Module):
                            waves.capacity(max_tokens, cfg.capacity_factor), max_tokens, status if bad else None)
         if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
             shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
-        y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit)
+        y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
+                                   cfg.expert_dtype)
         if self.shared_experts is not None:
             join()
             y_TH = y_TH + shared_TH

@@ -36,7 +36,7 @@ import torch
 from torch.profiler import record_function
 
 from .checks import STATUS_SLOTS
-from .experts import linear1, linear1_backward_data, linear2, linear2_backward_data
+from .experts import linear1, linear1_backward_data, linear1_fp8, linear2, linear2_backward_data, linear2_fp8, quantize_experts
 from .kernels import gather_rows, gather_rows_into, gather_slots, grouped_mm_wgrad, reduce_rows
 from .layout import RowLayout
 from .plan import WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values, wave_items, wave_slots
@@ -185,8 +185,9 @@ class WaveExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
-                swiglu_limit: Optional[float]):
+                swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None):
         H, device = x_TH.shape[1], x_TH.device
+        fp8 = quantize_experts(w1, w2) if expert_dtype is not None else None  # once: every wave shares them
         layout = RowLayout(H, plan.top_k, x_TH.dtype)
         W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
         dedup = plan.wave_map.dedup
@@ -222,8 +223,12 @@ class WaveExperts(torch.autograd.Function):
                             plan.num_local_experts, plan.item_capacity(w))
             with carve:
                 few = plan.expected_items_per_expert
-                h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
-                o = linear2(h, w2, None, it.offs, swiglu_limit, few)
+                if fp8 is not None:
+                    h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count)
+                    o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit)
+                else:
+                    h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
+                    o = linear2(h, w2, None, it.offs, swiglu_limit, few)
             if dedup:
                 back_item, back_weight, item_back = return_items(plan, layout, rows[:count], first, it)
             else:  # a touch is its row: it comes back in the row's place
@@ -327,7 +332,7 @@ class WaveExperts(torch.autograd.Function):
         with _range("ep.unpermute"):
             reduce_rows(layout.data(back), plan.back_row, dx_TH)
         dtopk_TK = returned_slot_values(plan, layout.weights(back))
-        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None
+        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None, None
 
 
 def wave_experts(
@@ -339,7 +344,8 @@ def wave_experts(
     transport: Transport,
     sm_carveout: int = 0,
     swiglu_limit: Optional[float] = None,
+    expert_dtype: Optional[torch.dtype] = None,
 ):
     """Differentiable expert part of the layer: `[T, H]` in, (`[T, H]`, the ranks' status
-    `[n, STATUS_SLOTS]`) out."""
-    return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit)
+    `[n, STATUS_SLOTS]`) out. `expert_dtype`: FP8 forward products (`MoEConfig.expert_dtype`)."""
+    return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit, expert_dtype)
