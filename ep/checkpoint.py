@@ -27,9 +27,14 @@ path)` checks the checkpoint's metadata first and raises `ValueError` naming the
 both E.
 
 The parameters stay plain tensors: the engine computes on them as before, and FSDP2 (over
-another mesh dimension) shards them like any parameter. Under FSDP2 the experts already are
-DTensors over the data-parallel mesh, which says nothing about the EP shards: `state_dict()`
-then raises (DCP would keep one EP rank's experts and drop the rest); see the README.
+another mesh dimension) shards them like any parameter. Under FSDP2 (`fully_shard(layer,
+mesh=dp_mesh)`, a 1-D dp mesh) the experts are DTensors `[E_local, ...]`, `Shard(0)` over dp,
+which alone says nothing of the EP shards (DCP would keep one EP rank's experts and drop the
+rest). `state_dict()` then gives them as DTensors `[E, ...]` over a 2-D mesh `("ep", "dp")`
+of the EP and dp groups with `(Shard(0), Shard(0))`: dim 0 split over ep, each EP rank's
+share split again over dp, as FSDP2 splits it (`torch.chunk`); and `load_state_dict` turns
+any accepted form back into FSDP2's dp shard. Other FSDP2 layouts (HSDP's 2-D dp mesh)
+raise `NotImplementedError`.
 """
 from __future__ import annotations
 
@@ -73,33 +78,69 @@ def _whole_shape(layer, local: torch.Tensor) -> torch.Size:
     return torch.Size((layer.config.num_experts, *local.shape[1:]))
 
 
+def _dp_of(layer, param):
+    """FSDP2's 1-D dp mesh of an expert parameter, or None when it is a plain tensor."""
+    DTensor, Shard = _dtensor_api()
+    if not isinstance(param, DTensor):
+        return None
+    mesh = param.device_mesh
+    if mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+        raise NotImplementedError(
+            f"ep: the layer's experts are DTensors on mesh {mesh} with placements {param.placements}; "
+            f"checkpoints support plain experts and FSDP2 over a 1-D dp mesh (Shard(0)) only")
+    return mesh
+
+
+def ep_dp_mesh(layer, dp_mesh):
+    """The 2-D `("ep", "dp")` mesh of the layer's EP group and FSDP2's dp group (no collective).
+    Rank (ep j, dp i) is `ep_ranks[j] + dp_ranks[i] - me`: the grid of `init_device_mesh`
+    (and of any layout where the ranks are affine in the two indices); a mesh only needs
+    this rank's own coordinates right (its row and column are the real groups), and a
+    guess that cannot be a grid raises."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    ep_g, dp_g = ep_group(layer), dp_mesh.get_group(0)
+    key = (ep_g.group_name, dp_g.group_name, dp_mesh.device_type)
+    if key not in _MESHES:
+        me = dist.get_rank()
+        ep_ranks, dp_ranks = dist.get_process_group_ranks(ep_g), dist.get_process_group_ranks(dp_g)
+        grid = [[p + d - me for d in dp_ranks] for p in ep_ranks]
+        flat = sum(grid, [])
+        if len(set(flat)) != len(flat) or not all(0 <= r < dist.get_world_size() for r in flat) or \
+                set(ep_ranks) & set(dp_ranks) != {me}:
+            raise NotImplementedError(f"ep: the EP group's ranks {ep_ranks} and the dp group's {dp_ranks} do not "
+                                      f"form a grid of ranks (as init_device_mesh makes)")
+        _MESHES[key] = DeviceMesh.from_group([ep_g, dp_g], dp_mesh.device_type, mesh=grid,
+                                             mesh_dim_names=("ep", "dp"))
+    return _MESHES[key]
+
+
 def experts_as_dtensors(layer, state_dict: Dict[str, Any], prefix: str, local_metadata) -> None:
-    """`state_dict` post-hook: the experts as DTensors `[E, ...]`, `Shard(0)` over the EP mesh."""
+    """`state_dict` post-hook: the experts as DTensors `[E, ...]`, `Shard(0)` over the EP mesh
+    (under FSDP2 over dp: `(Shard(0), Shard(0))` over the `("ep", "dp")` mesh)."""
     mesh = ep_mesh(layer)
     if mesh is None:
         return
     DTensor, Shard = _dtensor_api()
     for key in EXPERT_KEYS:
         name = prefix + key
-        local = state_dict.get(name)
-        if local is None:
+        value = state_dict.get(name)
+        if value is None:
             continue
-        if isinstance(local, DTensor):
-            raise NotImplementedError(
-                f"ep: {name} is already a DTensor (on mesh {local.device_mesh}, placements {local.placements}), "
-                f"e.g. sharded by FSDP2 over data-parallel ranks: its placements do not record the expert-parallel "
-                f"shards, so a distributed checkpoint would keep one EP rank's experts; save and load the layer's "
-                f"state dict outside FSDP2 (see the README, 'FSDP2 and distributed checkpoints')")
-        whole = _whole_shape(layer, local)
+        dp = _dp_of(layer, value)
+        local, placements = (value, [Shard(0)]) if dp is None else (value.to_local(), [Shard(0), Shard(0)])
+        whole = _whole_shape(layer, value)
         stride = torch.empty(whole, device="meta").stride()
-        state_dict[name] = DTensor.from_local(local.detach(), mesh, [Shard(0)], run_check=False,
-                                              shape=whole, stride=stride)
+        state_dict[name] = DTensor.from_local(local.detach(), mesh if dp is None else ep_dp_mesh(layer, dp),
+                                              placements, run_check=False, shape=whole, stride=stride)
 
 
 def _rows_of_rank(layer, name: str, value: Any) -> torch.Tensor:
-    """This rank's `[E_local, ...]` rows of a state dict's expert tensor (see the module doc)."""
+    """This rank's `[E_local, ...]` rows of a state dict's expert tensor (see the module doc);
+    under FSDP2, its dp shard of them as FSDP2's DTensor."""
     DTensor, Shard = _dtensor_api()
     param = layer.experts.w1 if name.endswith("w1") else layer.experts.w2
+    dp = _dp_of(layer, param)
     El, E, n, r = layer.num_local_experts, layer.config.num_experts, layer.world_size, layer.rank
     whole = _whole_shape(layer, param)
     if tuple(value.shape) != tuple(whole) and not (
@@ -110,15 +151,27 @@ def _rows_of_rank(layer, name: str, value: Any) -> torch.Tensor:
             f"E={E} experts (MoEConfig.num_experts) and needs the whole {list(whole)}"
             + (f", or this rank's own {list(param.shape)} ({El} experts on each of {n} ranks)" if El < E else ""))
     if isinstance(value, DTensor):
-        mesh = ep_mesh(layer)
-        same_ranks = mesh is not None and value.device_mesh.ndim == 1 and \
-            value.device_mesh.mesh.tolist() == mesh.mesh.tolist()
-        if same_ranks and tuple(value.placements) == (Shard(0),):
-            return value.to_local()
+        if dp is None:
+            mine, placements = ep_mesh(layer), (Shard(0),)
+        else:
+            mine, placements = ep_dp_mesh(layer, dp), (Shard(0), Shard(0))
+        if mine is not None and value.device_mesh.mesh.tolist() == mine.mesh.tolist() and \
+                tuple(value.placements) == placements:
+            local = value.to_local()
+            return local if dp is None else _as_dp_shard(param, dp, local)
         value = value.full_tensor()  # collective over the DTensor's mesh
-    if value.shape[0] == E:
-        return value[r * El:(r + 1) * El]
-    return value
+    rows = value[r * El:(r + 1) * El] if value.shape[0] == E else value
+    if dp is None:
+        return rows
+    size = -(-rows.shape[0] // dp.size())  # FSDP2's (torch.chunk's) rows per dp rank; the last ones may have fewer
+    i = dp.get_local_rank()
+    return _as_dp_shard(param, dp, rows[i * size:(i + 1) * size])
+
+
+def _as_dp_shard(param, dp_mesh, local: torch.Tensor):
+    """`local` (this rank's dp shard of its EP rows) as FSDP2's DTensor, shaped as `param`."""
+    DTensor, Shard = _dtensor_api()
+    return DTensor.from_local(local, dp_mesh, [Shard(0)], run_check=False, shape=param.shape, stride=param.stride())
 
 
 def experts_from_state_dict(layer, state_dict: Dict[str, Any], prefix: str, local_metadata, strict: bool,

@@ -7,6 +7,7 @@ do not fit the layer (E differs) raise, naming E."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 import torch
@@ -109,6 +110,35 @@ def load_at_2dp_2ep(rank, n, path):
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
     model = _load(_build(mesh.get_group("ep"), 400), path)
     return _portable(_run_loaded(model, _share(_tokens(), n, rank)))
+
+
+def fsdp2_load_step_save(rank, n, path, path2):
+    """2 dp x 2 ep under FSDP2 (examples/fsdp2_ep.py's recipe): load the EP=4 checkpoint, run
+    it, take one SGD step, save; return the outputs and this rank's experts (gathered over dp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    model = _fsdp2_example().parallelize(_build(mesh.get_group("ep"), 700), mesh)
+    ep.checkpoint.load(model, path)
+    x = _share(_tokens(), n, rank)
+    y = model(x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    y.square().sum().backward()
+    opt.step()
+    dcp.save(model.state_dict(), checkpoint_id=path2)
+    y2 = model(x).detach()
+    experts = tuple(w.full_tensor().detach().clone() for w in (model.moe.experts.w1, model.moe.experts.w2))
+    return _portable((y.detach(), y2, experts))
+
+
+def _fsdp2_example():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "fsdp2_ep", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fsdp2_ep.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _whole(experts_of_ranks):
@@ -219,3 +249,20 @@ def plain_state_dicts(rank, n):
 def test_plain_state_dicts_still_load():
     run_world(2, plain_state_dicts)
 
+
+
+def test_fsdp2_model_loads_and_saves(saved, tmp_path):
+    """Under FSDP2 (2 dp x 2 ep) the EP=4 checkpoint loads (same outputs); what it saves after a
+    step loads in one process with every expert of the step (each EP rank's rows gathered over dp)."""
+    path, y, experts, _ = saved
+    path2 = str(tmp_path / "fsdp2")
+    out = _unpack(run_world(4, fsdp2_load_step_save, path, path2))
+    assert _close(torch.cat([o[0] for o in out]), y)
+    stepped = [torch.cat([out[0][2][i], out[1][2][i]]) for i in (0, 1)]  # ep ranks 0, 1 of dp 0
+    assert all(torch.equal(torch.cat([out[2][2][i], out[3][2][i]]), stepped[i]) for i in (0, 1))  # dp 1 alike
+    assert not torch.equal(stepped[0], experts[0])  # the step moved them
+    torch.manual_seed(800)
+    model = Net().double()
+    ep.checkpoint.load(model, path2)
+    assert all(torch.equal(g, w) for g, w in zip((model.moe.experts.w1, model.moe.experts.w2), stepped))
+    assert _close(model(_tokens()).detach(), torch.cat([o[1] for o in out]))
