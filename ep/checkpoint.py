@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 
 EXPERT_KEYS = ("experts.w1", "experts.w2")
-_MESHES: Dict[Tuple[str, str], Any] = {}  # (group name, device type) -> the 1-D DeviceMesh of the EP group
+_MESHES: Dict[Tuple[str, ...], Any] = {}  # group names and device type -> the EP group's mesh (1-D, or ("ep", "dp"))
 
 
 def _dtensor_api():

@@ -134,8 +134,8 @@ def fsdp2_load_step_save(rank, n, path, path2):
 def _fsdp2_example():
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "fsdp2_ep", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "fsdp2_ep.py"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("fsdp2_ep", os.path.join(root, "examples", "fsdp2_ep.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
