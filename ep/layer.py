@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import checkpoint
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
 from .config import MoEConfig
 from .experts import Experts
@@ -71,6 +72,7 @@ class ExpertParallelMoE(nn.Module):
         self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
         self._posted = PostedFindings()
         """Device findings of earlier calls (on CUDA), raised at the next call."""
+        checkpoint.install(self)  # state_dict: experts as DTensors [E, ...], Shard(0) over the EP mesh (ep/checkpoint.py)
 
     def reset_parameters(self) -> None:
         """Fresh initial values (as construction draws them, in the same order)."""
