@@ -192,9 +192,10 @@ class PostedFindings:
 
     def seen(self) -> Optional[List[List[int]]]:
         """What has reached the host so far (no sync); None when nothing was found."""
-        if self._host is None or not bool(self._host.any()):
+        if self._host is None:
             return None
-        return self._host.tolist()
+        table = self._host.tolist()  # host memory: read as ints (no Tensor.item(), which Dynamo breaks at)
+        return table if any(map(any, table)) else None
 
     def settle(self) -> Optional[List[List[int]]]:
         """Wait for every posted table (a device sync), then `seen()`."""

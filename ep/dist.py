@@ -174,3 +174,28 @@ def init_distributed(
         dist.init_process_group(backend, store=store, rank=info.rank, world_size=info.world_size,
                                 timeout=timeout, **kwargs)
     return dist.group.WORLD
+
+
+def as_process_group(group, arg: str = "group") -> Optional[dist.ProcessGroup]:
+    """`group` as a process group: a 1-D `DeviceMesh` (e.g. `mesh["ep"]` of a 2-D mesh) gives
+    its group; None and process groups are returned as they are.
+
+    Args:
+        group: None, a `ProcessGroup`, or a one-dimensional `DeviceMesh`.
+        arg: how the caller's argument is called, for the error.
+    Raises:
+        ValueError: for a `DeviceMesh` of more than one dimension (naming `arg`).
+    """
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            names = f" {group.mesh_dim_names}" if group.mesh_dim_names else ""
+            raise ValueError(
+                f"{arg}: a DeviceMesh given as the expert-parallel group must have one dimension, got one of "
+                f"{group.ndim} dimensions{names} (shape {tuple(group.shape)}): pass the expert-parallel "
+                f"dimension, e.g. mesh['ep']")
+        return group.get_group()
+    return group

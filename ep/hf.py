@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .config import MoEConfig
+from .dist import as_process_group
 from .kernels.fp8 import BLOCK, FP8, BlockFp8Weight, Fp8Experts, expand_blocks
 from .layer import ExpertParallelMoE
 
@@ -309,11 +310,13 @@ class ExpertParallelBlock(nn.Module):
 
 def replace_moe_blocks(model: nn.Module, group=None, **overrides) -> int:
     """Replace every MoE block of a `transformers` model (a module with `gate` and `experts`)
-    by an `ExpertParallelBlock` over `group`, its weights loaded (`load_block`) on every rank.
+    by an `ExpertParallelBlock` over `group` (a process group, a 1-D `DeviceMesh` such as
+    `mesh["ep"]`, or None), its weights loaded (`load_block`) on every rank.
 
     Returns:
         how many blocks were replaced.
     """
+    group = as_process_group(group, "replace_moe_blocks(group=...)")
     cfg = moe_config(model.config, **overrides)
     targets = [(name, m) for name, m in model.named_modules() if hasattr(m, "gate") and hasattr(m, "experts")]
     for name, block in targets:

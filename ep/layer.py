@@ -1,7 +1,8 @@
 """`ExpertParallelMoE`: router -> plan -> pipeline (transport, experts, kernels)."""
 from __future__ import annotations
 
-from typing import List, Optional
+from contextlib import contextmanager
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,7 @@ from torch import nn
 from . import checkpoint
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
 from .config import MoEConfig
+from .dist import as_process_group
 from .experts import Experts
 from .pipeline import run_beside, wave_experts
 from .plan import WaveMap, sender_plan
@@ -46,10 +48,18 @@ class ExpertParallelMoE(nn.Module):
            device on the host: input problems found there raise at once on the CPU and at
            the next call on CUDA (or `check_errors()`).
 
+    Under `torch.autocast(device_type, dtype)` the layer computes as `nn.Linear` does: x and
+    the expert weights (routed and shared) are cast to the autocast dtype per call, the
+    output has that dtype, and the parameters get gradients in their own dtype; the router
+    keeps its weight's dtype and its logits stay in at least fp32 (`_forward_autocast`).
+    `torch.compile` runs the layer eagerly: `forward` is a `torch.compiler.disable`
+    boundary (a compiled model graph-breaks around the layer; `fullgraph=True` is refused).
+
     Args:
         config: the layer's shape and knobs.
-        group: the expert-parallel process group; None is the default group (or a
-            one-process world when torch.distributed is not initialised).
+        group: the expert-parallel process group, or a one-dimensional `DeviceMesh` (e.g.
+            `mesh["ep"]` of a 2-D mesh; a mesh of more dimensions raises ValueError); None is
+            the default group (or a one-process world when torch.distributed is not initialised).
         transport: optional, a transport to use instead of the one `config.transport` names
             for `group` (one made by hand, e.g. an `ep.transport.Transport` of your own).
     """
@@ -57,6 +67,7 @@ class ExpertParallelMoE(nn.Module):
     def __init__(self, config: MoEConfig, group: Optional[dist.ProcessGroup] = None,
                  transport: Optional[Transport] = None) -> None:
         super().__init__()
+        group = as_process_group(group, "ExpertParallelMoE(group=...)")
         self.config = config
         self.transport = transport if transport is not None else make_transport(group, config.transport, config.timeout_s)
         self.num_local_experts = config.num_local_experts(self.transport.world_size)
@@ -107,6 +118,9 @@ class ExpertParallelMoE(nn.Module):
     def world_size(self) -> int:
         return self.transport.world_size
 
+    # torch.compile: the engine (plan, waves, host exchanges, streams) must never be traced;
+    # Dynamo graph-breaks here and runs the layer eagerly (see the class docstring)
+    @torch.compiler.disable(reason="ep.ExpertParallelMoE runs eagerly: its engine is not traceable yet")
     def forward(
         self,
         x: torch.Tensor,
@@ -114,7 +128,8 @@ class ExpertParallelMoE(nn.Module):
         topk_weights: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Args:
-            x: `[..., H]` in the parameters' dtype and device.
+            x: `[..., H]` in the parameters' dtype and device (under `torch.autocast`, any
+                floating dtype: it is cast to the autocast dtype).
             topk_idx: optional `[T, k]` int64 global expert ids (T = x.numel() / H),
                 distinct within a token; given together with `topk_weights`.
             topk_weights: optional `[T, k]` float, used as given (not renormalised).
@@ -130,6 +145,8 @@ class ExpertParallelMoE(nn.Module):
                 with `transport="device_put"` at the next call after a device-side wait
                 timed out (`ep.transport.device_put`).
         """
+        if torch.is_autocast_enabled(x.device.type):  # computes in the autocast dtype (once more, with it off)
+            return self._forward_autocast(x, topk_idx, topk_weights)
         cfg = self.config
         self.transport.raise_errors()  # what the device saw go wrong in earlier calls
         self.sync_replicas()
@@ -141,6 +158,27 @@ class ExpertParallelMoE(nn.Module):
             W = choose_waves(self, x, topk_idx, topk_weights, status, max_tokens)
         self.num_waves = W
         return self._run(x, topk_idx, topk_weights, W, status, max_tokens)
+
+    def _forward_autocast(self, x, topk_idx, topk_weights) -> torch.Tensor:
+        """`forward` under `torch.autocast(device_type, dtype)`, as `nn.Linear` computes there:
+        x and the expert weights (routed `experts.w1/w2`, `shared_experts.w1/w2`) cast to the
+        autocast dtype for this call, then `forward` with autocast off inside (so the router's
+        logits stay in at least fp32 and no op inside is cast again). The casts are autograd
+        ops: fp32 parameters get fp32 gradients. float64 tensors are not cast (autocast leaves
+        them alone too). The router's weight is not cast: logits from the cast x and the
+        router's own weight."""
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type)
+        self.sync_replicas()  # first: the broadcast must reach the parameters, not this call's casts
+        with torch.autocast(device_type, enabled=False), _cast_for_call(self._cast_weights(), dtype):
+            return self.forward(_autocast(x, dtype), topk_idx, topk_weights)
+
+    def _cast_weights(self) -> List[tuple]:
+        """(module, parameter name) of the weights autocast casts: the routed and shared experts'."""
+        out = [(self.experts, "w1"), (self.experts, "w2")]
+        if self.shared_experts is not None:
+            out += [(self.shared_experts, "w1"), (self.shared_experts, "w2")]
+        return out
 
     def _token_bound(self, x, topk_idx, topk_weights):
         """This rank's host findings, and the most tokens of any rank in this call (from
@@ -219,3 +257,25 @@ class ExpertParallelMoE(nn.Module):
             torch.cuda.synchronize(self.transport.device)
         self.transport.raise_errors()
         self._raise_found(found, earlier=True)
+
+
+def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as autocast casts an op's input: floating tensors other than float64 to `dtype`."""
+    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+
+
+@contextmanager
+def _cast_for_call(params, dtype: torch.dtype) -> Iterator[None]:
+    """For the duration of one call, each `(module, name)` parameter reads as its cast to
+    `dtype` (a differentiable copy: its gradient reaches the parameter in the parameter's
+    dtype); the parameters are back when the call returns or raises. The engine reads the
+    weights from the modules when the call starts (`self.experts.w1`, the shared experts'
+    forward) and passes them on: this is the seam through which autocast reaches it."""
+    saved = [(module, name, module._parameters[name]) for module, name in params]
+    try:
+        for module, name, param in saved:
+            module._parameters[name] = _autocast(param, dtype)
+        yield
+    finally:
+        for module, name, param in saved:
+            module._parameters[name] = param

@@ -6,6 +6,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..config import TRANSPORTS
+from ..dist import as_process_group
 from .base import CommunicationError, Done, Pending, Transport
 from .torch_dist import LocalTransport, TorchDistTransport
 
@@ -16,7 +17,8 @@ _SHARED: dict = {}  # (kind, group name) -> its transport with buffers, shared b
 def make_transport(
     group: Optional[dist.ProcessGroup] = None, kind: str = "nccl", timeout_s: Optional[float] = None
 ) -> Transport:
-    """The transport for `group` (the default group when None).
+    """The transport for `group` (the default group when None; a 1-D `DeviceMesh` stands for
+    its group, e.g. `mesh["ep"]`).
 
     kind "nccl": `torch.distributed`'s all-to-all (NCCL on GPUs, Gloo on CPUs); "copy_engine":
     peer copies into symmetric memory (CUDA ranks of one host; `CopyEngineTransport`);
@@ -30,6 +32,7 @@ def make_transport(
     """
     if kind not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {kind!r}")
+    group = as_process_group(group, "make_transport(group=...)")
     if group is None and not dist.is_initialized():
         return LocalTransport()
     if kind in ("copy_engine", "device_put"):
