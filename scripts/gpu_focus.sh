@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# A shorter GPU run than gpu_bench.sh, for a session whose device time is short: the checks
+# that only a GPU can show (gpu_check: every split, sync-free steps, CUDA graphs, FP8; the
+# layer with device_put between two processes on GPU 0) and the benchmark rows of dsv3 and
+# decode (token and expert waves at W = 1, 2, bf16 and FP8 experts, CUDA graphs). Writes
+# env.txt, log.txt, check_n1.json, overlap_n1_nvlink.json under $OUT (default out/gpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+export EP_COMMIT=${EP_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+log="$OUT/log.txt"
+{ date -u; nvidia-smi; python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"nccl", torch.cuda.nccl.version(), "triton", triton.__version__)'; echo "commit $EP_COMMIT"; } > "$OUT/env.txt" 2>&1
+rc=0
+echo "== correctness, one GPU (both splits, sync-free steps, CUDA graphs, FP8 experts)" | tee -a "$log"
+timeout 200 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --json "$OUT/check_n1.json" 2>&1 \
+  | tee -a "$log" || rc=1
+echo "== the layer with device_put, two processes on GPU 0 (both splits, sync-free steps, graphs)" | tee -a "$log"
+CUDA_VISIBLE_DEVICES=0 timeout 120 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_procs_check.py 2>&1 \
+  | grep -E "device_put, |passed|Error|rank [0-9] " | tee -a "$log" || rc=1
+echo "== overlap benchmark, one GPU" | tee -a "$log"
+timeout 250 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --preset "${EP_PRESETS:-dsv3,decode}" \
+  --waves 1,2 --expert-waves 1,2 --carveouts 0 --precisions bf16,fp8 --splits tokens,experts --graphs \
+  --run-name "${EP_RUN:-gpu1}" --json "$OUT/overlap_n1_nvlink.json" 2>&1 | tee -a "$log" || rc=1
+exit $rc
