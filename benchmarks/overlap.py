@@ -68,8 +68,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default=None, help=f"comma-separated, from {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
     p.add_argument("--splits", default="tokens,experts", help="comma-separated wave splits: tokens, experts")
-    p.add_argument("--precisions", default="bf16",
-                   help="comma-separated expert products: bf16 (the layer's dtype), fp8 (MoEConfig.expert_dtype, "
+    p.add_argument("--precisions", default="dtype",
+                   help="comma-separated expert products: dtype (the preset's dtype), fp8 (MoEConfig.expert_dtype, "
                         "H and F multiples of 128)")
     p.add_argument("--waves", default="1,2,4,auto",
                    help="comma-separated W values, or auto (the layer's own choice); 1 is always measured")
@@ -197,9 +197,9 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     dedups = [d.strip() for d in args.dedup.split(",")]
     splits = [t.strip() for t in args.splits.split(",")]
     kinds = [t.strip() for t in args.transports.split(",")]
-    precisions = [t.strip() for t in args.precisions.split(",")]
-    if any(t not in ("bf16", "fp8") for t in precisions):
-        raise SystemExit(f"--precisions takes bf16 and/or fp8, got {args.precisions!r}")
+    precisions = [P["dtype"] if t.strip() == "dtype" else t.strip() for t in args.precisions.split(",")]
+    if any(t not in (P["dtype"], "fp8") for t in precisions):
+        raise SystemExit(f"--precisions takes dtype and/or fp8, got {args.precisions!r}")
     if any(d not in ("rank", "wave") for d in dedups):
         raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
     if any(t not in ep.config.WAVE_SPLITS for t in splits):
@@ -434,7 +434,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 def traced_rows(rows: List[dict], trace_waves: str) -> List[dict]:
     """The rows whose timelines are saved: per wave split and transport, the fastest waved row,
     and the fastest row of each W named in `trace_waves` (e.g. "4": where a model misses)."""
-    eager = [r for r in rows if r["W"] > 1 and not r.get("graph") and r.get("precision", "bf16") == "bf16"]
+    eager = [r for r in rows if r["W"] > 1 and not r.get("graph") and r.get("precision") != "fp8"]
     extra = {int(w) for w in trace_waves.split(",") if w.strip()} if trace_waves else set()
     picks = {}
     for r in sorted(eager, key=lambda r: r["fwd_ms"]):  # the first seen of each key is the fastest
@@ -571,7 +571,7 @@ def records(result: dict, run_name: Optional[str]) -> List[dict]:
                 nccl_ctas=meta["env"].get("NCCL_MAX_CTAS"), transport=row["transport"], wave_split=row["split"],
                 dedup=row["dedup"] if row["split"] == "experts" else None, num_waves=row["W"],
                 auto_from="auto" if row.get("auto") else None, sm_carveout=row["carveout"], graph=bool(row.get("graph")),
-                shared_experts=r.get("shared", 0), precision=row.get("precision", "bf16"),
+                shared_experts=r.get("shared", 0), precision=row.get("precision", r["dtype"]),
                 fwd_ms=row["fwd_ms"], fwd_bwd_ms=row.get("fwd_bwd_ms"), plan_given_fwd_ms=row.get("plan_given_fwd_ms"),
                 host_ms=row.get("host_ms"), b2b_fwd_ms=row.get("b2b_fwd_ms"), comm_ms=r["comm_ms"],
                 compute_ms=r["compute_ms"], ideal_ms=r["ideal_ms"], overlap_efficiency=row.get("overlap_efficiency"),

@@ -13,8 +13,8 @@
 # usage: scripts/gpu_bench.sh [NGPUS] [--quick]
 #   --quick: dsv3 and decode only, fewer variants (a development run of ~4 minutes)
 #   EP_PRESETS, EP_WAVES, EP_EXPERT_WAVES: the NVLink run's presets, token-wave and expert-wave W
-#   values (default dsv3,wide,decode, 1,2,auto and 1, or 1,2 on one GPU); EP_PRECISIONS: bf16
-#   and/or fp8 expert products (default bf16, both on one GPU); EP_RUN: the run's name in the records
+#   values (default dsv3,wide,decode, 1,2,auto and 1, or 1,2 on one GPU); EP_PRECISIONS: dtype
+#   (the preset's) and/or fp8 expert products (default dtype, both on one GPU); EP_RUN: the run's name in the records
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -90,7 +90,7 @@ else
   # expert: r19; W=4 at NVLink was slower than W=2 in every r16 row), to stay in one 10-minute call
   # one GPU: expert waves at W=2 beside token waves (the one engine's two maps; every call is a copy)
   # and FP8 expert products beside bf16 ones
-  ew=1; pr=bf16; [ "$n" -eq 1 ] && ew=1,2 && pr=bf16,fp8
+  ew=1; pr=dtype; [ "$n" -eq 1 ] && ew=1,2 && pr=dtype,fp8
   nvlink=(--preset "${EP_PRESETS:-dsv3,wide,decode}" --waves "${EP_WAVES:-1,2,auto}" --expert-waves "${EP_EXPERT_WAVES:-$ew}"
           --carveouts 0 --precisions "${EP_PRECISIONS:-$pr}")
   no_p2p=(--preset dsv3 --waves 1,2,4,8,auto --expert-waves 1,4 --carveouts 0,16)

@@ -23,6 +23,6 @@ CUDA_VISIBLE_DEVICES=0 timeout 120 torchrun --standalone --nproc-per-node 2 benc
   | grep -E "device_put, |passed|Error|rank [0-9] " | tee -a "$log" || rc=1
 echo "== overlap benchmark, one GPU" | tee -a "$log"
 timeout 250 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --preset "${EP_PRESETS:-dsv3,decode}" \
-  --waves 1,2 --expert-waves 1,2 --carveouts 0 --precisions bf16,fp8 --splits tokens,experts --graphs \
+  --waves 1,2 --expert-waves 1,2 --carveouts 0 --precisions dtype,fp8 --splits tokens,experts --graphs \
   --run-name "${EP_RUN:-gpu1}" --json "$OUT/overlap_n1_nvlink.json" 2>&1 | tee -a "$log" || rc=1
 exit $rc
