@@ -21,6 +21,7 @@ COMMON = dict(T=I32, E=I32, E_local=I32, n=I32, W=I32, NB=I32)
 
 
 def _cases():
+    from ep.kernels import triton_fp8 as tf
     from ep.kernels import triton_plan as tc
     from ep.kernels import triton_grouped as tg
     from ep.kernels import triton_p2p as tp
@@ -31,7 +32,18 @@ def _cases():
                call_at="i64", per_src="i64", first=I32, chunks=I32, ready_at=I32, freed_at=I32, deadline="i64",
                label=I32, arrived_rows=P("i64"), row_pieces=I32)
     wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, CHUNKS=32, USE_CLOCK=True, HAS_SENT=True)
+    quant = dict(q=P("fp8e4nv"), s=P("fp32"), T=I32, q_stride=I32, s_stride=I32)
+    fp8_grouped = dict(x=P("fp8e4nv"), xs=P("fp32"), w=P("fp8e4nv"), ws=P("fp32"), offs=P("i32"), out=P("bf16"),
+                       N=I32, E=I32, x_stride=I32, xs_stride=I32, w_se="i64", w_sk=I32, w_sn=I32, ws_se=I32,
+                       ws_sk=I32, ws_sn=I32, out_stride=I32)
+    bm, bn, _, _ = tf.GROUPED_CONFIG
     return [
+        (tf._quantize_rows_kernel, dict(x=P("bf16"), x_stride=I32, **quant), dict(TILES=8, POW2=False)),
+        (tf._quantize_rows_kernel, dict(x=P("bf16"), x_stride=I32, **quant), dict(TILES=8, POW2=True)),
+        (tf._swiglu_quantize_kernel, dict(h=P("bf16"), F=I32, limit="fp32", h_stride=I32, **quant),
+         dict(TILES=8, HAS_LIMIT=True, POW2=False)),
+        (tf._fp8_grouped_kernel, fp8_grouped, dict(K=7168, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear1
+        (tf._fp8_grouped_kernel, fp8_grouped, dict(K=2048, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear2
         (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), sent_rows=P("i64"), wait_programs=I32,
                               **p2p), wide),
         (tp._take_kernel, dict(out=P("i32"), arena=P("i32"), put_programs=I32, **p2p), wide),
