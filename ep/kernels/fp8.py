@@ -1,8 +1,8 @@
 """FP8 (e4m3) building blocks, the DeepSeek way: activations in 1x128 tiles, weights in
 128x128 blocks, one fp32 scale each, products accumulated in fp32.
 
-Not wired into the layer yet: these are the pieces an FP8 expert mode (and FP8 dispatch)
-will call. Each has a plain torch path (CPU, or any device) and, where it pays, a Triton
+The FP8 expert mode (`MoEConfig.expert_dtype`, `ep.experts.linear1_fp8` / `linear2_fp8`)
+calls them; FP8 dispatch is not built yet. Each has a plain torch path (CPU, or any device) and, where it pays, a Triton
 kernel for CUDA (`ep.kernels.triton_fp8`), chosen as `ep.kernels.permute.use_triton` does.
 
 Layouts (the layer's: weights `[E, K, N]`, rows of x grouped by expert, `offs` as
@@ -29,7 +29,7 @@ per-column scales exactly (a column's K/128 blocks have different scales), so th
 path requantizes: weights once, at load (`requantize_weight_columns`: dequantize in fp32,
 quantize per column), and activations per call from the high-precision rows
 (`quantize_rowwise`). One scale per 7168 values loses more to outliers than one per 128
-(the numbers are in the README's "Precision (FP8 building blocks)").
+(the numbers are in the README's "Precision: FP8 expert products").
 """
 from __future__ import annotations
 
