@@ -103,8 +103,8 @@ class WavePlan:
 
     Rows are numbered over all waves: region (w, d) holds rows
     `[(w*n + d) * capacity, (w*n + d + 1) * capacity)`, for the sent rows and the returned
-    rows alike. Route and touch tables have one column per (rank) or per (wave, rank):
-    `columns` says which (`slot_columns`).
+    rows alike. Route and touch tables have one column per rank or per (wave, rank): their
+    width says which (`slot_columns`).
     """
 
     num_ranks: int
