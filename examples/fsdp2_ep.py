@@ -26,6 +26,7 @@ step; the script exits non-zero if the loss did not fall.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from typing import List, Optional
 
@@ -122,6 +123,9 @@ def main(argv=None) -> int:
         losses.append(total.item() / n)
         if rank == 0:
             print(f"step {step} loss {losses[-1]:.6f}", flush=True)
+    dist.barrier()  # every rank done with the groups' last work before any tears them down
+    del model, opt
+    gc.collect()  # the FSDP2 and DTensor state that holds the sub-groups, before they go
     dist.destroy_process_group()
     if args.steps > 1 and not losses[-1] < losses[0]:
         print(f"fsdp2_ep.py: the loss did not fall ({losses[0]:.6f} -> {losses[-1]:.6f})", file=sys.stderr)
