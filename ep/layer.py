@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, compiled
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
 from .config import MoEConfig
 from .dist import as_process_group
 from .experts import Experts
 from .pipeline import run_beside, wave_experts
-from .plan import WaveMap, sender_plan
+from .plan import WaveMap, WavePlan, sender_plan
 from .router import Router
 from .shared import SharedExperts
 from .transport import Transport, make_transport
@@ -98,15 +98,16 @@ class ExpertParallelMoE(nn.Module):
             out += [self.shared_experts.w1, self.shared_experts.w2]
         return out
 
-    def sync_replicas(self) -> None:
+    def sync_replicas(self, tensors: Optional[List[torch.Tensor]] = None) -> None:
         """Collective, once (later calls return at once): every rank's config must agree (else
-        `InputError` on every rank), then the replicated tensors are broadcast from rank 0.
-        The first forward calls it; call it before using `router` outside the layer."""
+        `InputError` on every rank), then the replicated tensors (or `tensors`, stand-ins for
+        them: the compiled path's copies) are broadcast from rank 0. The first forward calls
+        it; call it before using `router` outside the layer."""
         if self._replicas_synced:
             return
         check_same_config(self.config, self.transport)
         with torch.no_grad():
-            for t in self.replicated_tensors():
+            for t in self.replicated_tensors() if tensors is None else tensors:
                 self.transport.broadcast_(t.data, src=0, label="replicated weights' broadcast (first forward)")
         self._replicas_synced = True
 
@@ -118,9 +119,6 @@ class ExpertParallelMoE(nn.Module):
     def world_size(self) -> int:
         return self.transport.world_size
 
-    # torch.compile: the engine (plan, waves, host exchanges, streams) must never be traced;
-    # Dynamo graph-breaks here and runs the layer eagerly (see the class docstring)
-    @torch.compiler.disable(reason="ep.ExpertParallelMoE runs eagerly: its engine is not traceable yet")
     def forward(
         self,
         x: torch.Tensor,
@@ -145,12 +143,15 @@ class ExpertParallelMoE(nn.Module):
                 with `transport="device_put"` at the next call after a device-side wait
                 timed out (`ep.transport.device_put`).
         """
+        if torch.compiler.is_compiling():  # Dynamo traces the layer: its engine as custom ops
+            return compiled.forward(self, x, topk_idx, topk_weights)
         if torch.is_autocast_enabled(x.device.type):  # computes in the autocast dtype (once more, with it off)
             return self._forward_autocast(x, topk_idx, topk_weights)
         cfg = self.config
         self.transport.raise_errors()  # what the device saw go wrong in earlier calls
         self.sync_replicas()
-        status, max_tokens = self._token_bound(x, topk_idx, topk_weights)
+        status = host_status(cfg, x, self.experts.w1, topk_idx, topk_weights)
+        max_tokens = self._token_bound(status, num_tokens(cfg, x))
         W = cfg.num_waves
         if W == "auto":  # the same W on every rank: chosen from what all ranks measured
             from .auto import choose_waves
@@ -180,13 +181,12 @@ class ExpertParallelMoE(nn.Module):
             out += [(self.shared_experts, "w1"), (self.shared_experts, "w2")]
         return out
 
-    def _token_bound(self, x, topk_idx, topk_weights):
-        """This rank's host findings, and the most tokens of any rank in this call (from
-        `max_tokens`, or one exchange between the hosts, which also raises every rank's host
-        findings and earlier calls' device findings on every rank)."""
+    def _token_bound(self, status: List[int], T: int) -> int:
+        """The most tokens of any rank in this call, from `max_tokens` (a T above it is
+        recorded in `status`), or one exchange between the hosts, which also raises every
+        rank's host findings (`status`: this rank's) and earlier calls' device findings on
+        every rank."""
         cfg, tr = self.config, self.transport
-        status = host_status(cfg, x, self.experts.w1, topk_idx, topk_weights)
-        T = x.numel() // cfg.hidden if x.dim() and x.shape[-1] == cfg.hidden else 0
         earlier = self._posted.seen()
         if cfg.max_tokens is None:  # the ranks' hosts agree on the bound (and on earlier findings)
             S = STATUS_SLOTS
@@ -195,31 +195,36 @@ class ExpertParallelMoE(nn.Module):
             seen = [max(col) for col in zip(*(row[1 + S:] for row in table))]  # what any rank's host has seen
             self._raise_found([seen[r * S:(r + 1) * S] for r in range(tr.world_size)], earlier=True)
             raise_on_problems([row[1:1 + S] for row in table], cfg, cfg.num_experts)
-            max_tokens = max(row[0] for row in table)
-        else:
-            self._raise_found(earlier, earlier=True)
-            max_tokens = cfg.max_tokens
-            if T > max_tokens:
-                status[X_TOKENS] = T
-        return status, max_tokens
+            return max(row[0] for row in table)
+        self._raise_found(earlier, earlier=True)
+        mark_over_bound(cfg, status, T)
+        return cfg.max_tokens
+
+    def _plan(self, topk_idx, topk_weights, W: int, status, max_tokens: int) -> WavePlan:
+        """The wave plan of this call (`ep.plan.sender_plan`); `status` travels along when bad."""
+        cfg = self.config
+        waves = self.wave_map(W, max_tokens)
+        return sender_plan(topk_idx, topk_weights, cfg.num_experts, self.world_size, waves,
+                           waves.capacity(max_tokens, cfg.capacity_factor), max_tokens, status if any(status) else None)
+
+    def wave_map(self, W: int, max_tokens: int) -> WaveMap:
+        """The wave map of W waves (token waves: at most one wave per token of T_max)."""
+        cfg = self.config
+        if cfg.wave_split == "tokens":
+            W = max(1, min(W, max_tokens))
+        return WaveMap.of(cfg.wave_split, W, cfg.dedup_across_waves)
 
     def _run(self, x, topk_idx, topk_weights, W: int, status, max_tokens: int) -> torch.Tensor:
         cfg, tr = self.config, self.transport
         w1, w2 = self.experts.w1, self.experts.w2
         bad = any(status)
         if bad:  # take part with no tokens: the status travels with the rows to every rank
-            x_TH = w1.new_empty(0, cfg.hidden)
-            topk_idx = torch.empty(0, cfg.top_k, dtype=torch.int64, device=w1.device)
-            topk_weights = w1.new_empty(0, cfg.top_k, dtype=torch.float32)
+            x_TH, topk_idx, topk_weights = stand_ins(cfg, w1)
         else:
             x_TH = x.reshape(-1, cfg.hidden)
             if topk_idx is None:
                 topk_idx, topk_weights = self.router(x_TH)
-        if cfg.wave_split == "tokens":
-            W = max(1, min(W, max_tokens))
-        waves = WaveMap.of(cfg.wave_split, W, cfg.dedup_across_waves)
-        plan = sender_plan(topk_idx, topk_weights, cfg.num_experts, tr.world_size, waves,
-                           waves.capacity(max_tokens, cfg.capacity_factor), max_tokens, status if bad else None)
+        plan = self._plan(topk_idx, topk_weights, W, status, max_tokens)
         if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
             shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
         y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
@@ -227,11 +232,16 @@ class ExpertParallelMoE(nn.Module):
         if self.shared_experts is not None:
             join()
             y_TH = y_TH + shared_TH
-        if bad or not found.is_cuda:  # read now: on the CPU it costs nothing, on CUDA this is an error path
+        self._report(found, bad)
+        return y_TH.view(x.shape)
+
+    def _report(self, found: torch.Tensor, bad: bool) -> None:
+        """The ranks' findings of this call: raised now where reading them is free (the CPU,
+        or a call that is failing anyway), else posted for the next call."""
+        if bad or not found.is_cuda:
             self._raise_found(found.tolist())
         else:
             self._posted.post(found)
-        return y_TH.view(x.shape)
 
     def _raise_found(self, found, earlier: bool = False) -> None:
         """Raise `InputError` for a `[n][STATUS_SLOTS]` table of findings, if any."""
@@ -257,6 +267,23 @@ class ExpertParallelMoE(nn.Module):
             torch.cuda.synchronize(self.transport.device)
         self.transport.raise_errors()
         self._raise_found(found, earlier=True)
+
+
+def num_tokens(cfg: MoEConfig, x: torch.Tensor) -> int:
+    """T of an input (0 when its last dimension is not `hidden`: reported by `host_status`)."""
+    return x.numel() // cfg.hidden if x.dim() and x.shape[-1] == cfg.hidden else 0
+
+
+def mark_over_bound(cfg: MoEConfig, status: List[int], T: int) -> None:
+    """Record in `status` a T above `MoEConfig.max_tokens`."""
+    if cfg.max_tokens is not None and T > cfg.max_tokens:
+        status[X_TOKENS] = T
+
+
+def stand_ins(cfg: MoEConfig, w1: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, topk_idx, topk_weights of no tokens: a rank with bad input takes part with these."""
+    return (w1.new_empty(0, cfg.hidden), torch.empty(0, cfg.top_k, dtype=torch.int64, device=w1.device),
+            w1.new_empty(0, cfg.top_k, dtype=torch.float32))
 
 
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
@@ -39,7 +39,7 @@ from .checks import STATUS_SLOTS
 from .experts import linear1, linear1_backward_data, linear1_fp8, linear2, linear2_backward_data, linear2_fp8, quantize_experts
 from .kernels import gather_rows, gather_rows_into, gather_slots, grouped_mm_wgrad, reduce_rows
 from .layout import RowLayout
-from .plan import WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values, wave_items, wave_slots
+from .plan import PLAN_TENSORS, WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values, wave_items, wave_slots
 from .transport import Pending, Transport
 
 Started = TypeVar("Started")
@@ -171,13 +171,197 @@ def run_waves(
     return outbound
 
 
-_PLAN_TENSORS = ("route_row", "row_token", "region_rows", "back_row", "back_token", "back_region_rows", "topk_idx",
-                 "status")
 _WAVE_TENSORS = ("item_row", "item_weight", "item_expert", "offs", "slot_item", "back_item", "item_back")
 
 
+@dataclass
+class Saved:
+    """What the backward reads from its forward: the weights, every wave's received rows
+    (`recv [W, N + 1, width]`, each wave's zero row last), linear1's outputs per wave, the
+    plan and each wave's tables (`waves[w]`: items, back_item, item_back). The autograd
+    Function saves it all; the compiled path's ops carry recv and hidden between them and
+    make the tables again (`rebuild_saved`)."""
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    recv: torch.Tensor
+    plan: WavePlan
+    hidden: List[torch.Tensor]
+    waves: List[Tuple[WaveItems, torch.Tensor, torch.Tensor]]
+
+
+def received_rows(plan: WavePlan, layout: RowLayout, device: torch.device) -> torch.Tensor:
+    """`[W, N + 1, width]`, uninitialised: every wave's received rows and its zero row."""
+    return layout.empty(plan.num_waves * (plan.rows_per_wave + 1), device).view(plan.num_waves,
+                                                                                 plan.rows_per_wave + 1, layout.width)
+
+
+def hidden_shapes(plan: WavePlan, w1: torch.Tensor) -> List[Tuple[int, int]]:
+    """linear1's output per wave: `[item_capacity(w), 2F]`."""
+    return [(plan.item_capacity(w), w1.shape[2]) for w in range(plan.num_waves)]
+
+
+def _wave_tables(plan: WavePlan, layout: RowLayout, stacked: torch.Tensor, w: int):
+    """Wave w's candidate rows (the anchors' zero row last), its items, and where its sums go
+    back: (rows, items, back_item `[N, k]`, back_weight `[N, k]`, item_back `[I]`)."""
+    first, count = plan.candidate_rows(w)
+    rows = stacked[first:first + count + 1]
+    it = wave_items(wave_slots(plan, layout, rows[:count], w), layout.weights(rows[:count]),
+                    plan.num_local_experts, plan.item_capacity(w))
+    if plan.wave_map.dedup:
+        back_item, back_weight, item_back = return_items(plan, layout, rows[:count], first, it)
+    else:  # a touch is its row: it comes back in the row's place
+        back_item, back_weight, item_back = it.slot_item, layout.weights(rows[:plan.rows_per_wave]), it.item_row
+    return rows, it, back_item, back_weight, item_back
+
+
+def rebuild_saved(plan: WavePlan, w1: torch.Tensor, w2: torch.Tensor, recv: torch.Tensor,
+                  hidden: List[torch.Tensor]) -> Saved:
+    """`Saved` from the forward's received rows and hidden rows, the tables made again (the
+    plan from the same routing is the same plan: every table is a function of it)."""
+    layout = RowLayout(w2.shape[2], plan.top_k, recv.dtype)
+    stacked = recv.view(-1, layout.width)
+    waves = [_wave_tables(plan, layout, stacked, w) for w in range(plan.num_waves)]
+    return Saved(w1, w2, recv, plan, list(hidden), [(it, back_item, item_back) for _, it, back_item, _, item_back in waves])
+
+
+def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
+                  swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None):
+    """The forward schedule (see the module docstring). Returns y `[T, H]`, the status every
+    rank sent `[n, STATUS_SLOTS]` int32 and what the backward needs (`Saved`)."""
+    H, device = x_TH.shape[1], x_TH.device
+    fp8 = quantize_experts(w1, w2) if expert_dtype is not None else None  # once: every wave shares them
+    layout = RowLayout(H, plan.top_k, x_TH.dtype)
+    W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
+    dedup = plan.wave_map.dedup
+    splits = [cap] * n
+    transport.reserve(cap)  # the same on every rank: transports with fixed buffers size them from it
+    x_TH = x_TH.contiguous()
+
+    send = layout.empty(W * N, device)
+    pack_rows(x_TH, topk_weights_TK, plan, layout, send)
+    packed = ready_point(device)
+    recv = received_rows(plan, layout, device)
+    recv[:, N].zero_()  # each wave's zero row: the anchors' source
+    if dedup:  # (its ids are read with the later waves' candidate rows)
+        layout.ids(recv[:, N]).fill_(-1)
+    stacked = recv.view(-1, layout.width)
+    back = x_TH.new_empty(W * N, H)
+    waves: List[Optional[Tuple[WaveItems, torch.Tensor, torch.Tensor]]] = [None] * W
+    hidden: List[Optional[torch.Tensor]] = [None] * W
+    arrived: List[Optional[torch.Tensor]] = [None] * W  # rows in use per source, where the transport counted them
+    carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
+
+    def dispatch(w: int) -> Pending:
+        flight = issue_after(device, packed, lambda: transport.all_to_all(
+            recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}", cap,
+            plan.region_rows[w]))
+        arrived[w] = flight.arrived_rows
+        return flight
+
+    def compute(w: int) -> Callable[[], Pending]:
+        rows, it, back_item, back_weight, item_back = _wave_tables(plan, layout, stacked, w)
+        with carve:
+            few = plan.expected_items_per_expert
+            if fp8 is not None:
+                h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count)
+                o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit)
+            else:
+                h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
+                o = linear2(h, w2, None, it.offs, swiglu_limit, few)
+        sums = x_TH.new_empty(N, H)
+        reduce_rows(o, back_item, sums, back_weight)
+        waves[w], hidden[w] = (it, back_item, item_back), h
+        summed = ready_point(device)
+        rows_back = None if dedup else arrived[w]  # with dedup every returned row goes back
+        return lambda: issue_after(device, summed, lambda: transport.all_to_all(
+            back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}", cap, rows_back))
+
+    run_waves(W, dispatch, compute, math_first=False)  # dispatches wait for the pack only: all go first
+    y_TH = torch.empty_like(x_TH)
+    with _range("ep.unpermute"):
+        reduce_rows(back, plan.back_row, y_TH)
+    if cap:
+        status = layout.status(recv[0, :N]).view(n, cap, STATUS_SLOTS)[:, 0]
+    else:  # no rank has tokens: nothing was sent, so nothing was found
+        status = torch.zeros(n, STATUS_SLOTS, dtype=torch.int32, device=device)
+    return y_TH, status, Saved(w1, w2, recv, plan, hidden, waves)
+
+
+def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_carveout: int,
+                   swiglu_limit: Optional[float]):
+    """The backward schedule (the forward's mirror). Returns dx `[T, H]`, the routing
+    weights' gradients `[T, k]` (acc dtype), dw1, dw2."""
+    w1, w2, recv, plan, hidden = saved.w1, saved.w2, saved.recv, saved.plan, list(saved.hidden)
+    W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
+    items = [it for it, _, _ in saved.waves]
+    H, device = dy_TH.shape[1], dy_TH.device
+    layout = RowLayout(H, plan.top_k, recv.dtype)
+    splits = [cap] * n
+    dy_TH = dy_TH.to(recv.dtype).contiguous()
+
+    send = dy_TH.new_empty(W * N, H)
+    gather_rows_into(dy_TH, plan.back_token, send)
+    packed = ready_point(device)
+    recv_dy = dy_TH.new_empty(W, N + 1, H)
+    recv_dy[:, N].zero_()
+    back = layout.empty(W * N, device)
+    dh: List[Optional[torch.Tensor]] = [None] * W
+    wa: List[Optional[torch.Tensor]] = [None] * W
+    dz: List[Optional[torch.Tensor]] = [None] * W
+    arrived: List[Optional[torch.Tensor]] = [None] * W
+    carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
+
+    def combine_backward(w: int) -> Pending:
+        flight = issue_after(device, packed, lambda: transport.all_to_all(
+            recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}", cap,
+            plan.back_region_rows[w]))
+        arrived[w] = flight.arrived_rows
+        return flight
+
+    def compute(w: int) -> Callable[[], Pending]:
+        it, back_item, item_back = saved.waves[w]
+        dz[w] = gather_rows(recv_dy[w], item_back, it.count)
+        with carve:
+            dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
+                                                            swiglu_limit)
+            dx_I = linear1_backward_data(dh[w], w1, None, it.offs)
+        hidden[w] = None
+        rows = layout.empty(N, device)
+        reduce_rows(dx_I, back_item, layout.data(rows))
+        gather_slots(dweight_I, back_item, layout.weights(rows))
+        summed = ready_point(device)
+        return lambda: issue_after(device, summed, lambda: transport.all_to_all(
+            back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap, arrived[w]))
+
+    flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
+    stacked = recv.view(-1, layout.width)
+    with _range("ep.weight_grads"), carve:  # beside the last transfers
+        if W == 1:
+            it = items[0]
+            x_I = gather_rows(layout.data(recv[0]), it.item_row, it.count)
+            dw1 = grouped_mm_wgrad(x_I, dh[0], None, it.offs)
+            dw2 = grouped_mm_wgrad(wa[0], dz[0], None, it.offs)
+        else:
+            x_rows = [it.item_row + plan.candidate_rows(w)[0] for w, it in enumerate(items)]
+            dz_rows = [item_back + w * (N + 1) for w, (_, _, item_back) in enumerate(saved.waves)]
+            order, x_at, dz_at, offs = expert_major(items, x_rows, dz_rows, plan.num_local_experts)
+            used = offs[-1]
+            dw1 = grouped_mm_wgrad(gather_rows(layout.data(stacked), x_at, used),
+                                   gather_rows(torch.cat(dh), order, used), None, offs)
+            dw2 = grouped_mm_wgrad(gather_rows(torch.cat(wa), order, used),
+                                   gather_rows(recv_dy.view(-1, H), dz_at, used), None, offs)
+    for flight in flights:
+        flight.wait()
+    dx_TH = torch.empty_like(dy_TH)
+    with _range("ep.unpermute"):
+        reduce_rows(layout.data(back), plan.back_row, dx_TH)
+    return dx_TH, returned_slot_values(plan, layout.weights(back)), dw1, dw2
+
+
 class WaveExperts(torch.autograd.Function):
-    """`y = sum_j w[t, j] * expert_j(x[t])` over experts on all ranks, in waves.
+    """`y = sum_j w[t, j] * expert_j(x[t])` over experts on all ranks, in waves
+    (`waves_forward`, `waves_backward`).
 
     Returns y `[T, H]` and the status every rank sent `[n, STATUS_SLOTS]` int32 (device;
     not differentiable): the layer reports it.
@@ -186,152 +370,29 @@ class WaveExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
                 swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None):
-        H, device = x_TH.shape[1], x_TH.device
-        fp8 = quantize_experts(w1, w2) if expert_dtype is not None else None  # once: every wave shares them
-        layout = RowLayout(H, plan.top_k, x_TH.dtype)
-        W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
-        dedup = plan.wave_map.dedup
-        splits = [cap] * n
-        transport.reserve(cap)  # the same on every rank: transports with fixed buffers size them from it
-        x_TH = x_TH.contiguous()
-
-        send = layout.empty(W * N, device)
-        pack_rows(x_TH, topk_weights_TK, plan, layout, send)
-        packed = ready_point(device)
-        recv = layout.empty(W * (N + 1), device).view(W, N + 1, layout.width)
-        recv[:, N].zero_()  # each wave's zero row: the anchors' source
-        if dedup:  # (its ids are read with the later waves' candidate rows)
-            layout.ids(recv[:, N]).fill_(-1)
-        stacked = recv.view(-1, layout.width)
-        back = x_TH.new_empty(W * N, H)
-        waves: List[Optional[Tuple[WaveItems, torch.Tensor, torch.Tensor]]] = [None] * W
-        hidden: List[Optional[torch.Tensor]] = [None] * W
-        arrived: List[Optional[torch.Tensor]] = [None] * W  # rows in use per source, where the transport counted them
-        carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
-
-        def dispatch(w: int) -> Pending:
-            flight = issue_after(device, packed, lambda: transport.all_to_all(
-                recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}", cap,
-                plan.region_rows[w]))
-            arrived[w] = flight.arrived_rows
-            return flight
-
-        def compute(w: int) -> Callable[[], Pending]:
-            first, count = plan.candidate_rows(w)
-            rows = stacked[first:first + count + 1]  # the candidates and the anchors' zero row
-            it = wave_items(wave_slots(plan, layout, rows[:count], w), layout.weights(rows[:count]),
-                            plan.num_local_experts, plan.item_capacity(w))
-            with carve:
-                few = plan.expected_items_per_expert
-                if fp8 is not None:
-                    h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count)
-                    o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit)
-                else:
-                    h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
-                    o = linear2(h, w2, None, it.offs, swiglu_limit, few)
-            if dedup:
-                back_item, back_weight, item_back = return_items(plan, layout, rows[:count], first, it)
-            else:  # a touch is its row: it comes back in the row's place
-                back_item, back_weight, item_back = it.slot_item, layout.weights(rows[:N]), it.item_row
-            sums = x_TH.new_empty(N, H)
-            reduce_rows(o, back_item, sums, back_weight)
-            waves[w], hidden[w] = (it, back_item, item_back), h
-            summed = ready_point(device)
-            rows_back = None if dedup else arrived[w]  # with dedup every returned row goes back
-            return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-                back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}", cap, rows_back))
-
-        run_waves(W, dispatch, compute, math_first=False)  # dispatches wait for the pack only: all go first
-        y_TH = torch.empty_like(x_TH)
-        with _range("ep.unpermute"):
-            reduce_rows(back, plan.back_row, y_TH)
-        if cap:
-            status = layout.status(recv[0, :N]).view(n, cap, STATUS_SLOTS)[:, 0]
-        else:  # no rank has tokens: nothing was sent, so nothing was found
-            status = torch.zeros(n, STATUS_SLOTS, dtype=torch.int32, device=device)
+        y_TH, status, saved = waves_forward(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout,
+                                            swiglu_limit, expert_dtype)
         ctx.mark_non_differentiable(status)
-
-        ctx.plan = replace(plan, **{name: None for name in _PLAN_TENSORS})
+        ctx.plan = replace(plan, **{name: None for name in PLAN_TENSORS})
         ctx.transport, ctx.sm_carveout, ctx.swiglu_limit = transport, sm_carveout, swiglu_limit
         ctx.w_dtype = topk_weights_TK.dtype
-        per_wave = [t for it, back_item, item_back in waves
+        per_wave = [t for it, back_item, item_back in saved.waves
                     for t in (it.item_row, it.item_weight, it.item_expert, it.offs, it.slot_item, back_item, item_back)]
-        ctx.save_for_backward(w1, w2, recv, *(getattr(plan, name) for name in _PLAN_TENSORS), *hidden, *per_wave)
+        ctx.save_for_backward(w1, w2, saved.recv, *(getattr(plan, name) for name in PLAN_TENSORS), *saved.hidden,
+                              *per_wave)
         return y_TH, status
 
     @staticmethod
     def backward(ctx, dy_TH, _dstatus):
         w1, w2, recv, *rest = ctx.saved_tensors
-        plan: WavePlan = replace(ctx.plan, **dict(zip(_PLAN_TENSORS, rest)))
-        rest = rest[len(_PLAN_TENSORS):]
-        transport: Transport = ctx.transport
-        W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
-        hidden = list(rest[:W])
+        plan: WavePlan = replace(ctx.plan, **dict(zip(PLAN_TENSORS, rest)))
+        rest = rest[len(PLAN_TENSORS):]
+        W = plan.num_waves
         per = len(_WAVE_TENSORS)
-        waves = [dict(zip(_WAVE_TENSORS, rest[W + w * per: W + (w + 1) * per])) for w in range(W)]
-        items = [WaveItems(*(t[name] for name in _WAVE_TENSORS[:5])) for t in waves]
-        H, device = dy_TH.shape[1], dy_TH.device
-        layout = RowLayout(H, plan.top_k, recv.dtype)
-        splits = [cap] * n
-        dy_TH = dy_TH.to(recv.dtype).contiguous()
-
-        send = dy_TH.new_empty(W * N, H)
-        gather_rows_into(dy_TH, plan.back_token, send)
-        packed = ready_point(device)
-        recv_dy = dy_TH.new_empty(W, N + 1, H)
-        recv_dy[:, N].zero_()
-        back = layout.empty(W * N, device)
-        dh: List[Optional[torch.Tensor]] = [None] * W
-        wa: List[Optional[torch.Tensor]] = [None] * W
-        dz: List[Optional[torch.Tensor]] = [None] * W
-        arrived: List[Optional[torch.Tensor]] = [None] * W
-        carve = _SmCarveout(ctx.sm_carveout if W > 1 else 0, device)
-
-        def combine_backward(w: int) -> Pending:
-            flight = issue_after(device, packed, lambda: transport.all_to_all(
-                recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}", cap,
-                plan.back_region_rows[w]))
-            arrived[w] = flight.arrived_rows
-            return flight
-
-        def compute(w: int) -> Callable[[], Pending]:
-            it, back_item = items[w], waves[w]["back_item"]
-            dz[w] = gather_rows(recv_dy[w], waves[w]["item_back"], it.count)
-            with carve:
-                dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
-                                                                ctx.swiglu_limit)
-                dx_I = linear1_backward_data(dh[w], w1, None, it.offs)
-            hidden[w] = None
-            rows = layout.empty(N, device)
-            reduce_rows(dx_I, back_item, layout.data(rows))
-            gather_slots(dweight_I, back_item, layout.weights(rows))
-            summed = ready_point(device)
-            return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-                back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap, arrived[w]))
-
-        flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
-        stacked = recv.view(-1, layout.width)
-        with _range("ep.weight_grads"), carve:  # beside the last transfers
-            if W == 1:
-                it = items[0]
-                x_I = gather_rows(layout.data(recv[0]), it.item_row, it.count)
-                dw1 = grouped_mm_wgrad(x_I, dh[0], None, it.offs)
-                dw2 = grouped_mm_wgrad(wa[0], dz[0], None, it.offs)
-            else:
-                x_rows = [it.item_row + plan.candidate_rows(w)[0] for w, it in enumerate(items)]
-                dz_rows = [t["item_back"] + w * (N + 1) for w, t in enumerate(waves)]
-                order, x_at, dz_at, offs = expert_major(items, x_rows, dz_rows, plan.num_local_experts)
-                used = offs[-1]
-                dw1 = grouped_mm_wgrad(gather_rows(layout.data(stacked), x_at, used),
-                                       gather_rows(torch.cat(dh), order, used), None, offs)
-                dw2 = grouped_mm_wgrad(gather_rows(torch.cat(wa), order, used),
-                                       gather_rows(recv_dy.view(-1, H), dz_at, used), None, offs)
-        for flight in flights:
-            flight.wait()
-        dx_TH = torch.empty_like(dy_TH)
-        with _range("ep.unpermute"):
-            reduce_rows(layout.data(back), plan.back_row, dx_TH)
-        dtopk_TK = returned_slot_values(plan, layout.weights(back))
+        tables = [dict(zip(_WAVE_TENSORS, rest[W + w * per: W + (w + 1) * per])) for w in range(W)]
+        waves = [(WaveItems(*(t[name] for name in _WAVE_TENSORS[:5])), t["back_item"], t["item_back"]) for t in tables]
+        saved = Saved(w1, w2, recv, plan, list(rest[:W]), waves)
+        dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, ctx.transport, ctx.sm_carveout, ctx.swiglu_limit)
         return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None, None
 
 

@@ -97,6 +97,11 @@ def wave_tokens(num_tokens: int, num_waves: int) -> Tuple[int, ...]:
     return tuple(-(-w * num_tokens // num_waves) for w in range(num_waves + 1))
 
 
+PLAN_TENSORS = ("route_row", "row_token", "region_rows", "back_row", "back_token", "back_region_rows", "topk_idx",
+                "status")
+"""`WavePlan`'s tensor fields (the rest are host sizes, the same on every rank)."""
+
+
 @dataclass(frozen=True)
 class WavePlan:
     """This rank's sending side of one call, and the sizes every rank shares.
@@ -139,6 +144,14 @@ class WavePlan:
     """`[T, k]` int64: each slot's global expert, clamped into `[0, E)` (its rank: `// E_local`)."""
     status: torch.Tensor
     """`[STATUS_SLOTS]` int32: this rank's findings (host and device checks, rows over capacity)."""
+
+    @classmethod
+    def of_sizes(cls, num_experts: int, num_ranks: int, wave_map: WaveMap, top_k: int, capacity: int,
+                 max_tokens: int) -> "WavePlan":
+        """A plan of host sizes only, its tensors None: shapes before any routing (the
+        compiled path's fake implementations; the backward's saved plan)."""
+        return cls(**plan_sizes(num_experts, num_ranks, wave_map, top_k, capacity, max_tokens),
+                   **{name: None for name in PLAN_TENSORS})
 
     @property
     def num_waves(self) -> int:
@@ -242,8 +255,7 @@ def sender_plan(
     n, W = num_ranks, wave_map.num_waves
     E_local = num_experts // n
     device = topk_idx_TK.device
-    sizes = dict(num_ranks=n, wave_map=wave_map, num_local_experts=E_local, top_k=k, capacity=capacity,
-                 max_tokens=max_tokens)
+    sizes = plan_sizes(num_experts, n, wave_map, k, capacity, max_tokens)
     if topk_idx_TK.is_cuda and triton_available():
         from .kernels.triton_plan import PER_WAVE, route_mode, route_rows_triton
 
@@ -285,6 +297,13 @@ def sender_plan(
     _add_host_status(status, host_status)
     return WavePlan(**sizes, route_row=route_row, row_token=row_token, region_rows=region_rows, back_row=back[0],
                     back_token=back[1], back_region_rows=back[2], topk_idx=idx, status=status.to(torch.int32))
+
+
+def plan_sizes(num_experts: int, num_ranks: int, wave_map: WaveMap, top_k: int, capacity: int,
+               max_tokens: int) -> dict:
+    """`WavePlan`'s host fields."""
+    return dict(num_ranks=num_ranks, wave_map=wave_map, num_local_experts=num_experts // num_ranks, top_k=top_k,
+                capacity=capacity, max_tokens=max_tokens)
 
 
 def _add_host_status(status: torch.Tensor, host_status: Optional[Sequence[int]]) -> None:

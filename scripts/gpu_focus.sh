@@ -3,7 +3,8 @@
 # that only a GPU can show (gpu_check: every split, sync-free steps, CUDA graphs, FP8; the
 # layer with device_put between two processes on GPU 0) and the benchmark rows of dsv3 and
 # decode (token and expert waves at W = 1, 2, bf16 and FP8 experts, CUDA graphs). Writes
-# env.txt, log.txt, check_n1.json, overlap_n1_nvlink.json, host_launches_n1.json under $OUT (default out/gpu).
+# env.txt, log.txt, check_n1.json, overlap_n1_nvlink.json, host_launches_n1.json,
+# compile_n1.json under $OUT (default out/gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -25,6 +26,9 @@ timeout 180 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --pre
 echo "== launches of one eager call, device work, graph replay (dsv3, both splits)" | tee -a "$log"
 timeout 120 python3 benchmarks/host_launches.py --preset dsv3 --waves 1,2 --expert-waves 2 --json "$OUT/host_launches_n1.json" 2>&1 \
   | grep -E "host |Error" | tee -a "$log" || rc=1
+echo "== torch.compile (fullgraph; default, reduce-overhead) and autocast against eager (one GPU)" | tee -a "$log"
+timeout 240 python3 benchmarks/compile_bench.py --preset issue23,dsv3 --json "$OUT/compile_n1.json" 2>&1 \
+  | grep -vi "warn" | tail -40 | tee -a "$log" || rc=1
 echo "== the layer with device_put, two processes on GPU 0 (both splits, sync-free steps, graphs)" | tee -a "$log"
 CUDA_VISIBLE_DEVICES=0 timeout 80 torchrun --standalone --nproc-per-node 2 benchmarks/p2p_procs_check.py 2>&1 \
   | grep -E "device_put, |passed|Error|rank [0-9] " | tee -a "$log" || rc=1
