@@ -52,8 +52,9 @@ class ExpertParallelMoE(nn.Module):
     the expert weights (routed and shared) are cast to the autocast dtype per call, the
     output has that dtype, and the parameters get gradients in their own dtype; the router
     keeps its weight's dtype and its logits stay in at least fp32 (`_forward_autocast`).
-    `torch.compile` runs the layer eagerly: `forward` is a `torch.compiler.disable`
-    boundary (a compiled model graph-breaks around the layer; `fullgraph=True` is refused).
+    Under `torch.compile` with `max_tokens` set, Dynamo traces the layer (`fullgraph=True`
+    too): the engine is a set of custom ops (`ep.compiled`); without `max_tokens` the layer
+    runs eagerly behind a graph break.
 
     Args:
         config: the layer's shape and knobs.
