@@ -122,8 +122,9 @@ def raise_on_problems(status_by_rank: Sequence[Sequence[int]], cfg: MoEConfig, n
 _FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "score_func",
                        "norm_topk", "dedup_across_waves", "sm_carveout", "transport", "wave_split", "max_tokens",
                        "capacity_factor", "n_group", "topk_group", "routed_scaling_factor", "swiglu_limit",
-                       "num_shared_experts", "timeout_s", "expert_dtype")
-_CHOICES = {"score_func": SCORE_FUNCS, "transport": TRANSPORTS, "wave_split": WAVE_SPLITS, "expert_dtype": EXPERT_DTYPES}
+                       "num_shared_experts", "timeout_s", "expert_dtype", "dispatch_dtype")
+_CHOICES = {"score_func": SCORE_FUNCS, "transport": TRANSPORTS, "wave_split": WAVE_SPLITS, "expert_dtype": EXPERT_DTYPES,
+            "dispatch_dtype": EXPERT_DTYPES}
 _FLOATS = ("capacity_factor", "routed_scaling_factor", "swiglu_limit", "timeout_s")
 _NONE = -1  # a float field's None (its int64 is a NaN's bit pattern, which no valid value has)
 

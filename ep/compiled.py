@@ -138,7 +138,7 @@ def _waves(x_TH: Tensor, topk_idx: Tensor, topk_weights: Tensor, w1: Tensor, w2:
         layer._token_bound(status, x_TH.shape[0])  # earlier findings; T over max_tokens was found when tracing
         plan = _plan(layer, topk_idx, topk_weights, num_waves, status, max_tokens)
         y_TH, found, saved = waves_forward(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
-                                           cfg.expert_dtype)
+                                           cfg.expert_dtype, cfg.dispatch_dtype)
         layer._report(found, bad)
     return y_TH, found.clone(), saved.recv, saved.hidden  # found is a view of recv: outputs must not alias
 
@@ -147,7 +147,7 @@ def _waves(x_TH: Tensor, topk_idx: Tensor, topk_weights: Tensor, w1: Tensor, w2:
 def _(x_TH, topk_idx, topk_weights, w1, w2, handle, num_waves, max_tokens, status):
     layer = _layer(handle)
     plan = _sizes(layer, num_waves, max_tokens, topk_idx.shape[1])
-    layout = RowLayout(x_TH.shape[1], plan.top_k, x_TH.dtype)
+    layout = RowLayout(x_TH.shape[1], plan.top_k, x_TH.dtype, layer.config.dispatch_dtype)
     recv = received_rows(plan, layout, x_TH.device)
     hidden = [x_TH.new_empty(shape) for shape in hidden_shapes(plan, w1)]
     found = torch.empty(plan.num_ranks, STATUS_SLOTS, dtype=torch.int32, device=x_TH.device)
@@ -162,7 +162,8 @@ def _waves_backward(dy_TH: Tensor, topk_idx: Tensor, topk_weights: Tensor, w1: T
     cfg = layer.config
     with torch.autocast(dy_TH.device.type, enabled=False):
         plan = _plan(layer, topk_idx, topk_weights, num_waves, [0] * STATUS_SLOTS, max_tokens)
-        saved = rebuild_saved(plan, w1, w2, recv, hidden)
+        layout = RowLayout(dy_TH.shape[1], plan.top_k, recv.dtype, cfg.dispatch_dtype)
+        saved = rebuild_saved(plan, layout, w1, w2, recv, hidden)
         dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, layer.transport, cfg.sm_carveout, cfg.swiglu_limit)
     return dx_TH, dtopk_TK.to(topk_weights.dtype), dw1, dw2
 

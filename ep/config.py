@@ -67,6 +67,12 @@ class MoEConfig:
             products accumulated in fp32; outputs in the layer's dtype. Backward: bf16 (the
             layer's dtype) gradients from the saved activations and the unquantized weights
             (straight through the quantization). H and F must be multiples of 128.
+        dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each
+            token quantized once before dispatch, in 1x128 tiles with fp32 scales (DeepEP's
+            FP8 dispatch: at H=7168 a token is 7,168 + 224 bytes on the wire against
+            14,336), linear1 reads the FP8 rows (dequantized first unless `expert_dtype` is
+            FP8 too); the combine and every gradient stay in the layer's dtype (the weight
+            gradient of linear1 from the dequantized rows). H must be a multiple of 128.
         timeout_s: the longest any wait inside the layer lasts on Gloo (CPU) ranks, however
             the process group was made: a stalled or dead peer becomes a
             `CommunicationError` naming the stage and wave waited for. With
@@ -109,6 +115,7 @@ class MoEConfig:
     num_shared_experts: int = 0
     timeout_s: float = 60.0
     expert_dtype: Optional[torch.dtype] = None
+    dispatch_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "n_group", "topk_group"):
@@ -173,6 +180,11 @@ class MoEConfig:
         if self.expert_dtype is not None and (self.hidden % FP8_BLOCK or self.ffn_hidden % FP8_BLOCK):
             raise ValueError(f"MoEConfig.expert_dtype={self.expert_dtype}: hidden ({self.hidden}) and ffn_hidden "
                              f"({self.ffn_hidden}) must be multiples of {FP8_BLOCK} (FP8 scale blocks)")
+        if self.dispatch_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"MoEConfig.dispatch_dtype must be None or torch.float8_e4m3fn, got {self.dispatch_dtype!r}")
+        if self.dispatch_dtype is not None and self.hidden % FP8_BLOCK:
+            raise ValueError(f"MoEConfig.dispatch_dtype={self.dispatch_dtype}: hidden ({self.hidden}) must be a "
+                             f"multiple of {FP8_BLOCK} (1x{FP8_BLOCK} scale tiles)")
 
     def num_local_experts(self, world_size: int) -> int:
         """E_local = E / n; raises if E does not divide evenly, or (experts split) W exceeds it."""

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from .kernels import gather_rows, grouped_mm, grouped_mm_wgrad
-from .kernels.fp8 import BlockFp8Weight, Fp8Experts, fp8_grouped_mm, quantize_rows, quantize_weight_blocks, swiglu_quantize
+from .kernels.fp8 import (BlockFp8Weight, Fp8Experts, fp8_grouped_mm, gather_quantized, quantize_rows,
+                          quantize_weight_blocks, swiglu_quantize)
 from .kernels.swiglu import swiglu, swiglu_backward_weighted
 
 
@@ -124,9 +125,14 @@ def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor) -> Fp8Experts:
 
 
 def linear1_fp8(x_MH: torch.Tensor, w1: BlockFp8Weight, offs: torch.Tensor, index: Optional[torch.Tensor] = None,
-                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+                rows: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """`linear1` in FP8: the item rows (`x[index]`) quantized in 1x128 tiles, times the
-    128x128-block weights, fp32 accumulation -> `[I, 2F]` in x's dtype."""
+    128x128-block weights, fp32 accumulation -> `[I, 2F]` in x's dtype. With `x_scale`, x is
+    quantized already (FP8 dispatch: its rows and tile scales are gathered, `out_dtype` given)."""
+    if x_scale is not None:
+        xq, x_scale = gather_quantized(x_MH, x_scale, index, rows)
+        return fp8_grouped_mm(xq, x_scale, w1.q, w1.scale, offs, out_dtype)
     if index is not None:
         x_MH = gather_rows(x_MH, index, rows)
     xq, x_scale = quantize_rows(x_MH)

@@ -229,7 +229,7 @@ class ExpertParallelMoE(nn.Module):
         if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
             shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
         y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
-                                   cfg.expert_dtype)
+                                   cfg.expert_dtype, cfg.dispatch_dtype)
         if self.shared_experts is not None:
             join()
             y_TH = y_TH + shared_TH

@@ -16,6 +16,11 @@ number of 16-element groups, so every part can be viewed in place and row starts
 
     [ data: H x dtype | weights: k x acc dtype | ids: k x int32 | back: k x int32 | status: S x int32 | pad ]
 
+With FP8 dispatch (`data_dtype`, `MoEConfig.dispatch_dtype`) the data part is the token
+quantized in 1x128 tiles, then its scales:
+
+    [ data: H x float8_e4m3fn | scales: H/128 x fp32 | weights | ids | back | status | pad ]
+
 `acc` is the accumulation dtype (at least fp32: float64 under float64), so float64 weights
 travel exactly. The row is stored as `dtype` elements (`RowLayout.width` of them), so the
 transports move it as any other tensor of rows.
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 import torch
 
 from .checks import STATUS_SLOTS
 from .dtypes import accumulate_dtype
+from .kernels.fp8 import BLOCK as SCALE_TILE  # elements per fp32 scale of a quantized row
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -43,11 +50,22 @@ class RowLayout:
         hidden: H.
         top_k: k.
         dtype: the rows' dtype (the layer's).
+        data_dtype: the hidden vectors' dtype: None (dtype) or float8_e4m3fn (with scales).
     """
 
     hidden: int
     top_k: int
     dtype: torch.dtype
+    data_dtype: Optional[torch.dtype] = None
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the data part is FP8 with 1x128 scales."""
+        return self.data_dtype is not None and self.data_dtype != self.dtype
+
+    def plain(self) -> "RowLayout":
+        """This layout with the data in `dtype` (the rows that return: sums, gradients)."""
+        return RowLayout(self.hidden, self.top_k, self.dtype)
 
     @property
     def acc_dtype(self) -> torch.dtype:
@@ -57,7 +75,10 @@ class RowLayout:
     def _sizes(self):
         es = torch.empty(0, dtype=self.dtype).element_size()
         acc_es = torch.empty(0, dtype=self.acc_dtype).element_size()
-        weights_at = _round_up(self.hidden * es, acc_es)
+        data_bytes = self.hidden * es
+        if self.quantized:  # one byte per element, then the tiles' fp32 scales
+            data_bytes = self.hidden + 4 * (self.hidden // SCALE_TILE)
+        weights_at = _round_up(data_bytes, acc_es)
         ids_at = weights_at + self.top_k * acc_es
         back_at = ids_at + 4 * self.top_k
         status_at = back_at + 4 * self.top_k
@@ -82,8 +103,15 @@ class RowLayout:
         return rows.view(torch.uint8)[:, start:stop].view(dtype)
 
     def data(self, rows: torch.Tensor) -> torch.Tensor:
-        """`[N, H]` view of the rows' hidden vectors."""
+        """`[N, H]` view of the rows' hidden vectors (in `data_dtype` when quantized)."""
+        if self.quantized:
+            return self._part(rows, 0, self.hidden, self.data_dtype)
         return rows[:, :self.hidden]
+
+    def scales(self, rows: torch.Tensor) -> torch.Tensor:
+        """`[N, H/128]` fp32 view: the quantized data's tile scales (quantized layouts only)."""
+        assert self.quantized, "RowLayout.scales: the data part is not quantized"
+        return self._part(rows, self.hidden, self.hidden + 4 * (self.hidden // SCALE_TILE), torch.float32)
 
     def weights(self, rows: torch.Tensor) -> torch.Tensor:
         """`[N, k]` view (acc dtype): routing weights (gradients, on the way back)."""

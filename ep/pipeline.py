@@ -36,10 +36,13 @@ import torch
 from torch.profiler import record_function
 
 from .checks import STATUS_SLOTS
-from .experts import linear1, linear1_backward_data, linear1_fp8, linear2, linear2_backward_data, linear2_fp8, quantize_experts
+from .experts import (linear1, linear1_backward_data, linear1_fp8, linear2, linear2_backward_data, linear2_fp8,
+                      quantize_experts)
 from .kernels import gather_rows, gather_rows_into, gather_slots, grouped_mm_wgrad, reduce_rows
+from .kernels.fp8 import dequantize_rows, gather_quantized
 from .layout import RowLayout
-from .plan import PLAN_TENSORS, WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values, wave_items, wave_slots
+from .plan import (PLAN_TENSORS, WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values,
+                   wave_items, wave_slots)
 from .transport import Pending, Transport
 
 Started = TypeVar("Started")
@@ -185,6 +188,7 @@ class Saved:
     w1: torch.Tensor
     w2: torch.Tensor
     recv: torch.Tensor
+    layout: RowLayout
     plan: WavePlan
     hidden: List[torch.Tensor]
     waves: List[Tuple[WaveItems, torch.Tensor, torch.Tensor]]
@@ -215,23 +219,33 @@ def _wave_tables(plan: WavePlan, layout: RowLayout, stacked: torch.Tensor, w: in
     return rows, it, back_item, back_weight, item_back
 
 
-def rebuild_saved(plan: WavePlan, w1: torch.Tensor, w2: torch.Tensor, recv: torch.Tensor,
+def rebuild_saved(plan: WavePlan, layout: RowLayout, w1: torch.Tensor, w2: torch.Tensor, recv: torch.Tensor,
                   hidden: List[torch.Tensor]) -> Saved:
     """`Saved` from the forward's received rows and hidden rows, the tables made again (the
     plan from the same routing is the same plan: every table is a function of it)."""
-    layout = RowLayout(w2.shape[2], plan.top_k, recv.dtype)
     stacked = recv.view(-1, layout.width)
     waves = [_wave_tables(plan, layout, stacked, w) for w in range(plan.num_waves)]
-    return Saved(w1, w2, recv, plan, list(hidden), [(it, back_item, item_back) for _, it, back_item, _, item_back in waves])
+    return Saved(w1, w2, recv, layout, plan, list(hidden),
+                 [(it, back_item, item_back) for _, it, back_item, _, item_back in waves])
+
+
+def item_rows(layout: RowLayout, rows: torch.Tensor, index: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The items' hidden vectors `rows[index]` in the layout's dtype (dequantized from FP8
+    dispatch's rows; `count`: the items in use, a 0-d device tensor)."""
+    if not layout.quantized:
+        return gather_rows(layout.data(rows), index, count)
+    return dequantize_rows(*gather_quantized(layout.data(rows), layout.scales(rows), index, count), layout.dtype)
 
 
 def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
-                  swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None):
+                  swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None,
+                  dispatch_dtype: Optional[torch.dtype] = None):
     """The forward schedule (see the module docstring). Returns y `[T, H]`, the status every
-    rank sent `[n, STATUS_SLOTS]` int32 and what the backward needs (`Saved`)."""
+    rank sent `[n, STATUS_SLOTS]` int32 and what the backward needs (`Saved`).
+    `expert_dtype`, `dispatch_dtype`: `MoEConfig`'s (FP8 products, FP8 rows on the wire)."""
     H, device = x_TH.shape[1], x_TH.device
     fp8 = quantize_experts(w1, w2) if expert_dtype is not None else None  # once: every wave shares them
-    layout = RowLayout(H, plan.top_k, x_TH.dtype)
+    layout = RowLayout(H, plan.top_k, x_TH.dtype, dispatch_dtype)
     W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
     dedup = plan.wave_map.dedup
     splits = [cap] * n
@@ -248,6 +262,7 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
     stacked = recv.view(-1, layout.width)
     back = x_TH.new_empty(W * N, H)
     waves: List[Optional[Tuple[WaveItems, torch.Tensor, torch.Tensor]]] = [None] * W
+    x_scale = layout.scales if layout.quantized else None
     hidden: List[Optional[torch.Tensor]] = [None] * W
     arrived: List[Optional[torch.Tensor]] = [None] * W  # rows in use per source, where the transport counted them
     carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
@@ -264,10 +279,14 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
         with carve:
             few = plan.expected_items_per_expert
             if fp8 is not None:
-                h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count)
+                h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count,
+                                x_scale=x_scale(rows) if x_scale else None, out_dtype=x_TH.dtype)
                 o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit)
             else:
-                h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
+                if layout.quantized:  # FP8 rows into a product in the layer's dtype
+                    h = linear1(item_rows(layout, rows, it.item_row, it.count), w1, None, it.offs, few)
+                else:
+                    h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
                 o = linear2(h, w2, None, it.offs, swiglu_limit, few)
         sums = x_TH.new_empty(N, H)
         reduce_rows(o, back_item, sums, back_weight)
@@ -285,7 +304,7 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
         status = layout.status(recv[0, :N]).view(n, cap, STATUS_SLOTS)[:, 0]
     else:  # no rank has tokens: nothing was sent, so nothing was found
         status = torch.zeros(n, STATUS_SLOTS, dtype=torch.int32, device=device)
-    return y_TH, status, Saved(w1, w2, recv, plan, hidden, waves)
+    return y_TH, status, Saved(w1, w2, recv, layout, plan, hidden, waves)
 
 
 def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_carveout: int,
@@ -296,9 +315,9 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
     W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
     items = [it for it, _, _ in saved.waves]
     H, device = dy_TH.shape[1], dy_TH.device
-    layout = RowLayout(H, plan.top_k, recv.dtype)
+    layout = saved.layout.plain()  # the returning rows: gradients in the layer's dtype
     splits = [cap] * n
-    dy_TH = dy_TH.to(recv.dtype).contiguous()
+    dy_TH = dy_TH.to(layout.dtype).contiguous()
 
     send = dy_TH.new_empty(W * N, H)
     gather_rows_into(dy_TH, plan.back_token, send)
@@ -335,11 +354,11 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
             back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap, arrived[w]))
 
     flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
-    stacked = recv.view(-1, layout.width)
+    stacked = recv.view(-1, saved.layout.width)
     with _range("ep.weight_grads"), carve:  # beside the last transfers
         if W == 1:
             it = items[0]
-            x_I = gather_rows(layout.data(recv[0]), it.item_row, it.count)
+            x_I = item_rows(saved.layout, recv[0], it.item_row, it.count)
             dw1 = grouped_mm_wgrad(x_I, dh[0], None, it.offs)
             dw2 = grouped_mm_wgrad(wa[0], dz[0], None, it.offs)
         else:
@@ -347,7 +366,7 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
             dz_rows = [item_back + w * (N + 1) for w, (_, _, item_back) in enumerate(saved.waves)]
             order, x_at, dz_at, offs = expert_major(items, x_rows, dz_rows, plan.num_local_experts)
             used = offs[-1]
-            dw1 = grouped_mm_wgrad(gather_rows(layout.data(stacked), x_at, used),
+            dw1 = grouped_mm_wgrad(item_rows(saved.layout, stacked, x_at, used),
                                    gather_rows(torch.cat(dh), order, used), None, offs)
             dw2 = grouped_mm_wgrad(gather_rows(torch.cat(wa), order, used),
                                    gather_rows(recv_dy.view(-1, H), dz_at, used), None, offs)
@@ -369,10 +388,12 @@ class WaveExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
-                swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None):
+                swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None,
+                dispatch_dtype: Optional[torch.dtype] = None):
         y_TH, status, saved = waves_forward(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout,
-                                            swiglu_limit, expert_dtype)
+                                            swiglu_limit, expert_dtype, dispatch_dtype)
         ctx.mark_non_differentiable(status)
+        ctx.layout = saved.layout
         ctx.plan = replace(plan, **{name: None for name in PLAN_TENSORS})
         ctx.transport, ctx.sm_carveout, ctx.swiglu_limit = transport, sm_carveout, swiglu_limit
         ctx.w_dtype = topk_weights_TK.dtype
@@ -391,9 +412,9 @@ class WaveExperts(torch.autograd.Function):
         per = len(_WAVE_TENSORS)
         tables = [dict(zip(_WAVE_TENSORS, rest[W + w * per: W + (w + 1) * per])) for w in range(W)]
         waves = [(WaveItems(*(t[name] for name in _WAVE_TENSORS[:5])), t["back_item"], t["item_back"]) for t in tables]
-        saved = Saved(w1, w2, recv, plan, list(rest[:W]), waves)
+        saved = Saved(w1, w2, recv, ctx.layout, plan, list(rest[:W]), waves)
         dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, ctx.transport, ctx.sm_carveout, ctx.swiglu_limit)
-        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None, None
+        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None, None, None
 
 
 def wave_experts(
@@ -406,7 +427,10 @@ def wave_experts(
     sm_carveout: int = 0,
     swiglu_limit: Optional[float] = None,
     expert_dtype: Optional[torch.dtype] = None,
+    dispatch_dtype: Optional[torch.dtype] = None,
 ):
     """Differentiable expert part of the layer: `[T, H]` in, (`[T, H]`, the ranks' status
-    `[n, STATUS_SLOTS]`) out. `expert_dtype`: FP8 forward products (`MoEConfig.expert_dtype`)."""
-    return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit, expert_dtype)
+    `[n, STATUS_SLOTS]`) out. `expert_dtype`: FP8 forward products (`MoEConfig.expert_dtype`);
+    `dispatch_dtype`: FP8 rows on the wire (`MoEConfig.dispatch_dtype`)."""
+    return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit, expert_dtype,
+                             dispatch_dtype)

@@ -41,6 +41,7 @@ import torch
 
 from .checks import IDX_RANGE, IDX_REPEAT, ROWS_OVER, STATUS_SLOTS, W_NONFINITE, value_status
 from .kernels import gather_rows_into
+from .kernels.fp8 import quantize_rows
 from .kernels.permute import triton_available, use_triton
 from .layout import RowLayout
 
@@ -331,23 +332,31 @@ def pack_rows(x_TH: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], plan:
     token its expert at the row's rank (-1: served by another row) and its weight, and this
     rank's status; with dedup also each slot's returned row within its region. Unused rows
     get -1 everywhere in their slot table (their data is unspecified). One Triton kernel on
-    CUDA (below float64), torch elsewhere.
+    CUDA (below float64), torch elsewhere. With a quantized layout (FP8 dispatch) each token
+    is quantized once first (`ep.kernels.fp8.quantize_rows`: one more kernel on CUDA, not
+    fused into the pack) and its bytes and tile scales are packed.
 
     Args:
         x_TH: `[T, H]`.
         rows: `[W * n * capacity, layout.width]`.
     """
     n, cap, E = plan.num_ranks, plan.capacity, plan.num_local_experts * plan.num_ranks
+    src, data = x_TH, layout.data(rows)
+    if layout.quantized:  # each token once, before dispatch; its bytes and tile scales travel
+        q, scales = quantize_rows(x_TH) if x_TH.shape[0] else (x_TH.new_empty(x_TH.shape, dtype=torch.uint8), None)
+        src, data = q.view(torch.uint8), data.view(torch.uint8)
+        if scales is not None:
+            gather_rows_into(scales, plan.row_token, layout.scales(rows))
     if use_triton(x_TH) and rows.shape[0]:
         from .kernels.triton_plan import pack_rows_triton, route_mode
 
         wm = plan.wave_map
-        pack_rows_triton(x_TH, plan.topk_idx, topk_weights_TK, plan.row_token, plan.status, layout.data(rows),
+        pack_rows_triton(src, plan.topk_idx, topk_weights_TK, plan.row_token, plan.status, data,
                          layout.ids(rows), layout.weights(rows), layout.status(rows), E, n, cap,
                          route_mode(wm.by_experts, wm.dedup), wm.num_waves, plan.back_row if wm.dedup else None,
                          layout.back(rows) if wm.dedup else None)
         return
-    gather_rows_into(x_TH, plan.row_token, layout.data(rows))
+    gather_rows_into(src, plan.row_token, data)
     token = plan.row_token
     layout.status(rows).copy_(plan.status.unsqueeze(0).expand(token.shape[0], -1))
     if plan.topk_idx.shape[0] == 0:  # no tokens here: every row is unused

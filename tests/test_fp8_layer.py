@@ -63,3 +63,65 @@ def test_fp8_experts_need_whole_scale_blocks():
         ep.MoEConfig(hidden=96, ffn_hidden=128, num_experts=4, top_k=2, expert_dtype=torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="expert_dtype must be None or torch.float8_e4m3fn"):
         ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, expert_dtype=torch.float16)
+
+
+# ---- FP8 dispatch (`MoEConfig(dispatch_dtype=torch.float8_e4m3fn)`) --------------------------------
+def emulated_dispatch_reference(p, n, rank):
+    """The float64 MoE of each token's row quantized once in 1x128 tiles (as FP8 dispatch sends
+    it), straight through: x's gradient is the quantized row's, linear1's weight gradient is
+    taken from the quantized rows."""
+    x = p.x.clone().requires_grad_(True)
+    xq = x + (_q_rows(x.detach()) - x).detach()
+    w1, w2 = p.w1.clone().requires_grad_(True), p.w2.clone().requires_grad_(True)
+    tw = p.topk_weights.clone().requires_grad_(True)
+    y = reference_moe(xq, w1, w2, p.topk_idx, tw)
+    y.backward(p.dy)
+    rows, El = p.rows(rank), p.E // n
+    experts = slice(rank * El, (rank + 1) * El)
+    return dict(y=y.detach()[rows], dx=x.grad[rows], dw1=w1.grad[experts], dw2=w2.grad[experts],
+                dweights=tw.grad[rows])
+
+
+def check_fp8_dispatch(rank, n, split, W, dedup, fp8_experts):
+    p = make_problem(n, k=3, local_experts=2, H=256, F=128, routing="skewed", seed=11, tokens_range=(10, 20))
+    p.x *= 5  # tiles of several binades
+    layer = build_layer(p, n, rank, W, wave_split=split, dedup_across_waves=dedup)
+    layer.config = ep.MoEConfig(**{**layer.config.__dict__, "dispatch_dtype": torch.float8_e4m3fn,
+                                   "expert_dtype": torch.float8_e4m3fn if fp8_experts else None})
+    got = run_layer(layer, p, rank)
+    if fp8_experts:  # the experts' own quantization of x is the dispatch's: one emulation for both
+        want = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights)[p.rows(rank)]
+        return {"y": rel_err(got["y"], want)}
+    want = emulated_dispatch_reference(p, n, rank)
+    errors = {name: rel_err(got[name], want[name]) for name in want}
+    errors["y vs unquantized"] = rel_err(got["y"], run_reference(p, n, rank)["y"])
+    return errors
+
+
+@pytest.mark.parametrize("split, W, dedup", [("tokens", 1, True), ("tokens", 2, True), ("experts", 2, True),
+                                             ("experts", 2, False)])
+def test_fp8_dispatch_matches_the_emulation(split, W, dedup):
+    for errors in run_world(2, check_fp8_dispatch, split, W, dedup, False):
+        unquantized = errors.pop("y vs unquantized")
+        assert all(e < 1e-10 for e in errors.values()), errors  # float64 products of the same FP8 rows
+        assert 0.002 < unquantized < 0.05, unquantized  # one quantized operand: about 2.6% per operand
+
+
+def test_fp8_dispatch_with_fp8_experts():
+    for errors in run_world(2, check_fp8_dispatch, "experts", 2, True, True):
+        assert errors["y"] < 1e-3, errors
+
+
+def test_fp8_dispatch_row_bytes():
+    """At H=7168 (k=8) a dispatched row is at most 0.53x of bf16's: 7,168 bytes and 56 fp32
+    scales against 14,336, the slot tables and status alike in both."""
+    from ep.layout import RowLayout
+
+    bf16 = RowLayout(7168, 8, torch.bfloat16)
+    fp8 = RowLayout(7168, 8, torch.bfloat16, torch.float8_e4m3fn)
+    ratio = fp8.width / bf16.width
+    assert ratio <= 0.53, ratio
+    rows = fp8.empty(2, "cpu")
+    assert fp8.data(rows).dtype == torch.float8_e4m3fn and fp8.scales(rows).shape == (2, 56)
+    with pytest.raises(ValueError, match="dispatch_dtype.*multiple of 128"):
+        ep.MoEConfig(hidden=96, ffn_hidden=64, num_experts=4, top_k=2, dispatch_dtype=torch.float8_e4m3fn)

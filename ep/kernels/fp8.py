@@ -127,6 +127,17 @@ def quantize_rows(x_NH: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.
     return quantize_rows_torch(x_NH, pow2_scales)
 
 
+def gather_quantized(q_MH: torch.Tensor, scale_MT: torch.Tensor, index_N: torch.Tensor,
+                     rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantized rows and their scales gathered by `index` (`ep.kernels.gather_rows`; `rows`: a
+    0-d device count of those in use) -> (q `[N, H]` float8_e4m3fn, scale `[N, H/128]` fp32).
+    The bytes move as uint8 (the CPU indexes no float8 tensor)."""
+    from .permute import gather_rows
+
+    q = gather_rows(q_MH.view(torch.uint8), index_N, rows).view(q_MH.dtype)
+    return q, gather_rows(scale_MT, index_N, rows)
+
+
 def dequantize_rows(q_NH: torch.Tensor, scale_NT: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`q * scale` per 1x128 tile -> `[N, H]` in `dtype` (products in at least fp32)."""
     _check_fp8(q_NH, "q")
