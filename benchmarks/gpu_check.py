@@ -102,15 +102,17 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
     return worst_over_ranks(got, reference(p, n, rank, device, routing), device)
 
 
-def check_fp8(n, rank, device, W, split):
-    """FP8 expert products (`MoEConfig.expert_dtype`): the forward against the float64
+def check_fp8(n, rank, device, W, split, dispatch=False):
+    """FP8 expert products (`MoEConfig.expert_dtype`; with `dispatch` FP8 rows on the wire too,
+    `MoEConfig.dispatch_dtype`, whose quantization of a token is the products'): the forward against the float64
     emulation of the same quantization (`tests.test_fp8_layer`) and against the unquantized
     reference; the straight-through gradients against the reference; then a forward and a
     training step under sync debug mode "error". Returns (vs emulation, vs reference y, worst grad)."""
     from tests.test_fp8_layer import emulated_fp8_moe
 
     p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=17 + W, tokens_range=(200, 400))
-    layer = build(p, n, rank, device, num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn)
+    layer = build(p, n, rank, device, num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn,
+                  dispatch_dtype=torch.float8_e4m3fn if dispatch else None)
     rows = p.rows(rank)
     x = p.x[rows].to(device=device, dtype=torch.bfloat16).requires_grad_(True)
     idx = p.topk_idx[rows].to(device)
@@ -361,9 +363,11 @@ def main():
         if rank == 0:
             print(f"sync-free  {transport:11} {split:7} dedup={dedup!s:5} W={W} routing={routing:6} "
                   f"max_tokens={max_tokens}  {'ok' if ok else 'FAIL ' + detail}", flush=True)
-    for split, W in (("tokens", 1), ("tokens", 2), ("experts", 2)) if cuda and "fp8" in checks else ():
+    fp8_cases = (("tokens", 1, False), ("tokens", 2, False), ("experts", 2, False), ("tokens", 2, True),
+                 ("experts", 2, True))
+    for split, W, dispatch in fp8_cases if cuda and "fp8" in checks else ():
         try:
-            emulated, plain, grads = check_fp8(n, rank, device, W, split)
+            emulated, plain, grads = check_fp8(n, rank, device, W, split, dispatch)
             # bf16 outputs of fp32 sums against float64, and an element's e4m3 step where rounding
             # differs (SwiGLU's fp32 on the GPU); FP8's own error against the unquantized layer
             ok = emulated < 1e-2 and plain < 0.1 and grads < 0.1
@@ -371,9 +375,10 @@ def main():
         except Exception as e:  # noqa: BLE001
             ok, detail = False, repr(e)[:400]
         failed += not ok
-        results.append(dict(check="fp8_experts", wave_split=split, W=W, ok=ok, detail=detail))
+        results.append(dict(check="fp8_experts", wave_split=split, W=W, fp8_dispatch=dispatch, ok=ok, detail=detail))
         if rank == 0:
-            print(f"fp8 experts {split:7} W={W}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
+            print(f"fp8 experts{' + dispatch' if dispatch else ''} {split:7} W={W}  {'ok' if ok else 'FAIL'}  {detail}",
+                  flush=True)
     for W in (1, 2) if "shared" in checks else ():
         try:
             worst = check_shared_beside(n, rank, device, W)

@@ -69,8 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", default=None, help=f"comma-separated, from {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
     p.add_argument("--splits", default="tokens,experts", help="comma-separated wave splits: tokens, experts")
     p.add_argument("--precisions", default="dtype",
-                   help="comma-separated expert products: dtype (the preset's dtype), fp8 (MoEConfig.expert_dtype, "
-                        "H and F multiples of 128)")
+                   help="comma-separated: dtype (the preset's dtype), fp8 (FP8 expert products, "
+                        "MoEConfig.expert_dtype), fp8_dispatch (FP8 products and FP8 rows on the wire, "
+                        "MoEConfig.dispatch_dtype too); H and F multiples of 128")
     p.add_argument("--waves", default="1,2,4,auto",
                    help="comma-separated W values, or auto (the layer's own choice); 1 is always measured")
     p.add_argument("--expert-waves", default=None, help="W values for the expert-wave split (default: --waves)")
@@ -198,8 +199,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     splits = [t.strip() for t in args.splits.split(",")]
     kinds = [t.strip() for t in args.transports.split(",")]
     precisions = [P["dtype"] if t.strip() == "dtype" else t.strip() for t in args.precisions.split(",")]
-    if any(t not in (P["dtype"], "fp8") for t in precisions):
-        raise SystemExit(f"--precisions takes dtype and/or fp8, got {args.precisions!r}")
+    if any(t not in (P["dtype"], "fp8", "fp8_dispatch") for t in precisions):
+        raise SystemExit(f"--precisions takes dtype, fp8 and/or fp8_dispatch, got {args.precisions!r}")
     if any(d not in ("rank", "wave") for d in dedups):
         raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
     if any(t not in ep.config.WAVE_SPLITS for t in splits):
@@ -344,9 +345,10 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     # ---- the whole call per variant ------------------------------------------------------
     rows = []
     for v in variants:
-        fp8 = torch.float8_e4m3fn if v["precision"] == "fp8" else None
+        fp8 = torch.float8_e4m3fn if v["precision"].startswith("fp8") else None
         lv = variant_layer(layer, num_waves=v["W"], wave_split=v["split"], transport=v["transport"],
-                           sm_carveout=v["carveout"], dedup_across_waves=v["dedup"] == "rank", expert_dtype=fp8)
+                           sm_carveout=v["carveout"], dedup_across_waves=v["dedup"] == "rank", expert_dtype=fp8,
+                           dispatch_dtype=fp8 if v["precision"] == "fp8_dispatch" else None)
         row = dict(v, auto=v["W"] == "auto")
         if row["auto"]:
             with torch.no_grad():
@@ -434,7 +436,7 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
 def traced_rows(rows: List[dict], trace_waves: str) -> List[dict]:
     """The rows whose timelines are saved: per wave split and transport, the fastest waved row,
     and the fastest row of each W named in `trace_waves` (e.g. "4": where a model misses)."""
-    eager = [r for r in rows if r["W"] > 1 and not r.get("graph") and r.get("precision") != "fp8"]
+    eager = [r for r in rows if r["W"] > 1 and not r.get("graph") and not str(r.get("precision")).startswith("fp8")]
     extra = {int(w) for w in trace_waves.split(",") if w.strip()} if trace_waves else set()
     picks = {}
     for r in sorted(eager, key=lambda r: r["fwd_ms"]):  # the first seen of each key is the fastest
@@ -548,7 +550,7 @@ def format_table(r: dict, meta: dict) -> str:
         label = (f"{row['split'][:6]} W={'auto->' if row.get('auto') else ''}{row['W']} c={row['carveout']}"
                  + {"copy_engine": " CE", "device_put": " DP"}.get(row["transport"], "")
                  + (f" {row['dedup']}" if row["split"] == "experts" else "") + (" graph" if row.get("graph") else "")
-                 + (" fp8" if row.get("precision") == "fp8" else ""))
+                 + (" " + row["precision"] if str(row.get("precision")).startswith("fp8") else ""))
         lines.append(
             f"  {label:<43} {row['fwd_ms']:8.3f}  {row.get('host_ms', nan):7.3f}  {row.get('b2b_fwd_ms', nan):6.3f}  "
             f"{row.get('speedup_vs_w1', nan):5.2f}x  {row.get('plan_given_fwd_ms', nan):10.3f}  "

@@ -21,7 +21,7 @@ timeout 150 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --j
   | tee -a "$log" || rc=1
 echo "== overlap benchmark, one GPU" | tee -a "$log"
 timeout 180 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --preset "${EP_PRESETS:-dsv3,decode}" \
-  --waves 1,2 --expert-waves 1,2 --carveouts 0 --precisions dtype,fp8 --splits tokens,experts --graphs --iters "${EP_ITERS:-20}" \
+  --waves 1,2 --expert-waves 1,2 --carveouts 0 --precisions dtype,fp8,fp8_dispatch --splits tokens,experts --graphs --iters "${EP_ITERS:-20}" \
   --run-name "${EP_RUN:-gpu1}" --json "$OUT/overlap_n1_nvlink.json" 2>&1 | tee -a "$log" || rc=1
 echo "== launches of one eager call, device work, graph replay (dsv3, both splits)" | tee -a "$log"
 timeout 120 python3 benchmarks/host_launches.py --preset dsv3 --waves 1,2 --expert-waves 2 --json "$OUT/host_launches_n1.json" 2>&1 \
