@@ -120,7 +120,8 @@ def check_fp8(n, rank, device, W, split, dispatch=False):
     y = layer(x, topk_idx=idx, topk_weights=tw)
     y.backward(p.dy[rows].to(device=device, dtype=torch.bfloat16))
     d64 = lambda t: t.to(torch.bfloat16).double()  # noqa: E731  the layer's rounding of its inputs
-    emulated = emulated_fp8_moe(d64(p.x), d64(p.w1), d64(p.w2), p.topk_idx, p.topk_weights.float().double())[rows]
+    emulated = emulated_fp8_moe(d64(p.x), d64(p.w1), d64(p.w2), p.topk_idx, p.topk_weights.float().double(),
+                                h_dtype=torch.bfloat16)[rows]  # the layer stores linear1's output in bf16
     ref = reference(p, n, rank, device, "skewed")
     errs = [rel_err(y.detach().double().cpu(), emulated), rel_err(y.detach().double(), ref["y"]),
             max(rel_err(a.double(), ref[k]) for a, k in ((x.grad, "dx"), (layer.experts.w1.grad, "dw1"),

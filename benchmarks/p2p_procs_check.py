@@ -148,7 +148,7 @@ def check_sync_free_and_graphs(n, rank, split, dedup, W=2):
     with torch.cuda.graph(g_step):
         y_step = step()
     worst = 0.0
-    params = (layer.experts.w1, layer.experts.w2, static["x"], static["tw"])
+    params = (static["x"], layer.experts.w1, layer.experts.w2, static["tw"])  # _worst's order: dx, dw1, dw2, dweights
     for trial in range(2):
         p = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=40 + trial, tokens_per_rank=tokens)
         p.router, p.w1, p.w2 = p0.router, p0.w1, p0.w2  # new inputs, the layer's weights

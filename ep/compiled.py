@@ -40,14 +40,11 @@ _LAYERS: "weakref.WeakValueDictionary[int, torch.nn.Module]" = weakref.WeakValue
 _HANDLES = itertools.count(1)
 
 
-@torch._dynamo.assume_constant_result
-def handle_of(layer) -> int:
-    """The layer's handle in `_LAYERS` (given at its first trace; a copy of a layer gets its own)."""
-    handle = getattr(layer, "_compile_handle", None)
-    if handle is None or _LAYERS.get(handle) is not layer:
-        handle = next(_HANDLES)
-        layer._compile_handle = handle
-        _LAYERS[handle] = layer
+def register(layer) -> int:
+    """A new handle for `layer` in `_LAYERS` (at construction, and for a copy: `__setstate__`).
+    Dynamo reads it as a constant int attribute of the layer."""
+    handle = next(_HANDLES)
+    _LAYERS[handle] = layer
     return handle
 
 
@@ -59,7 +56,7 @@ def forward(layer, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional
     W = layer.num_waves
     if cfg.max_tokens is None or W is None:
         return _eager(layer, x, topk_idx, topk_weights)
-    handle = handle_of(layer)
+    handle = layer._compile_handle
     device_type = x.device.type
     w1, w2 = layer.experts.w1, layer.experts.w2
     shared = layer.shared_experts

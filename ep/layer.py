@@ -85,6 +85,11 @@ class ExpertParallelMoE(nn.Module):
         self._posted = PostedFindings()
         """Device findings of earlier calls (on CUDA), raised at the next call."""
         checkpoint.install(self)  # state_dict: experts as DTensors [E, ...], Shard(0) over the EP mesh (ep/checkpoint.py)
+        self._compile_handle = compiled.register(self)  # how a compiled graph's ops find this layer
+
+    def __setstate__(self, state) -> None:  # a copy (copy.deepcopy, pickle) is a layer of its own to compiled graphs
+        super().__setstate__(state)
+        self._compile_handle = compiled.register(self)
 
     def reset_parameters(self) -> None:
         """Fresh initial values (as construction draws them, in the same order)."""

@@ -4,7 +4,7 @@
 # layer with device_put between two processes on GPU 0) and the benchmark rows of dsv3 and
 # decode (token and expert waves at W = 1, 2, bf16 and FP8 experts, CUDA graphs). Writes
 # env.txt, log.txt, check_n1.json, overlap_n1_nvlink.json, host_launches_n1.json,
-# compile_n1.json under $OUT (default out/gpu).
+# compile_n1.json, fp8_sweep_n1.json under $OUT (default out/gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -26,6 +26,8 @@ timeout 180 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --pre
 echo "== launches of one eager call, device work, graph replay (dsv3, both splits)" | tee -a "$log"
 timeout 120 python3 benchmarks/host_launches.py --preset dsv3 --waves 1,2 --expert-waves 2 --json "$OUT/host_launches_n1.json" 2>&1 \
   | grep -E "host |Error" | tee -a "$log" || rc=1
+echo "== the blockwise FP8 grouped product's tile configs, N- and K-major weights, against bf16 (dsv3 shapes)" | tee -a "$log"
+timeout 120 python3 benchmarks/fp8_gemm_sweep.py --json "$OUT/fp8_sweep_n1.json" 2>&1 | grep -vi warn | tee -a "$log" || rc=1
 echo "== torch.compile (fullgraph; default, reduce-overhead) and autocast against eager (one GPU)" | tee -a "$log"
 timeout 240 python3 benchmarks/compile_bench.py --preset issue23,dsv3 --json "$OUT/compile_n1.json" 2>&1 \
   | grep -vi "warn" | tail -40 | tee -a "$log" || rc=1

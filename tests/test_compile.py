@@ -208,3 +208,15 @@ def check_autocast(rank, n):
 
 def test_fullgraph_autocast():
     assert run_world(2, check_autocast, timeout_s=200) == [True, True]
+
+
+def test_a_copy_gets_its_own_handle():
+    """A deep copy of a layer is found by its own handle (compiled graphs call the copy's engine)."""
+    import copy
+
+    from ep import compiled
+
+    layer = ep.ExpertParallelMoE(ep.MoEConfig(hidden=8, ffn_hidden=4, num_experts=2, top_k=1, num_waves=1))
+    twin = copy.deepcopy(layer)
+    assert twin._compile_handle != layer._compile_handle
+    assert compiled._LAYERS[layer._compile_handle] is layer and compiled._LAYERS[twin._compile_handle] is twin

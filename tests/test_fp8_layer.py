@@ -20,9 +20,10 @@ def _q_rows(x):
     return dequantize_rows(*quantize_rows_torch(x.float()), torch.float64)
 
 
-def emulated_fp8_moe(x, w1, w2, idx, weights):
+def emulated_fp8_moe(x, w1, w2, idx, weights, h_dtype=None):
     """The FP8 forward in float64: each token's row quantized once (its items share it), the
-    weights per 128x128 block, SwiGLU's output per 1x128 tile before linear2."""
+    weights per 128x128 block, SwiGLU's output per 1x128 tile before linear2 (`h_dtype`:
+    linear1's output rounded to it first, as a bf16 layer stores it)."""
     w1q = dequantize_weight_blocks(*quantize_weight_blocks(w1.float()), torch.float64)
     w2q = dequantize_weight_blocks(*quantize_weight_blocks(w2.float()), torch.float64)
     xq = _q_rows(x)
@@ -30,6 +31,8 @@ def emulated_fp8_moe(x, w1, w2, idx, weights):
     F = w2.shape[1]
     for j in range(idx.shape[1]):
         h = torch.einsum("th,thf->tf", xq, w1q[idx[:, j]])
+        if h_dtype is not None:
+            h = h.to(h_dtype).double()
         a = _q_rows(torch.nn.functional.silu(h[:, :F].float()).double() * h[:, F:].float().double())
         y += weights[:, j:j + 1] * torch.einsum("tf,tfh->th", a, w2q[idx[:, j]])
     return y
