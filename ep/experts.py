@@ -121,13 +121,9 @@ def linear1_backward_data(
 def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor) -> Fp8Experts:
     """The experts in FP8 (128x128 blocks), once per call: every wave's products share them.
     Held K-major (`[E, K, N]` views of `[E, N, K]` memory): Hopper's FP8 tensor-core product
-    takes its B operand along K (r37: N-major B ran the Triton product ~9x slower than bf16)."""
-    def k_major(q: torch.Tensor) -> torch.Tensor:
-        return q.transpose(1, 2).contiguous().transpose(1, 2)
-
-    q1, s1 = quantize_weight_blocks(w1_EH2F.detach())
-    q2, s2 = quantize_weight_blocks(w2_EFH.detach())
-    return Fp8Experts(BlockFp8Weight(k_major(q1), s1), BlockFp8Weight(k_major(q2), s2))
+    takes its B operand along K (r37a: N-major B ran the Triton product ~9x slower than bf16)."""
+    return Fp8Experts(BlockFp8Weight(*quantize_weight_blocks(w1_EH2F.detach(), k_major=True)),
+                      BlockFp8Weight(*quantize_weight_blocks(w2_EFH.detach(), k_major=True)))
 
 
 def linear1_fp8(x_MH: torch.Tensor, w1: BlockFp8Weight, offs: torch.Tensor, index: Optional[torch.Tensor] = None,

@@ -298,6 +298,21 @@ def test_triton_quantize_rows_bitwise(tfp8, pow2):
     assert torch.equal(_bits(tfp8.quantize_rows_triton(big, pow2)[0]), _bits(fp8.quantize_rows_torch(big, pow2)[0]))
 
 
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_quantize_weight_blocks_bitwise(tfp8, pow2):
+    """The one-pass block quantizer: the torch path's bits and scales, K-major or contiguous,
+    edge blocks partial, from a strided (transposed) source too."""
+    g = torch.Generator().manual_seed(10)
+    w = torch.randn(3, 300, 200, generator=g) * torch.logspace(-3, 2, 3).view(3, 1, 1)
+    w[1, :128, :128] = 0  # a zero block: scale 1
+    want_q, want_s = fp8.quantize_weight_blocks(w, pow2)
+    for src in (w, w.transpose(1, 2).contiguous().transpose(1, 2)):
+        for k_major in (True, False):
+            got_q, got_s = tfp8.quantize_weight_blocks_triton(src, pow2, k_major)
+            assert got_q.shape == want_q.shape and (got_q.stride(1) == 1) == k_major
+            assert torch.equal(_bits(got_q), _bits(want_q)) and torch.equal(got_s, want_s)
+
+
 @pytest.mark.parametrize("limit", [None, 0.7])
 def test_triton_swiglu_quantize(tfp8, limit):
     g = torch.Generator().manual_seed(9)

@@ -42,6 +42,9 @@ def _cases():
         (tf._quantize_rows_kernel, dict(x=P("bf16"), x_stride=I32, **quant), dict(TILES=8, POW2=True)),
         (tf._swiglu_quantize_kernel, dict(h=P("bf16"), F=I32, limit="fp32", h_stride=I32, **quant),
          dict(TILES=8, HAS_LIMIT=True, POW2=False)),
+        (tf._quantize_blocks_kernel, dict(w=P("bf16"), q=P("fp8e4nv"), s=P("fp32"), K=I32, N=I32, w_se="i64",
+                                          w_sk=I32, w_sn=I32, q_se="i64", q_sk=I32, q_sn=I32, s_se=I32, s_sk=I32,
+                                          s_sn=I32), dict(POW2=False)),
         (tf._fp8_grouped_kernel, fp8_grouped, dict(K=7168, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear1
         (tf._fp8_grouped_kernel, fp8_grouped, dict(K=2048, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear2
         (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), sent_rows=P("i64"), wait_programs=I32,

@@ -170,17 +170,23 @@ def _blocked(w: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
     return w.reshape(E, Kb, BLOCK, Nb, BLOCK), Kb, Nb
 
 
-def quantize_weight_blocks(w_EKN: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `[E, K, N]` weights in 128x128 blocks -> (q `[E, K, N]` e4m3 contiguous,
-    scale `[E, ceil(K/128), ceil(N/128)]` fp32); edge blocks may be partial (a 2-d weight:
-    `w[None]`). Plain torch (done once, at load)."""
+def quantize_weight_blocks(w_EKN: torch.Tensor, pow2_scales: bool = False,
+                           k_major: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `[E, K, N]` weights in 128x128 blocks -> (q `[E, K, N]` e4m3, contiguous or with
+    `k_major` a view of `[E, N, K]` memory (the FP8 product's B layout on sm90), scale
+    `[E, ceil(K/128), ceil(N/128)]` fp32); edge blocks may be partial (a 2-d weight: `w[None]`).
+    One Triton pass on CUDA (bitwise the torch path's), plain torch elsewhere."""
     if w_EKN.dim() != 3:
         raise ValueError(f"ep.kernels.fp8: w must be 3-d [E, K, N], got shape {tuple(w_EKN.shape)}")
+    if use_triton(w_EKN):
+        from .triton_fp8 import quantize_weight_blocks_triton
+
+        return quantize_weight_blocks_triton(w_EKN, pow2_scales, k_major)
     E, K, N = w_EKN.shape
     blocks, Kb, Nb = _blocked(w_EKN)
     scale = scale_from_amax(blocks.abs().amax(dim=(2, 4)), pow2_scales)
     q = _to_fp8(blocks / scale[:, :, None, :, None]).reshape(E, Kb * BLOCK, Nb * BLOCK)[:, :K, :N]
-    return q.contiguous(), scale
+    return (q.transpose(1, 2).contiguous().transpose(1, 2) if k_major else q.contiguous()), scale
 
 
 def expand_blocks(scale: torch.Tensor, K: int, N: int, block_k: int = BLOCK, block_n: int = BLOCK) -> torch.Tensor:

@@ -139,6 +139,40 @@ def _fp8_grouped_kernel(x, xs, w, ws, offs, out, N, E, x_stride, xs_stride, w_se
              mask=live[:, None] & live_c[None, :])
 
 
+@triton.jit
+def _quantize_blocks_kernel(w, q, s, K, N, w_se, w_sk, w_sn, q_se, q_sk, q_sn, s_se, s_sk, s_sn,
+                            POW2: tl.constexpr):
+    """Program (e, kb, nb): the 128x128 block of w at (kb, nb), its amax scale, and its e4m3
+    values stored through q's strides (any layout: K-major for the FP8 product's B)."""
+    e = tl.program_id(0).to(tl.int64)
+    kb = tl.program_id(1)
+    nb = tl.program_id(2)
+    ks = kb * _TILE + tl.arange(0, _TILE)
+    ns = nb * _TILE + tl.arange(0, _TILE)
+    live = (ks[:, None] < K) & (ns[None, :] < N)
+    v = tl.load(w + e * w_se + ks[:, None] * w_sk + ns[None, :] * w_sn, mask=live, other=0.0).to(tl.float32)
+    scale = _scale_of(tl.max(tl.max(tl.abs(v), axis=1), axis=0), POW2)
+    qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_MAX), _MAX))
+    tl.store(q + e * q_se + ks[:, None] * q_sk + ns[None, :] * q_sn, qv.to(tl.float8e4nv), mask=live)
+    tl.store(s + e * s_se + kb * s_sk + nb * s_sn, scale)
+
+
+def quantize_weight_blocks_triton(w_EKN: torch.Tensor, pow2_scales: bool = False,
+                                  k_major: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`ep.kernels.fp8.quantize_weight_blocks` in one pass (read each block once, write its
+    e4m3 bytes and scale) -> (q `[E, K, N]`, scale `[E, ceil(K/128), ceil(N/128)]`); with
+    `k_major` q is a view of `[E, N, K]` memory (the FP8 product's B layout), else contiguous."""
+    E, K, N = w_EKN.shape
+    Kb, Nb = triton.cdiv(K, BLOCK), triton.cdiv(N, BLOCK)
+    q = torch.empty(E, N, K, dtype=FP8, device=w_EKN.device).transpose(1, 2) if k_major else \
+        torch.empty(E, K, N, dtype=FP8, device=w_EKN.device)
+    s = torch.empty(E, Kb, Nb, dtype=torch.float32, device=w_EKN.device)
+    if E and K and N:
+        _quantize_blocks_kernel[(E, Kb, Nb)](w_EKN, q, s, K, N, *w_EKN.stride(), *q.stride(), *s.stride(),
+                                             POW2=pow2_scales, num_warps=8)
+    return q, s
+
+
 def quantize_rows_triton(x_NH: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """x `[N, H]` with unit stride along H, H % 128 == 0 -> (q, scale), as `quantize_rows`."""
     N, H = x_NH.shape
