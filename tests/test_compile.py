@@ -10,7 +10,7 @@ import torch.distributed as dist
 import ep
 from ep.checks import InputError
 from tests.cases import make_problem, rel_err
-from tests.test_stack import _config, _load, _reference
+from tests.test_stack import _config, _load, _reference, traced
 from tests.world import run_world
 
 TOL = 1e-10
@@ -128,15 +128,7 @@ def check_model_inductor(rank, n):
             for i, (a, b) in enumerate(zip(run(compiled), eager)):
                 if not rel_err(a, b) <= 1e-12:
                     failures.append(f"mode {mode} step {step} tensor {i}: rel err {rel_err(a, b):.2e}")
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    run(torch.compile(model, fullgraph=True, backend=record))
-    ops = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    graphs, ops = traced(lambda backend: run(torch.compile(model, fullgraph=True, backend=backend)))
     if len(graphs) != 1 or sum("ep.waves" in op for op in ops) != 2 or not any("topk" in op for op in ops):
         failures.append(f"Dynamo traced {len(graphs)} graphs: {ops}")
     torch._dynamo.reset()

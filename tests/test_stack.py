@@ -301,6 +301,21 @@ def _fwd_bwd(module, x, dy):
     return [y.detach(), x.grad] + [t.grad.clone() for t in module.parameters()]
 
 
+def traced(run):
+    """`run(backend)` with a Dynamo backend that records the graphs (after a reset): the
+    graphs, and the targets of their call_function and call_module nodes."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    run(record)
+    ops = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op in ("call_function", "call_module")]
+    return graphs, ops
+
+
 def check_compile(rank, n):
     torch._dynamo.reset()
     p = make_problem(n, k=2, seed=71)
@@ -321,15 +336,7 @@ def check_compile(rank, n):
                     failures.append(f"{name} step {step} tensor {i}: rel err {rel_err(a, b):.2e}")
     # what Dynamo traced: the dense layer, never an ep layer's ops (without MoEConfig.max_tokens
     # they run eagerly behind a graph break; tests/test_compile.py traces them with it)
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    _fwd_bwd(torch.compile(model, backend=record), x, dy)
-    ops = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op in ("call_function", "call_module")]
+    graphs, ops = traced(lambda backend: _fwd_bwd(torch.compile(model, backend=backend), x, dy))
     if sum("linear" in op or "dense" in op for op in ops) != 1 or any("silu" in op or "topk" in op for op in ops):
         failures.append(f"Dynamo traced {ops}")
     with pytest.raises(Exception, match="max_tokens"):  # fullgraph=True without max_tokens: refused, never wrong
