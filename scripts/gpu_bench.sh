@@ -9,7 +9,7 @@
 # comm-bound regime; SM carveouts). Everything lands under $OUT (default out/gpu):
 #   log_nN.txt, check_nN.json, overlap_nN_nvlink.json, overlap_nN_no_p2p.json, traces_nN.tgz,
 #   and side_nN.tgz holding env.txt, p2p_n1.json, readme_n1.json (with one GPU also
-#   host_launches_n1.json, few_rows_n1.json): six files at most, the device call returns eight
+#   host_launches_n1.json, few_rows_n1.json, compile_n1.json): six files at most, the device call returns eight
 # usage: scripts/gpu_bench.sh [NGPUS] [--quick]
 #   --quick: dsv3 and decode only, fewer variants (a development run of ~4 minutes)
 #   EP_PRESETS, EP_WAVES, EP_EXPERT_WAVES: the NVLink run's presets, token-wave and expert-wave W
@@ -45,6 +45,9 @@ if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two proces
   echo "== launches of one eager call, device work, graph replay (one GPU)" | tee -a "$log"
   python3 benchmarks/host_launches.py --preset decode,dsv3 --waves 1 --expert-waves 2 --json "$OUT/host_launches_n1.json" 2>&1 \
     | grep -E "host |Error" | tee -a "$log" || rc=1
+  echo "== torch.compile (fullgraph; default, reduce-overhead) and autocast against eager (one GPU)" | tee -a "$log"
+  timeout 240 python3 benchmarks/compile_bench.py --preset issue23,dsv3 --json "$OUT/compile_n1.json" 2>&1 \
+    | grep -vi warn | tail -40 | tee -a "$log" || rc=1
   echo "== the few-rows grouped product (decode widths) against torch._grouped_mm" | tee -a "$log"
   python3 benchmarks/few_rows_gemm.py --means 32 --json "$OUT/few_rows_n1.json" 2>&1 | grep -v Warn | tee -a "$log" || rc=1
 fi
@@ -107,7 +110,7 @@ if [ -d "$OUT/traces" ]; then
   tar -czf "$OUT/traces_n$n.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
 fi
 # the device call returns at most 8 files (r36 lost its timelines to that): the side results in one archive
-side=$(cd "$OUT" && ls env.txt p2p_n1.json readme_n1.json host_launches_n1.json few_rows_n1.json \
+side=$(cd "$OUT" && ls env.txt p2p_n1.json readme_n1.json host_launches_n1.json few_rows_n1.json compile_n1.json \
   check_n*_without_device_put.json 2>/dev/null)
 if [ -n "$side" ]; then
   (cd "$OUT" && tar -czf "side_n$n.tgz" $side && rm -f $side)
