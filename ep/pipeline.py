@@ -237,6 +237,15 @@ def item_rows(layout: RowLayout, rows: torch.Tensor, index: torch.Tensor, count:
     return dequantize_rows(*gather_quantized(layout.data(rows), layout.scales(rows), index, count), layout.dtype)
 
 
+def _transfer(transport: Transport, ready: Optional[torch.cuda.Event], out: torch.Tensor, rows: torch.Tensor,
+              plan: WavePlan, label: str, rows_in_use: Optional[torch.Tensor]) -> Pending:
+    """One wave's all-to-all of `rows` into `out` (a region of `plan.capacity` rows per rank
+    each way, `rows_in_use` of each sent: `Transport.all_to_all`), issued after `ready` only."""
+    splits = [plan.capacity] * plan.num_ranks
+    return issue_after(rows.device, ready, lambda: transport.all_to_all(out, rows, splits, splits, label,
+                                                                          plan.capacity, rows_in_use))
+
+
 def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
                   swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None,
                   dispatch_dtype: Optional[torch.dtype] = None):
@@ -248,7 +257,6 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
     layout = RowLayout(H, plan.top_k, x_TH.dtype, dispatch_dtype)
     W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
     dedup = plan.wave_map.dedup
-    splits = [cap] * n
     transport.reserve(cap)  # the same on every rank: transports with fixed buffers size them from it
     x_TH = x_TH.contiguous()
 
@@ -262,15 +270,13 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
     stacked = recv.view(-1, layout.width)
     back = x_TH.new_empty(W * N, H)
     waves: List[Optional[Tuple[WaveItems, torch.Tensor, torch.Tensor]]] = [None] * W
-    x_scale = layout.scales if layout.quantized else None
     hidden: List[Optional[torch.Tensor]] = [None] * W
     arrived: List[Optional[torch.Tensor]] = [None] * W  # rows in use per source, where the transport counted them
     carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
 
     def dispatch(w: int) -> Pending:
-        flight = issue_after(device, packed, lambda: transport.all_to_all(
-            recv[w, :N], send[plan.wave_rows(w)], splits, splits, f"dispatch (forward) of wave {w}", cap,
-            plan.region_rows[w]))
+        flight = _transfer(transport, packed, recv[w, :N], send[plan.wave_rows(w)], plan,
+                           f"dispatch (forward) of wave {w}", plan.region_rows[w])
         arrived[w] = flight.arrived_rows
         return flight
 
@@ -280,7 +286,7 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
             few = plan.expected_items_per_expert
             if fp8 is not None:
                 h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count,
-                                x_scale=x_scale(rows) if x_scale else None, out_dtype=x_TH.dtype)
+                                x_scale=layout.scales(rows) if layout.quantized else None, out_dtype=x_TH.dtype)
                 o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit)
             else:
                 if layout.quantized:  # FP8 rows into a product in the layer's dtype
@@ -293,8 +299,8 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
         waves[w], hidden[w] = (it, back_item, item_back), h
         summed = ready_point(device)
         rows_back = None if dedup else arrived[w]  # with dedup every returned row goes back
-        return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-            back[plan.wave_rows(w)], sums, splits, splits, f"combine (forward) of wave {w}", cap, rows_back))
+        return lambda: _transfer(transport, summed, back[plan.wave_rows(w)], sums, plan,
+                                 f"combine (forward) of wave {w}", rows_back)
 
     run_waves(W, dispatch, compute, math_first=False)  # dispatches wait for the pack only: all go first
     y_TH = torch.empty_like(x_TH)
@@ -312,11 +318,10 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
     """The backward schedule (the forward's mirror). Returns dx `[T, H]`, the routing
     weights' gradients `[T, k]` (acc dtype), dw1, dw2."""
     w1, w2, recv, plan, hidden = saved.w1, saved.w2, saved.recv, saved.plan, list(saved.hidden)
-    W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
+    W, N = plan.num_waves, plan.rows_per_wave
     items = [it for it, _, _ in saved.waves]
     H, device = dy_TH.shape[1], dy_TH.device
     layout = saved.layout.plain()  # the returning rows: gradients in the layer's dtype
-    splits = [cap] * n
     dy_TH = dy_TH.to(layout.dtype).contiguous()
 
     send = dy_TH.new_empty(W * N, H)
@@ -332,9 +337,8 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
     carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
 
     def combine_backward(w: int) -> Pending:
-        flight = issue_after(device, packed, lambda: transport.all_to_all(
-            recv_dy[w, :N], send[plan.wave_rows(w)], splits, splits, f"combine backward of wave {w}", cap,
-            plan.back_region_rows[w]))
+        flight = _transfer(transport, packed, recv_dy[w, :N], send[plan.wave_rows(w)], plan,
+                           f"combine backward of wave {w}", plan.back_region_rows[w])
         arrived[w] = flight.arrived_rows
         return flight
 
@@ -350,8 +354,8 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
         reduce_rows(dx_I, back_item, layout.data(rows))
         gather_slots(dweight_I, back_item, layout.weights(rows))
         summed = ready_point(device)
-        return lambda: issue_after(device, summed, lambda: transport.all_to_all(
-            back[plan.wave_rows(w)], rows, splits, splits, f"dispatch backward of wave {w}", cap, arrived[w]))
+        return lambda: _transfer(transport, summed, back[plan.wave_rows(w)], rows, plan,
+                                 f"dispatch backward of wave {w}", arrived[w])
 
     flights = run_waves(W, combine_backward, compute, math_first=False, wait_out=False)
     stacked = recv.view(-1, saved.layout.width)
