@@ -114,3 +114,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-3) -> float:
         raise AssertionError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     num = (a.double() - b.double()).norm().item()
     return num / max(b.double().norm().item(), floor)
+
+
+def load_weights(layer, p: Problem, rank: int, n: int):
+    """The problem's router and this rank's experts copied into `layer` (returned)."""
+    El = p.E // n
+    with torch.no_grad():
+        layer.router.weight.copy_(p.router)
+        layer.experts.w1.copy_(p.w1[rank * El:(rank + 1) * El])
+        layer.experts.w2.copy_(p.w2[rank * El:(rank + 1) * El])
+    return layer

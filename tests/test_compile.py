@@ -9,8 +9,8 @@ import torch.distributed as dist
 
 import ep
 from ep.checks import InputError
-from tests.cases import make_problem, rel_err
-from tests.test_stack import _config, _load, _reference, traced
+from tests.cases import load_weights, make_problem, rel_err
+from tests.test_stack import _config, _reference, traced
 from tests.world import run_world
 
 TOL = 1e-10
@@ -74,7 +74,7 @@ def check_layers(rank, n):
                       torch.randn(p.F, p.H, generator=g, dtype=torch.float64) / p.F ** 0.5)
         W = options.pop("num_waves")
         cfg = _config(p, W, max_tokens=bound + 3, **options)
-        layer = _load(ep.ExpertParallelMoE(cfg).double(), p, rank, n)
+        layer = load_weights(ep.ExpertParallelMoE(cfg).double(), p, rank, n)
         if shared is not None:
             with torch.no_grad():
                 layer.shared_experts.w1.copy_(shared[0])
@@ -106,8 +106,8 @@ def check_model_inductor(rank, n):
     torch._dynamo.reset()
     p = make_problem(n, k=2, seed=79, tokens_per_rank=[11] * n)
     failures = []
-    first = _load(ep.ExpertParallelMoE(_config(p, 2, max_tokens=11)).double(), p, rank, n)
-    second = _load(ep.ExpertParallelMoE(_config(p, 2, wave_split="experts", max_tokens=11)).double(), p, rank, n)
+    first = load_weights(ep.ExpertParallelMoE(_config(p, 2, max_tokens=11)).double(), p, rank, n)
+    second = load_weights(ep.ExpertParallelMoE(_config(p, 2, wave_split="experts", max_tokens=11)).double(), p, rank, n)
     torch.manual_seed(5)  # the same dense layer on every rank
     model = _Model(first, second, p.H).double()
     rows = p.rows(rank)
@@ -147,7 +147,7 @@ def check_errors(rank, n):
     it naming the reason."""
     torch._dynamo.reset()
     p = make_problem(n, k=2, seed=83, tokens_per_rank=[9, 12][:n])
-    layer = _load(ep.ExpertParallelMoE(_config(p, 2, max_tokens=12)).double(), p, rank, n)
+    layer = load_weights(ep.ExpertParallelMoE(_config(p, 2, max_tokens=12)).double(), p, rank, n)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     x = p.x[p.rows(rank)]
     with pytest.raises(InputError, match="rank 1: x: dtype"):
@@ -158,7 +158,7 @@ def check_errors(rank, n):
     for W, bound in ((2, None), ("auto", 12)):  # no max_tokens; "auto" W before its first call
 
         def fresh():
-            return _load(ep.ExpertParallelMoE(_config(p, W, max_tokens=bound)).double(), p, rank, n)
+            return load_weights(ep.ExpertParallelMoE(_config(p, W, max_tokens=bound)).double(), p, rank, n)
 
         torch._dynamo.reset()
         assert rel_err(torch.compile(fresh(), backend="aot_eager")(x), want) <= TOL
@@ -178,7 +178,7 @@ def check_autocast(rank, n):
     gradients, equal to the eager layer under autocast."""
     torch._dynamo.reset()
     p = make_problem(n, k=2, seed=89, tokens_per_rank=[10] * n, dtype=torch.float32)
-    layer = _load(ep.ExpertParallelMoE(_config(p, 2, num_shared_experts=1, max_tokens=10)), p, rank, n)
+    layer = load_weights(ep.ExpertParallelMoE(_config(p, 2, num_shared_experts=1, max_tokens=10)), p, rank, n)
     rows = p.rows(rank)
 
     def run(module):

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 import ep
-from tests.cases import make_problem, rel_err
+from tests.cases import load_weights, make_problem, rel_err
 from tests.reference import reference_moe, reference_routing
 from tests.world import run_world
 
@@ -21,13 +21,7 @@ def build_layer(p, n, rank, num_waves, score_func="softmax", norm_topk=True, ded
         hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=num_waves,
         score_func=score_func, norm_topk=norm_topk, dedup_across_waves=dedup_across_waves, wave_split=wave_split,
     )
-    layer = ep.ExpertParallelMoE(cfg).double()
-    El = p.E // n
-    with torch.no_grad():
-        layer.router.weight.copy_(p.router)
-        layer.experts.w1.copy_(p.w1[rank * El:(rank + 1) * El])
-        layer.experts.w2.copy_(p.w2[rank * El:(rank + 1) * El])
-    return layer
+    return load_weights(ep.ExpertParallelMoE(cfg).double(), p, rank, n)
 
 
 def run_layer(layer, p, rank):

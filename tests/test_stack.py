@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import ep
 from ep.transport import CommunicationError, make_transport
-from tests.cases import make_problem, rel_err
+from tests.cases import load_weights, make_problem, rel_err
 from tests.reference import reference_moe, reference_routing
 from tests.world import run_world
 
@@ -25,15 +25,6 @@ TOL = 1e-10
 
 def _config(p, W=2, **options):
     return ep.MoEConfig(hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=W, **options)
-
-
-def _load(layer, p, rank, n):
-    El = p.E // n
-    with torch.no_grad():
-        layer.router.weight.copy_(p.router)
-        layer.experts.w1.copy_(p.w1[rank * El:(rank + 1) * El])
-        layer.experts.w2.copy_(p.w2[rank * El:(rank + 1) * El])
-    return layer
 
 
 def _reference(p, rank, n, bf16_inputs=False, shared=None):
@@ -99,7 +90,7 @@ def check_mesh(rank, n):
         p = make_problem(2, k=2, routing=routing, seed=40 + dp)  # each EP group its own problem
         for W in (1, 2):
             for split in ("tokens", "experts"):
-                layer = _load(ep.ExpertParallelMoE(_config(p, W, wave_split=split), ep_mesh).double(), p, me, 2)
+                layer = load_weights(ep.ExpertParallelMoE(_config(p, W, wave_split=split), ep_mesh).double(), p, me, 2)
                 assert (layer.rank, layer.world_size) == (me, 2)
                 if me == 1:  # the first forward must give it EP rank 0's router (global rank 2 * dp)
                     with torch.no_grad():
@@ -238,7 +229,7 @@ def check_autocast(rank, n):
     # given routing: the same layer in float32 with and without autocast
     p = make_problem(n, k=2, routing="skewed", seed=61)
     for split in ("tokens", "experts"):
-        layer = _load(ep.ExpertParallelMoE(_config(p, 2, wave_split=split)), p, rank, n)  # float32
+        layer = load_weights(ep.ExpertParallelMoE(_config(p, 2, wave_split=split)), p, rank, n)  # float32
         plain = _run(layer, p, rank, torch.float32)
         layer.zero_grad()
         cast = _run(layer, p, rank, torch.float32, autocast=torch.bfloat16)
@@ -256,7 +247,7 @@ def check_autocast(rank, n):
     g = torch.Generator().manual_seed(3)
     shared = (torch.randn(p.H, 2 * p.F, generator=g, dtype=torch.float64) / p.H ** 0.5,
               torch.randn(p.F, p.H, generator=g, dtype=torch.float64) / p.F ** 0.5)
-    layer = _load(ep.ExpertParallelMoE(_config(p, 2, num_shared_experts=1)), p, rank, n)
+    layer = load_weights(ep.ExpertParallelMoE(_config(p, 2, num_shared_experts=1)), p, rank, n)
     with torch.no_grad():
         layer.shared_experts.w1.copy_(shared[0])
         layer.shared_experts.w2.copy_(shared[1])
@@ -268,7 +259,7 @@ def check_autocast(rank, n):
     failures += _compare(cast, want, BF16_TOL, "router autocast vs float64 of bf16 inputs")
     # float64 is left alone, as autocast leaves it
     p = make_problem(n, k=2, routing="skewed", seed=63)
-    layer = _load(ep.ExpertParallelMoE(_config(p, 2)).double(), p, rank, n)
+    layer = load_weights(ep.ExpertParallelMoE(_config(p, 2)).double(), p, rank, n)
     got = _run(layer, p, rank, torch.float64, autocast=torch.bfloat16)
     assert got["y"].dtype == torch.float64
     failures += _compare(got, _reference(p, rank, n), TOL, "float64 under autocast")
@@ -322,8 +313,8 @@ def check_compile(rank, n):
     rows = p.rows(rank)
     x, dy = p.x[rows], p.dy[rows]
     failures = []
-    first = _load(ep.ExpertParallelMoE(_config(p, 2, num_shared_experts=1)).double(), p, rank, n)
-    second = _load(ep.ExpertParallelMoE(_config(p, 2, wave_split="experts")).double(), p, rank, n)
+    first = load_weights(ep.ExpertParallelMoE(_config(p, 2, num_shared_experts=1)).double(), p, rank, n)
+    second = load_weights(ep.ExpertParallelMoE(_config(p, 2, wave_split="experts")).double(), p, rank, n)
     torch.manual_seed(5)  # the same dense layer on every rank
     model = _Model(first, second, p.H).double()
     for name, module in (("layer", first), ("layer", second), ("model", model)):
