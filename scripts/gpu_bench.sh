@@ -17,15 +17,10 @@
 #   (the preset's) and/or fp8 expert products (default dtype, both on one GPU); EP_RUN: the run's name in the records
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+. scripts/gpu_env.sh  # NVLink multicast off, PYTHONPATH, $OUT, EP_COMMIT
 n=${1:-$(python3 -c 'import torch; print(torch.cuda.device_count())')}
 shift || true
 quick=0; [ "${1:-}" = "--quick" ] && quick=1
-# the device copy may carry no (or a stale) .git: pass EP_COMMIT=$(git rev-parse HEAD) from the checkout
-export EP_COMMIT=${EP_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 RUN=${EP_RUN:-h200x$n}
 log="$OUT/log_n$n.txt"
 {

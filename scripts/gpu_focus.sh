@@ -7,11 +7,7 @@
 # compile_n1.json, fp8_sweep_n1.json under $OUT (default out/gpu).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
-export EP_COMMIT=${EP_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+. scripts/gpu_env.sh  # NVLink multicast off, PYTHONPATH, $OUT, EP_COMMIT
 log="$OUT/log.txt"
 { date -u; nvidia-smi; python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
 "nccl", torch.cuda.nccl.version(), "triton", triton.__version__)'; echo "commit $EP_COMMIT"; } > "$OUT/env.txt" 2>&1
