@@ -135,7 +135,7 @@ def _waves(x_TH: Tensor, topk_idx: Tensor, topk_weights: Tensor, w1: Tensor, w2:
         layer._token_bound(status, x_TH.shape[0])  # earlier findings; T over max_tokens was found when tracing
         plan = _plan(layer, topk_idx, topk_weights, num_waves, status, max_tokens)
         y_TH, found, saved = waves_forward(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
-                                           cfg.expert_dtype, cfg.dispatch_dtype)
+                                           layer._fp8_experts(w1, w2), cfg.dispatch_dtype)
         layer._report(found, bad)
     return y_TH, found.clone(), saved.recv, saved.hidden  # found is a view of recv: outputs must not alias
 

@@ -11,6 +11,8 @@ SCORE_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TRANSPORTS = ("nccl", "copy_engine", "device_put")
 WAVE_SPLITS = ("tokens", "experts")
 EXPERT_DTYPES = (None, torch.float8_e4m3fn)
+FP8_SCALINGS = ("blocks", "rows")
+WEIGHT_CACHES = ("eval", "always", "never")
 FP8_BLOCK = 128  # the side of FP8 scale blocks (1x128 activation tiles, 128x128 weight blocks)
 
 
@@ -67,12 +69,23 @@ class MoEConfig:
             products accumulated in fp32; outputs in the layer's dtype. Backward: bf16 (the
             layer's dtype) gradients from the saved activations and the unquantized weights
             (straight through the quantization). H and F must be multiples of 128.
+        fp8_scaling: the FP8 experts' recipe. "blocks" (DeepSeek's): 1x128 activation tiles,
+            128x128 weight blocks, the products in Triton on CUDA. "rows": one scale per
+            row of the activations and one per output column of each expert, the products
+            by `torch._scaled_grouped_mm` (CUDA sm90/sm100; faster on Hopper, less accurate
+            where a row has outliers: README, Precision); elsewhere both are emulated in fp32.
         dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each
             token quantized once before dispatch, in 1x128 tiles with fp32 scales (DeepEP's
             FP8 dispatch: at H=7168 a token is 7,168 + 224 bytes on the wire against
             14,336), linear1 reads the FP8 rows (dequantized first unless `expert_dtype` is
             FP8 too); the combine and every gradient stay in the layer's dtype (the weight
             gradient of linear1 from the dequantized rows). H must be a multiple of 128.
+        weight_cache: when the layer keeps the weights it derives from its parameters (their
+            casts under autocast, their FP8 quantization) between calls, while the parameters
+            are unchanged (`ep.weight_cache`): "eval" (default: in eval mode, i.e. inference),
+            "always" (also in training: microbatches of one step share them), "never". A
+            kept copy costs the experts' size in the derived dtype; never kept while a CUDA
+            graph is captured.
         timeout_s: the longest any wait inside the layer lasts on Gloo (CPU) ranks, however
             the process group was made: a stalled or dead peer becomes a
             `CommunicationError` naming the stage and wave waited for. With
@@ -116,6 +129,8 @@ class MoEConfig:
     timeout_s: float = 60.0
     expert_dtype: Optional[torch.dtype] = None
     dispatch_dtype: Optional[torch.dtype] = None
+    fp8_scaling: str = "blocks"
+    weight_cache: str = "eval"
 
     def __post_init__(self) -> None:
         for name in ("hidden", "ffn_hidden", "num_experts", "top_k", "num_waves", "n_group", "topk_group"):
@@ -185,6 +200,10 @@ class MoEConfig:
         if self.dispatch_dtype is not None and self.hidden % FP8_BLOCK:
             raise ValueError(f"MoEConfig.dispatch_dtype={self.dispatch_dtype}: hidden ({self.hidden}) must be a "
                              f"multiple of {FP8_BLOCK} (1x{FP8_BLOCK} scale tiles)")
+        if self.fp8_scaling not in FP8_SCALINGS:
+            raise ValueError(f"MoEConfig.fp8_scaling must be one of {FP8_SCALINGS}, got {self.fp8_scaling!r}")
+        if self.weight_cache not in WEIGHT_CACHES:
+            raise ValueError(f"MoEConfig.weight_cache must be one of {WEIGHT_CACHES}, got {self.weight_cache!r}")
 
     def num_local_experts(self, world_size: int) -> int:
         """E_local = E / n; raises if E does not divide evenly, or (experts split) W exceeds it."""

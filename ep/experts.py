@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from .kernels import gather_rows, grouped_mm, grouped_mm_wgrad
-from .kernels.fp8 import (BlockFp8Weight, Fp8Experts, fp8_grouped_mm, gather_quantized, quantize_rows,
-                          quantize_weight_blocks, swiglu_quantize)
+from .kernels.fp8 import (Fp8Experts, Fp8Weight, fp8_grouped_mm, gather_quantized, quantize_rows, quantize_rowwise,
+                          quantize_weight_blocks, quantize_weight_columns, requantize_weight_columns,
+                          swiglu_quantize)
 from .kernels.swiglu import swiglu, swiglu_backward_weighted
 
 
@@ -118,32 +119,53 @@ def linear1_backward_data(
     return grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)
 
 
-def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor) -> Fp8Experts:
-    """The experts in FP8 (128x128 blocks), once per call: every wave's products share them.
-    Held K-major (`[E, K, N]` views of `[E, N, K]` memory): Hopper's FP8 tensor-core product
-    takes its B operand along K (r37a: N-major B ran the Triton product ~9x slower than bf16)."""
-    return Fp8Experts(BlockFp8Weight(*quantize_weight_blocks(w1_EH2F.detach(), k_major=True)),
-                      BlockFp8Weight(*quantize_weight_blocks(w2_EFH.detach(), k_major=True)))
+def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor, scaling: str = "blocks") -> Fp8Experts:
+    """The experts in FP8 (`MoEConfig.fp8_scaling`: "blocks", 128x128 blocks; "rows", one scale
+    per output column), made once per call or kept (`ep.weight_cache`): every wave's products
+    share them. Held K-major (`[E, K, N]` views of `[E, N, K]` memory): Hopper's FP8
+    tensor-core product takes its B operand along K (r37a: N-major B ran the Triton product
+    ~9x slower than bf16)."""
+    if scaling == "rows":
+        quantize = quantize_weight_columns
+    else:
+        def quantize(w):
+            return quantize_weight_blocks(w, k_major=True)
+    return Fp8Experts(Fp8Weight(*quantize(w1_EH2F.detach())), Fp8Weight(*quantize(w2_EFH.detach())))
 
 
-def linear1_fp8(x_MH: torch.Tensor, w1: BlockFp8Weight, offs: torch.Tensor, index: Optional[torch.Tensor] = None,
+def in_recipe(experts: Fp8Experts, scaling: str) -> Fp8Experts:
+    """FP8 experts of either recipe (e.g. a checkpoint's 128x128 blocks) in `scaling`'s, laid
+    out as the products read them: blocks K-major as they are, or requantized per column for
+    "rows" (a second rounding, once)."""
+    def convert(w: Fp8Weight) -> Fp8Weight:
+        if scaling == "rows":
+            return w if w.rowwise else Fp8Weight(*requantize_weight_columns(w.q, w.scale))
+        if w.rowwise:
+            raise ValueError("FP8 experts with per-column scales cannot serve fp8_scaling='blocks'")
+        return Fp8Weight(w.q.transpose(1, 2).contiguous().transpose(1, 2), w.scale)  # K-major (a view when it is)
+    return Fp8Experts(convert(experts.w1), convert(experts.w2))
+
+
+def linear1_fp8(x_MH: torch.Tensor, w1: Fp8Weight, offs: torch.Tensor, index: Optional[torch.Tensor] = None,
                 rows: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None,
                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """`linear1` in FP8: the item rows (`x[index]`) quantized in 1x128 tiles, times the
-    128x128-block weights, fp32 accumulation -> `[I, 2F]` in x's dtype. With `x_scale`, x is
-    quantized already (FP8 dispatch: its rows and tile scales are gathered, `out_dtype` given)."""
-    if x_scale is not None:
-        xq, x_scale = gather_quantized(x_MH, x_scale, index, rows)
-        return fp8_grouped_mm(xq, x_scale, w1.q, w1.scale, offs, out_dtype)
-    if index is not None:
-        x_MH = gather_rows(x_MH, index, rows)
-    xq, x_scale = quantize_rows(x_MH)
-    return fp8_grouped_mm(xq, x_scale, w1.q, w1.scale, offs, x_MH.dtype)
+    """`linear1` in FP8: the item rows (`x[index]`) quantized as the weights' recipe wants
+    (1x128 tiles, or one scale per row), times the weights, fp32 accumulation -> `[I, 2F]` in
+    x's dtype. With `x_scale`, x is quantized already (FP8 dispatch's 1x128 tiles: gathered
+    as they are, or for the rowwise recipe quantized again per row; `out_dtype` given)."""
+    out_dtype = out_dtype or x_MH.dtype
+    if w1.rowwise:
+        xq, xs = quantize_rowwise(x_MH, index=index, rows=rows, x_scale=x_scale)
+    elif x_scale is not None:
+        xq, xs = gather_quantized(x_MH, x_scale, index, rows)
+    else:
+        xq, xs = quantize_rows(gather_rows(x_MH, index, rows) if index is not None else x_MH)
+    return fp8_grouped_mm(xq, xs, w1.q, w1.scale, offs, out_dtype)
 
 
-def linear2_fp8(h_I2F: torch.Tensor, w2: BlockFp8Weight, offs: torch.Tensor,
+def linear2_fp8(h_I2F: torch.Tensor, w2: Fp8Weight, offs: torch.Tensor,
                 swiglu_limit: Optional[float] = None) -> torch.Tensor:
-    """`linear2` in FP8: SwiGLU fused with its quantization (1x128 tiles), times the
-    128x128-block weights -> `[I, H]` in h's dtype."""
-    aq, a_scale = swiglu_quantize(h_I2F, swiglu_limit)
+    """`linear2` in FP8: SwiGLU fused with its quantization (1x128 tiles, or one scale per row
+    for the rowwise recipe), times the weights -> `[I, H]` in h's dtype."""
+    aq, a_scale = swiglu_quantize(h_I2F, swiglu_limit, rowwise=w2.rowwise)
     return fp8_grouped_mm(aq, a_scale, w2.q, w2.scale, offs, h_I2F.dtype)

@@ -42,7 +42,7 @@ from torch import nn
 
 from .config import MoEConfig
 from .dist import as_process_group
-from .kernels.fp8 import BLOCK, FP8, BlockFp8Weight, Fp8Experts, expand_blocks
+from .kernels.fp8 import BLOCK, FP8, Fp8Weight, Fp8Experts, expand_blocks
 from .layer import ExpertParallelMoE
 
 ROUTER, BIAS = "gate.weight", "gate.e_score_correction_bias"
@@ -215,7 +215,7 @@ def load_fp8_experts(layer: ExpertParallelMoE, source: Union[nn.Module, Mapping[
             raise ValueError(f"ep.hf: {prefix}{key} is {q.dtype}, not {FP8}")
         grid = (E, shape[1] // BLOCK, shape[2] // BLOCK)
         scale = _take_raw(state, key + SCALE_INV, grid, prefix)
-        parts.append(BlockFp8Weight(q=q[mine].transpose(1, 2).contiguous().to(device),
+        parts.append(Fp8Weight(q=q[mine].transpose(1, 2).contiguous().to(device),
                                     scale=scale[mine].float().transpose(1, 2).contiguous().to(device)))
     return Fp8Experts(w1=parts[0], w2=parts[1])
 

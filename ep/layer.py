@@ -12,12 +12,14 @@ from . import checkpoint, compiled
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
 from .config import MoEConfig
 from .dist import as_process_group
-from .experts import Experts
+from .experts import Experts, in_recipe, quantize_experts
+from .kernels.fp8 import Fp8Experts
 from .pipeline import run_beside, wave_experts
 from .plan import WaveMap, WavePlan, sender_plan
 from .router import Router
 from .shared import SharedExperts
 from .transport import Transport, make_transport
+from .weight_cache import DerivedWeights, given_cast
 
 
 class ExpertParallelMoE(nn.Module):
@@ -49,9 +51,10 @@ class ExpertParallelMoE(nn.Module):
            the next call on CUDA (or `check_errors()`).
 
     Under `torch.autocast(device_type, dtype)` the layer computes as `nn.Linear` does: x and
-    the expert weights (routed and shared) are cast to the autocast dtype per call, the
-    output has that dtype, and the parameters get gradients in their own dtype; the router
-    keeps its weight's dtype and its logits stay in at least fp32 (`_forward_autocast`).
+    the expert weights (routed and shared) are cast to the autocast dtype (per call, or kept
+    while the weights are unchanged: `MoEConfig.weight_cache`), the output has that dtype,
+    and the parameters get gradients in their own dtype; the router keeps its weight's dtype
+    and its logits stay in at least fp32 (`_forward_autocast`).
     Under `torch.compile` with `max_tokens` set, Dynamo traces the layer (`fullgraph=True`
     too): the engine is a set of custom ops (`ep.compiled`); without `max_tokens` the layer
     runs eagerly behind a graph break.
@@ -84,6 +87,11 @@ class ExpertParallelMoE(nn.Module):
         self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
         self._posted = PostedFindings()
         """Device findings of earlier calls (on CUDA), raised at the next call."""
+        self._derived = DerivedWeights()
+        """Weights derived from the parameters (autocast casts, FP8 experts), kept between calls
+        as `MoEConfig.weight_cache` says (`ep.weight_cache`)."""
+        self._held_fp8: Optional[Fp8Experts] = None
+        """FP8 experts the user asked the layer to hold (`hold_fp8_experts`)."""
         checkpoint.install(self)  # state_dict: experts as DTensors [E, ...], Shard(0) over the EP mesh (ep/checkpoint.py)
         self._compile_handle = compiled.register(self)  # how a compiled graph's ops find this layer
 
@@ -169,7 +177,7 @@ class ExpertParallelMoE(nn.Module):
     def _forward_autocast(self, x, topk_idx, topk_weights) -> torch.Tensor:
         """`forward` under `torch.autocast(device_type, dtype)`, as `nn.Linear` computes there:
         x and the expert weights (routed `experts.w1/w2`, `shared_experts.w1/w2`) cast to the
-        autocast dtype for this call, then `forward` with autocast off inside (so the router's
+        autocast dtype (`_cast`), then `forward` with autocast off inside (so the router's
         logits stay in at least fp32 and no op inside is cast again). The casts are autograd
         ops: fp32 parameters get fp32 gradients. float64 tensors are not cast (autocast leaves
         them alone too). The router's weight is not cast: logits from the cast x and the
@@ -177,15 +185,77 @@ class ExpertParallelMoE(nn.Module):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type)
         self.sync_replicas()  # first: the broadcast must reach the parameters, not this call's casts
-        with torch.autocast(device_type, enabled=False), _cast_for_call(self._cast_weights(), dtype):
+        casts = {(module, name): self._cast(key, module._parameters[name], dtype) for key, module, name in self._cast_weights()}
+        with torch.autocast(device_type, enabled=False), _params_for_call(casts):
             return self.forward(_autocast(x, dtype), topk_idx, topk_weights)
 
     def _cast_weights(self) -> List[tuple]:
-        """(module, parameter name) of the weights autocast casts: the routed and shared experts'."""
-        out = [(self.experts, "w1"), (self.experts, "w2")]
+        """(key, module, parameter name) of the weights autocast casts: the routed and shared experts'."""
+        out = [("experts.w1", self.experts, "w1"), ("experts.w2", self.experts, "w2")]
         if self.shared_experts is not None:
-            out += [(self.shared_experts, "w1"), (self.shared_experts, "w2")]
+            out += [("shared_experts.w1", self.shared_experts, "w1"), ("shared_experts.w2", self.shared_experts, "w2")]
         return out
+
+    def _cast(self, key: str, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`param` as autocast casts it (`_autocast`): a differentiable cast to `dtype`, made
+        this call or kept from an earlier one (`_derive`)."""
+        if _autocast(param, dtype) is param:
+            return param
+        return given_cast(param, self._derive(("cast", key, dtype), (param,), lambda: param.detach().to(dtype)))
+
+    def _fp8_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> Optional[Fp8Experts]:
+        """The experts in FP8 for this call's forward products (`MoEConfig.expert_dtype`,
+        `fp8_scaling`): quantized now, or kept from an earlier call (`_derive`)."""
+        cfg = self.config
+        if cfg.expert_dtype is None:
+            return None
+        if self._held_fp8 is not None:
+            return self._held_fp8
+        return self._derive(("fp8", cfg.fp8_scaling), (w1, w2), lambda: quantize_experts(w1, w2, cfg.fp8_scaling))
+
+    def hold_fp8_experts(self, experts: Optional[Fp8Experts] = None) -> None:
+        """Inference with FP8 experts: hold them and use them in every later forward, CUDA graph
+        captures included (a capture never reads a kept copy of `weight_cache`, this it does),
+        until `release_fp8_experts()`. Later changes to `experts.w1` / `w2` are not seen by the
+        forward (the backward still uses them). `experts`: this rank's FP8 experts, e.g.
+        `ep.hf.load_fp8_experts` of an FP8 checkpoint (no round trip through bf16); None: the
+        parameters quantized now. They are put in the config's recipe once: 128x128 blocks held
+        K-major, or for `fp8_scaling="rows"` requantized per column.
+
+        Raises:
+            ValueError: the config has no FP8 experts, or `experts` has the wrong shapes."""
+        cfg = self.config
+        if cfg.expert_dtype is None:
+            raise ValueError("ExpertParallelMoE.hold_fp8_experts: MoEConfig.expert_dtype is None (no FP8 experts)")
+        w1, w2 = self.experts.w1, self.experts.w2
+        if experts is None:
+            experts = quantize_experts(w1, w2, cfg.fp8_scaling)
+        for got, want, name in ((experts.w1.q, w1, "w1"), (experts.w2.q, w2, "w2")):
+            if got.shape != want.shape:
+                raise ValueError(f"ExpertParallelMoE.hold_fp8_experts: {name} is {tuple(got.shape)}, the layer's "
+                                 f"experts.{name} is {tuple(want.shape)}")
+        self._held_fp8 = in_recipe(experts, cfg.fp8_scaling)
+
+    def release_fp8_experts(self) -> None:
+        """Stop holding FP8 experts (`hold_fp8_experts`): the forward quantizes the parameters again."""
+        self._held_fp8 = None
+
+    def _derive(self, name: tuple, sources: Tuple[torch.Tensor, ...], make):
+        """`make()`, or its value kept from an earlier call whose `sources` were the same unchanged
+        tensors (`ep.weight_cache`), as `MoEConfig.weight_cache` says: "eval" keeps them in eval
+        mode, "always" also in training, "never" not at all. A call that keeps nothing drops
+        what earlier calls kept (so training does not hold eval's copies)."""
+        mode = self.config.weight_cache
+        if mode == "always" or (mode == "eval" and not self.training):
+            return self._derived.get((*name, torch.is_inference_mode_enabled()), sources, make)
+        self._derived.clear()
+        return make()
+
+    def clear_weight_cache(self) -> None:
+        """Drop the weights kept between calls (`MoEConfig.weight_cache`). Needed only after
+        changing the parameters in a way torch does not track (through `.data`); any other
+        in-place change is seen at the next call."""
+        self._derived.clear()
 
     def _token_bound(self, status: List[int], T: int) -> int:
         """The most tokens of any rank in this call, from `max_tokens` (a T above it is
@@ -234,7 +304,7 @@ class ExpertParallelMoE(nn.Module):
         if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
             shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
         y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
-                                   cfg.expert_dtype, cfg.dispatch_dtype)
+                                   self._fp8_experts(w1, w2), cfg.dispatch_dtype)
         if self.shared_experts is not None:
             join()
             y_TH = y_TH + shared_TH
@@ -298,16 +368,16 @@ def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @contextmanager
-def _cast_for_call(params, dtype: torch.dtype) -> Iterator[None]:
-    """For the duration of one call, each `(module, name)` parameter reads as its cast to
-    `dtype` (a differentiable copy: its gradient reaches the parameter in the parameter's
-    dtype); the parameters are back when the call returns or raises. The engine reads the
-    weights from the modules when the call starts (`self.experts.w1`, the shared experts'
-    forward) and passes them on: this is the seam through which autocast reaches it."""
-    saved = [(module, name, module._parameters[name]) for module, name in params]
+def _params_for_call(tensors) -> Iterator[None]:
+    """For the duration of one call, each `(module, name)` parameter reads as the tensor given
+    for it (autocast's differentiable casts); the parameters are back when the call returns
+    or raises. The engine reads the weights from the modules when the call starts
+    (`self.experts.w1`, the shared experts' forward) and passes them on: this is the seam
+    through which autocast reaches it."""
+    saved = [(module, name, module._parameters[name]) for module, name in tensors]
     try:
-        for module, name, param in saved:
-            module._parameters[name] = _autocast(param, dtype)
+        for (module, name), t in tensors.items():
+            module._parameters[name] = t
         yield
     finally:
         for module, name, param in saved:

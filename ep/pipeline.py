@@ -36,10 +36,9 @@ import torch
 from torch.profiler import record_function
 
 from .checks import STATUS_SLOTS
-from .experts import (linear1, linear1_backward_data, linear1_fp8, linear2, linear2_backward_data, linear2_fp8,
-                      quantize_experts)
+from .experts import linear1, linear1_backward_data, linear1_fp8, linear2, linear2_backward_data, linear2_fp8
 from .kernels import gather_rows, gather_rows_into, gather_slots, grouped_mm_wgrad, reduce_rows
-from .kernels.fp8 import dequantize_rows, gather_quantized
+from .kernels.fp8 import Fp8Experts, dequantize_rows, gather_quantized
 from .layout import RowLayout
 from .plan import (PLAN_TENSORS, WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values,
                    wave_items, wave_slots)
@@ -247,13 +246,14 @@ def _transfer(transport: Transport, ready: Optional[torch.cuda.Event], out: torc
 
 
 def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
-                  swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None,
+                  swiglu_limit: Optional[float], fp8: Optional[Fp8Experts] = None,
                   dispatch_dtype: Optional[torch.dtype] = None):
     """The forward schedule (see the module docstring). Returns y `[T, H]`, the status every
     rank sent `[n, STATUS_SLOTS]` int32 and what the backward needs (`Saved`).
-    `expert_dtype`, `dispatch_dtype`: `MoEConfig`'s (FP8 products, FP8 rows on the wire)."""
+    `fp8`: the experts in FP8 for the forward products (`MoEConfig.expert_dtype`; made once
+    per call or kept, `ep.experts.quantize_experts`: every wave shares them); `dispatch_dtype`:
+    FP8 rows on the wire (`MoEConfig.dispatch_dtype`). The backward uses w1 and w2."""
     H, device = x_TH.shape[1], x_TH.device
-    fp8 = quantize_experts(w1, w2) if expert_dtype is not None else None  # once: every wave shares them
     layout = RowLayout(H, plan.top_k, x_TH.dtype, dispatch_dtype)
     W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
     dedup = plan.wave_map.dedup
@@ -392,10 +392,10 @@ class WaveExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
-                swiglu_limit: Optional[float], expert_dtype: Optional[torch.dtype] = None,
+                swiglu_limit: Optional[float], fp8: Optional[Fp8Experts] = None,
                 dispatch_dtype: Optional[torch.dtype] = None):
         y_TH, status, saved = waves_forward(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout,
-                                            swiglu_limit, expert_dtype, dispatch_dtype)
+                                            swiglu_limit, fp8, dispatch_dtype)
         ctx.mark_non_differentiable(status)
         ctx.layout = saved.layout
         ctx.plan = replace(plan, **{name: None for name in PLAN_TENSORS})
@@ -430,11 +430,11 @@ def wave_experts(
     transport: Transport,
     sm_carveout: int = 0,
     swiglu_limit: Optional[float] = None,
-    expert_dtype: Optional[torch.dtype] = None,
+    fp8: Optional[Fp8Experts] = None,
     dispatch_dtype: Optional[torch.dtype] = None,
 ):
     """Differentiable expert part of the layer: `[T, H]` in, (`[T, H]`, the ranks' status
-    `[n, STATUS_SLOTS]`) out. `expert_dtype`: FP8 forward products (`MoEConfig.expert_dtype`);
+    `[n, STATUS_SLOTS]`) out. `fp8`: the experts in FP8 for the forward products;
     `dispatch_dtype`: FP8 rows on the wire (`MoEConfig.dispatch_dtype`)."""
-    return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit, expert_dtype,
+    return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit, fp8,
                              dispatch_dtype)

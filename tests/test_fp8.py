@@ -9,6 +9,7 @@
 - `ep.hf.load_block` / `load_fp8_experts` from a DeepSeek-V3 block in transformers' own
   fine-grained FP8 modules, against the block with the dequantized weights, in float64.
 """
+import dataclasses
 import importlib
 import os
 import sys
@@ -103,7 +104,7 @@ def test_weight_blocks_round_trip_partial_blocks():
                 assert q[e, rows, cols].float().abs().max().item() == (0.0 if zero else 448.0)
                 want = 1.0 if zero else (w[e, rows, cols].abs().max().float() / 448).item()
                 assert s[e, i, j].item() == want
-    torch.testing.assert_close(fp8.BlockFp8Weight(q, s).dequantize(torch.float64), deq, rtol=0, atol=0)
+    torch.testing.assert_close(fp8.Fp8Weight(q, s).dequantize(torch.float64), deq, rtol=0, atol=0)
 
 
 def test_rowwise_operands():
@@ -346,6 +347,56 @@ def test_triton_grouped_matches_emulation(tfp8, config):
         tfp8.fp8_grouped_mm_triton(xq, xs, wq, ws, offs, torch.float32, config=(16, 256, 4, 2))
 
 
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_quantize_rowwise_bitwise(tfp8, pow2):
+    """One scale per row: plain rows (wider than a program's step: two passes of two steps),
+    rows gathered by an index with only `rows` of them written, and FP8 dispatch's tiled rows
+    quantized again per row: the torch path's bits and scales."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(9, 1280, generator=g) * torch.logspace(-3, 3, 9).unsqueeze(1)
+    x[4] = 0  # a row of zeros: scale 1
+    x[6, 3] = 124.3 * x[6].abs().max() / 448
+    for src in (x, x.bfloat16()):
+        want_q, want_s = fp8.quantize_rowwise_torch(src, pow2)
+        got_q, got_s = tfp8.quantize_rowwise_triton(src, 1280, 0, pow2_scales=pow2)
+        assert torch.equal(_bits(got_q), _bits(want_q)) and torch.equal(got_s, want_s)
+    index, rows = torch.tensor([8, 0, 4, 4, 2, 7]), torch.tensor(4)
+    want_q, want_s = fp8.quantize_rowwise_torch(x, pow2, index[:4])
+    got_q, got_s = tfp8.quantize_rowwise_triton(x, 1280, 0, index=index, rows=rows, pow2_scales=pow2)
+    assert torch.equal(_bits(got_q[:4]), _bits(want_q)) and torch.equal(got_s[:4], want_s)
+    tq, ts = fp8.quantize_rows_torch(x)  # FP8 dispatch's rows: 1x128 tiles
+    want_q, want_s = fp8.quantize_rowwise_torch(tq, pow2, index[:4], x_scale=ts)
+    got_q, got_s = tfp8.quantize_rowwise_triton(tq, 1280, 1, ts, index, rows, pow2_scales=pow2)
+    assert torch.equal(_bits(got_q[:4]), _bits(want_q)) and torch.equal(got_s[:4], want_s)
+
+
+def test_triton_swiglu_quantize_rowwise(tfp8):
+    g = torch.Generator().manual_seed(12)
+    h = torch.randn(7, 2 * 1152, generator=g).bfloat16()
+    for limit in (None, 0.9):
+        want_q, want_s = fp8.swiglu_quantize_torch(h, limit, rowwise=True)
+        got_q, got_s = tfp8.quantize_rowwise_triton(h, 1152, 2, limit=limit)
+        torch.testing.assert_close(got_s, want_s, rtol=1e-6, atol=0)
+        deq_got = got_q.double() * got_s.double()[:, None]
+        deq_want = want_q.double() * want_s.double()[:, None]  # sigmoid's last bit: q by one step at most
+        assert ((deq_got - deq_want).abs() <= deq_want.abs() * 2.0 ** -3 + want_s.double()[:, None] * 2.0 ** -9).all()
+        assert (_bits(got_q) != _bits(want_q)).float().mean().item() < 1e-2
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_quantize_weight_columns_bitwise(tfp8, pow2):
+    """One scale per column over all of K (several K steps, the last partial; a partial
+    program of columns), K-major out, from a strided source too."""
+    g = torch.Generator().manual_seed(13)
+    w = torch.randn(2, 300, 100, generator=g) * torch.logspace(-2, 2, 100).view(1, 1, 100)
+    w[1, :, 5] = 0  # a zero column: scale 1
+    want_q, want_s = fp8.quantize_weight_columns(w, pow2)
+    for src in (w, w.transpose(1, 2).contiguous().transpose(1, 2)):
+        got_q, got_s = tfp8.quantize_weight_columns_triton(src, pow2)
+        assert got_q.shape == want_q.shape and got_q.stride(1) == 1
+        assert torch.equal(_bits(got_q), _bits(want_q)) and torch.equal(got_s, want_s)
+
 # (the FP8 kernels compiled for sm_90, no GPU: tests/test_triton_compile.py)
 
 
@@ -488,6 +539,27 @@ def check_fp8_experts_layout(rank, n):
     # q and scales together give the layer's own (dequantized) parameters, exactly
     assert torch.equal(w1.dequantize(torch.float64), layer.experts.w1)
     assert torch.equal(w2.dequantize(torch.float64), layer.experts.w2)
+    # held by an FP8 layer (no round trip through the high-precision weights): the checkpoint's
+    # blocks are what quantizing the dequantized parameters per call gives, so the same output
+    x = torch.randn(11, HF_H, generator=torch.Generator().manual_seed(14 + rank), dtype=torch.float64)
+    outs = {}
+    for scaling in ("blocks", "rows"):
+        fp8_layer = ep.ExpertParallelMoE(dataclasses.replace(ep.hf.moe_config(cfg), expert_dtype=fp8.FP8,
+                                                             fp8_scaling=scaling)).double()
+        ep.hf.load_block(fp8_layer, fp8_block)
+        per_call = fp8_layer(x)
+        fp8_layer.hold_fp8_experts(experts)  # rows: requantized per column once, as quantizing per call does
+        with torch.no_grad():
+            fp8_layer.experts.w1.mul_(2)  # held: later changes of the parameters are not seen by the forward
+        held = fp8_layer(x)
+        fp8_layer.release_fp8_experts()
+        outs[scaling] = (per_call, held, fp8_layer(x))
+    for scaling, (per_call, held, released) in outs.items():
+        tol = 0 if scaling == "blocks" else 1e-6  # rows: dequantized in fp32 (exact) then quantized per column
+        assert _rel(held, per_call) <= tol, (scaling, _rel(held, per_call))
+        assert _rel(released, per_call) > 0.1, scaling  # w1 doubled: seen again once released
+    with pytest.raises(ValueError, match="expert_dtype is None"):
+        layer.hold_fp8_experts(experts)
     return True
 
 

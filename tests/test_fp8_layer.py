@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ep
-from ep.kernels.fp8 import dequantize_rows, dequantize_weight_blocks, quantize_rows_torch, quantize_weight_blocks
+from ep.kernels.fp8 import (dequantize_rows, dequantize_weight_blocks, quantize_rows_torch, quantize_rowwise_torch,
+                            quantize_weight_blocks, quantize_weight_columns)
 from tests.cases import make_problem, rel_err
 from tests.reference import reference_moe
 from tests.test_layer import build_layer, run_layer, run_reference
@@ -20,40 +21,55 @@ def _q_rows(x):
     return dequantize_rows(*quantize_rows_torch(x.float()), torch.float64)
 
 
-def emulated_fp8_moe(x, w1, w2, idx, weights, h_dtype=None):
+def _q_rowwise(x):
+    """A float64 row through one scale for the whole row."""
+    q, s = quantize_rowwise_torch(x.float())
+    return q.double() * s.double()[:, None]
+
+
+def _q_weights(w, scaling):
+    if scaling == "rows":
+        q, s = quantize_weight_columns(w.float())
+        return q.double() * s.double()[:, None, :]
+    return dequantize_weight_blocks(*quantize_weight_blocks(w.float()), torch.float64)
+
+
+def emulated_fp8_moe(x, w1, w2, idx, weights, h_dtype=None, scaling="blocks", fp8_dispatch=False):
     """The FP8 forward in float64: each token's row quantized once (its items share it), the
     weights per 128x128 block, SwiGLU's output per 1x128 tile before linear2 (`h_dtype`:
-    linear1's output rounded to it first, as a bf16 layer stores it)."""
-    w1q = dequantize_weight_blocks(*quantize_weight_blocks(w1.float()), torch.float64)
-    w2q = dequantize_weight_blocks(*quantize_weight_blocks(w2.float()), torch.float64)
-    xq = _q_rows(x)
+    linear1's output rounded to it first, as a bf16 layer stores it). `scaling="rows"`: one
+    scale per row of x and of SwiGLU's output, one per column of each expert's weights; with
+    `fp8_dispatch` the row is quantized in 1x128 tiles first (the wire), then per row."""
+    w1q, w2q = _q_weights(w1, scaling), _q_weights(w2, scaling)
+    q_act = _q_rowwise if scaling == "rows" else _q_rows
+    xq = q_act(_q_rows(x) if fp8_dispatch and scaling == "rows" else x)
     y = torch.zeros_like(x)
     F = w2.shape[1]
     for j in range(idx.shape[1]):
         h = torch.einsum("th,thf->tf", xq, w1q[idx[:, j]])
         if h_dtype is not None:
             h = h.to(h_dtype).double()
-        a = _q_rows(torch.nn.functional.silu(h[:, :F].float()).double() * h[:, F:].float().double())
+        a = q_act(torch.nn.functional.silu(h[:, :F].float()).double() * h[:, F:].float().double())
         y += weights[:, j:j + 1] * torch.einsum("tf,tfh->th", a, w2q[idx[:, j]])
     return y
 
 
-def check_fp8_layer(rank, n, split, W):
+def check_fp8_layer(rank, n, split, W, scaling="blocks"):
     p = make_problem(n, k=3, local_experts=2, H=128, F=128, routing="skewed", seed=7, tokens_range=(10, 20))
     p.w1 *= 3  # wider activations: SwiGLU's output spans several e4m3 binades
-    layer = build_layer(p, n, rank, W, wave_split=split)
-    layer.config = ep.MoEConfig(**{**layer.config.__dict__, "expert_dtype": torch.float8_e4m3fn})
+    layer = build_layer(p, n, rank, W, wave_split=split, expert_dtype=torch.float8_e4m3fn, fp8_scaling=scaling)
     got = run_layer(layer, p, rank)
     rows = p.rows(rank)
-    want = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights)[rows]
+    want = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights, scaling=scaling)[rows]
     plain = run_reference(p, n, rank)
     return rel_err(got["y"], want), rel_err(got["y"], plain["y"]), rel_err(got["dw1"], plain["dw1"]), \
         rel_err(got["dx"], plain["dx"])
 
 
-@pytest.mark.parametrize("split, W", [("tokens", 1), ("tokens", 2), ("experts", 2)])
-def test_fp8_experts_match_the_emulation_and_stay_within_fp8_error(split, W):
-    for emulated, plain, dw1, dx in run_world(2, check_fp8_layer, split, W):
+@pytest.mark.parametrize("split, W, scaling", [("tokens", 1, "blocks"), ("tokens", 2, "blocks"),
+                                               ("experts", 2, "blocks"), ("tokens", 2, "rows"), ("experts", 2, "rows")])
+def test_fp8_experts_match_the_emulation_and_stay_within_fp8_error(split, W, scaling):
+    for emulated, plain, dw1, dx in run_world(2, check_fp8_layer, split, W, scaling):
         assert emulated < 1e-3, f"vs the float64 emulation of the same quantization: {emulated:.2e}"
         # measured 0.026 per operand in norm (README, Precision): three quantized operands
         assert 0.005 < plain < 0.08, f"vs the unquantized reference: {plain:.2e}"
@@ -85,15 +101,16 @@ def emulated_dispatch_reference(p, n, rank):
                 dweights=tw.grad[rows])
 
 
-def check_fp8_dispatch(rank, n, split, W, dedup, fp8_experts):
+def check_fp8_dispatch(rank, n, split, W, dedup, fp8_experts, scaling="blocks"):
     p = make_problem(n, k=3, local_experts=2, H=256, F=128, routing="skewed", seed=11, tokens_range=(10, 20))
     p.x *= 5  # tiles of several binades
-    layer = build_layer(p, n, rank, W, wave_split=split, dedup_across_waves=dedup)
-    layer.config = ep.MoEConfig(**{**layer.config.__dict__, "dispatch_dtype": torch.float8_e4m3fn,
-                                   "expert_dtype": torch.float8_e4m3fn if fp8_experts else None})
+    layer = build_layer(p, n, rank, W, wave_split=split, dedup_across_waves=dedup,
+                        dispatch_dtype=torch.float8_e4m3fn, fp8_scaling=scaling,
+                        expert_dtype=torch.float8_e4m3fn if fp8_experts else None)
     got = run_layer(layer, p, rank)
-    if fp8_experts:  # the experts' own quantization of x is the dispatch's: one emulation for both
-        want = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights)[p.rows(rank)]
+    if fp8_experts:  # blocks: the experts' own quantization of x is the dispatch's; rows: quantized again per row
+        want = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights, scaling=scaling,
+                                fp8_dispatch=True)[p.rows(rank)]
         return {"y": rel_err(got["y"], want)}
     want = emulated_dispatch_reference(p, n, rank)
     errors = {name: rel_err(got[name], want[name]) for name in want}
@@ -110,8 +127,9 @@ def test_fp8_dispatch_matches_the_emulation(split, W, dedup):
         assert 0.002 < unquantized < 0.05, unquantized  # one quantized operand: about 2.6% per operand
 
 
-def test_fp8_dispatch_with_fp8_experts():
-    for errors in run_world(2, check_fp8_dispatch, "experts", 2, True, True):
+@pytest.mark.parametrize("scaling", ["blocks", "rows"])
+def test_fp8_dispatch_with_fp8_experts(scaling):
+    for errors in run_world(2, check_fp8_dispatch, "experts", 2, True, True, scaling):
         assert errors["y"] < 1e-3, errors
 
 

@@ -16,10 +16,11 @@ TOL = 1e-10
 
 
 def build_layer(p, n, rank, num_waves, score_func="softmax", norm_topk=True, dedup_across_waves=True,
-                wave_split="tokens"):
+                wave_split="tokens", **knobs):
     cfg = ep.MoEConfig(
         hidden=p.H, ffn_hidden=p.F, num_experts=p.E, top_k=p.k, num_waves=num_waves,
         score_func=score_func, norm_topk=norm_topk, dedup_across_waves=dedup_across_waves, wave_split=wave_split,
+        **knobs,
     )
     return load_weights(ep.ExpertParallelMoE(cfg).double(), p, rank, n)
 

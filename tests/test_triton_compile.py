@@ -45,6 +45,13 @@ def _cases():
         (tf._quantize_blocks_kernel, dict(w=P("bf16"), q=P("fp8e4nv"), s=P("fp32"), K=I32, N=I32, w_se="i64",
                                           w_sk=I32, w_sn=I32, q_se="i64", q_sk=I32, q_sn=I32, s_se=I32, s_sk=I32,
                                           s_sn=I32), dict(POW2=False)),
+        *((tf._rowwise_kernel, dict(x=P(x_type), xs=P("fp32"), index=P("i64"), count=P("i64"), q=P("fp8e4nv"),
+                                    s=P("fp32"), x_stride=I32, xs_stride=I32, q_stride=I32, limit="fp32"),
+           dict(K=7168 if mode < 2 else 2048, MODE=mode, HAS_INDEX=mode < 2, HAS_COUNT=mode < 2, HAS_LIMIT=mode == 2, POW2=False, BLOCK_K=1024))
+          for mode, x_type in ((0, "bf16"), (1, "fp8e4nv"), (2, "bf16"))),
+        (tf._quantize_columns_kernel, dict(w=P("bf16"), q=P("fp8e4nv"), s=P("fp32"), N=I32, w_se="i64",
+                                           w_sk=I32, w_sn=I32, q_se="i64", q_sk=I32, q_sn=I32, s_se=I32),
+         dict(K=7168, POW2=False, BLOCK_N=64)),
         (tf._fp8_grouped_kernel, fp8_grouped, dict(K=7168, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear1
         (tf._fp8_grouped_kernel, fp8_grouped, dict(K=2048, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear2
         (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), sent_rows=P("i64"), wait_programs=I32,

@@ -1,8 +1,8 @@
 """FP8 (e4m3) building blocks, the DeepSeek way: activations in 1x128 tiles, weights in
 128x128 blocks, one fp32 scale each, products accumulated in fp32.
 
-The FP8 expert mode (`MoEConfig.expert_dtype`, `ep.experts.linear1_fp8` / `linear2_fp8`)
-calls them; FP8 dispatch is not built yet. Each has a plain torch path (CPU, or any device) and, where it pays, a Triton
+The FP8 expert mode (`MoEConfig.expert_dtype`, `fp8_scaling`; `ep.experts.linear1_fp8` /
+`linear2_fp8`) and FP8 dispatch (`MoEConfig.dispatch_dtype`) call them. Each has a plain torch path (CPU, or any device) and, where it pays, a Triton
 kernel for CUDA (`ep.kernels.triton_fp8`), chosen as `ep.kernels.permute.use_triton` does.
 
 Layouts (the layer's: weights `[E, K, N]`, rows of x grouped by expert, `offs` as
@@ -50,26 +50,35 @@ AMAX_FLOOR = FP8_MAX * 2.0 ** -126
 
 
 @dataclass(frozen=True)
-class BlockFp8Weight:
-    """A stack of expert weights `[E, K, N]` in FP8 with one scale per 128x128 block.
+class Fp8Weight:
+    """A stack of expert weights `[E, K, N]` in FP8 with its scales, of either recipe.
 
-    q: `[E, K, N]` float8_e4m3fn; scale: `[E, ceil(K/128), ceil(N/128)]` float32;
-    `w[e, k, n] ~= q[e, k, n] * scale[e, k // 128, n // 128]`."""
+    q: `[E, K, N]` float8_e4m3fn. scale: `[E, ceil(K/128), ceil(N/128)]` float32, one per
+    128x128 block (`w[e, k, n] ~= q[e, k, n] * scale[e, k // 128, n // 128]`), or `[E, N]`,
+    one per column (the rowwise recipe: `w[e, k, n] ~= q[e, k, n] * scale[e, n]`)."""
 
     q: torch.Tensor
     scale: torch.Tensor
 
+    @property
+    def rowwise(self) -> bool:
+        """Whether the scales are per column (the rowwise recipe), not per 128x128 block."""
+        return self.scale.dim() == 2
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.rowwise:
+            acc = torch.promote_types(dtype, torch.float32)
+            return (self.q.to(acc) * self.scale.to(acc).unsqueeze(1)).to(dtype)
         return dequantize_weight_blocks(self.q, self.scale, dtype)
 
 
 @dataclass(frozen=True)
 class Fp8Experts:
     """A rank's routed experts in FP8, the layer's layout: w1 `[E_local, H, 2F]` (gate
-    columns `[:F]`, up `[F:]`), w2 `[E_local, F, H]`, each with its 128x128 block scales."""
+    columns `[:F]`, up `[F:]`), w2 `[E_local, F, H]`, each with its scales (one recipe)."""
 
-    w1: BlockFp8Weight
-    w2: BlockFp8Weight
+    w1: Fp8Weight
+    w2: Fp8Weight
 
 
 def _check_fp8(q: torch.Tensor, name: str) -> None:
@@ -150,14 +159,39 @@ def dequantize_rows(q_NH: torch.Tensor, scale_NT: torch.Tensor, dtype: torch.dty
     return tiles.reshape(N, H).to(dtype)
 
 
-def quantize_rowwise(x_MK: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_rowwise_torch(x_MK: torch.Tensor, pow2_scales: bool = False, index: Optional[torch.Tensor] = None,
+                           rows: Optional[torch.Tensor] = None,
+                           x_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_rowwise` in plain torch (the reference its Triton kernel is tested against)."""
+    from .permute import gather_rows
+
+    if x_scale is not None:  # FP8 rows in 1x128 tiles: dequantized in fp32, then one scale per row
+        x = dequantize_rows(*gather_quantized(x_MK, x_scale, index, rows), torch.float32)
+    else:
+        x = (gather_rows(x_MK, index, rows) if index is not None else x_MK).float()
+    scale = scale_from_amax(x.abs().amax(dim=1), pow2_scales) if x.shape[1] else x.new_ones(x.shape[0])
+    return _to_fp8(x / scale.unsqueeze(1)), scale
+
+
+def quantize_rowwise(x_MK: torch.Tensor, pow2_scales: bool = False, index: Optional[torch.Tensor] = None,
+                     rows: Optional[torch.Tensor] = None,
+                     x_scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One scale per row (the rowwise recipe of `torch._scaled_grouped_mm`) -> (q `[M, K]`
-    e4m3, scale `[M]` fp32). Plain torch (a few kernels on any device)."""
+    e4m3, scale `[M]` fp32). With `index` the rows are `x[index]` (`rows`: a 0-d device count
+    of those in use; the others are left unwritten). With `x_scale`, x is e4m3 in 1x128 tiles
+    (FP8 dispatch's rows): dequantized in fp32 and quantized again per row. One Triton kernel
+    on CUDA (bitwise the torch path's), plain torch elsewhere."""
     if x_MK.dim() != 2:
         raise ValueError(f"ep.kernels.fp8: x must be 2-d, got shape {tuple(x_MK.shape)}")
-    x = x_MK.float()
-    scale = scale_from_amax(x.abs().amax(dim=1), pow2_scales)
-    return _to_fp8(x / scale.unsqueeze(1)), scale
+    if x_scale is not None:
+        _check_fp8(x_MK, "x")
+        _check_rows(x_MK, "x")
+    if use_triton(x_MK):
+        from .triton_fp8 import quantize_rowwise_triton
+
+        return quantize_rowwise_triton(x_MK, x_MK.shape[1], 1 if x_scale is not None else 0, x_scale, index, rows,
+                                       pow2_scales=pow2_scales)
+    return quantize_rowwise_torch(x_MK, pow2_scales, index, rows, x_scale)
 
 
 def _blocked(w: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
@@ -209,9 +243,13 @@ def dequantize_weight_blocks(q_EKN: torch.Tensor, scale: torch.Tensor,
 def quantize_weight_columns(w_EKN: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """One scale per column of each expert (the rowwise recipe) -> (q `[E, K, N]` e4m3,
     K-contiguous as `torch._scaled_grouped_mm` wants it: `q.transpose(1, 2)` is contiguous;
-    scale `[E, N]` fp32)."""
+    scale `[E, N]` fp32). One Triton kernel on CUDA (bitwise the torch path's)."""
     if w_EKN.dim() != 3:
         raise ValueError(f"ep.kernels.fp8: w must be 3-d [E, K, N], got shape {tuple(w_EKN.shape)}")
+    if use_triton(w_EKN):
+        from .triton_fp8 import quantize_weight_columns_triton
+
+        return quantize_weight_columns_triton(w_EKN, pow2_scales)
     w = w_EKN.float()
     scale = scale_from_amax(w.abs().amax(dim=1), pow2_scales)
     q = _to_fp8(w / scale.unsqueeze(1))
@@ -327,28 +365,34 @@ def fp8_grouped_mm(
     return fp8_grouped_mm_emulated(xq_MK, x_scale, wq_EKN, w_scale, offs, out_dtype, counts)
 
 
-def swiglu_quantize_torch(h_N2F: torch.Tensor, limit: Optional[float] = None,
-                          pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`swiglu_quantize` in plain torch: SwiGLU in fp32, quantized from fp32."""
+def _check_swiglu_input(h_N2F: torch.Tensor) -> None:
     if h_N2F.dim() != 2 or h_N2F.shape[1] % (2 * BLOCK):
         raise ValueError(f"ep.kernels.fp8: h must be [N, 2F] with F a multiple of {BLOCK}, got {tuple(h_N2F.shape)}")
+
+
+def swiglu_quantize_torch(h_N2F: torch.Tensor, limit: Optional[float] = None, pow2_scales: bool = False,
+                          rowwise: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`swiglu_quantize` in plain torch: SwiGLU in fp32, quantized from fp32."""
+    _check_swiglu_input(h_N2F)
     gate, up = h_N2F.float().chunk(2, dim=-1)
     if limit is not None:
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-    return quantize_rows_torch(torch.nn.functional.silu(gate) * up, pow2_scales)
+    a = torch.nn.functional.silu(gate) * up
+    return quantize_rowwise_torch(a, pow2_scales) if rowwise else quantize_rows_torch(a, pow2_scales)
 
 
-def swiglu_quantize(h_N2F: torch.Tensor, limit: Optional[float] = None,
-                    pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+def swiglu_quantize(h_N2F: torch.Tensor, limit: Optional[float] = None, pow2_scales: bool = False,
+                    rowwise: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU fused with linear2's input quantization: `silu(gate) * up` of `h = [gate | up]`
     (clamped by `limit` as `ep.kernels.swiglu`), computed in fp32 and quantized straight from
-    fp32 in 1x128 tiles -> (q `[N, F]` e4m3, scale `[N, F/128]` fp32). F must be a multiple
-    of 128. One Triton kernel on CUDA (reads 2F, writes F bytes + F/128 scales per row)."""
+    fp32 in 1x128 tiles -> (q `[N, F]` e4m3, scale `[N, F/128]` fp32), or with `rowwise` one
+    scale per row (scale `[N]`). F must be a multiple of 128. One Triton kernel on CUDA
+    (reads 2F, writes F bytes and the scales per row)."""
+    _check_swiglu_input(h_N2F)
     if use_triton(h_N2F):
-        from .triton_fp8 import swiglu_quantize_triton
+        from .triton_fp8 import quantize_rowwise_triton, swiglu_quantize_triton
 
-        if h_N2F.dim() != 2 or h_N2F.shape[1] % (2 * BLOCK):
-            raise ValueError(f"ep.kernels.fp8: h must be [N, 2F] with F a multiple of {BLOCK}, "
-                             f"got {tuple(h_N2F.shape)}")
+        if rowwise:
+            return quantize_rowwise_triton(h_N2F, h_N2F.shape[1] // 2, 2, limit=limit, pow2_scales=pow2_scales)
         return swiglu_quantize_triton(h_N2F, limit, pow2_scales)
-    return swiglu_quantize_torch(h_N2F, limit, pow2_scales)
+    return swiglu_quantize_torch(h_N2F, limit, pow2_scales, rowwise)

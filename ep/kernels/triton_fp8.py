@@ -104,6 +104,75 @@ def _swiglu_quantize_kernel(h, q, s, F, T, limit, h_stride, q_stride, s_stride, 
 
 
 @triton.jit
+def _row_values(x, xs, src, ks, live, x_stride, xs_stride, F, limit, MODE: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """fp32 values at columns `ks` of source row `src`: MODE 0 the row itself, 1 an e4m3 row
+    times its 1x128 tile scales `xs`, 2 SwiGLU of an `[gate | up]` row (clamped by `limit`)."""
+    base = x + src * x_stride
+    if MODE == 2:
+        gate = tl.load(base + ks, mask=live, other=0.0).to(tl.float32)
+        up = tl.load(base + F + ks, mask=live, other=0.0).to(tl.float32)
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        return gate * tl.sigmoid(gate) * up
+    v = tl.load(base + ks, mask=live, other=0.0).to(tl.float32)
+    if MODE == 1:
+        v = v * tl.load(xs + src * xs_stride + ks // _TILE, mask=live, other=0.0)
+    return v
+
+
+@triton.jit
+def _rowwise_kernel(x, xs, index, count, q, s, x_stride, xs_stride, q_stride, limit, K: tl.constexpr, MODE: tl.constexpr,
+                    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_LIMIT: tl.constexpr, POW2: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """Program i: output row i (from source row `index[i]`, or i) quantized with one scale
+    over its K values: a pass for the amax, a second to quantize (the values made again)."""
+    i = tl.program_id(0)
+    if HAS_COUNT:
+        if i >= tl.load(count):
+            return
+    src = tl.load(index + i).to(tl.int64) if HAS_INDEX else i.to(tl.int64)
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        v = _row_values(x, xs, src, ks, ks < K, x_stride, xs_stride, K, limit, MODE, HAS_LIMIT)
+        amax = tl.maximum(amax, tl.abs(v))
+    scale = _scale_of(tl.max(amax, axis=0), POW2)
+    row = i.to(tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        live = ks < K
+        v = _row_values(x, xs, src, ks, live, x_stride, xs_stride, K, limit, MODE, HAS_LIMIT)
+        qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_MAX), _MAX))
+        tl.store(q + row * q_stride + ks, qv.to(tl.float8e4nv), mask=live)
+    tl.store(s + row, scale)
+
+
+@triton.jit
+def _quantize_columns_kernel(w, q, s, N, w_se, w_sk, w_sn, q_se, q_sk, q_sn, s_se, K: tl.constexpr,
+                             POW2: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (e, j): columns `[j BLOCK_N, (j + 1) BLOCK_N)` of expert e, one scale each over
+    all of K (a pass for the amaxes, a second to quantize), e4m3 stored through q's strides."""
+    e = tl.program_id(0).to(tl.int64)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    live_n = ns < N
+    amax = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, _TILE):
+        ks = k0 + tl.arange(0, _TILE)
+        live = (ks[:, None] < K) & live_n[None, :]
+        v = tl.load(w + e * w_se + ks[:, None] * w_sk + ns[None, :] * w_sn, mask=live, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+    scale = _scale_of(amax, POW2)
+    for k0 in range(0, K, _TILE):
+        ks = k0 + tl.arange(0, _TILE)
+        live = (ks[:, None] < K) & live_n[None, :]
+        v = tl.load(w + e * w_se + ks[:, None] * w_sk + ns[None, :] * w_sn, mask=live, other=0.0).to(tl.float32)
+        qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale[None, :]), -_MAX), _MAX))
+        tl.store(q + e * q_se + ks[:, None] * q_sk + ns[None, :] * q_sn, qv.to(tl.float8e4nv), mask=live)
+    tl.store(s + e * s_se + ns, scale, mask=live_n)
+
+
+@triton.jit
 def _fp8_grouped_kernel(x, xs, w, ws, offs, out, N, E, x_stride, xs_stride, w_se, w_sk, w_sn, ws_se, ws_sk, ws_sn,
                         out_stride, K: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
@@ -228,3 +297,41 @@ def fp8_grouped_mm_triton(xq_MK: torch.Tensor, x_scale: torch.Tensor, wq_EKN: to
         wq_EKN.stride(1), wq_EKN.stride(2), w_scale.stride(0), w_scale.stride(1), w_scale.stride(2), out.stride(0),
         K=K, EP=max(16, triton.next_power_of_2(E)), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return out
+
+
+ROWWISE_BLOCK = 1024
+"""Columns per step of the rowwise quantizer (`_rowwise_kernel`)."""
+
+
+def quantize_rowwise_triton(x: torch.Tensor, K: int, mode: int, x_scale: Optional[torch.Tensor] = None,
+                            index: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
+                            limit: Optional[float] = None, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows quantized with one scale each (shapes checked by `ep.kernels.fp8.quantize_rowwise`
+    / `swiglu_quantize`) -> (q `[M, K]` e4m3, scale `[M]` fp32), M = `len(index)` or x's rows.
+    mode 0: x `[*, K]`; 1: x e4m3 `[*, K]` with tile scales `x_scale`; 2: x `[*, 2K]` = [gate | up],
+    SwiGLU first. `rows` (0-d device count): only the first `rows` outputs are written."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    M = index.shape[0] if index is not None else x.shape[0]
+    q = torch.empty(M, K, dtype=FP8, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    if M and K:
+        xs = x_scale.contiguous() if x_scale is not None else s
+        _rowwise_kernel[(M,)](x, xs, index if index is not None else s, rows if rows is not None else s, q, s,
+                              x.stride(0), xs.stride(0), q.stride(0), float(limit or 0.0), K=K, MODE=mode,
+                              HAS_INDEX=index is not None, HAS_COUNT=rows is not None, HAS_LIMIT=limit is not None,
+                              POW2=pow2_scales, BLOCK_K=min(ROWWISE_BLOCK, triton.next_power_of_2(K)), num_warps=4)
+    return q, s
+
+
+def quantize_weight_columns_triton(w_EKN: torch.Tensor, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`ep.kernels.fp8.quantize_weight_columns` in Triton -> (q `[E, K, N]` a view of `[E, N, K]`
+    memory, scale `[E, N]`)."""
+    E, K, N = w_EKN.shape
+    q = torch.empty(E, N, K, dtype=FP8, device=w_EKN.device).transpose(1, 2)
+    s = torch.empty(E, N, dtype=torch.float32, device=w_EKN.device)
+    if E and K and N:
+        bn = 64
+        _quantize_columns_kernel[(E, triton.cdiv(N, bn))](w_EKN, q, s, N, *w_EKN.stride(), *q.stride(), s.stride(0),
+                                                          K=K, POW2=pow2_scales, BLOCK_N=bn, num_warps=4)
+    return q, s

@@ -1,0 +1,126 @@
+"""Weights derived from the parameters and kept between calls (`ep.weight_cache`,
+`MoEConfig.weight_cache`): kept while the parameters are unchanged, made again after any
+change torch tracks, never kept where the config or the mode says not to; a layer that keeps
+them computes bit for bit what a layer that never keeps them computes (one process, CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ep
+from ep.weight_cache import DerivedWeights, given_cast
+
+FP8 = torch.float8_e4m3fn
+
+
+def test_derived_weights_follow_the_sources_versions():
+    cache, made = DerivedWeights(), []
+    p = nn.Parameter(torch.randn(4, 4))
+
+    def make():
+        made.append(1)
+        return p.detach() * 2
+
+    first = cache.get("w", (p,), make)
+    assert cache.get("w", (p,), make) is first and len(made) == 1
+    with torch.no_grad():
+        p.add_(1)  # a tracked in-place change: made again, from the new values
+    assert torch.equal(cache.get("w", (p,), make), p.detach() * 2) and len(made) == 2
+    for foreach in (False, True):  # both optimizer code paths bump the version
+        p.grad = torch.ones_like(p)
+        torch.optim.SGD([p], lr=0.5, foreach=foreach).step()
+        assert torch.equal(cache.get("w", (p,), make), p.detach() * 2)
+    assert len(made) == 4
+    p.data.add_(1)  # not tracked by torch: the documented case for clear()
+    assert cache.get("w", (p,), make) is not None and len(made) == 4
+    cache.clear()
+    assert torch.equal(cache.get("w", (p,), make), p.detach() * 2) and len(made) == 5
+    assert cache.get("other", (p,), make) is not None and len(made) == 6 and len(cache) == 2
+    with torch.inference_mode():
+        t = torch.randn(3)  # no version counter: never kept
+    cache.get("t", (t,), make)
+    cache.get("t", (t,), make)
+    assert len(made) == 8 and len(cache) == 2
+
+
+def test_a_given_cast_is_differentiable_like_to():
+    p = nn.Parameter(torch.randn(3, 5, dtype=torch.float32))
+    value = p.detach().to(torch.bfloat16)
+    (given_cast(p, value).float() * torch.arange(15.).view(3, 5)).sum().backward()
+    want = nn.Parameter(p.detach().clone())
+    (want.to(torch.bfloat16).float() * torch.arange(15.).view(3, 5)).sum().backward()
+    assert p.grad.dtype == torch.float32 and torch.equal(p.grad, want.grad)
+    with torch.no_grad():
+        assert given_cast(p, value) is value
+
+
+def _layers(**knobs):
+    """Two layers with the same fp32 parameters: one keeps derived weights, one never does."""
+    cfg = dict(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, max_tokens=16, **knobs)
+    torch.manual_seed(0)
+    keeps = ep.ExpertParallelMoE(ep.MoEConfig(**cfg))
+    never = ep.ExpertParallelMoE(ep.MoEConfig(**{**cfg, "weight_cache": "never"}))
+    never.load_state_dict(keeps.state_dict())
+    return keeps, never
+
+
+def _call(layer, x, autocast):
+    with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        return layer(x)
+
+
+@pytest.mark.parametrize("fp8, autocast", [(False, True), (True, False), (True, True)])
+def test_eval_keeps_what_it_derives_and_computes_the_same(fp8, autocast):
+    keeps, never = _layers(**(dict(expert_dtype=FP8, fp8_scaling="rows") if fp8 else {}))
+    keeps.eval(), never.eval()
+    x = torch.randn(12, 128)
+    want = _call(never, x, autocast)
+    assert len(never._derived) == 0
+    got = [_call(keeps, x, autocast) for _ in range(2)]
+    assert len(keeps._derived) == (2 if autocast else 0) + (1 if fp8 else 0)  # w1's and w2's casts, FP8 experts
+    assert got[0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(got[0], want) and torch.equal(got[1], want)
+
+    with torch.no_grad():  # a tracked change (as load_state_dict or an optimizer makes): derived again
+        for layer in (keeps, never):
+            layer.experts.w1.mul_(-0.5)
+    want = _call(never, x, autocast)
+    assert torch.equal(_call(keeps, x, autocast), want)
+
+    keeps.train()  # training under "eval": nothing kept, and eval's copies are dropped
+    assert torch.equal(_call(keeps, x, autocast), want) and len(keeps._derived) == 0
+
+
+def test_kept_casts_train_like_per_call_casts():
+    """weight_cache="always" under autocast: microbatches share the casts, an optimizer step
+    makes them again, and the fp32 parameters' gradients and values stay bit for bit those
+    of casting per call."""
+    keeps, never = _layers(weight_cache="always")
+    opts = [torch.optim.SGD(layer.parameters(), lr=0.1) for layer in (keeps, never)]
+    made = []
+    for step in range(2):
+        for layer, opt in zip((keeps, never), opts):
+            opt.zero_grad()
+            for micro in range(2):
+                x = torch.randn(12, 128, generator=torch.Generator().manual_seed(10 * step + micro))
+                _call(layer, x, True).float().square().sum().backward()
+                if layer is keeps:
+                    made.append([entry.value for entry in keeps._derived._entries.values()])
+            assert layer.experts.w1.grad.dtype == torch.float32
+        for a, b in zip(keeps.parameters(), never.parameters()):
+            assert torch.equal(a.grad, b.grad)
+        for opt in opts:
+            opt.step()
+        for a, b in zip(keeps.parameters(), never.parameters()):
+            assert torch.equal(a, b)
+    assert len(keeps._derived) == 2
+    same = [all(a is b for a, b in zip(made[i], made[i + 1])) for i in range(3)]
+    assert same == [True, False, True]  # shared within a step, made again after the step
+
+
+def test_weight_cache_is_checked():
+    with pytest.raises(ValueError, match="weight_cache must be one of"):
+        ep.MoEConfig(hidden=8, ffn_hidden=8, num_experts=2, top_k=1, weight_cache="yes")
+    with pytest.raises(ValueError, match="fp8_scaling must be one of"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=2, top_k=1, fp8_scaling="tiles")
