@@ -11,7 +11,8 @@ random), `MoEConfig.max_tokens` set (what tracing needs). Per preset and wave sp
   ms (median of 10 after 3 warm-ups, `host_launches.timed`), and the compiled output's and
   gradients' relative error against eager's;
 - autocast: fp32 parameters under `torch.autocast("cuda", torch.bfloat16)` against the bf16
-  layer (forward, and a training step), eager.
+  layer (forward, and a training step), eager; the forward also in eval mode, where the
+  casts are kept between calls (`MoEConfig.weight_cache`).
 Presets: `issue23` is the shape issue 23 found broken (H 1024, E 16, k 4, T 512); the others
 are `overlap.py`'s per-rank shapes of one GPU (`host_launches.build`).
 """
@@ -101,6 +102,9 @@ def rows_of(name: str, P: dict, split: str, W: int, device) -> list:
     with torch.no_grad():
         err = rel(autocast_call(), want)
         row("fwd autocast (fp32 params)", autocast_call, err)
+        fp32.eval()  # inference: the casts are kept between calls while the weights are unchanged
+        row("fwd autocast (fp32 params), eval: casts kept", autocast_call, rel(autocast_call(), want))
+        fp32.train()
 
     def autocast_step():
         fp32.zero_grad(set_to_none=True)

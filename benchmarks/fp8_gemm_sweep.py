@@ -1,11 +1,12 @@
-"""The blockwise FP8 grouped product (`ep.kernels.triton_fp8`) at dsv3's per-rank shapes on one
-GPU: its tile configs, with the weights N-major (as quantized) and K-major (as the layer now
-holds them), against bf16 `torch._grouped_mm` on the same rows.
+"""The FP8 grouped products and quantizers at dsv3's per-rank shapes on one GPU, against bf16
+`torch._grouped_mm` on the same rows: the blockwise Triton product's tile configs (weights
+K-major, as the layer holds them), the rowwise `torch._scaled_grouped_mm` (`fp8_scaling="rows"`),
+and each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights).
 
     python3 benchmarks/fp8_gemm_sweep.py --json fp8_sweep.json
 
 32 experts x 1024 rows each (balanced), linear1 (K 7168, N 4096) and linear2 (K 2048, N 7168);
-device ms per product (median of 10 after 3 warm-ups, `host_launches.timed`).
+device ms per op (median of 10 after 3 warm-ups, `host_launches.timed`).
 """
 from __future__ import annotations
 
@@ -19,10 +20,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import provenance  # noqa: E402
 from benchmarks.host_launches import timed  # noqa: E402
-from ep.kernels.fp8 import quantize_rows, quantize_weight_blocks  # noqa: E402
+from ep.kernels import gather_rows  # noqa: E402
+from ep.kernels.fp8 import (fp8_grouped_mm, quantize_rows, quantize_rowwise, quantize_weight_blocks,  # noqa: E402
+                            quantize_weight_columns, swiglu_quantize)
+from ep.kernels.swiglu import swiglu  # noqa: E402
 from ep.kernels.triton_fp8 import fp8_grouped_mm_triton  # noqa: E402
 
-CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (128, 128, 8, 4), (64, 128, 4, 5), (128, 64, 4, 4)]
+CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 5)]
 
 
 def main() -> int:
@@ -40,20 +44,40 @@ def main() -> int:
         _, ms = timed(lambda: torch._grouped_mm(x, w, offs=offs))
         out.append(dict(product=name, kind="bf16 _grouped_mm", ms=ms, tflops=flops / ms / 1e9))
         print(f"{name} bf16 torch._grouped_mm: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        wk, ws = quantize_weight_blocks(w, k_major=True)
         xq, xs = quantize_rows(x)
-        wq, ws = quantize_weight_blocks(w)
-        wk = wq.transpose(1, 2).contiguous().transpose(1, 2)
-        for major, b in (("N-major", wq), ("K-major", wk)):
-            for cfg in CONFIGS:
-                try:
-                    _, ms = timed(lambda: fp8_grouped_mm_triton(xq, xs, b, ws, offs, torch.bfloat16, cfg))
-                    row = dict(product=name, kind=f"fp8 triton {major}", config=cfg, ms=ms, tflops=flops / ms / 1e9)
-                    print(f"{name} fp8 triton {major} {cfg}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
-                except Exception as e:  # noqa: BLE001 - a config that does not compile here, reported
-                    row = dict(product=name, kind=f"fp8 triton {major}", config=cfg, error=str(e)[:300])
-                    print(f"{name} fp8 triton {major} {cfg}: {type(e).__name__} {str(e)[:200]}", flush=True)
-                out.append(row)
-        del x, w, xq, wq, wk
+        for cfg in CONFIGS:
+            try:
+                _, ms = timed(lambda: fp8_grouped_mm_triton(xq, xs, wk, ws, offs, torch.bfloat16, cfg))
+                row = dict(product=name, kind="fp8 triton K-major", config=cfg, ms=ms, tflops=flops / ms / 1e9)
+                print(f"{name} fp8 blocks triton K-major {cfg}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile here, reported
+                row = dict(product=name, kind="fp8 triton K-major", config=cfg, error=str(e)[:300])
+                print(f"{name} fp8 triton K-major {cfg}: {type(e).__name__} {str(e)[:200]}", flush=True)
+            out.append(row)
+        rq, rs = quantize_weight_columns(w)
+        xr, xrs = quantize_rowwise(x)
+        _, ms = timed(lambda: fp8_grouped_mm(xr, xrs, rq, rs, offs))
+        out.append(dict(product=name, kind="fp8 rowwise _scaled_grouped_mm", ms=ms, tflops=flops / ms / 1e9))
+        print(f"{name} fp8 rowwise torch._scaled_grouped_mm: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        index = torch.randperm(E * rows, device=dev)
+        count = torch.tensor(E * rows, device=dev)
+        ops = {f"quantize weights {tuple(w.shape)} 128x128 blocks": lambda: quantize_weight_blocks(w, k_major=True),
+               f"quantize weights {tuple(w.shape)} per column": lambda: quantize_weight_columns(w)}
+        if name == "linear1":  # its input: the rows gathered by item
+            ops.update({"gather rows bf16 (the bf16 path)": lambda: gather_rows(x, index, count),
+                        "gather + quantize rows 1x128": lambda: quantize_rows(gather_rows(x, index, count)),
+                        "gather + quantize rows per row": lambda: quantize_rowwise(x, index=index, rows=count)})
+        else:  # its input: SwiGLU of linear1's output [rows, 2K]
+            h = torch.randn(E * rows, 2 * K, device=dev, dtype=torch.bfloat16)
+            ops.update({"swiglu bf16 (the bf16 path)": lambda: swiglu(h),
+                        "swiglu + quantize 1x128": lambda: swiglu_quantize(h),
+                        "swiglu + quantize per row": lambda: swiglu_quantize(h, rowwise=True)})
+        for what, fn in ops.items():
+            _, ms = timed(fn)
+            out.append(dict(product=name, kind=what, ms=ms))
+            print(f"{name} {what}: {ms:.3f} ms", flush=True)
+        del x, w, xq, wk, rq, xr
         torch.cuda.empty_cache()
     provenance.dump(args.json, rows=out)
     return 0

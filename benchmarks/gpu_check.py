@@ -102,17 +102,20 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
     return worst_over_ranks(got, reference(p, n, rank, device, routing), device)
 
 
-def check_fp8(n, rank, device, W, split, dispatch=False):
-    """FP8 expert products (`MoEConfig.expert_dtype`; with `dispatch` FP8 rows on the wire too,
-    `MoEConfig.dispatch_dtype`, whose quantization of a token is the products'): the forward against the float64
-    emulation of the same quantization (`tests.test_fp8_layer`) and against the unquantized
-    reference; the straight-through gradients against the reference; then a forward and a
-    training step under sync debug mode "error". Returns (vs emulation, vs reference y, worst grad)."""
+def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks"):
+    """FP8 expert products (`MoEConfig.expert_dtype`, `fp8_scaling`; with `dispatch` FP8 rows on
+    the wire too, `MoEConfig.dispatch_dtype`): the forward against the float64 emulation of the
+    same quantization (`tests.test_fp8_layer`) and against the unquantized reference; the
+    straight-through gradients against the reference; then a forward and a training step under
+    sync debug mode "error", and in eval mode (FP8 experts kept between calls) a second call
+    equal to the first and a call after the weights changed equal to a fresh layer's.
+    Returns (vs emulation, vs reference y, worst grad, eval mismatches)."""
     from tests.test_fp8_layer import emulated_fp8_moe
 
     p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=17 + W, tokens_range=(200, 400))
-    layer = build(p, n, rank, device, num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn,
-                  dispatch_dtype=torch.float8_e4m3fn if dispatch else None)
+    knobs = dict(num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn, fp8_scaling=scaling,
+                 dispatch_dtype=torch.float8_e4m3fn if dispatch else None)
+    layer = build(p, n, rank, device, **knobs)
     rows = p.rows(rank)
     x = p.x[rows].to(device=device, dtype=torch.bfloat16).requires_grad_(True)
     idx = p.topk_idx[rows].to(device)
@@ -121,7 +124,8 @@ def check_fp8(n, rank, device, W, split, dispatch=False):
     y.backward(p.dy[rows].to(device=device, dtype=torch.bfloat16))
     d64 = lambda t: t.to(torch.bfloat16).double()  # noqa: E731  the layer's rounding of its inputs
     emulated = emulated_fp8_moe(d64(p.x), d64(p.w1), d64(p.w2), p.topk_idx, p.topk_weights.float().double(),
-                                h_dtype=torch.bfloat16)[rows]  # the layer stores linear1's output in bf16
+                                h_dtype=torch.bfloat16, scaling=scaling,  # the layer stores linear1's output in bf16
+                                fp8_dispatch=dispatch)[rows]
     ref = reference(p, n, rank, device, "skewed")
     errs = [rel_err(y.detach().double().cpu(), emulated), rel_err(y.detach().double(), ref["y"]),
             max(rel_err(a.double(), ref[k]) for a, k in ((x.grad, "dx"), (layer.experts.w1.grad, "dw1"),
@@ -135,6 +139,16 @@ def check_fp8(n, rank, device, W, split, dispatch=False):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     layer.check_errors()
+    layer.eval()  # inference: the FP8 experts are kept between calls while the weights are unchanged
+    with torch.no_grad():
+        first, again = (layer(x, topk_idx=idx, topk_weights=tw) for _ in range(2))
+        layer.experts.w2.mul_(0.5)  # a tracked change: quantized again
+        changed = layer(x, topk_idx=idx, topk_weights=tw)
+        fresh = build(p, n, rank, device, **knobs).eval()
+        fresh.experts.w2.mul_(0.5)
+        mismatches = int(not torch.equal(first, again)) + int(not torch.equal(changed, fresh(x, topk_idx=idx,
+                                                                                             topk_weights=tw)))
+    errs.append(float(mismatches + (len(layer._derived) != 1)))
     t = torch.tensor(errs, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
@@ -364,22 +378,25 @@ def main():
         if rank == 0:
             print(f"sync-free  {transport:11} {split:7} dedup={dedup!s:5} W={W} routing={routing:6} "
                   f"max_tokens={max_tokens}  {'ok' if ok else 'FAIL ' + detail}", flush=True)
-    fp8_cases = (("tokens", 1, False), ("tokens", 2, False), ("experts", 2, False), ("tokens", 2, True),
-                 ("experts", 2, True))
-    for split, W, dispatch in fp8_cases if cuda and "fp8" in checks else ():
+    fp8_cases = [(split, W, dispatch, scaling) for scaling in ("blocks", "rows")
+                 for split, W, dispatch in (("tokens", 1, False), ("tokens", 2, False), ("experts", 2, False),
+                                            ("tokens", 2, True), ("experts", 2, True))]
+    for split, W, dispatch, scaling in fp8_cases if cuda and "fp8" in checks else ():
         try:
-            emulated, plain, grads = check_fp8(n, rank, device, W, split, dispatch)
+            emulated, plain, grads, kept = check_fp8(n, rank, device, W, split, dispatch, scaling)
             # bf16 outputs of fp32 sums against float64, and an element's e4m3 step where rounding
             # differs (SwiGLU's fp32 on the GPU); FP8's own error against the unquantized layer
-            ok = emulated < 1e-2 and plain < 0.1 and grads < 0.1
-            detail = f"vs emulation {emulated:.1e}, vs unquantized {plain:.1e}, gradients {grads:.1e}; sync-free step ok"
+            ok = emulated < 1e-2 and plain < 0.1 and grads < 0.1 and kept == 0
+            detail = (f"vs emulation {emulated:.1e}, vs unquantized {plain:.1e}, gradients {grads:.1e}; sync-free "
+                      f"step ok; eval keeps the FP8 experts: {'ok' if kept == 0 else 'FAIL'}")
         except Exception as e:  # noqa: BLE001
             ok, detail = False, repr(e)[:400]
         failed += not ok
-        results.append(dict(check="fp8_experts", wave_split=split, W=W, fp8_dispatch=dispatch, ok=ok, detail=detail))
+        results.append(dict(check="fp8_experts", wave_split=split, W=W, fp8_dispatch=dispatch, fp8_scaling=scaling,
+                            ok=ok, detail=detail))
         if rank == 0:
-            print(f"fp8 experts{' + dispatch' if dispatch else ''} {split:7} W={W}  {'ok' if ok else 'FAIL'}  {detail}",
-                  flush=True)
+            print(f"fp8 experts {scaling:6}{' + dispatch' if dispatch else ''} {split:7} W={W}  "
+                  f"{'ok' if ok else 'FAIL'}  {detail}", flush=True)
     for W in (1, 2) if "shared" in checks else ():
         try:
             worst = check_shared_beside(n, rank, device, W)

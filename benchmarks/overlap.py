@@ -56,6 +56,7 @@ from ep.transport import TorchDistTransport, make_transport
 PRESETS: Dict[str, Dict] = {
     # small enough for 4 ranks on 2 CPU cores
     "cpu-small": dict(T=512, H=256, F=64, local_experts=8, k=4, dtype="float32"),
+    "cpu-fp8": dict(T=256, H=256, F=128, local_experts=4, k=4, dtype="float32"),  # FP8 rows on CPU: H, F of 128s
     "dsv3": dict(T=4096, H=7168, F=2048, local_experts=32, k=8, dtype="bfloat16"),
     "wide": dict(T=4096, H=4096, F=1408, local_experts=16, k=6, dtype="bfloat16"),
     "decode": dict(T=128, H=7168, F=2048, local_experts=32, k=8, dtype="bfloat16"),
@@ -69,9 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--preset", default=None, help=f"comma-separated, from {sorted(PRESETS)} (default: cpu-small on CPU, dsv3 on GPU)")
     p.add_argument("--splits", default="tokens,experts", help="comma-separated wave splits: tokens, experts")
     p.add_argument("--precisions", default="dtype",
-                   help="comma-separated: dtype (the preset's dtype), fp8 (FP8 expert products, "
-                        "MoEConfig.expert_dtype), fp8_dispatch (FP8 products and FP8 rows on the wire, "
-                        "MoEConfig.dispatch_dtype too); H and F multiples of 128")
+                   help="comma-separated: dtype (the preset's dtype), or FP8 experts (H and F multiples of 128): "
+                        + ", ".join(f"{name} ({desc})" for name, (_, desc) in FP8_PRECISIONS.items()))
+    p.add_argument("--eval", action="store_true",
+                   help="time the layers as inference does: eval mode (derived weights kept between eager calls, "
+                        "MoEConfig.weight_cache='eval') and FP8 experts held (hold_fp8_experts)")
     p.add_argument("--waves", default="1,2,4,auto",
                    help="comma-separated W values, or auto (the layer's own choice); 1 is always measured")
     p.add_argument("--expert-waves", default=None, help="W values for the expert-wave split (default: --waves)")
@@ -174,6 +177,17 @@ def local_experts(P: Dict, n: int) -> int:
     return P["experts"] // n if "experts" in P else P["local_experts"]
 
 
+FP8 = torch.float8_e4m3fn
+FP8_PRECISIONS = {  # name -> (MoEConfig knobs, what they are)
+    "fp8": (dict(expert_dtype=FP8), "FP8 expert products in 1x128/128x128 blocks, MoEConfig.expert_dtype"),
+    "fp8_rows": (dict(expert_dtype=FP8, fp8_scaling="rows"),
+                 "FP8 products with one scale per row and column, torch._scaled_grouped_mm, fp8_scaling='rows'"),
+    "fp8_dispatch": (dict(expert_dtype=FP8, dispatch_dtype=FP8), "fp8 and FP8 rows on the wire, dispatch_dtype"),
+    "fp8_rows_dispatch": (dict(expert_dtype=FP8, fp8_scaling="rows", dispatch_dtype=FP8),
+                          "fp8_rows and FP8 rows on the wire"),
+}
+
+
 def variant_layer(base: "ep.ExpertParallelMoE", **knobs) -> "ep.ExpertParallelMoE":
     """A layer with other knobs that shares `base`'s parameters (built on the meta device:
     no second copy of the experts)."""
@@ -199,8 +213,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     splits = [t.strip() for t in args.splits.split(",")]
     kinds = [t.strip() for t in args.transports.split(",")]
     precisions = [P["dtype"] if t.strip() == "dtype" else t.strip() for t in args.precisions.split(",")]
-    if any(t not in (P["dtype"], "fp8", "fp8_dispatch") for t in precisions):
-        raise SystemExit(f"--precisions takes dtype, fp8 and/or fp8_dispatch, got {args.precisions!r}")
+    if any(t != P["dtype"] and t not in FP8_PRECISIONS for t in precisions):
+        raise SystemExit(f"--precisions takes dtype and/or {', '.join(FP8_PRECISIONS)}, got {args.precisions!r}")
     if any(d not in ("rank", "wave") for d in dedups):
         raise SystemExit(f"--dedup takes rank and/or wave, got {args.dedup!r}")
     if any(t not in ep.config.WAVE_SPLITS for t in splits):
@@ -345,11 +359,13 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
     # ---- the whole call per variant ------------------------------------------------------
     rows = []
     for v in variants:
-        fp8 = torch.float8_e4m3fn if v["precision"].startswith("fp8") else None
         lv = variant_layer(layer, num_waves=v["W"], wave_split=v["split"], transport=v["transport"],
-                           sm_carveout=v["carveout"], dedup_across_waves=v["dedup"] == "rank", expert_dtype=fp8,
-                           dispatch_dtype=fp8 if v["precision"] == "fp8_dispatch" else None)
-        row = dict(v, auto=v["W"] == "auto")
+                           sm_carveout=v["carveout"], dedup_across_waves=v["dedup"] == "rank",
+                           **FP8_PRECISIONS.get(v["precision"], ({}, ""))[0])
+        lv.train(not args.eval)
+        if args.eval and lv.config.expert_dtype is not None:
+            lv.hold_fp8_experts()  # inference: CUDA graph captures read them too (a kept copy they would not)
+        row = dict(v, auto=v["W"] == "auto", eval=args.eval)
         if row["auto"]:
             with torch.no_grad():
                 t0 = time.perf_counter()
@@ -367,7 +383,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             kt = transports[v["transport"]]
             wm = WaveMap.of(v["split"], max(1, min(W, max_tokens)) if v["split"] == "tokens" else W, v["dedup"] == "rank")
             plan = sender_plan(idx, tw, E, n, wm, wm.capacity(max_tokens), max_tokens)
-            given = lambda: wave_experts(x, tw, w1, w2, plan, kt, v["carveout"], None, fp8)  # noqa: E731
+            given = lambda: wave_experts(x, tw, w1, w2, plan, kt, v["carveout"], None,  # noqa: E731
+                                         lv._fp8_experts(w1, w2), lv.config.dispatch_dtype)
             remote = (n - 1) * wm.num_waves * plan.capacity  # the fixed regions for other ranks, padding included
             row_bytes = layout.width * elem
             routes = int((plan.route_row >= 0).sum().item())

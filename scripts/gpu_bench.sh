@@ -43,6 +43,9 @@ if [ "$n" -eq 1 ]; then  # one GPU: the layer with device_put between two proces
   echo "== torch.compile (fullgraph; default, reduce-overhead) and autocast against eager (one GPU)" | tee -a "$log"
   timeout 240 python3 benchmarks/compile_bench.py --preset issue23,dsv3 --json "$OUT/compile_n1.json" 2>&1 \
     | grep -vi warn | tail -40 | tee -a "$log" || rc=1
+  echo "== NCCL teardown after a failure: the transport's abort, then destroy_process_group (one GPU)" | tee -a "$log"
+  timeout 60 torchrun --standalone --nproc-per-node 1 benchmarks/teardown_check.py --json "$OUT/teardown_n1.json" 2>&1 \
+    | grep -E "teardown|Error" | tee -a "$log" || rc=1
   echo "== the few-rows grouped product (decode widths) against torch._grouped_mm" | tee -a "$log"
   python3 benchmarks/few_rows_gemm.py --means 32 --json "$OUT/few_rows_n1.json" 2>&1 | grep -v Warn | tee -a "$log" || rc=1
 fi
@@ -88,7 +91,7 @@ else
   # expert: r19; W=4 at NVLink was slower than W=2 in every r16 row), to stay in one 10-minute call
   # one GPU: expert waves at W=2 beside token waves (the one engine's two maps; every call is a copy)
   # and FP8 expert products beside bf16 ones
-  ew=1; pr=dtype; [ "$n" -eq 1 ] && ew=1,2 && pr=dtype,fp8
+  ew=1; pr=dtype; [ "$n" -eq 1 ] && ew=1,2 && pr=dtype,fp8,fp8_rows
   nvlink=(--preset "${EP_PRESETS:-dsv3,wide,decode}" --waves "${EP_WAVES:-1,2,auto}" --expert-waves "${EP_EXPERT_WAVES:-$ew}"
           --carveouts 0 --precisions "${EP_PRECISIONS:-$pr}")
   no_p2p=(--preset dsv3 --waves 1,2,4,8,auto --expert-waves 1,4 --carveouts 0,16)
@@ -105,7 +108,7 @@ if [ -d "$OUT/traces" ]; then
   tar -czf "$OUT/traces_n$n.tgz" -C "$OUT" traces && rm -rf "$OUT/traces"
 fi
 # the device call returns at most 8 files (r36 lost its timelines to that): the side results in one archive
-side=$(cd "$OUT" && ls env.txt p2p_n1.json readme_n1.json host_launches_n1.json few_rows_n1.json compile_n1.json \
+side=$(cd "$OUT" && ls env.txt p2p_n1.json readme_n1.json host_launches_n1.json few_rows_n1.json compile_n1.json teardown_n1.json \
   check_n*_without_device_put.json 2>/dev/null)
 if [ -n "$side" ]; then
   (cd "$OUT" && tar -czf "side_n$n.tgz" $side && rm -f $side)

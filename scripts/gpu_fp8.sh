@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The FP8 and kept-weights rows on one GPU, in one device call (issues 23 and 24): gpu_check's
+# FP8 cases (both recipes, FP8 dispatch, eval mode keeping the FP8 experts), the products and
+# quantizers alone (fp8_gemm_sweep), and the layer at dsv3, decode and wide, W=1, CUDA graphs:
+# bf16 against FP8 blocks, FP8 rows and FP8 rows with FP8 dispatch, in training mode (derived
+# weights made per call, forward and forward+backward) and in eval mode (kept between calls,
+# forward). Writes env.txt, log.txt, check_fp8_n1.json, fp8_sweep_n1.json,
+# overlap_fp8_train_n1.json, overlap_fp8_eval_n1.json under $OUT (default out/gpu).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. scripts/gpu_env.sh  # NVLink multicast off, PYTHONPATH, $OUT, EP_COMMIT
+log="$OUT/log.txt"
+{ date -u; nvidia-smi; python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"nccl", torch.cuda.nccl.version(), "triton", triton.__version__)'; echo "commit $EP_COMMIT"; } > "$OUT/env.txt" 2>&1
+rc=0
+presets=${EP_PRESETS:-dsv3,decode,wide}
+precisions=${EP_PRECISIONS:-dtype,fp8,fp8_rows,fp8_rows_dispatch}
+echo "== gpu_check: FP8 experts (blocks, rows), FP8 dispatch, eval keeping the FP8 experts" | tee -a "$log"
+timeout 150 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --checks fp8 \
+  --json "$OUT/check_fp8_n1.json" 2>&1 | tee -a "$log" || rc=1
+echo "== FP8 products and quantizers alone, against bf16 (dsv3 shapes)" | tee -a "$log"
+timeout 90 python3 benchmarks/fp8_gemm_sweep.py --json "$OUT/fp8_sweep_n1.json" 2>&1 | grep -vi warn | tee -a "$log" || rc=1
+for mode in train eval; do
+  extra=(); [ $mode = eval ] && extra=(--eval --no-backward)
+  echo "== the layer, $mode mode: $presets, W=1, $precisions, CUDA graphs" | tee -a "$log"
+  timeout 240 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --preset "$presets" --waves 1 \
+    --expert-waves 1 --splits tokens --carveouts 0 --precisions "$precisions" --graphs --iters "${EP_ITERS:-20}" \
+    "${extra[@]}" --run-name "${EP_RUN:-gpu1}_$mode" --json "$OUT/overlap_fp8_${mode}_n1.json" 2>&1 | tee -a "$log" || rc=1
+done
+exit $rc
