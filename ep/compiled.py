@@ -2,7 +2,8 @@
 
 Dynamo traces `forward` (`ExpertParallelMoE.forward` hands over here while compiling): the
 host checks of shapes, dtypes and devices (static in a graph), the router, the shared
-experts and autocast's casts are plain torch ops that Inductor compiles. The engine (plan,
+experts and autocast's casts are plain torch ops that Inductor compiles (the router and the
+shared experts as module calls: FSDP2's hooks run around them as in eager). The engine (plan,
 waves, transports, streams, host exchanges) is opaque to it, in three custom ops:
 - `ep::sync_replicas` (mutates the replicated tensors): the first call's configuration
   check and broadcast; traced only while the layer has not synced (then Dynamo recompiles
@@ -59,12 +60,9 @@ def forward(layer, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional
     handle = layer._compile_handle
     device_type = x.device.type
     w1, w2 = layer.experts.w1, layer.experts.w2
-    shared = layer.shared_experts
-    sw = (shared.w1, shared.w2) if shared is not None else None
     if torch.is_autocast_enabled(device_type):  # as nn.Linear: x and the expert weights in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
         x, w1, w2 = _autocast(x, dtype), _autocast(w1, dtype), _autocast(w2, dtype)
-        sw = tuple(_autocast(t, dtype) for t in sw) if sw is not None else None
     if not layer._replicas_synced:
         torch.ops.ep.sync_replicas(layer.replicated_tensors(), handle)
     status = host_status(cfg, x, w1, topk_idx, topk_weights)
@@ -82,8 +80,8 @@ def forward(layer, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional
                                                           max_tokens, status)
         if bad:  # never returned (the op raises); made from its output so the op is not dead code
             return torch.zeros_like(x) + y_TH.sum()
-        if sw is not None:
-            y_TH = y_TH + shared.product(x_TH, *sw)
+    if layer.shared_experts is not None:  # a module call: its hooks run (FSDP2 gathers its shards), and
+        y_TH = y_TH + layer.shared_experts(x_TH)  # under autocast its matmuls cast its weights, as eager's casts do
     return y_TH.view(x.shape)
 
 

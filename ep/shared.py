@@ -36,8 +36,4 @@ class SharedExperts(nn.Module):
 
     def forward(self, x_TH: torch.Tensor) -> torch.Tensor:
         """`x [T, H]` -> `[T, H]` in x's dtype."""
-        return self.product(x_TH, self.w1, self.w2)
-
-    def product(self, x_TH: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        """The forward with weights given (e.g. autocast's casts of `w1`, `w2`)."""
-        return swiglu_torch(x_TH @ w1, self.swiglu_limit) @ w2
+        return swiglu_torch(x_TH @ self.w1, self.swiglu_limit) @ self.w2

@@ -43,11 +43,11 @@ TOKENS_PER_RANK, STEPS, LR = 24, 5, 3e-2
 class Model(nn.Module):
     """`out(moe(tanh(inp(x))))`: dense, an EP layer over `group`, dense."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None, num_experts: int = E) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, num_experts: int = E, **knobs) -> None:
         super().__init__()
         self.inp = nn.Linear(H, H)
         self.moe = ep.ExpertParallelMoE(ep.MoEConfig(hidden=H, ffn_hidden=F, num_experts=num_experts, top_k=K,
-                                                     num_waves=2, num_shared_experts=1), group)
+                                                     num_waves=2, num_shared_experts=1, **knobs), group)
         self.out = nn.Linear(H, H)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
