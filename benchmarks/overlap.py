@@ -426,6 +426,14 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
             r["speedup_vs_naive"] = naive_ms / r["fwd_ms"]
         if "fwd_bwd_ms" in r and "fwd_bwd_ms" in seq:
             r["fwd_bwd_speedup_vs_w1"] = seq["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    plain = {(r["split"], r["transport"], r["dedup"], r["W"], bool(r.get("graph"))): r for r in rows
+             if r["precision"] == P["dtype"] and not r["auto"]}
+    for r in rows:  # an FP8 row against the same call in the preset's dtype
+        same = plain.get((r["split"], r["transport"], r["dedup"], r["W"], bool(r.get("graph"))))
+        if r["precision"] != P["dtype"] and same is not None:
+            r["fwd_vs_dtype"] = r["fwd_ms"] / same["fwd_ms"]
+            if r.get("fwd_bwd_ms") and same.get("fwd_bwd_ms"):
+                r["fwd_bwd_vs_dtype"] = r["fwd_bwd_ms"] / same["fwd_bwd_ms"]
     if args.trace_dir and cuda:
         for pick in traced_rows(rows, args.trace_waves):
             lv = variant_layer(layer, num_waves=pick["W"], wave_split=pick["split"], transport=pick["transport"],
@@ -575,6 +583,13 @@ def format_table(r: dict, meta: dict) -> str:
             f"{row.get('fwd_bwd_ms', nan):10.3f}  {row.get('fwd_bwd_speedup_vs_w1', nan):5.2f}x  "
             f"{row['rows_per_token_max_rank']:10.2f}  {row['dispatch_wire_bytes_max_rank'] / 1e6:11.2f}"
         )
+    against = [row for row in r["layers"] if "fwd_vs_dtype" in row]
+    if against:
+        lines += ["", f"against the same call in {r['dtype']}" + (" (eval mode, FP8 experts held)"
+                                                               if against[0].get("eval") else "") + ":   fwd  fwd+bwd"]
+        for row in against:
+            label = f"{row['split'][:6]} W={row['W']}{' graph' if row.get('graph') else ''} {row['precision']}"
+            lines.append(f"  {label:<43} {row['fwd_vs_dtype']:5.2f}x  {row.get('fwd_bwd_vs_dtype', nan):5.2f}x")
     return "\n".join(lines)
 
 
@@ -591,6 +606,7 @@ def records(result: dict, run_name: Optional[str]) -> List[dict]:
                 dedup=row["dedup"] if row["split"] == "experts" else None, num_waves=row["W"],
                 auto_from="auto" if row.get("auto") else None, sm_carveout=row["carveout"], graph=bool(row.get("graph")),
                 shared_experts=r.get("shared", 0), precision=row.get("precision", r["dtype"]),
+                mode="eval" if row.get("eval") else "train", fwd_vs_dtype=row.get("fwd_vs_dtype"),
                 fwd_ms=row["fwd_ms"], fwd_bwd_ms=row.get("fwd_bwd_ms"), plan_given_fwd_ms=row.get("plan_given_fwd_ms"),
                 host_ms=row.get("host_ms"), b2b_fwd_ms=row.get("b2b_fwd_ms"), comm_ms=r["comm_ms"],
                 compute_ms=r["compute_ms"], ideal_ms=r["ideal_ms"], overlap_efficiency=row.get("overlap_efficiency"),
