@@ -8,9 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/gpu_env.sh  # NVLink multicast off, PYTHONPATH, $OUT, EP_COMMIT
-log="$OUT/log.txt"
-{ date -u; nvidia-smi; python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
-"nccl", torch.cuda.nccl.version(), "triton", triton.__version__)'; echo "commit $EP_COMMIT"; } > "$OUT/env.txt" 2>&1
+write_env
 rc=0
 echo "== correctness, one GPU (both splits, sync-free steps, CUDA graphs, FP8 experts)" | tee -a "$log"
 timeout 150 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --json "$OUT/check_n1.json" 2>&1 \

@@ -9,9 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/gpu_env.sh  # NVLink multicast off, PYTHONPATH, $OUT, EP_COMMIT
-log="$OUT/log.txt"
-{ date -u; nvidia-smi; python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda,
-"nccl", torch.cuda.nccl.version(), "triton", triton.__version__)'; echo "commit $EP_COMMIT"; } > "$OUT/env.txt" 2>&1
+write_env
 rc=0
 presets=${EP_PRESETS:-dsv3,decode,wide}
 precisions=${EP_PRECISIONS:-dtype,fp8,fp8_rows,fp8_rows_dispatch}
