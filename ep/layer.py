@@ -185,7 +185,8 @@ class ExpertParallelMoE(nn.Module):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type)
         self.sync_replicas()  # first: the broadcast must reach the parameters, not this call's casts
-        casts = {(module, name): self._cast(key, module._parameters[name], dtype) for key, module, name in self._cast_weights()}
+        casts = {(module, name): self._cast(key, module._parameters[name], dtype)
+                 for key, module, name in self._cast_weights()}
         with torch.autocast(device_type, enabled=False), _params_for_call(casts):
             return self.forward(_autocast(x, dtype), topk_idx, topk_weights)
 
