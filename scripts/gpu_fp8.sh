@@ -14,14 +14,14 @@ rc=0
 presets=${EP_PRESETS:-dsv3,decode,wide}
 precisions=${EP_PRECISIONS:-dtype,fp8,fp8_rows,fp8_rows_dispatch}
 echo "== gpu_check: FP8 experts (blocks, rows), FP8 dispatch, eval keeping the FP8 experts" | tee -a "$log"
-timeout 150 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --checks fp8 \
+timeout 120 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --checks fp8 \
   --json "$OUT/check_fp8_n1.json" 2>&1 | tee -a "$log" || rc=1
 echo "== FP8 products and quantizers alone, against bf16 (dsv3 shapes)" | tee -a "$log"
-timeout 90 python3 benchmarks/fp8_gemm_sweep.py --json "$OUT/fp8_sweep_n1.json" 2>&1 | grep -vi warn | tee -a "$log" || rc=1
-for mode in train eval; do
+timeout 60 python3 benchmarks/fp8_gemm_sweep.py --json "$OUT/fp8_sweep_n1.json" 2>&1 | grep -vi warn | tee -a "$log" || rc=1
+for mode in eval train; do  # eval first: inference's rows (FP8 experts held) decide the targets
   extra=(); [ $mode = eval ] && extra=(--eval --no-backward)
   echo "== the layer, $mode mode: $presets, W=1, $precisions, CUDA graphs" | tee -a "$log"
-  timeout 240 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --preset "$presets" --waves 1 \
+  timeout 200 torchrun --standalone --nproc-per-node 1 benchmarks/overlap.py --preset "$presets" --waves 1 \
     --expert-waves 1 --splits tokens --carveouts 0 --precisions "$precisions" --graphs --iters "${EP_ITERS:-20}" \
     "${extra[@]}" --run-name "${EP_RUN:-gpu1}_$mode" --json "$OUT/overlap_fp8_${mode}_n1.json" 2>&1 | tee -a "$log" || rc=1
 done
