@@ -1,4 +1,5 @@
 """The schedule model (`ep.model.sim`) on small cases worked out by hand, and num_waves="auto"."""
+from dataclasses import replace
 import math
 import subprocess
 import sys
@@ -335,3 +336,35 @@ def test_gemm_rate_table_by_hand():
     r = Rates(gemm_tflops=((1000.0, 300.0), (10.0, 100.0)))
     assert r.gemm_rate(100.0) == pytest.approx(200.0)  # halfway in log(tokens)
     assert r.gemm_rate(1.0) == 100.0 and r.gemm_rate(1e6) == 300.0  # flat beyond the ends
+
+
+def test_fp8_in_the_token_wave_model():
+    """FP8 dispatch shrinks the dispatched rows to RowLayout's FP8 width (the combine keeps its
+    dtype); FP8 products run at the profile's FP8 rate on 1-byte weights, plus the experts'
+    quantization once per call unless they are held; a profile without the rate says so."""
+    from ep.model.profiles import PROFILES
+    from ep.model.sim import fp8_quantize_ms, simulate
+
+    base = Layer(hidden=7168, ffn_hidden=2048, num_experts=256, top_k=8, tokens=4096)
+    fp8_rows = replace(base, dispatch_fp8=True)
+    assert row_width(fp8_rows) == RowLayout(7168, 8, torch.bfloat16, torch.float8_e4m3fn).width
+    assert row_width(fp8_rows) / row_width(base) <= 0.53
+    t_plain, t_fp8 = token_traffic(base, 8, 1), token_traffic(fp8_rows, 8, 1)
+    assert t_fp8.dispatch_row_bytes < 0.53 * t_plain.dispatch_row_bytes
+    assert t_fp8.combine_row_bytes == t_plain.combine_row_bytes
+    rates, topo = PROFILES["h200-nccl-tokens"]
+    topo = replace(topo, ranks=8)
+    with pytest.raises(ValueError, match="no FP8 rate"):
+        simulate(replace(base, expert_fp8="rows"), topo, rates, 1)
+    fast = replace(rates, fp8_tflops=(("rows", 2 * rates.gemm_rate(128)),))
+    plain = simulate(base, topo, fast, 1, call=TokenCall(graph=True))
+    wire = simulate(fp8_rows, topo, fast, 1, call=TokenCall(graph=True))
+    assert wire.comm_ms < plain.comm_ms and wire.compute_ms == pytest.approx(plain.compute_ms, rel=0.05)
+    per_call = simulate(replace(base, expert_fp8="rows"), topo, fast, 1, call=TokenCall(graph=True))
+    held = simulate(replace(base, expert_fp8="rows", fp8_held=True), topo, fast, 1, call=TokenCall(graph=True))
+    assert held.compute_ms < 0.75 * plain.compute_ms  # twice the rate: the products' half of the math
+    quantize = fp8_quantize_ms(replace(base, expert_fp8="rows"), 32, fast)
+    assert per_call.compute_ms - held.compute_ms == pytest.approx(quantize + fast.stage_ms, rel=1e-6)
+    assert fp8_quantize_ms(replace(base, expert_fp8="blocks"), 32, fast) == pytest.approx(quantize * 3 / 5)
+    with pytest.raises(ValueError, match="token waves only"):
+        simulate(fp8_rows, topo, fast, 1, wave_split="experts")

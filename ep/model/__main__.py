@@ -26,15 +26,25 @@ def main(argv=None) -> int:
                    help="token waves: the transport sends only each region's rows in use (device_put), not its padding")
     p.add_argument("--skew", type=float, default=1.0)
     p.add_argument("--backward", action="store_true", help="forward + backward")
+    p.add_argument("--dispatch-fp8", action="store_true", help="token waves: FP8 rows on the wire (dispatch_dtype)")
+    p.add_argument("--expert-fp8", default=None, choices=("blocks", "rows"),
+                   help="token waves: FP8 forward products with this fp8_scaling (needs the profile's FP8 rate, "
+                        "or --fp8-tflops)")
+    p.add_argument("--fp8-held", action="store_true", help="the FP8 experts held (hold_fp8_experts), not quantized per call")
+    p.add_argument("--fp8-tflops", type=float, default=None,
+                   help="the FP8 products' TFLOP/s for --expert-fp8 (e.g. measured by benchmarks/fp8_gemm_sweep.py)")
     p.add_argument("--png", default=None, help="draw the best W's timeline here")
     a = p.parse_args(argv)
+    fp8 = dict(dispatch_fp8=a.dispatch_fp8, expert_fp8=a.expert_fp8, fp8_held=a.fp8_held)
     if a.shape in SHAPES:
-        layer = Layer(**SHAPES[a.shape], skew=a.skew)
+        layer = Layer(**SHAPES[a.shape], skew=a.skew, **fp8)
     else:
         H, F, E, k, T = (int(v) for v in a.shape.split(","))
-        layer = Layer(H, F, E, k, T, skew=a.skew)
+        layer = Layer(H, F, E, k, T, skew=a.skew, **fp8)
     profile = a.profile or DEFAULT_PROFILES[a.wave_split]
     rates, topo = PROFILES[profile]
+    if a.fp8_tflops is not None and a.expert_fp8:
+        rates = replace(rates, fp8_tflops=((a.expert_fp8, a.fp8_tflops),))
     topo = replace(topo, ranks=a.ranks, gpus_per_node=a.gpus_per_node, inter_GBps=a.inter_GBps)
     call = TokenCall(graph=a.graph, sm_carveout=a.carveout, capacity_factor=a.capacity_factor,
                      rows_in_use_only=a.rows_in_use_only)

@@ -78,6 +78,15 @@ class Layer:
     """bytes per element on the wire and in the GEMMs (bf16: 2)."""
     skew: float = 1.0
     """the hottest rank's received rows and items over the mean (1: uniform)."""
+    dispatch_fp8: bool = False
+    """`MoEConfig.dispatch_dtype` FP8: dispatched rows carry e4m3 and 1x128 fp32 scales
+    (`RowLayout`), the combine stays in `elem_bytes`."""
+    expert_fp8: Optional[str] = None
+    """`MoEConfig.expert_dtype` FP8 with this `fp8_scaling` ("blocks", "rows"): the forward
+    products at `Rates.fp8_tflops`' rate, reading 1-byte weights; the backward as without."""
+    fp8_held: bool = False
+    """the FP8 experts are held (`hold_fp8_experts`), else quantized once per call
+    (`fp8_quantize_ms`)."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +154,17 @@ class Rates:
     the larger of the two."""
     gemm_tiles: bool = False
     """grouped GEMMs pad each expert's rows to their tile (`gemm_tile_rows`)."""
+    fp8_tflops: Tuple[Tuple[str, float], ...] = ()
+    """`(fp8_scaling, TFLOP/s)` of the FP8 forward products (linear1 and linear2 with their
+    activations' quantization), at the calibration shape's rows per expert (one rate:
+    measured at dsv3 only)."""
+
+    def fp8_rate(self, scaling: str) -> float:
+        rates = dict(self.fp8_tflops)
+        if scaling not in rates:
+            raise ValueError(f"profile {self.name!r} has no FP8 rate for fp8_scaling={scaling!r} "
+                             f"(measured: {sorted(rates) or 'none'})")
+        return rates[scaling]
 
     def gemm_rate(self, tokens_per_expert: float) -> float:
         """TFLOP/s at this many tokens per expert (log-linear interpolation in the table)."""
@@ -273,8 +293,10 @@ _ROW_DTYPES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 def row_width(layer: Layer) -> int:
     """Elements of one dispatched row of the token-wave engine (`ep.layout.RowLayout.width`):
-    the hidden vector, the slot table and the sender's status, padded to 16 elements."""
-    return RowLayout(layer.hidden, layer.top_k, _ROW_DTYPES[layer.elem_bytes]).width
+    the hidden vector (with FP8 dispatch e4m3 and its scales), the slot table and the
+    sender's status, padded to 16 elements."""
+    return RowLayout(layer.hidden, layer.top_k, _ROW_DTYPES[layer.elem_bytes],
+                     torch.float8_e4m3fn if layer.dispatch_fp8 else None).width
 
 
 @dataclass(frozen=True)
@@ -443,14 +465,25 @@ def _roofline(flop_ms: float, read_ms: float, p: float) -> float:
     return max(flop_ms, read_ms) if math.isinf(p) else (flop_ms ** p + read_ms ** p) ** (1 / p)
 
 
-def _experts_math(items: float, experts: int, layer: Layer, rates: Rates, tile: int = 0) -> Tuple[float, float]:
+def fp8_quantize_ms(layer: Layer, experts: int, rates: Rates) -> float:
+    """The experts' per-call FP8 quantization at HBM speed: 128x128 blocks read the weights
+    once, per-column scales twice (the amax over K, then the values); 1-byte values written."""
+    reads = 2 if layer.expert_fp8 == "rows" else 1
+    return experts * 3 * layer.hidden * layer.ffn_hidden * (reads * layer.elem_bytes + 1) / rates.hbm_GBps * 1e-6
+
+
+def _experts_math(items: float, experts: int, layer: Layer, rates: Rates, tile: int = 0,
+                  fp8: bool = False) -> Tuple[float, float]:
     """linear1 and linear2 of `items` rows over `experts` experts (their gathers and SwiGLU
     included), kernels' fixed costs not: FLOPs (of the rows rounded up to `tile`) at the
     rate of their tokens per expert, combined with the time to read the experts' weights
-    (`Rates.roofline_p`)."""
+    (`Rates.roofline_p`). `fp8`: the forward's FP8 products (`Layer.expert_fp8`): their
+    rate, 1-byte weights."""
     H, F, e = layer.hidden, layer.ffn_hidden, layer.elem_bytes
     tokens_per_expert = items / max(experts, 1)
     rate = rates.gemm_rate(tokens_per_expert) * 1e9  # FLOP per ms
+    if fp8:
+        rate, e = rates.fp8_rate(layer.expert_fp8) * 1e9, 1
     rows = experts * padded_rows(tokens_per_expert, tile) if tile else items
     flops1, flops2 = 2 * rows * H * 2 * F, 2 * rows * F * H
     floor1 = experts * H * 2 * F * e / rates.hbm_GBps * 1e-6
@@ -498,6 +531,8 @@ def build_expert_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int,
     as the tokens did, the expert backward runs `backward_factor` times the forward's
     math, input gradients come back as the results did) and the routing-weight gradient
     exchange."""
+    if layer.dispatch_fp8 or layer.expert_fp8:
+        raise ValueError("ep.model: FP8 (Layer.dispatch_fp8, expert_fp8) is modelled for token waves only")
     tr = traffic(layer, topo.ranks, num_waves, dedup)
     s, n, H, e = layer.skew, topo.ranks, layer.hidden, layer.elem_bytes
     comm = "comm" if n > 1 else "compute"  # one rank: NCCL copies on the compute stream
@@ -622,7 +657,7 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
     # the items buffer holds n x capacity x min(k, E_local) rows and an anchor per expert (`ep.plan`)
     bound = (n * tr.capacity * min(layer.top_k, E_local) + E_local) / E_local
     tile = gemm_tile_rows(bound) if rates.gemm_tiles else 0
-    math_ms = [_experts_math(items, E_local, layer, rates, tile) for items in tr.items]
+    math_ms = [_experts_math(items, E_local, layer, rates, tile, fp8=bool(layer.expert_fp8)) for items in tr.items]
     half = rates.backward_factor / 2  # the backward's math: data gradients per wave, weight gradients once
 
     def kernels(name: str, what: str, nbytes: float = 0.0, after: Sequence[int] = (), wave: int = -1,
@@ -688,6 +723,9 @@ def build_token_ops(layer: Layer, topo: Topology, rates: Rates, num_waves: int, 
     if not call.graph:
         sched.host("layer call", rates.call_host_ms)
     plan = kernels("plan", "plan", stage_name="plan")
+    if layer.expert_fp8 and not layer.fp8_held:  # once per call, before the first wave's math
+        sched.add("quantize experts", "compute", fp8_quantize_ms(layer, E_local, rates) + stage, stage="linear1",
+                  calls=2)
     pack = kernels("pack", "pack", 2 * rows * tr.dispatch_row_bytes, [plan])
     if call.shared_ms and call.shared_beside:
         shared_beside("", call.shared_ms, "shared", pack)
