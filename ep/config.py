@@ -63,10 +63,11 @@ class MoEConfig:
             ones in units of `ffn_hidden` (`Fs = ffn_hidden * num_shared_experts`);
             `y = routed(x) + shared(x)`, replicated on every rank like the router.
         expert_dtype: None (the products in the parameters' dtype) or `torch.float8_e4m3fn`:
-            linear1 and linear2 in FP8 the DeepSeek way (`ep.kernels.fp8`): the expert
-            weights quantized once per call in 128x128 blocks and shared by every wave, each
-            item's row in 1x128 tiles, SwiGLU fused with linear2's input quantization,
-            products accumulated in fp32; outputs in the layer's dtype. Backward: bf16 (the
+            linear1 and linear2 in FP8 (`ep.kernels.fp8`, the recipe `fp8_scaling` says): the
+            expert weights quantized once per call and shared by every wave (or kept between
+            calls, `weight_cache`, or held, `ExpertParallelMoE.hold_fp8_experts`), each item's
+            row quantized, SwiGLU fused with linear2's input quantization, products
+            accumulated in fp32; outputs in the layer's dtype. Backward: bf16 (the
             layer's dtype) gradients from the saved activations and the unquantized weights
             (straight through the quantization). H and F must be multiples of 128.
         fp8_scaling: the FP8 experts' recipe. "blocks" (DeepSeek's): 1x128 activation tiles,

@@ -2,8 +2,9 @@
 128x128 blocks, one fp32 scale each, products accumulated in fp32.
 
 The FP8 expert mode (`MoEConfig.expert_dtype`, `fp8_scaling`; `ep.experts.linear1_fp8` /
-`linear2_fp8`) and FP8 dispatch (`MoEConfig.dispatch_dtype`) call them. Each has a plain torch path (CPU, or any device) and, where it pays, a Triton
-kernel for CUDA (`ep.kernels.triton_fp8`), chosen as `ep.kernels.permute.use_triton` does.
+`linear2_fp8`) and FP8 dispatch (`MoEConfig.dispatch_dtype`) call them. Each has a plain
+torch path (CPU, or any device) and, where it pays, a Triton kernel for CUDA
+(`ep.kernels.triton_fp8`), chosen as `ep.kernels.permute.use_triton` does.
 
 Layouts (the layer's: weights `[E, K, N]`, rows of x grouped by expert, `offs` as
 `torch._grouped_mm` takes it):
@@ -26,9 +27,9 @@ Blockwise to rowwise: `torch._scaled_grouped_mm` takes only one scale per row of
 one per column of w (the 1x128 / 128x128 recipes exist for `torch._scaled_mm`, not for the
 grouped product, in torch 2.11-2.13). A 128x128-scaled weight cannot be folded into
 per-column scales exactly (a column's K/128 blocks have different scales), so the rowwise
-path requantizes: weights once, at load (`requantize_weight_columns`: dequantize in fp32,
-quantize per column), and activations per call from the high-precision rows
-(`quantize_rowwise`). One scale per 7168 values loses more to outliers than one per 128
+path requantizes: a checkpoint's weights once, at load (`requantize_weight_columns`:
+dequantize in fp32, quantize per column), and activations per call from the
+high-precision rows or FP8 dispatch's tiles (`quantize_rowwise`). One scale per 7168 values loses more to outliers than one per 128
 (the numbers are in the README's "Precision: FP8 expert products").
 """
 from __future__ import annotations

@@ -10,14 +10,20 @@ IEEE division (`div_rn`: the same bits as the torch path), saturated to +-448, r
 e4m3 on the bits (`_round_e4m3`), then converted (exactly). SwiGLU is computed in fp32
 from h and quantized from fp32 (no bf16 rounding between).
 
+Rowwise quantization (`_rowwise_kernel`: one program per row, gathered by an index, from
+plain rows, FP8 dispatch's tiled rows, or SwiGLU's input) and per-column weight scales
+(`_quantize_columns_kernel`: one program per expert and 64 columns): two passes over the
+row or the columns, the amax first, then the values, as their torch paths compute them.
+
 Grouped product (`_fp8_grouped_kernel`), DeepGEMM's scheme in plain Triton: program
 (t, j) computes tile t of BLOCK_M rows of one expert's group (each group is cut into
 ceil(rows / BLOCK_M) tiles, found from `offs` on the device: no host sync) times columns
 `[j BLOCK_N, (j + 1) BLOCK_N)` (BLOCK_N divides 128: one weight block column). Along K,
 steps of 128: the e4m3 x e4m3 product of the step (tensor cores; on sm90 Triton lets them
 accumulate the 128 terms at their own reduced precision) is promoted to fp32 and added
-times `sa[row, step] * sb[e, step, j]`. Not tuned, not persistent, no TMA: a correct
-first kernel, its speed not measured yet.
+times `sa[row, step] * sb[e, step, j]`. Not tuned, not persistent, no TMA: ~450 TFLOP/s at
+dsv3 on an H100 (r37b, r38a), against bf16's ~750 and the rowwise `torch._scaled_grouped_mm`'s
+~1,050.
 """
 from __future__ import annotations
 
