@@ -1,6 +1,8 @@
 """Where an autocast call's device time goes (one GPU, dsv3, token W=1, routing given): the
 kernels of one call of the bf16 layer and of the fp32 layer under bf16 autocast (training
-mode: cast per call; eval mode: casts kept), by total CUDA time (torch.profiler).
+mode: cast per call; eval mode: casts kept), by total CUDA time (torch.profiler), in a fresh
+process (r38b's autocast rows ran after compile_bench's compiled graphs, whose memory pools
+may have left the allocator short: its cudaMallocs and retries per call are printed too).
 
     python3 benchmarks/autocast_probe.py
 """
@@ -19,15 +21,32 @@ from benchmarks.overlap import PRESETS  # noqa: E402
 
 
 def top(name, fn, n=8):
+    """The call's device time (events, median of 10), its kernels' summed time, the caching
+    allocator's device allocations and retries per call (a cudaMalloc can stall the stream),
+    and its heaviest kernels."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
+    before = torch.cuda.memory_stats()
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    after = torch.cuda.memory_stats()
+    mallocs = (after.get("num_device_alloc", 0) - before.get("num_device_alloc", 0)) / 10
+    retries = (after.get("num_alloc_retries", 0) - before.get("num_alloc_retries", 0)) / 10
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     total = sum(e.self_device_time_total for e in events) / 1e3
-    print(f"== {name}: {total:.3f} ms of kernels", flush=True)
+    print(f"== {name}: {sorted(times)[5]:.3f} ms a call (events), {total:.3f} ms of kernels, per call "
+          f"{mallocs:.1f} cudaMalloc and {retries:.1f} allocator retries, "
+          f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved", flush=True)
     for e in events[:n]:
         print(f"   {e.self_device_time_total / 1e3:8.3f} ms  x{e.count:<4} {e.key[:90]}", flush=True)
 
