@@ -25,6 +25,8 @@ timeout 120 python3 benchmarks/fp8_gemm_sweep.py --json "$OUT/fp8_sweep_n1.json"
 echo "== torch.compile (fullgraph; default, reduce-overhead) and autocast against eager (one GPU)" | tee -a "$log"
 timeout 240 python3 benchmarks/compile_bench.py --preset issue23,dsv3 --json "$OUT/compile_n1.json" 2>&1 \
   | grep -vi "warn" | tail -40 | tee -a "$log" || rc=1
+echo "== autocast's kernels against the bf16 layer's (dsv3, fresh process)" | tee -a "$log"
+timeout 120 python3 benchmarks/autocast_probe.py 2>&1 | grep -vi warn | tee -a "$log" || rc=1
 echo "== NCCL teardown after a failure: the transport's abort, then destroy_process_group (one GPU)" | tee -a "$log"
 timeout 60 torchrun --standalone --nproc-per-node 1 benchmarks/teardown_check.py --json "$OUT/teardown_n1.json" 2>&1 \
   | grep -E "teardown|Error" | tee -a "$log" || rc=1
