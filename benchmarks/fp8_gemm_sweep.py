@@ -1,12 +1,14 @@
-"""The FP8 grouped products and quantizers at dsv3's per-rank shapes on one GPU, against bf16
+"""The FP8 grouped products and quantizers at the presets' per-rank shapes on one GPU, against bf16
 `torch._grouped_mm` on the same rows: the blockwise Triton product's tile configs (weights
 K-major, as the layer holds them), the rowwise `torch._scaled_grouped_mm` (`fp8_scaling="rows"`),
 and each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights).
 
-    python3 benchmarks/fp8_gemm_sweep.py --json fp8_sweep.json
+    python3 benchmarks/fp8_gemm_sweep.py --shapes dsv3,wide,decode --json fp8_sweep.json
 
-32 experts x 1024 rows each (balanced), linear1 (K 7168, N 4096) and linear2 (K 2048, N 7168);
-device ms per op (median of 10 after 3 warm-ups, `host_launches.timed`).
+Balanced rows (`SHAPES`: dsv3 32 experts x 1024 rows, H 7168, F 2048; wide 16 x 1536, H 4096,
+F 1408; decode 32 x 32, H 7168, F 2048), linear1 (K H, N 2F) and linear2 (K F, N H); device
+ms per op (median of 10 after 3 warm-ups, `host_launches.timed`). The blockwise product's
+tile configs are swept at the first shape only (the others: its first config).
 """
 from __future__ import annotations
 
@@ -27,16 +29,29 @@ from ep.kernels.swiglu import swiglu  # noqa: E402
 from ep.kernels.triton_fp8 import fp8_grouped_mm_triton  # noqa: E402
 
 CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 5)]
+SHAPES = {"dsv3": (32, 1024, 7168, 2048), "wide": (16, 1536, 4096, 1408), "decode": (32, 32, 7168, 2048)}
+"""preset -> (local experts, rows per expert, H, F): `benchmarks/overlap.py`'s per-rank shapes."""
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="dsv3", help=f"comma-separated, from {sorted(SHAPES)}")
     ap.add_argument("--json", default="fp8_sweep.json")
     args = ap.parse_args()
-    dev = torch.device("cuda", 0)
-    E, rows = 32, 1024
     out = []
-    for name, K, N in (("linear1", 7168, 4096), ("linear2", 2048, 7168)):
+    for i, shape in enumerate(args.shapes.split(",")):
+        out += sweep(shape, CONFIGS if i == 0 else CONFIGS[:1])
+    provenance.dump(args.json, rows=out)
+    return 0
+
+
+def sweep(shape: str, configs) -> list:
+    """Every product and quantizer at one preset's per-rank shape."""
+    dev = torch.device("cuda", 0)
+    E, rows, H, F = SHAPES[shape]
+    out = []
+    for name, K, N in (("linear1", H, 2 * F), ("linear2", F, H)):
+        name = f"{shape} {name}"
         x = torch.randn(E * rows, K, device=dev, dtype=torch.bfloat16)
         w = torch.randn(E, K, N, device=dev, dtype=torch.bfloat16) / K ** 0.5
         offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * rows
@@ -46,7 +61,7 @@ def main() -> int:
         print(f"{name} bf16 torch._grouped_mm: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
         wk, ws = quantize_weight_blocks(w, k_major=True)
         xq, xs = quantize_rows(x)
-        for cfg in CONFIGS:
+        for cfg in configs:
             try:
                 _, ms = timed(lambda: fp8_grouped_mm_triton(xq, xs, wk, ws, offs, torch.bfloat16, cfg))
                 row = dict(product=name, kind="fp8 triton K-major", config=cfg, ms=ms, tflops=flops / ms / 1e9)
@@ -64,7 +79,7 @@ def main() -> int:
         count = torch.tensor(E * rows, device=dev)
         ops = {f"quantize weights {tuple(w.shape)} 128x128 blocks": lambda: quantize_weight_blocks(w, k_major=True),
                f"quantize weights {tuple(w.shape)} per column": lambda: quantize_weight_columns(w)}
-        if name == "linear1":  # its input: the rows gathered by item
+        if name.endswith("linear1"):  # its input: the rows gathered by item
             ops.update({"gather rows bf16 (the bf16 path)": lambda: gather_rows(x, index, count),
                         "gather + quantize rows 1x128": lambda: quantize_rows(gather_rows(x, index, count)),
                         "gather + quantize rows per row": lambda: quantize_rowwise(x, index=index, rows=count)})
@@ -79,8 +94,7 @@ def main() -> int:
             print(f"{name} {what}: {ms:.3f} ms", flush=True)
         del x, w, xq, wk, rq, xr
         torch.cuda.empty_cache()
-    provenance.dump(args.json, rows=out)
-    return 0
+    return out
 
 
 if __name__ == "__main__":

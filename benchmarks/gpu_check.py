@@ -102,10 +102,10 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
     return worst_over_ranks(got, reference(p, n, rank, device, routing), device)
 
 
-def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks"):
-    """FP8 expert products (`MoEConfig.expert_dtype`, `fp8_scaling`; with `dispatch` FP8 rows on
-    the wire too, `MoEConfig.dispatch_dtype`): the forward against the float64 emulation of the
-    same quantization (`tests.test_fp8_layer`) and against the unquantized reference; the
+def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks", products="both"):
+    """FP8 expert products (`MoEConfig.expert_dtype`, `fp8_scaling`, `fp8_products`; with
+    `dispatch` FP8 rows on the wire too, `MoEConfig.dispatch_dtype`): the forward against the
+    float64 emulation of the same quantization (`tests.test_fp8_layer`) and against the unquantized reference; the
     straight-through gradients against the reference; then a forward and a training step under
     sync debug mode "error", and in eval mode (FP8 experts kept between calls) a second call
     equal to the first and a call after the weights changed equal to a fresh layer's.
@@ -114,7 +114,8 @@ def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks"):
 
     p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=17 + W, tokens_range=(200, 400))
     knobs = dict(num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn, fp8_scaling=scaling,
-                 dispatch_dtype=torch.float8_e4m3fn if dispatch else None)
+                 dispatch_dtype=torch.float8_e4m3fn if dispatch else None, fp8_products=products)
+    on = {"both": (True, True), "linear1": (True, False), "linear2": (False, True)}[products]
     layer = build(p, n, rank, device, **knobs)
     rows = p.rows(rank)
     x = p.x[rows].to(device=device, dtype=torch.bfloat16).requires_grad_(True)
@@ -125,7 +126,7 @@ def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks"):
     d64 = lambda t: t.to(torch.bfloat16).double()  # noqa: E731  the layer's rounding of its inputs
     emulated = emulated_fp8_moe(d64(p.x), d64(p.w1), d64(p.w2), p.topk_idx, p.topk_weights.float().double(),
                                 h_dtype=torch.bfloat16, scaling=scaling,  # the layer stores linear1's output in bf16
-                                fp8_dispatch=dispatch)[rows]
+                                fp8_dispatch=dispatch, products=on)[rows]
     ref = reference(p, n, rank, device, "skewed")
     errs = [rel_err(y.detach().double().cpu(), emulated), rel_err(y.detach().double(), ref["y"]),
             max(rel_err(a.double(), ref[k]) for a, k in ((x.grad, "dx"), (layer.experts.w1.grad, "dw1"),
@@ -148,10 +149,37 @@ def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks"):
         fresh.experts.w2.mul_(0.5)
         mismatches = int(not torch.equal(first, again)) + int(not torch.equal(changed, fresh(x, topk_idx=idx,
                                                                                              topk_weights=tw)))
-    errs.append(float(mismatches + (len(layer._derived) != 1)))
+    errs.append(float(mismatches + (len(layer._derived) != sum(on))))  # one kept FP8 weight per FP8 product
     t = torch.tensor(errs, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
+
+
+def check_fp8_auto(n, rank, device, W=2):
+    """`fp8_products="auto"` at the dsv3-like per-rank shape of `check_fp8`: the choice timed at
+    the first eager call, kept by a second; a CUDA graph captured after it replays the eager
+    call bit for bit (the choice is made before the capture, as the config asks).
+    Returns (the choice, graph mismatches)."""
+    p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=23, tokens_range=(200, 400))
+    layer = build(p, n, rank, device, num_waves=W, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows",
+                  fp8_products="auto", max_tokens=400).eval()
+    layer.hold_fp8_experts()
+    rows = p.rows(rank)
+    x = p.x[rows].to(device=device, dtype=torch.bfloat16)
+    idx, tw = p.topk_idx[rows].to(device), p.topk_weights[rows].to(device=device, dtype=torch.float32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # eager calls (the choice), off the default stream
+        want = layer(x, topk_idx=idx, topk_weights=tw)
+        chosen = layer.fp8_products
+        layer(x, topk_idx=idx, topk_weights=tw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        out = layer(x, topk_idx=idx, topk_weights=tw)
+    graph.replay()
+    torch.cuda.synchronize()
+    return chosen, int(not torch.equal(out, want)) + int(layer.fp8_products != chosen)
 
 
 def check_sync_free(n, rank, device, transport, W, routing, max_tokens, split="tokens", dedup=True):
@@ -378,12 +406,13 @@ def main():
         if rank == 0:
             print(f"sync-free  {transport:11} {split:7} dedup={dedup!s:5} W={W} routing={routing:6} "
                   f"max_tokens={max_tokens}  {'ok' if ok else 'FAIL ' + detail}", flush=True)
-    fp8_cases = [(split, W, dispatch, scaling) for scaling in ("blocks", "rows")
+    fp8_cases = [(split, W, dispatch, scaling, "both") for scaling in ("blocks", "rows")
                  for split, W, dispatch in (("tokens", 1, False), ("tokens", 2, False), ("experts", 2, False),
                                             ("tokens", 2, True), ("experts", 2, True))]
-    for split, W, dispatch, scaling in fp8_cases if cuda and "fp8" in checks else ():
+    fp8_cases += [("tokens", 2, False, "rows", "linear1"), ("experts", 2, True, "blocks", "linear2")]
+    for split, W, dispatch, scaling, products in fp8_cases if cuda and "fp8" in checks else ():
         try:
-            emulated, plain, grads, kept = check_fp8(n, rank, device, W, split, dispatch, scaling)
+            emulated, plain, grads, kept = check_fp8(n, rank, device, W, split, dispatch, scaling, products)
             # bf16 outputs of fp32 sums against float64, and an element's e4m3 step where rounding
             # differs (SwiGLU's fp32 on the GPU); FP8's own error against the unquantized layer
             ok = emulated < 1e-2 and plain < 0.1 and grads < 0.1 and kept == 0
@@ -393,10 +422,21 @@ def main():
             ok, detail = False, repr(e)[:400]
         failed += not ok
         results.append(dict(check="fp8_experts", wave_split=split, W=W, fp8_dispatch=dispatch, fp8_scaling=scaling,
-                            ok=ok, detail=detail))
+                            fp8_products=products, ok=ok, detail=detail))
         if rank == 0:
-            print(f"fp8 experts {scaling:6}{' + dispatch' if dispatch else ''} {split:7} W={W}  "
+            print(f"fp8 experts {scaling:6}{' + dispatch' if dispatch else ''} {split:7} W={W} products={products}  "
                   f"{'ok' if ok else 'FAIL'}  {detail}", flush=True)
+    if cuda and "fp8" in checks:
+        try:
+            chosen, mismatches = check_fp8_auto(n, rank, device)
+            ok, detail = mismatches == 0, f"chose (linear1, linear2) in FP8 = {chosen}; graph replay == eager: " \
+                                          f"{'ok' if mismatches == 0 else 'FAIL'}"
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, repr(e)[:400]
+        failed += not ok
+        results.append(dict(check="fp8_products_auto", ok=ok, detail=detail))
+        if rank == 0:
+            print(f"fp8 products auto, then a CUDA graph  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
     for W in (1, 2) if "shared" in checks else ():
         try:
             worst = check_shared_beside(n, rank, device, W)

@@ -185,6 +185,10 @@ FP8_PRECISIONS = {  # name -> (MoEConfig knobs, what they are)
     "fp8_dispatch": (dict(expert_dtype=FP8, dispatch_dtype=FP8), "fp8 and FP8 rows on the wire, dispatch_dtype"),
     "fp8_rows_dispatch": (dict(expert_dtype=FP8, fp8_scaling="rows", dispatch_dtype=FP8),
                           "fp8_rows and FP8 rows on the wire"),
+    "fp8_rows_auto": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_products="auto"),
+                      "fp8_rows where it times faster, per product (fp8_products='auto'; the choice is recorded)"),
+    "fp8_rows_dispatch_auto": (dict(expert_dtype=FP8, fp8_scaling="rows", dispatch_dtype=FP8, fp8_products="auto"),
+                               "fp8_rows_dispatch with fp8_products='auto'"),
 }
 
 
@@ -377,8 +381,10 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
                  f"{v['transport']}{' dedup=' + v['dedup'] if v['split'] == 'experts' else ''} {v['precision']}")
         call = lambda: lv(x, topk_idx=idx, topk_weights=tw)  # noqa: E731
         with torch.no_grad():
-            row["fwd_ms"] = measure(f"{label} forward", call)
+            row["fwd_ms"] = measure(f"{label} forward", call)  # with fp8_products="auto" its warm-up chooses
             row["host_ms"] = timer.last_host_ms
+            if lv.config.expert_dtype is not None:
+                row["fp8_products"] = list(lv.fp8_products)  # (linear1, linear2) in FP8, in this forward
             row["b2b_fwd_ms"] = measure(f"{label} forward, 10 back to back", call, calls=10)
             kt = transports[v["transport"]]
             wm = WaveMap.of(v["split"], max(1, min(W, max_tokens)) if v["split"] == "tokens" else W, v["dedup"] == "rank")
@@ -398,6 +404,8 @@ def run_preset(preset_name: str, args, device: torch.device, log) -> dict:
                 lv(xg, topk_idx=idx, topk_weights=twg).backward(dy)
 
             row["fwd_bwd_ms"] = measure(f"{label} forward+backward", fwd_bwd)
+            if lv.config.expert_dtype is not None:
+                row["fp8_products_fwd_bwd"] = list(lv.fp8_products)
             lv.zero_grad(set_to_none=True)
             del xg, twg
         wire = torch.tensor([remote * row_bytes, routes], dtype=torch.float64, device=device)
@@ -589,8 +597,16 @@ def format_table(r: dict, meta: dict) -> str:
                                                                if against[0].get("eval") else "") + ":   fwd  fwd+bwd"]
         for row in against:
             label = f"{row['split'][:6]} W={row['W']}{' graph' if row.get('graph') else ''} {row['precision']}"
-            lines.append(f"  {label:<43} {row['fwd_vs_dtype']:5.2f}x  {row.get('fwd_bwd_vs_dtype', nan):5.2f}x")
+            chose = "".join(f"  {what} in FP8: {_fp8_products_named(row[key])}"
+                            for what, key in (("fwd", "fp8_products"), ("fwd+bwd", "fp8_products_fwd_bwd"))
+                            if row["precision"].endswith("_auto") and key in row)
+            lines.append(f"  {label:<43} {row['fwd_vs_dtype']:5.2f}x  {row.get('fwd_bwd_vs_dtype', nan):5.2f}x{chose}")
     return "\n".join(lines)
+
+
+def _fp8_products_named(products) -> str:
+    """(linear1, linear2) in FP8 as words: "linear1, linear2", "linear2", "neither"."""
+    return ", ".join(name for name, on in zip(("linear1", "linear2"), products) if on) or "neither"
 
 
 def records(result: dict, run_name: Optional[str]) -> List[dict]:

@@ -19,8 +19,9 @@ waves, transports, streams, host exchanges) is opaque to it, in three custom ops
   function of it), then `ep.pipeline.waves_backward`.
 A graph holds ints, not modules: the ops find their layer by a handle in `_LAYERS`. Input
 problems raise `InputError` on every rank from inside the op, as in eager; shared experts
-run in the graph, after the op (not beside the first dispatch). `num_waves="auto"` chooses
-by timing eager calls: the first call runs eagerly (a graph break), later ones are traced.
+run in the graph, after the op (not beside the first dispatch). `num_waves="auto"` and
+`fp8_products="auto"` choose by timing eager calls: the first call runs eagerly (a graph
+break), later ones are traced with the choice of the last eager call.
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def forward(layer, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional
 
     cfg = layer.config
     W = layer.num_waves
-    if cfg.max_tokens is None or W is None:
+    if cfg.max_tokens is None or W is None or layer.fp8_products is None:
         return _eager(layer, x, topk_idx, topk_weights)
     handle = layer._compile_handle
     device_type = x.device.type
@@ -86,7 +87,8 @@ def forward(layer, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional
 
 
 @torch.compiler.disable(reason="ep.ExpertParallelMoE is traced only with MoEConfig.max_tokens set (the bound its "
-                               "buffers are sized from) and num_waves chosen (not 'auto' before the first call)")
+                               "buffers are sized from) and num_waves and fp8_products chosen (not 'auto' before "
+                               "the first call)")
 def _eager(layer, x: Tensor, topk_idx: Optional[Tensor], topk_weights: Optional[Tensor]) -> Tensor:
     """The eager layer, behind a graph break."""
     return layer(x, topk_idx, topk_weights)

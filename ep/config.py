@@ -12,6 +12,7 @@ TRANSPORTS = ("nccl", "copy_engine", "device_put")
 WAVE_SPLITS = ("tokens", "experts")
 EXPERT_DTYPES = (None, torch.float8_e4m3fn)
 FP8_SCALINGS = ("blocks", "rows")
+FP8_PRODUCTS = ("both", "linear1", "linear2", "auto")
 WEIGHT_CACHES = ("eval", "always", "never")
 FP8_BLOCK = 128  # the side of FP8 scale blocks (1x128 activation tiles, 128x128 weight blocks)
 
@@ -75,6 +76,14 @@ class MoEConfig:
             row of the activations and one per output column of each expert, the products
             by `torch._scaled_grouped_mm` (CUDA sm90/sm100; faster on Hopper, less accurate
             where a row has outliers: README, Precision); elsewhere both are emulated in fp32.
+        fp8_products: which of the FP8 experts' products run in FP8 (the other in the layer's
+            dtype): "both" (default), "linear1", "linear2", or "auto": the fastest of the four
+            (both, either, neither), timed on the layer's own call at its first call of each
+            shape (`ep.auto`, as `num_waves="auto"`: the slowest rank's time decides, every
+            rank keeps the same choice), so FP8 is never used where it measured slower
+            (e.g. where the FP8 product is slower than bf16's, or in training where
+            quantizing the weights every call costs more than FP8 saves). Needs
+            `expert_dtype`; "auto" needs an eager call before a CUDA graph capture.
         dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each
             token quantized once before dispatch, in 1x128 tiles with fp32 scales (DeepEP's
             FP8 dispatch: at H=7168 a token is 7,168 + 224 bytes on the wire against
@@ -131,6 +140,7 @@ class MoEConfig:
     expert_dtype: Optional[torch.dtype] = None
     dispatch_dtype: Optional[torch.dtype] = None
     fp8_scaling: str = "blocks"
+    fp8_products: str = "both"
     weight_cache: str = "eval"
 
     def __post_init__(self) -> None:
@@ -203,6 +213,11 @@ class MoEConfig:
                              f"multiple of {FP8_BLOCK} (1x{FP8_BLOCK} scale tiles)")
         if self.fp8_scaling not in FP8_SCALINGS:
             raise ValueError(f"MoEConfig.fp8_scaling must be one of {FP8_SCALINGS}, got {self.fp8_scaling!r}")
+        if self.fp8_products not in FP8_PRODUCTS:
+            raise ValueError(f"MoEConfig.fp8_products must be one of {FP8_PRODUCTS}, got {self.fp8_products!r}")
+        if self.fp8_products != "both" and self.expert_dtype is None:
+            raise ValueError(f"MoEConfig.fp8_products={self.fp8_products!r} needs expert_dtype=torch.float8_e4m3fn "
+                             "(without FP8 experts every product is in the layer's dtype)")
         if self.weight_cache not in WEIGHT_CACHES:
             raise ValueError(f"MoEConfig.weight_cache must be one of {WEIGHT_CACHES}, got {self.weight_cache!r}")
 

@@ -4,8 +4,8 @@ Rows arrive grouped by expert (`counts[e]` rows for expert e). linear1 is `h = x
 linear2 is SwiGLU (`a = silu(gate) * up`, gate = columns `[:F]` of h, up = `[F:]`, both
 clamped first when a `swiglu_limit` is given) then `a @ w2`.
 Backward is written out by hand so the pipeline can run it wave by wave. With FP8 experts
-(`MoEConfig.expert_dtype`) the forward products run in FP8 (`linear1_fp8`, `linear2_fp8`)
-and the backward is the same bf16 one, from the saved activations.
+(`MoEConfig.expert_dtype`) the forward products run in FP8 (`linear1_fp8`, `linear2_fp8`;
+both, or one: `MoEConfig.fp8_products`) and the backward is the same bf16 one, from the saved activations.
 """
 from __future__ import annotations
 
@@ -119,18 +119,20 @@ def linear1_backward_data(
     return grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)
 
 
-def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor, scaling: str = "blocks") -> Fp8Experts:
-    """The experts in FP8 (`MoEConfig.fp8_scaling`: "blocks", 128x128 blocks; "rows", one scale
-    per output column), made once per call or kept (`ep.weight_cache`): every wave's products
-    share them. Held K-major (`[E, K, N]` views of `[E, N, K]` memory): Hopper's FP8
-    tensor-core product takes its B operand along K (r37a: N-major B ran the Triton product
-    ~9x slower than bf16)."""
+def quantize_expert_weight(w: torch.Tensor, scaling: str = "blocks") -> Fp8Weight:
+    """One stack of expert weights `[E, K, N]` in FP8 (`MoEConfig.fp8_scaling`: "blocks",
+    128x128 blocks; "rows", one scale per output column), made once per call or kept
+    (`ep.weight_cache`): every wave's products share it. Held K-major (an `[E, K, N]` view of
+    `[E, N, K]` memory): Hopper's FP8 tensor-core product takes its B operand along K (r37a:
+    N-major B ran the Triton product ~9x slower than bf16)."""
     if scaling == "rows":
-        quantize = quantize_weight_columns
-    else:
-        def quantize(w):
-            return quantize_weight_blocks(w, k_major=True)
-    return Fp8Experts(Fp8Weight(*quantize(w1_EH2F.detach())), Fp8Weight(*quantize(w2_EFH.detach())))
+        return Fp8Weight(*quantize_weight_columns(w.detach()))
+    return Fp8Weight(*quantize_weight_blocks(w.detach(), k_major=True))
+
+
+def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor, scaling: str = "blocks") -> Fp8Experts:
+    """Both stacks of experts in FP8 (`quantize_expert_weight`)."""
+    return Fp8Experts(quantize_expert_weight(w1_EH2F, scaling), quantize_expert_weight(w2_EFH, scaling))
 
 
 def in_recipe(experts: Fp8Experts, scaling: str) -> Fp8Experts:
@@ -143,7 +145,7 @@ def in_recipe(experts: Fp8Experts, scaling: str) -> Fp8Experts:
         if w.rowwise:
             raise ValueError("FP8 experts with per-column scales cannot serve fp8_scaling='blocks'")
         return Fp8Weight(w.q.transpose(1, 2).contiguous().transpose(1, 2), w.scale)  # K-major (a view when it is)
-    return Fp8Experts(convert(experts.w1), convert(experts.w2))
+    return Fp8Experts(*(None if w is None else convert(w) for w in (experts.w1, experts.w2)))
 
 
 def linear1_fp8(x_MH: torch.Tensor, w1: Fp8Weight, offs: torch.Tensor, index: Optional[torch.Tensor] = None,

@@ -12,8 +12,8 @@ from . import checkpoint, compiled
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
 from .config import MoEConfig
 from .dist import as_process_group
-from .experts import Experts, in_recipe, quantize_experts
-from .kernels.fp8 import Fp8Experts
+from .experts import Experts, in_recipe, quantize_expert_weight, quantize_experts
+from .kernels.fp8 import Fp8Experts, Fp8Weight
 from .pipeline import run_beside, wave_experts
 from .plan import WaveMap, WavePlan, sender_plan
 from .router import Router
@@ -84,6 +84,9 @@ class ExpertParallelMoE(nn.Module):
             )
         self.num_waves: Optional[int] = None if config.num_waves == "auto" else config.num_waves
         """W in use: the config's, or for "auto" the one chosen at the first forward."""
+        self.fp8_products: Optional[Tuple[bool, bool]] = _fp8_products(config)
+        """Whether linear1 and linear2 run in FP8: the config's (`MoEConfig.fp8_products`), or for
+        "auto" the choice of the last forward (None before the first)."""
         self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
         self._posted = PostedFindings()
         """Device findings of earlier calls (on CUDA), raised at the next call."""
@@ -170,8 +173,14 @@ class ExpertParallelMoE(nn.Module):
         if W == "auto":  # the same W on every rank: chosen from what all ranks measured
             from .auto import choose_waves
 
+            if self.fp8_products is None:  # W is timed with both products in FP8, then the products at that W
+                self.fp8_products = (True, True)
             W = choose_waves(self, x, topk_idx, topk_weights, status, max_tokens)
         self.num_waves = W
+        if cfg.fp8_products == "auto":  # the same products on every rank: chosen from what all ranks measured
+            from .auto import choose_fp8_products
+
+            self.fp8_products = choose_fp8_products(self, x, topk_idx, topk_weights, status, max_tokens, W)
         return self._run(x, topk_idx, topk_weights, W, status, max_tokens)
 
     def _forward_autocast(self, x, topk_idx, topk_weights) -> torch.Tensor:
@@ -206,13 +215,20 @@ class ExpertParallelMoE(nn.Module):
 
     def _fp8_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> Optional[Fp8Experts]:
         """The experts in FP8 for this call's forward products (`MoEConfig.expert_dtype`,
-        `fp8_scaling`): quantized now, or kept from an earlier call (`_derive`)."""
+        `fp8_scaling`; None for a product `fp8_products` leaves in the layer's dtype): held,
+        quantized now, or kept from an earlier call (`_derive`)."""
         cfg = self.config
-        if cfg.expert_dtype is None:
+        if cfg.expert_dtype is None or not any(self.fp8_products):
             return None
-        if self._held_fp8 is not None:
-            return self._held_fp8
-        return self._derive(("fp8", cfg.fp8_scaling), (w1, w2), lambda: quantize_experts(w1, w2, cfg.fp8_scaling))
+        held = self._held_fp8
+
+        def weight(i: int, w: torch.Tensor) -> Optional[Fp8Weight]:
+            if not self.fp8_products[i]:
+                return None
+            if held is not None:
+                return (held.w1, held.w2)[i]
+            return self._derive(("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling))
+        return Fp8Experts(weight(0, w1), weight(1, w2))
 
     def hold_fp8_experts(self, experts: Optional[Fp8Experts] = None) -> None:
         """Inference with FP8 experts: hold them and use them in every later forward, CUDA graph
@@ -246,11 +262,15 @@ class ExpertParallelMoE(nn.Module):
         tensors (`ep.weight_cache`), as `MoEConfig.weight_cache` says: "eval" keeps them in eval
         mode, "always" also in training, "never" not at all. A call that keeps nothing drops
         what earlier calls kept (so training does not hold eval's copies)."""
-        mode = self.config.weight_cache
-        if mode == "always" or (mode == "eval" and not self.training):
+        if self._keeps_derived():
             return self._derived.get((*name, torch.is_inference_mode_enabled()), sources, make)
         self._derived.clear()
         return make()
+
+    def _keeps_derived(self) -> bool:
+        """Whether this call keeps the weights it derives (`MoEConfig.weight_cache`)."""
+        mode = self.config.weight_cache
+        return mode == "always" or (mode == "eval" and not self.training)
 
     def clear_weight_cache(self) -> None:
         """Drop the weights kept between calls (`MoEConfig.weight_cache`). Needed only after
@@ -344,6 +364,11 @@ class ExpertParallelMoE(nn.Module):
             torch.cuda.synchronize(self.transport.device)
         self.transport.raise_errors()
         self._raise_found(found, earlier=True)
+
+
+def _fp8_products(cfg: MoEConfig) -> Optional[Tuple[bool, bool]]:
+    """(linear1 in FP8, linear2 in FP8) as `MoEConfig.fp8_products` fixes them; None for "auto"."""
+    return {"both": (True, True), "linear1": (True, False), "linear2": (False, True)}.get(cfg.fp8_products)
 
 
 def num_tokens(cfg: MoEConfig, x: torch.Tensor) -> int:

@@ -251,8 +251,8 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
     """The forward schedule (see the module docstring). Returns y `[T, H]`, the status every
     rank sent `[n, STATUS_SLOTS]` int32 and what the backward needs (`Saved`).
     `fp8`: the experts in FP8 for the forward products (`MoEConfig.expert_dtype`; made once
-    per call or kept, `ep.experts.quantize_experts`: every wave shares them); `dispatch_dtype`:
-    FP8 rows on the wire (`MoEConfig.dispatch_dtype`). The backward uses w1 and w2."""
+    per call or kept, `ep.experts.quantize_expert_weight`: every wave shares them; a product
+    whose weight is None runs in the layer's dtype); `dispatch_dtype`: FP8 rows on the wire (`MoEConfig.dispatch_dtype`). The backward uses w1 and w2."""
     H, device = x_TH.shape[1], x_TH.device
     layout = RowLayout(H, plan.top_k, x_TH.dtype, dispatch_dtype)
     W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity
@@ -284,15 +284,16 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
         rows, it, back_item, back_weight, item_back = _wave_tables(plan, layout, stacked, w)
         with carve:
             few = plan.expected_items_per_expert
-            if fp8 is not None:
+            if fp8 is not None and fp8.w1 is not None:
                 h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count,
                                 x_scale=layout.scales(rows) if layout.quantized else None, out_dtype=x_TH.dtype)
+            elif layout.quantized:  # FP8 rows into a product in the layer's dtype
+                h = linear1(item_rows(layout, rows, it.item_row, it.count), w1, None, it.offs, few)
+            else:
+                h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
+            if fp8 is not None and fp8.w2 is not None:
                 o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit)
             else:
-                if layout.quantized:  # FP8 rows into a product in the layer's dtype
-                    h = linear1(item_rows(layout, rows, it.item_row, it.count), w1, None, it.offs, few)
-                else:
-                    h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
                 o = linear2(h, w2, None, it.offs, swiglu_limit, few)
         sums = x_TH.new_empty(N, H)
         reduce_rows(o, back_item, sums, back_weight)

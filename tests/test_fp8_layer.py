@@ -34,22 +34,34 @@ def _q_weights(w, scaling):
     return dequantize_weight_blocks(*quantize_weight_blocks(w.float()), torch.float64)
 
 
-def emulated_fp8_moe(x, w1, w2, idx, weights, h_dtype=None, scaling="blocks", fp8_dispatch=False):
+def emulated_fp8_moe(x, w1, w2, idx, weights, h_dtype=None, scaling="blocks", fp8_dispatch=False,
+                     products=(True, True)):
     """The FP8 forward in float64: each token's row quantized once (its items share it), the
     weights per 128x128 block, SwiGLU's output per 1x128 tile before linear2 (`h_dtype`:
     linear1's output rounded to it first, as a bf16 layer stores it). `scaling="rows"`: one
     scale per row of x and of SwiGLU's output, one per column of each expert's weights; with
-    `fp8_dispatch` the row is quantized in 1x128 tiles first (the wire), then per row."""
-    w1q, w2q = _q_weights(w1, scaling), _q_weights(w2, scaling)
+    `fp8_dispatch` the row is quantized in 1x128 tiles first (the wire), then per row.
+    `products`: whether linear1 and linear2 are quantized (the other stays float64, after
+    the wire's quantization when there is one)."""
     q_act = _q_rowwise if scaling == "rows" else _q_rows
-    xq = q_act(_q_rows(x) if fp8_dispatch and scaling == "rows" else x)
+
+    def unquantized(t):
+        return t
+
+    q1, q2 = (q_act if on else unquantized for on in products)
+    w1q, w2q = (_q_weights(w, scaling) if on else w for w, on in zip((w1, w2), products))
+    xq = _q_rows(x) if fp8_dispatch and (scaling == "rows" or not products[0]) else x
+    xq = q1(xq)
     y = torch.zeros_like(x)
     F = w2.shape[1]
     for j in range(idx.shape[1]):
         h = torch.einsum("th,thf->tf", xq, w1q[idx[:, j]])
         if h_dtype is not None:
             h = h.to(h_dtype).double()
-        a = q_act(torch.nn.functional.silu(h[:, :F].float()).double() * h[:, F:].float().double())
+        if products[1]:  # SwiGLU in fp32 before its quantization, as the kernels compute it
+            a = q2(torch.nn.functional.silu(h[:, :F].float()).double() * h[:, F:].float().double())
+        else:
+            a = torch.nn.functional.silu(h[:, :F]) * h[:, F:]
         y += weights[:, j:j + 1] * torch.einsum("tf,tfh->th", a, w2q[idx[:, j]])
     return y
 
@@ -75,6 +87,72 @@ def test_fp8_experts_match_the_emulation_and_stay_within_fp8_error(split, W, sca
         assert 0.005 < plain < 0.08, f"vs the unquantized reference: {plain:.2e}"
         # the backward runs from the FP8 forward's activations with unquantized weights
         assert dw1 < 0.1 and dx < 0.1, (dw1, dx)
+
+
+def check_fp8_products(rank, n, products, scaling, fp8_dispatch):
+    """One product in FP8, the other in the layer's dtype (`MoEConfig.fp8_products`)."""
+    p = make_problem(n, k=3, local_experts=2, H=128, F=128, routing="skewed", seed=7, tokens_range=(10, 20))
+    p.w1 *= 3
+    layer = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn, fp8_scaling=scaling, fp8_products=products,
+                        dispatch_dtype=torch.float8_e4m3fn if fp8_dispatch else None)
+    got = run_layer(layer, p, rank)
+    on = {"linear1": (True, False), "linear2": (False, True)}[products]
+    want = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights, scaling=scaling, fp8_dispatch=fp8_dispatch,
+                            products=on)[p.rows(rank)]
+    both = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights, scaling=scaling,
+                            fp8_dispatch=fp8_dispatch)[p.rows(rank)]
+    return rel_err(got["y"], want), rel_err(got["y"], both), rel_err(got["dw1"], run_reference(p, n, rank)["dw1"])
+
+
+@pytest.mark.parametrize("products, scaling, fp8_dispatch", [("linear1", "blocks", False), ("linear2", "rows", False),
+                                                             ("linear2", "blocks", True)])
+def test_one_product_in_fp8_matches_its_emulation(products, scaling, fp8_dispatch):
+    for emulated, both, dw1 in run_world(2, check_fp8_products, products, scaling, fp8_dispatch):
+        assert emulated < 1e-3, f"vs the float64 emulation of one quantized product: {emulated:.2e}"
+        assert both > 3 * emulated, "the other product must not be quantized"
+        assert dw1 < 0.1, dw1
+
+
+def check_fp8_products_auto(rank, n, scaling):
+    """`fp8_products="auto"`: every rank keeps the same choice per key (eval and training are
+    two), the call equals a layer pinned to that choice bit for bit, and a second call of the
+    key times nothing."""
+    import ep.auto
+
+    p = make_problem(n, k=3, local_experts=2, H=128, F=128, routing="skewed", seed=7, tokens_range=(10, 20))
+    layer = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn, fp8_scaling=scaling, fp8_products="auto")
+    x, rows = p.x, p.rows(rank)
+    chosen = {}
+    for mode in ("eval", "train"):
+        layer.train(mode == "train")
+        with torch.no_grad() if mode == "eval" else torch.enable_grad():
+            y = layer(x[rows], topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows])
+            chosen[mode] = layer.fp8_products
+            kept = len(ep.auto._CHOSEN)
+            again = layer(x[rows], topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows])
+            assert len(ep.auto._CHOSEN) == kept and layer.fp8_products == chosen[mode]
+        pinned_products = {(True, True): "both", (True, False): "linear1", (False, True): "linear2"}
+        pinned = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn if any(chosen[mode]) else None,
+                             fp8_scaling=scaling, fp8_products=pinned_products.get(chosen[mode], "both"))
+        pinned.train(mode == "train")
+        want = pinned(x[rows], topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows])
+        assert torch.equal(y, again) and torch.equal(y, want), mode
+    return chosen
+
+
+@pytest.mark.parametrize("scaling", ["blocks", "rows"])
+def test_fp8_products_auto_keeps_one_choice_on_every_rank(scaling):
+    results = run_world(2, check_fp8_products_auto, scaling)
+    assert results[0] == results[1], results
+    assert all(c in ((True, True), (True, False), (False, True), (False, False)) for c in results[0].values())
+
+
+def test_fp8_products_need_fp8_experts():
+    with pytest.raises(ValueError, match="fp8_products='linear1' needs expert_dtype"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_products="linear1")
+    with pytest.raises(ValueError, match="fp8_products must be one of"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, expert_dtype=torch.float8_e4m3fn,
+                     fp8_products="fastest")
 
 
 def test_fp8_experts_need_whole_scale_blocks():

@@ -76,10 +76,11 @@ class Fp8Weight:
 @dataclass(frozen=True)
 class Fp8Experts:
     """A rank's routed experts in FP8, the layer's layout: w1 `[E_local, H, 2F]` (gate
-    columns `[:F]`, up `[F:]`), w2 `[E_local, F, H]`, each with its scales (one recipe)."""
+    columns `[:F]`, up `[F:]`), w2 `[E_local, F, H]`, each with its scales (one recipe).
+    None: that product runs in the layer's dtype (`MoEConfig.fp8_products`)."""
 
-    w1: Fp8Weight
-    w2: Fp8Weight
+    w1: Optional[Fp8Weight]
+    w2: Optional[Fp8Weight]
 
 
 def _check_fp8(q: torch.Tensor, name: str) -> None:
