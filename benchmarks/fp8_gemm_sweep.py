@@ -23,14 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import provenance  # noqa: E402
 from benchmarks.host_launches import timed  # noqa: E402
 from ep.kernels import gather_rows  # noqa: E402
-from ep.kernels.fp8 import (fp8_grouped_mm, quantize_rows, quantize_rowwise, quantize_weight_blocks,  # noqa: E402
+from ep.kernels.fp8 import (FP8, fp8_grouped_mm, quantize_rows, quantize_rowwise, quantize_weight_blocks,  # noqa: E402
                             quantize_weight_columns, swiglu_quantize)
 from ep.kernels.swiglu import swiglu  # noqa: E402
 from ep.kernels.triton_fp8 import fp8_grouped_mm_triton  # noqa: E402
 
 CONFIGS = [(64, 128, 4, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 128, 4, 5)]
-SHAPES = {"dsv3": (32, 1024, 7168, 2048), "wide": (16, 1536, 4096, 1408), "decode": (32, 32, 7168, 2048)}
-"""preset -> (local experts, rows per expert, H, F): `benchmarks/overlap.py`'s per-rank shapes."""
+SHAPES = {"dsv3": (32, 1024, 7168, 2048, 8), "wide": (16, 1536, 4096, 1408, 6), "decode": (32, 32, 7168, 2048, 8)}
+"""preset -> (local experts, rows per expert, H, F, k): `benchmarks/overlap.py`'s per-rank shapes."""
 
 
 def main() -> int:
@@ -45,11 +45,31 @@ def main() -> int:
     return 0
 
 
+def pack(shape: str, T: int, H: int, E: int, k: int, dev) -> list:
+    """The pack before dispatch (one rank: every token one row), its rows in bf16 against FP8
+    dispatch's (each token quantized in the pack kernel)."""
+    from ep.layout import RowLayout
+    from ep.plan import WaveMap, pack_rows, sender_plan
+
+    x = torch.randn(T, H, device=dev, dtype=torch.bfloat16)
+    idx = torch.rand(T, E, device=dev).argsort(dim=1)[:, :k].contiguous()
+    tw = torch.rand(T, k, device=dev)
+    plan = sender_plan(idx, tw, E, 1, WaveMap(1), WaveMap(1).capacity(T), T)
+    out = []
+    for what, data_dtype in (("bf16 rows", None), ("FP8 rows (quantized in the pack)", FP8)):
+        layout = RowLayout(H, k, torch.bfloat16, data_dtype)
+        rows = layout.empty(plan.row_token.shape[0], dev)
+        _, ms = timed(lambda: pack_rows(x, tw, plan, layout, rows))
+        out.append(dict(product=f"{shape} pack", kind=what, ms=ms, row_bytes=layout.width * 2))
+        print(f"{shape} pack of {T} tokens, {what}: {ms:.3f} ms ({layout.width * 2} bytes a row)", flush=True)
+    return out
+
+
 def sweep(shape: str, configs) -> list:
     """Every product and quantizer at one preset's per-rank shape."""
     dev = torch.device("cuda", 0)
-    E, rows, H, F = SHAPES[shape]
-    out = []
+    E, rows, H, F, k = SHAPES[shape]
+    out = pack(shape, E * rows // k, H, E, k, dev)
     for name, K, N in (("linear1", H, 2 * F), ("linear2", F, H)):
         name = f"{shape} {name}"
         x = torch.randn(E * rows, K, device=dev, dtype=torch.bfloat16)

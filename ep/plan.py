@@ -332,9 +332,10 @@ def pack_rows(x_TH: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], plan:
     token its expert at the row's rank (-1: served by another row) and its weight, and this
     rank's status; with dedup also each slot's returned row within its region. Unused rows
     get -1 everywhere in their slot table (their data is unspecified). One Triton kernel on
-    CUDA (below float64), torch elsewhere. With a quantized layout (FP8 dispatch) each token
-    is quantized once first (`ep.kernels.fp8.quantize_rows`: one more kernel on CUDA, not
-    fused into the pack) and its bytes and tile scales are packed.
+    CUDA (below float64), torch elsewhere. With a quantized layout (FP8 dispatch) each
+    token's row is quantized in 1x128 tiles (`ep.kernels.fp8.quantize_rows`'s bits) and its
+    bytes and tile scales are packed: in the pack kernel itself on CUDA, once per token
+    first and then packed in torch.
 
     Args:
         x_TH: `[T, H]`.
@@ -342,11 +343,6 @@ def pack_rows(x_TH: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], plan:
     """
     n, cap, E = plan.num_ranks, plan.capacity, plan.num_local_experts * plan.num_ranks
     src, data = x_TH, layout.data(rows)
-    if layout.quantized:  # each token once, before dispatch; its bytes and tile scales travel
-        q, scales = quantize_rows(x_TH) if x_TH.shape[0] else (x_TH.new_empty(x_TH.shape, dtype=torch.uint8), None)
-        src, data = q.view(torch.uint8), data.view(torch.uint8)
-        if scales is not None:
-            gather_rows_into(scales, plan.row_token, layout.scales(rows))
     if use_triton(x_TH) and rows.shape[0]:
         from .kernels.triton_plan import pack_rows_triton, route_mode
 
@@ -354,8 +350,13 @@ def pack_rows(x_TH: torch.Tensor, topk_weights_TK: Optional[torch.Tensor], plan:
         pack_rows_triton(src, plan.topk_idx, topk_weights_TK, plan.row_token, plan.status, data,
                          layout.ids(rows), layout.weights(rows), layout.status(rows), E, n, cap,
                          route_mode(wm.by_experts, wm.dedup), wm.num_waves, plan.back_row if wm.dedup else None,
-                         layout.back(rows) if wm.dedup else None)
+                         layout.back(rows) if wm.dedup else None, layout.scales(rows) if layout.quantized else None)
         return
+    if layout.quantized:  # each token once, before dispatch; its bytes and tile scales travel
+        q, scales = quantize_rows(x_TH) if x_TH.shape[0] else (x_TH.new_empty(x_TH.shape, dtype=torch.uint8), None)
+        src, data = q.view(torch.uint8), data.view(torch.uint8)
+        if scales is not None:
+            gather_rows_into(scales, plan.row_token, layout.scales(rows))
     gather_rows_into(src, plan.row_token, data)
     token = plan.row_token
     layout.status(rows).copy_(plan.status.unsqueeze(0).expand(token.shape[0], -1))

@@ -223,6 +223,39 @@ def test_pack_rows_match_torch(triton_plan, n, E_local, k, W, split):
     assert torch.equal(layout.status(got), ref.status(layout_rows))
 
 
+@pytest.mark.parametrize("n, k, W, split", [(2, 3, 2, "tokens"), (3, 4, 3, "dedup")])
+def test_pack_rows_quantized_match_torch(triton_plan, n, k, W, split):
+    """FP8 dispatch's pack: each token quantized in 1x128 tiles inside the pack kernel, bit for
+    bit the torch path's (`quantize_rows`, then the rows packed), bytes, scales and tables."""
+    from ep.plan import WaveMap, pack_rows, sender_plan
+    from ep.layout import RowLayout
+
+    T, H, E = 19, 384, n * 4
+    idx, w = _routing(11 + n, T, E, k)
+    x = torch.randn(T, H) * torch.logspace(-3, 2, H)  # tiles of different binades
+    x[3, 128:256] = 0  # a tile of zeros: scale 1
+    wm = WaveMap(W, by_experts=split != "tokens", dedup=split == "dedup")
+    plan = sender_plan(idx, w, E, n, wm, wm.capacity(T, 0.7 if split == "dedup" else 1.0), T)
+    layout = RowLayout(H, k, torch.float32, torch.float8_e4m3fn)
+    want = layout.empty(plan.row_token.shape[0], "cpu")
+    pack_rows(x, w, plan, layout, want)  # the torch path (CPU tensors)
+    got = torch.full_like(want, float("nan"))
+    triton_plan.pack_rows_triton(x, plan.topk_idx, w, plan.row_token, plan.status, layout.data(got), layout.ids(got),
+                                 layout.weights(got), layout.status(got), E, n, plan.capacity,
+                                 triton_plan.route_mode(wm.by_experts, wm.dedup), W,
+                                 plan.back_row if wm.dedup else None, layout.back(got) if wm.dedup else None,
+                                 layout.scales(got))
+    used = plan.row_token >= 0
+    assert used.sum() > 0
+    assert torch.equal(layout.data(got)[used].view(torch.uint8), layout.data(want)[used].view(torch.uint8))
+    assert torch.equal(layout.scales(got)[used], layout.scales(want)[used])
+    assert bool((layout.scales(got)[used] != 1).any()) and bool((layout.scales(got)[used] == 1).any())
+    for part in (layout.ids, layout.weights, layout.status):
+        assert torch.equal(part(got), part(want))
+    if wm.dedup:
+        assert torch.equal(layout.back(got)[used], layout.back(want)[used])
+
+
 @pytest.mark.parametrize("N, k, E_local, empty_share", [(40, 3, 5, 0.3), (7, 8, 2, 0.6), (0, 2, 3, 0.0), (130, 4, 16, 0.1)])
 def test_wave_items_match_torch(triton_plan, N, k, E_local, empty_share):
     from ep.plan import WaveMap, wave_items

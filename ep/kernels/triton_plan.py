@@ -10,8 +10,8 @@ the token's slots there).
   each route its row in that region, in token order (no sort); they also count the input
   checks and the routes past the capacity.
 - `pack_rows_triton`: one program per (sent row, block of columns) copies the token's hidden
-  vector and writes the row's slot table and status (`ep.layout`; with dedup each slot's
-  returned row too).
+  vector (with FP8 dispatch: quantizes it into the row, 1x128 tiles) and writes the row's
+  slot table and status (`ep.layout`; with dedup each slot's returned row too).
 - `wave_items_triton`: a counting sort of a wave's received slots by local expert, stable in
   (row, slot) order: per block of rows, counts per expert, their running sums along the
   blocks (one program per expert), then each slot's place (its rank among the block's slots
@@ -26,6 +26,10 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import BLOCK as BLOCK_FP8
+from .fp8 import FP8
+from .triton_fp8 import _TILE, _store_quantized
 
 TOKENS, PER_WAVE, FIRST_WAVE = 0, 1, 2
 """`MODE`: token waves; expert waves, a route per (token, rank, wave); expert waves with
@@ -193,16 +197,23 @@ def returned_slots_triton(route_row: torch.Tensor, topk_idx: torch.Tensor, num_l
 
 @triton.jit
 def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids_ptr, wts_ptr, st_ptr, back_row_ptr,
-                 back_ptr, H, x_stride, data_stride, meta_stride, wts_stride, E, E_local, n, W, cap,
-                 K: tl.constexpr, KP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_W: tl.constexpr,
-                 BLOCK: tl.constexpr, MODE: tl.constexpr):
+                 back_ptr, scale_ptr, H, x_stride, data_stride, meta_stride, wts_stride, scale_stride, E, E_local, n, W,
+                 cap, K: tl.constexpr, KP: tl.constexpr, S: tl.constexpr, SP: tl.constexpr, HAS_W: tl.constexpr,
+                 BLOCK: tl.constexpr, MODE: tl.constexpr, QUANT: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cb = tl.program_id(1)
     t = tl.load(row_token_ptr + row)
-    cols = cb * BLOCK + tl.arange(0, BLOCK)
-    inb = cols < H
-    if t >= 0:
-        tl.store(data_ptr + row * data_stride + cols, tl.load(x_ptr + t * x_stride + cols, mask=inb), mask=inb)
+    if QUANT:  # FP8 dispatch: BLOCK // 128 tiles of the token quantized into the row (e4m3, fp32 scales)
+        tiles = cb * (BLOCK // _TILE) + tl.arange(0, BLOCK // _TILE)
+        live = (tiles < H // _TILE) & (t >= 0)
+        cols2 = tiles[:, None] * _TILE + tl.arange(0, _TILE)[None, :]
+        v = tl.load(x_ptr + tl.maximum(t, 0) * x_stride + cols2, mask=live[:, None], other=0.0).to(tl.float32)
+        _store_quantized(v, data_ptr, scale_ptr, row, tiles, live, cols2, data_stride, scale_stride, False)
+    else:
+        cols = cb * BLOCK + tl.arange(0, BLOCK)
+        inb = cols < H
+        if t >= 0:
+            tl.store(data_ptr + row * data_stride + cols, tl.load(x_ptr + t * x_stride + cols, mask=inb), mask=inb)
     if cb == 0:
         d = (row // cap) % n
         slot = tl.arange(0, KP)
@@ -230,10 +241,14 @@ def _pack_kernel(x_ptr, idx_ptr, w_ptr, row_token_ptr, status_ptr, data_ptr, ids
 def pack_rows_triton(x: torch.Tensor, idx: torch.Tensor, weights: Optional[torch.Tensor], row_token: torch.Tensor,
                      status: torch.Tensor, data: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, st: torch.Tensor,
                      num_experts: int, num_ranks: int, capacity: int, mode: int = TOKENS, num_waves: int = 1,
-                     back_row: Optional[torch.Tensor] = None, back: Optional[torch.Tensor] = None) -> None:
+                     back_row: Optional[torch.Tensor] = None, back: Optional[torch.Tensor] = None,
+                     scales: Optional[torch.Tensor] = None) -> None:
     """Rows `row_token`'s tokens: data `[R, H]`, ids `[R, k]` int32, weights `[R, k]`, status
     `[R, S]` int32 (views into the rows, one row stride for ids, back and status); with
-    `FIRST_WAVE` also back `[R, k]` int32 from the touches' table `back_row [T, W * n]`."""
+    `FIRST_WAVE` also back `[R, k]` int32 from the touches' table `back_row [T, W * n]`.
+    With `scales` (`[R, H/128]` fp32; FP8 dispatch) data is e4m3 and each token is quantized
+    in 1x128 tiles as it is packed (the bits of `ep.kernels.fp8.quantize_rows`), in the same
+    kernel."""
     R, H = data.shape
     if R == 0:
         return
@@ -241,13 +256,17 @@ def pack_rows_triton(x: torch.Tensor, idx: torch.Tensor, weights: Optional[torch
     assert ids.stride(0) == st.stride(0) and idx.is_contiguous() and x.stride(1) == 1
     if mode == FIRST_WAVE:
         assert back is not None and back.stride(0) == ids.stride(0) and back_row is not None and back_row.is_contiguous()
+    quant = scales is not None
+    if quant:
+        assert data.dtype == FP8 and H % BLOCK_FP8 == 0 and scales.shape == (R, H // BLOCK_FP8) and scales.stride(1) == 1
     block = min(1024, triton.next_power_of_2(H))
     w = weights.detach().contiguous() if weights is not None else wts
     _pack_kernel[(R, triton.cdiv(H, block))](
         x, idx, w, row_token, status, data, ids, wts, st, row_token if back_row is None else back_row,
-        ids if back is None else back, H, x.stride(0), data.stride(0), ids.stride(0), wts.stride(0),
-        num_experts, num_experts // num_ranks, num_ranks, num_waves, capacity, K=k, KP=triton.next_power_of_2(k), S=S,
-        SP=triton.next_power_of_2(S), HAS_W=weights is not None, BLOCK=block, MODE=mode, num_warps=4,
+        ids if back is None else back, scales if quant else wts, H, x.stride(0), data.stride(0), ids.stride(0),
+        wts.stride(0), scales.stride(0) if quant else 0, num_experts, num_experts // num_ranks, num_ranks, num_waves,
+        capacity, K=k, KP=triton.next_power_of_2(k), S=S, SP=triton.next_power_of_2(S), HAS_W=weights is not None,
+        BLOCK=block, MODE=mode, QUANT=quant, num_warps=4,
     )
 
 
