@@ -209,7 +209,7 @@ class ExpertParallelMoE(nn.Module):
     def _cast(self, key: str, param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """`param` as autocast casts it (`_autocast`): a differentiable cast to `dtype`, made
         this call or kept from an earlier one (`_derive`)."""
-        if _autocast(param, dtype) is param:
+        if not _autocast_casts(param, dtype):  # (a predicate: casting to find out cost a full cast per call, r39a)
             return param
         return given_cast(param, self._derive(("cast", key, dtype), (param,), lambda: param.detach().to(dtype)))
 
@@ -388,9 +388,15 @@ def stand_ins(cfg: MoEConfig, w1: torch.Tensor) -> Tuple[torch.Tensor, torch.Ten
             w1.new_empty(0, cfg.top_k, dtype=torch.float32))
 
 
+def _autocast_casts(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether autocast casts `t` (an op's input) to `dtype`: floating tensors other than
+    float64, of another dtype."""
+    return t.is_floating_point() and t.dtype not in (torch.float64, dtype)
+
+
 def _autocast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`t` as autocast casts an op's input: floating tensors other than float64 to `dtype`."""
-    return t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t
+    return t.to(dtype) if _autocast_casts(t, dtype) else t
 
 
 @contextmanager
