@@ -623,6 +623,7 @@ def records(result: dict, run_name: Optional[str]) -> List[dict]:
                 auto_from="auto" if row.get("auto") else None, sm_carveout=row["carveout"], graph=bool(row.get("graph")),
                 shared_experts=r.get("shared", 0), precision=row.get("precision", r["dtype"]),
                 mode="eval" if row.get("eval") else "train", fwd_vs_dtype=row.get("fwd_vs_dtype"),
+                fp8_products=row.get("fp8_products"), fp8_products_fwd_bwd=row.get("fp8_products_fwd_bwd"),
                 fwd_ms=row["fwd_ms"], fwd_bwd_ms=row.get("fwd_bwd_ms"), plan_given_fwd_ms=row.get("plan_given_fwd_ms"),
                 host_ms=row.get("host_ms"), b2b_fwd_ms=row.get("b2b_fwd_ms"), comm_ms=r["comm_ms"],
                 compute_ms=r["compute_ms"], ideal_ms=r["ideal_ms"], overlap_efficiency=row.get("overlap_efficiency"),

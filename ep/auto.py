@@ -16,20 +16,29 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
+from .kernels.timing import queued_device_ms
 
-def _timed(fn: Callable[[], object], device: torch.device, reps: int = 3) -> float:
-    """Median wall time of `fn` in ms (device synchronised around each run), after one warm-up."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
+def _timed(fn: Callable[[], object], device: torch.device, reps: int = 3,
+           agree: Callable[[float], float] = lambda ms: ms) -> float:
+    """`fn`'s time in ms after one warm-up: on CUDA its device time, `reps` calls queued behind
+    a device-side sleep so that the host's launch time is not in it (r39a: wall times of eager
+    calls, host time included, chose FP8 where its graph replay was 1.23x slower); on the
+    CPU the median wall time of `reps` runs. `agree`: the ranks' largest of a host value
+    (every rank sleeps as long, starting together, so no rank's collectives wait for
+    another's sleep)."""
     fn()
-    times = []
-    for _ in range(reps):
-        sync()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         fn()
-        sync()
+        torch.cuda.synchronize(device)
+        host_ms = agree((time.perf_counter() - t0) * 1e3)  # an upper bound of one call's launch time
+        return queued_device_ms(fn, reps, host_ms)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -63,12 +72,17 @@ def _fastest(layer, key: Tuple, candidates, run: Callable[[object], None], what:
                            "this shape before capturing a CUDA graph")
     training = key[-1]
     with torch.enable_grad() if training else torch.no_grad():
-        mine = [_timed(lambda c=c: run(c), w1.device) for c in candidates]
+        mine = [_timed(lambda c=c: run(c), w1.device, agree=lambda ms: _largest(layer, ms, what)) for c in candidates]
     table = layer.transport.host_exchange([round(ms * 1000) for ms in mine], f"auto {what} (host exchange)")
     slowest = [max(col) for col in zip(*table)]
     best = candidates[slowest.index(min(slowest))]
     _CHOSEN[key] = best
     return best
+
+
+def _largest(layer, ms: float, what: str) -> float:
+    """The largest `ms` of any rank (one exchange between the hosts)."""
+    return max(row[0] for row in layer.transport.host_exchange([round(ms * 1000)], f"auto {what} (host exchange)")) / 1000
 
 
 def _call(layer, x, topk_idx, topk_weights, W: int, status, max_tokens: int, training: bool) -> None:
@@ -89,7 +103,7 @@ def choose_waves(layer, x, topk_idx, topk_weights, status, max_tokens: int) -> i
 
     At the first call of a key (`_key`), every rank times the layer's own call on this
     call's input at W = 1, 2, 4, 8 (those the split allows; forward, or forward and backward
-    of the expert weights when autograd is on), median of three after a warm-up; every rank
+    of the expert weights when autograd is on; `_timed`: device time on CUDA); every rank
     takes the slowest rank's time per W (one exchange between the hosts), so all keep the
     same W. Cached for the process. Collective: every rank of the group calls it in the
     same forward.

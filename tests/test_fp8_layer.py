@@ -37,8 +37,9 @@ def _q_weights(w, scaling):
 def emulated_fp8_moe(x, w1, w2, idx, weights, h_dtype=None, scaling="blocks", fp8_dispatch=False,
                      products=(True, True)):
     """The FP8 forward in float64: each token's row quantized once (its items share it), the
-    weights per 128x128 block, SwiGLU's output per 1x128 tile before linear2 (`h_dtype`:
-    linear1's output rounded to it first, as a bf16 layer stores it). `scaling="rows"`: one
+    weights per 128x128 block, SwiGLU's output per 1x128 tile before linear2 (`h_dtype`, the
+    layer's: linear1's output rounded to it first, as a bf16 layer stores it, and FP8
+    dispatch's rows dequantized into it before a linear1 in it). `scaling="rows"`: one
     scale per row of x and of SwiGLU's output, one per column of each expert's weights; with
     `fp8_dispatch` the row is quantized in 1x128 tiles first (the wire), then per row.
     `products`: whether linear1 and linear2 are quantized (the other stays float64, after
@@ -51,6 +52,8 @@ def emulated_fp8_moe(x, w1, w2, idx, weights, h_dtype=None, scaling="blocks", fp
     q1, q2 = (q_act if on else unquantized for on in products)
     w1q, w2q = (_q_weights(w, scaling) if on else w for w, on in zip((w1, w2), products))
     xq = _q_rows(x) if fp8_dispatch and (scaling == "rows" or not products[0]) else x
+    if fp8_dispatch and not products[0] and h_dtype is not None:  # the wire's rows dequantized into the layer's dtype
+        xq = xq.to(h_dtype).double()
     xq = q1(xq)
     y = torch.zeros_like(x)
     F = w2.shape[1]
