@@ -5,7 +5,8 @@ linear2 is SwiGLU (`a = silu(gate) * up`, gate = columns `[:F]` of h, up = `[F:]
 clamped first when a `swiglu_limit` is given) then `a @ w2`.
 Backward is written out by hand so the pipeline can run it wave by wave. With FP8 experts
 (`MoEConfig.expert_dtype`) the forward products run in FP8 (`linear1_fp8`, `linear2_fp8`;
-both, or one: `MoEConfig.fp8_products`) and the backward is the same bf16 one, from the saved activations.
+both, or one: `MoEConfig.fp8_products`) and the backward is the same bf16 one, from the
+saved activations.
 """
 from __future__ import annotations
 
