@@ -82,7 +82,8 @@ def _fastest(layer, key: Tuple, candidates, run: Callable[[object], None], what:
 
 def _largest(layer, ms: float, what: str) -> float:
     """The largest `ms` of any rank (one exchange between the hosts)."""
-    return max(row[0] for row in layer.transport.host_exchange([round(ms * 1000)], f"auto {what} (host exchange)")) / 1000
+    table = layer.transport.host_exchange([round(ms * 1000)], f"auto {what} (host exchange)")
+    return max(row[0] for row in table) / 1000
 
 
 def _call(layer, x, topk_idx, topk_weights, W: int, status, max_tokens: int, training: bool) -> None:
