@@ -1,5 +1,5 @@
-"""The FP8 grouped products and quantizers at the presets' per-rank shapes on one GPU, against bf16
-`torch._grouped_mm` on the same rows: the blockwise Triton product's tile configs (weights
+"""The FP8 grouped products and quantizers at the presets' per-rank shapes on one GPU, against
+bf16 `torch._grouped_mm` on the same rows: the blockwise Triton product's tile configs (weights
 K-major, as the layer holds them), the rowwise `torch._scaled_grouped_mm` (`fp8_scaling="rows"`),
 and each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights).
 
@@ -7,23 +7,23 @@ and each quantizer the FP8 paths run per call (activations, SwiGLU's output, wei
 
 Balanced rows (`SHAPES`: dsv3 32 experts x 1024 rows, H 7168, F 2048; wide 16 x 1536, H 4096,
 F 1408; decode 32 x 32, H 7168, F 2048), linear1 (K H, N 2F) and linear2 (K F, N H); device
-ms per op (`timed`: 10 calls queued behind a device-side sleep after 3 warm-ups, so short ops
-are not paced by the host). The blockwise product's
-tile configs are swept at the first shape only (the others: its first config).
+ms per op (`ep.kernels.timing.device_ms`: 10 calls queued behind a device-side sleep after 3
+warm-ups, so short ops are not paced by the host). The blockwise product's tile configs are
+swept at the first shape only (the others: its first config). Also the pack before dispatch,
+bf16 rows against FP8 dispatch's.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import provenance  # noqa: E402
-from ep.kernels.timing import queued_device_ms  # noqa: E402
+from ep.kernels.timing import device_ms  # noqa: E402
 from ep.kernels import gather_rows  # noqa: E402
 from ep.kernels.fp8 import (FP8, fp8_grouped_mm, quantize_rows, quantize_rowwise, quantize_weight_blocks,  # noqa: E402
                             quantize_weight_columns, swiglu_quantize)
@@ -47,16 +47,9 @@ def main() -> int:
     return 0
 
 
-def timed(fn):
-    """(host ms of one call, device ms of one call): `ep.kernels.timing.queued_device_ms`."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    host_ms = (time.perf_counter() - t0) * 1e3
-    torch.cuda.synchronize()
-    return host_ms, queued_device_ms(fn, 10, host_ms)
+def timed(fn) -> float:
+    """Device ms of one call of `fn` (`ep.kernels.timing.device_ms`: 10 queued, 3 warm-ups)."""
+    return device_ms(fn, reps=10, warmup=3)
 
 
 def pack(shape: str, T: int, H: int, E: int, k: int, dev) -> list:
@@ -73,7 +66,7 @@ def pack(shape: str, T: int, H: int, E: int, k: int, dev) -> list:
     for what, data_dtype in (("bf16 rows", None), ("FP8 rows (quantized in the pack)", FP8)):
         layout = RowLayout(H, k, torch.bfloat16, data_dtype)
         rows = layout.empty(plan.row_token.shape[0], dev)
-        _, ms = timed(lambda: pack_rows(x, tw, plan, layout, rows))
+        ms = timed(lambda: pack_rows(x, tw, plan, layout, rows))
         out.append(dict(product=f"{shape} pack", kind=what, ms=ms, row_bytes=layout.width * 2))
         print(f"{shape} pack of {T} tokens, {what}: {ms:.3f} ms ({layout.width * 2} bytes a row)", flush=True)
     return out
@@ -90,14 +83,14 @@ def sweep(shape: str, configs) -> list:
         w = torch.randn(E, K, N, device=dev, dtype=torch.bfloat16) / K ** 0.5
         offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * rows
         flops = 2 * E * rows * K * N
-        _, ms = timed(lambda: torch._grouped_mm(x, w, offs=offs))
+        ms = timed(lambda: torch._grouped_mm(x, w, offs=offs))
         out.append(dict(product=name, kind="bf16 _grouped_mm", ms=ms, tflops=flops / ms / 1e9))
         print(f"{name} bf16 torch._grouped_mm: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
         wk, ws = quantize_weight_blocks(w, k_major=True)
         xq, xs = quantize_rows(x)
         for cfg in configs:
             try:
-                _, ms = timed(lambda: fp8_grouped_mm_triton(xq, xs, wk, ws, offs, torch.bfloat16, cfg))
+                ms = timed(lambda: fp8_grouped_mm_triton(xq, xs, wk, ws, offs, torch.bfloat16, cfg))
                 row = dict(product=name, kind="fp8 triton K-major", config=cfg, ms=ms, tflops=flops / ms / 1e9)
                 print(f"{name} fp8 blocks triton K-major {cfg}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
             except Exception as e:  # noqa: BLE001 - a config that does not compile here, reported
@@ -106,7 +99,7 @@ def sweep(shape: str, configs) -> list:
             out.append(row)
         rq, rs = quantize_weight_columns(w)
         xr, xrs = quantize_rowwise(x)
-        _, ms = timed(lambda: fp8_grouped_mm(xr, xrs, rq, rs, offs))
+        ms = timed(lambda: fp8_grouped_mm(xr, xrs, rq, rs, offs))
         out.append(dict(product=name, kind="fp8 rowwise _scaled_grouped_mm", ms=ms, tflops=flops / ms / 1e9))
         print(f"{name} fp8 rowwise torch._scaled_grouped_mm: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
         index = torch.randperm(E * rows, device=dev)
@@ -123,7 +116,7 @@ def sweep(shape: str, configs) -> list:
                         "swiglu + quantize 1x128": lambda: swiglu_quantize(h),
                         "swiglu + quantize per row": lambda: swiglu_quantize(h, rowwise=True)})
         for what, fn in ops.items():
-            _, ms = timed(fn)
+            ms = timed(fn)
             out.append(dict(product=name, kind=what, ms=ms))
             print(f"{name} {what}: {ms:.3f} ms", flush=True)
         del x, w, xq, wk, rq, xr

@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ep  # noqa: E402
 from benchmarks import provenance  # noqa: E402
+from ep.config import FP8_PRODUCT_FLAGS  # noqa: E402
 from tests.cases import make_problem, rel_err  # noqa: E402
 from tests.reference import reference_moe, reference_routing  # noqa: E402
 
@@ -105,9 +106,9 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
 def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks", products="both"):
     """FP8 expert products (`MoEConfig.expert_dtype`, `fp8_scaling`, `fp8_products`; with
     `dispatch` FP8 rows on the wire too, `MoEConfig.dispatch_dtype`): the forward against the
-    float64 emulation of the same quantization (`tests.test_fp8_layer`) and against the unquantized reference; the
-    straight-through gradients against the reference; then a forward and a training step under
-    sync debug mode "error", and in eval mode (FP8 experts kept between calls) a second call
+    float64 emulation of the same quantization (`tests.test_fp8_layer`) and against the
+    unquantized reference; the straight-through gradients against the reference; then a
+    forward and a training step under sync debug mode "error", and in eval mode (FP8 experts kept between calls) a second call
     equal to the first and a call after the weights changed equal to a fresh layer's.
     Returns (vs emulation, vs reference y, worst grad, eval mismatches)."""
     from tests.test_fp8_layer import emulated_fp8_moe
@@ -115,7 +116,7 @@ def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks", produ
     p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=17 + W, tokens_range=(200, 400))
     knobs = dict(num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn, fp8_scaling=scaling,
                  dispatch_dtype=torch.float8_e4m3fn if dispatch else None, fp8_products=products)
-    on = {"both": (True, True), "linear1": (True, False), "linear2": (False, True)}[products]
+    on = FP8_PRODUCT_FLAGS[products]
     layer = build(p, n, rank, device, **knobs)
     rows = p.rows(rank)
     x = p.x[rows].to(device=device, dtype=torch.bfloat16).requires_grad_(True)

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Tuple
 
 import torch
 
-from .kernels.timing import queued_device_ms
+from .kernels.timing import device_ms
 
 
 def _timed(fn: Callable[[], object], device: torch.device, reps: int = 3,
@@ -27,14 +27,9 @@ def _timed(fn: Callable[[], object], device: torch.device, reps: int = 3,
     CPU the median wall time of `reps` runs. `agree`: the ranks' largest of a host value
     (every rank sleeps as long, starting together, so no rank's collectives wait for
     another's sleep)."""
-    fn()
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        host_ms = agree((time.perf_counter() - t0) * 1e3)  # an upper bound of one call's launch time
-        return queued_device_ms(fn, reps, host_ms)
+        return device_ms(fn, reps, agree=agree)
+    fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()

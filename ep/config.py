@@ -13,6 +13,8 @@ WAVE_SPLITS = ("tokens", "experts")
 EXPERT_DTYPES = (None, torch.float8_e4m3fn)
 FP8_SCALINGS = ("blocks", "rows")
 FP8_PRODUCTS = ("both", "linear1", "linear2", "auto")
+FP8_PRODUCT_FLAGS = {"both": (True, True), "linear1": (True, False), "linear2": (False, True)}
+"""`fp8_products` fixed by name -> (linear1 in FP8, linear2 in FP8)."""
 WEIGHT_CACHES = ("eval", "always", "never")
 FP8_BLOCK = 128  # the side of FP8 scale blocks (1x128 activation tiles, 128x128 weight blocks)
 

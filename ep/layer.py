@@ -10,7 +10,7 @@ from torch import nn
 
 from . import checkpoint, compiled
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
-from .config import MoEConfig
+from .config import FP8_PRODUCT_FLAGS, MoEConfig
 from .dist import as_process_group
 from .experts import Experts, in_recipe, quantize_expert_weight, quantize_experts
 from .kernels.fp8 import Fp8Experts, Fp8Weight
@@ -84,7 +84,7 @@ class ExpertParallelMoE(nn.Module):
             )
         self.num_waves: Optional[int] = None if config.num_waves == "auto" else config.num_waves
         """W in use: the config's, or for "auto" the one chosen at the first forward."""
-        self.fp8_products: Optional[Tuple[bool, bool]] = _fp8_products(config)
+        self.fp8_products: Optional[Tuple[bool, bool]] = FP8_PRODUCT_FLAGS.get(config.fp8_products)
         """Whether linear1 and linear2 run in FP8: the config's (`MoEConfig.fp8_products`), or for
         "auto" the choice of the last forward (None before the first)."""
         self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
@@ -364,11 +364,6 @@ class ExpertParallelMoE(nn.Module):
             torch.cuda.synchronize(self.transport.device)
         self.transport.raise_errors()
         self._raise_found(found, earlier=True)
-
-
-def _fp8_products(cfg: MoEConfig) -> Optional[Tuple[bool, bool]]:
-    """(linear1 in FP8, linear2 in FP8) as `MoEConfig.fp8_products` fixes them; None for "auto"."""
-    return {"both": (True, True), "linear1": (True, False), "linear2": (False, True)}.get(cfg.fp8_products)
 
 
 def num_tokens(cfg: MoEConfig, x: torch.Tensor) -> int:

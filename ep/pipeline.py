@@ -252,7 +252,8 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
     rank sent `[n, STATUS_SLOTS]` int32 and what the backward needs (`Saved`).
     `fp8`: the experts in FP8 for the forward products (`MoEConfig.expert_dtype`; made once
     per call or kept, `ep.experts.quantize_expert_weight`: every wave shares them; a product
-    whose weight is None runs in the layer's dtype); `dispatch_dtype`: FP8 rows on the wire (`MoEConfig.dispatch_dtype`). The backward uses w1 and w2."""
+    whose weight is None runs in the layer's dtype); `dispatch_dtype`: FP8 rows on the wire
+    (`MoEConfig.dispatch_dtype`). The backward uses w1 and w2."""
     H, device = x_TH.shape[1], x_TH.device
     layout = RowLayout(H, plan.top_k, x_TH.dtype, dispatch_dtype)
     W, N, n, cap = plan.num_waves, plan.rows_per_wave, plan.num_ranks, plan.capacity

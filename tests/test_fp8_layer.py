@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import ep
+from ep.config import FP8_PRODUCT_FLAGS
 from ep.kernels.fp8 import (dequantize_rows, dequantize_weight_blocks, quantize_rows_torch, quantize_rowwise_torch,
                             quantize_weight_blocks, quantize_weight_columns)
 from tests.cases import make_problem, rel_err
@@ -99,7 +100,7 @@ def check_fp8_products(rank, n, products, scaling, fp8_dispatch):
     layer = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn, fp8_scaling=scaling, fp8_products=products,
                         dispatch_dtype=torch.float8_e4m3fn if fp8_dispatch else None)
     got = run_layer(layer, p, rank)
-    on = {"linear1": (True, False), "linear2": (False, True)}[products]
+    on = FP8_PRODUCT_FLAGS[products]
     want = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights, scaling=scaling, fp8_dispatch=fp8_dispatch,
                             products=on)[p.rows(rank)]
     both = emulated_fp8_moe(p.x, p.w1, p.w2, p.topk_idx, p.topk_weights, scaling=scaling,
@@ -134,9 +135,9 @@ def check_fp8_products_auto(rank, n, scaling):
             kept = len(ep.auto._CHOSEN)
             again = layer(x[rows], topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows])
             assert len(ep.auto._CHOSEN) == kept and layer.fp8_products == chosen[mode]
-        pinned_products = {(True, True): "both", (True, False): "linear1", (False, True): "linear2"}
+        named = {flags: name for name, flags in FP8_PRODUCT_FLAGS.items()}
         pinned = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn if any(chosen[mode]) else None,
-                             fp8_scaling=scaling, fp8_products=pinned_products.get(chosen[mode], "both"))
+                             fp8_scaling=scaling, fp8_products=named.get(chosen[mode], "both"))
         pinned.train(mode == "train")
         want = pinned(x[rows], topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows])
         assert torch.equal(y, again) and torch.equal(y, want), mode
