@@ -108,8 +108,9 @@ def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks", produ
     `dispatch` FP8 rows on the wire too, `MoEConfig.dispatch_dtype`): the forward against the
     float64 emulation of the same quantization (`tests.test_fp8_layer`) and against the
     unquantized reference; the straight-through gradients against the reference; then a
-    forward and a training step under sync debug mode "error", and in eval mode (FP8 experts kept between calls) a second call
-    equal to the first and a call after the weights changed equal to a fresh layer's.
+    forward and a training step under sync debug mode "error", and in eval mode (FP8 experts
+    kept between calls) a second call equal to the first and a call after the weights
+    changed equal to a fresh layer's.
     Returns (vs emulation, vs reference y, worst grad, eval mismatches)."""
     from tests.test_fp8_layer import emulated_fp8_moe
 
