@@ -157,6 +157,48 @@ def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks", produ
     return t.tolist()
 
 
+def check_fp8_backward(n, rank, device, W, split, products="both"):
+    """`fp8_backward="data"` (rowwise FP8 products, the data gradients in FP8 too): y and the
+    gradients of x, w1, w2 and the routing weights against the float64 emulation of the FP8 forward and backward
+    (`tests.test_fp8_layer.emulated_fp8_grads`, from the layer's bf16 inputs), and against the
+    same emulation with a float64 backward (the gradients must be nearer the first); a
+    training step under sync debug mode "error".
+    Returns (worst vs the FP8 emulation, worst gradient vs the float64-backward emulation)."""
+    import copy
+
+    from tests.test_fp8_layer import emulated_fp8_grads
+
+    p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=29 + W, tokens_range=(100, 200))
+    layer = build(p, n, rank, device, num_waves=W, wave_split=split, expert_dtype=torch.float8_e4m3fn,
+                  fp8_scaling="rows", fp8_products=products, fp8_backward="data")
+    rows, El = p.rows(rank), p.E // n
+    x = p.x[rows].to(device=device, dtype=torch.bfloat16).requires_grad_(True)
+    idx = p.topk_idx[rows].to(device)
+    tw = p.topk_weights[rows].to(device=device, dtype=torch.float32).requires_grad_(True)
+    y = layer(x, topk_idx=idx, topk_weights=tw)
+    y.backward(p.dy[rows].to(device=device, dtype=torch.bfloat16))
+    q = copy.copy(p)  # the emulation from the layer's inputs: bf16-rounded, routing weights in fp32
+    q.x, q.w1, q.w2, q.dy = (t.to(torch.bfloat16).double() for t in (p.x, p.w1, p.w2, p.dy))
+    q.topk_weights = p.topk_weights.float().double()
+    on = FP8_PRODUCT_FLAGS[products]
+    want, straight = (emulated_fp8_grads(q, on, grads, torch.bfloat16) for grads in (True, False))
+    experts = slice(rank * El, (rank + 1) * El)
+    got = dict(y=(y, rows), dx=(x.grad, rows), dw1=(layer.experts.w1.grad, experts), dw2=(layer.experts.w2.grad, experts),
+               dweights=(tw.grad, rows))
+    errs = [max(rel_err(g.detach().double().cpu(), want[k][r]) for k, (g, r) in got.items()),
+            rel_err(x.grad.double().cpu(), straight["dx"][rows])]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer(x, topk_idx=idx, topk_weights=tw).backward(torch.ones_like(y))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    layer.check_errors()
+    t = torch.tensor(errs, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def check_fp8_auto(n, rank, device, W=2):
     """`fp8_products="auto"` at the dsv3-like per-rank shape of `check_fp8`: the choice timed at
     the first eager call, kept by a second; a CUDA graph captured after it replays the eager
@@ -428,6 +470,22 @@ def main():
         if rank == 0:
             print(f"fp8 experts {scaling:6}{' + dispatch' if dispatch else ''} {split:7} W={W} products={products}  "
                   f"{'ok' if ok else 'FAIL'}  {detail}", flush=True)
+    for split, W, products in (("tokens", 2, "both"), ("experts", 2, "both"), ("tokens", 1, "linear1")) \
+            if cuda and "fp8" in checks else ():
+        try:
+            emulated, straight = check_fp8_backward(n, rank, device, W, split, products)
+            # the emulation rounds to bf16 where the layer stores (CPU, bf16: 1.7-3.4e-3); a float64
+            # backward of the same forward is FP8's own error away (CPU: dx 3.6-5.2e-2)
+            ok = emulated < 1e-2 and straight > 3 * emulated
+            detail = (f"vs the FP8 emulation {emulated:.1e} (y, dx, dw1, dw2, dweights), dx vs a float64 backward "
+                      f"{straight:.1e}; sync-free step ok")
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, repr(e)[:400]
+        failed += not ok
+        results.append(dict(check="fp8_backward", wave_split=split, W=W, fp8_products=products, ok=ok, detail=detail))
+        if rank == 0:
+            print(f"fp8 backward (data gradients) rows {split:7} W={W} products={products}  {'ok' if ok else 'FAIL'}  "
+                  f"{detail}", flush=True)
     if cuda and "fp8" in checks:
         try:
             chosen, mismatches = check_fp8_auto(n, rank, device)

@@ -13,7 +13,9 @@ its host side over Gloo, against the float64 reference (`tests/reference.py`), e
 and gradient within 1e-2 (bf16). Then, per wave split at W = 2: after two warm-up steps a
 forward and a training step under `torch.cuda.set_sync_debug_mode("error")`, and the forward
 and the training step captured in CUDA graphs, replayed with new inputs of the same shape
-(each replay against the reference). The ranks'
+(each replay against the reference). Then `torch.compile(layer, fullgraph=True)` (default,
+and "reduce-overhead" for token waves), forward and backward, two calls each against the
+reference (issue 23: compile with every transport where it runs). The ranks'
 token counts are below `max_tokens`, so the regions have padding, which the transport leaves
 out (`sent_rows`). Slow by design (the processes take turns on the GPU): correctness only,
 no timing. Any number of processes (`--nproc-per-node 3`: three ranks on the GPU).
@@ -170,6 +172,29 @@ def check_sync_free_and_graphs(n, rank, split, dedup, W=2):
     return worst
 
 
+def check_compiled(n, rank, split, W, mode=None):
+    """`torch.compile(layer, fullgraph=True, mode=mode)` with the device-put transport (issue 23):
+    forward and backward, two calls with new inputs (the first traces, with the replicas'
+    sync; the second runs the graph without it), each against the float64 reference."""
+    p0 = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=50 + W, tokens_range=(60, 120))
+    layer = _layer(p0, n, rank, W, split, True)
+    compiled = torch.compile(layer, fullgraph=True, mode=mode)
+    rows = p0.rows(rank)
+    worst = 0.0
+    for call in range(2):
+        p = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=60 + call,
+                         tokens_per_rank=p0.tokens_per_rank)
+        p.router, p.w1, p.w2 = p0.router, p0.w1, p0.w2  # new inputs, the layer's weights
+        x = _bf(p.x[rows]).requires_grad_(True)
+        tw = p.topk_weights[rows].to(device=DEV, dtype=torch.float32).requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = compiled(x, topk_idx=p.topk_idx[rows].to(DEV), topk_weights=tw)
+        y.backward(_bf(p.dy[rows]))
+        worst = max(worst, _worst(p, n, rank, y, x.grad, layer.experts.w1.grad, layer.experts.w2.grad, tw.grad))
+    layer.check_errors()
+    return worst
+
+
 def main():
     torch.cuda.set_device(DEV)
     dist.init_process_group("gloo")
@@ -181,6 +206,9 @@ def main():
     cases += [(f"sync-free step and CUDA graphs, {s} W=2 dedup={d}",
                lambda s=s, d=d: check_sync_free_and_graphs(n, rank, s, d))
               for s, d in (("tokens", True), ("experts", True), ("experts", False))]
+    cases += [(f"torch.compile fullgraph {m or 'default'}, {s} W=2 fwd+bwd",
+               lambda s=s, m=m: check_compiled(n, rank, s, 2, m))
+              for s, m in (("tokens", None), ("experts", None), ("tokens", "reduce-overhead"))]
     for name, case in cases:
         try:
             worst = case()

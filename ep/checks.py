@@ -13,7 +13,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .config import EXPERT_DTYPES, FP8_PRODUCTS, FP8_SCALINGS, SCORE_FUNCS, TRANSPORTS, WAVE_SPLITS, MoEConfig
+from .config import (EXPERT_DTYPES, FP8_BACKWARDS, FP8_PRODUCTS, FP8_SCALINGS, SCORE_FUNCS, TRANSPORTS, WAVE_SPLITS,
+                     MoEConfig)
 
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -123,10 +124,10 @@ _FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_wave
                        "norm_topk", "dedup_across_waves", "sm_carveout", "transport", "wave_split", "max_tokens",
                        "capacity_factor", "n_group", "topk_group", "routed_scaling_factor", "swiglu_limit",
                        "num_shared_experts", "timeout_s", "expert_dtype", "dispatch_dtype", "fp8_scaling",
-                       "fp8_products")
+                       "fp8_products", "fp8_backward")
 _CHOICES = {"score_func": SCORE_FUNCS, "transport": TRANSPORTS, "wave_split": WAVE_SPLITS, "expert_dtype": EXPERT_DTYPES,
             "dispatch_dtype": EXPERT_DTYPES, "fp8_scaling": FP8_SCALINGS,
-            "fp8_products": FP8_PRODUCTS}
+            "fp8_products": FP8_PRODUCTS, "fp8_backward": FP8_BACKWARDS}
 _FLOATS = ("capacity_factor", "routed_scaling_factor", "swiglu_limit", "timeout_s")
 _NONE = -1  # a float field's None (its int64 is a NaN's bit pattern, which no valid value has)
 

@@ -161,7 +161,8 @@ def _waves_backward(dy_TH: Tensor, topk_idx: Tensor, topk_weights: Tensor, w1: T
         plan = _plan(layer, topk_idx, topk_weights, num_waves, [0] * STATUS_SLOTS, max_tokens)
         layout = RowLayout(dy_TH.shape[1], plan.top_k, recv.dtype, cfg.dispatch_dtype)
         saved = rebuild_saved(plan, layout, w1, w2, recv, hidden)
-        dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, layer.transport, cfg.sm_carveout, cfg.swiglu_limit)
+        dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, layer.transport, cfg.sm_carveout, cfg.swiglu_limit,
+                                                   layer._fp8_transposed_experts(w1, w2))
     return dx_TH, dtopk_TK.to(topk_weights.dtype), dw1, dw2
 
 

@@ -15,6 +15,7 @@ FP8_SCALINGS = ("blocks", "rows")
 FP8_PRODUCTS = ("both", "linear1", "linear2", "auto")
 FP8_PRODUCT_FLAGS = {"both": (True, True), "linear1": (True, False), "linear2": (False, True)}
 """`fp8_products` fixed by name -> (linear1 in FP8, linear2 in FP8)."""
+FP8_BACKWARDS = ("none", "data")
 WEIGHT_CACHES = ("eval", "always", "never")
 FP8_BLOCK = 128  # the side of FP8 scale blocks (1x128 activation tiles, 128x128 weight blocks)
 
@@ -70,9 +71,10 @@ class MoEConfig:
             expert weights quantized once per call and shared by every wave (or kept between
             calls, `weight_cache`, or held, `ExpertParallelMoE.hold_fp8_experts`), each item's
             row quantized, SwiGLU fused with linear2's input quantization, products
-            accumulated in fp32; outputs in the layer's dtype. Backward: bf16 (the
-            layer's dtype) gradients from the saved activations and the unquantized weights
-            (straight through the quantization). H and F must be multiples of 128.
+            accumulated in fp32; outputs in the layer's dtype. Backward: gradients in the
+            layer's dtype from the saved activations (straight through the quantization),
+            with the unquantized weights or, where `fp8_backward` says, in FP8. H and F must
+            be multiples of 128.
         fp8_scaling: the FP8 experts' recipe. "blocks" (DeepSeek's): 1x128 activation tiles,
             128x128 weight blocks, the products in Triton on CUDA. "rows": one scale per
             row of the activations and one per output column of each expert, the products
@@ -86,6 +88,13 @@ class MoEConfig:
             (e.g. where the FP8 product is slower than bf16's, or in training where
             quantizing the weights every call costs more than FP8 saves). Needs
             `expert_dtype`; "auto" needs an eager call before a CUDA graph capture.
+        fp8_backward: "none" (default: the backward's products in the layer's dtype) or
+            "data": the data gradients of each product that runs in FP8 (`fp8_products`),
+            `dz @ w2^T` and `dh @ w1^T`, in FP8 too, the rowwise recipe whatever
+            `fp8_scaling` is: the gradient rows quantized with one scale each, the weights
+            with one scale per row of `w` (a column of `w^T`), made in the backward or kept
+            as `weight_cache` says; the weight gradients stay in the layer's dtype. Needs
+            `expert_dtype`.
         dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each
             token quantized once before dispatch, in 1x128 tiles with fp32 scales (DeepEP's
             FP8 dispatch: at H=7168 a token is 7,168 + 224 bytes on the wire against
@@ -143,6 +152,7 @@ class MoEConfig:
     dispatch_dtype: Optional[torch.dtype] = None
     fp8_scaling: str = "blocks"
     fp8_products: str = "both"
+    fp8_backward: str = "none"
     weight_cache: str = "eval"
 
     def __post_init__(self) -> None:
@@ -220,6 +230,10 @@ class MoEConfig:
         if self.fp8_products != "both" and self.expert_dtype is None:
             raise ValueError(f"MoEConfig.fp8_products={self.fp8_products!r} needs expert_dtype=torch.float8_e4m3fn "
                              "(without FP8 experts every product is in the layer's dtype)")
+        if self.fp8_backward not in FP8_BACKWARDS:
+            raise ValueError(f"MoEConfig.fp8_backward must be one of {FP8_BACKWARDS}, got {self.fp8_backward!r}")
+        if self.fp8_backward != "none" and self.expert_dtype is None:
+            raise ValueError(f"MoEConfig.fp8_backward={self.fp8_backward!r} needs expert_dtype=torch.float8_e4m3fn")
         if self.weight_cache not in WEIGHT_CACHES:
             raise ValueError(f"MoEConfig.weight_cache must be one of {WEIGHT_CACHES}, got {self.weight_cache!r}")
 

@@ -5,8 +5,10 @@ linear2 is SwiGLU (`a = silu(gate) * up`, gate = columns `[:F]` of h, up = `[F:]
 clamped first when a `swiglu_limit` is given) then `a @ w2`.
 Backward is written out by hand so the pipeline can run it wave by wave. With FP8 experts
 (`MoEConfig.expert_dtype`) the forward products run in FP8 (`linear1_fp8`, `linear2_fp8`;
-both, or one: `MoEConfig.fp8_products`) and the backward is the same bf16 one, from the
-saved activations.
+both, or one: `MoEConfig.fp8_products`) and the backward is the same one, from the saved
+activations; with `MoEConfig.fp8_backward="data"` its data products `dz @ w2^T` and
+`dh @ w1^T` run in FP8 too (`quantize_transposed_weight`: the weights' transposes in the
+rowwise recipe), the weight gradients in the layer's dtype.
 """
 from __future__ import annotations
 
@@ -98,6 +100,16 @@ def linear1_backward(
     return dx_IH, dw1
 
 
+def _data_product(dy_IN: torch.Tensor, w_EKN: torch.Tensor, wt: Optional[Fp8Weight], counts: Optional[Sequence[int]],
+                  offs: Optional[torch.Tensor]) -> torch.Tensor:
+    """`dy @ w[e]^T` per expert -> `[I, K]` in dy's dtype: in the layer's dtype, or with `wt`
+    (`quantize_transposed_weight(w)`) in FP8, dy's rows in use quantized with one scale each."""
+    if wt is None:
+        return grouped_mm(dy_IN, w_EKN.transpose(1, 2), counts, offs)
+    q, scale = quantize_rowwise(dy_IN, rows=_rows_in_use(counts, offs))
+    return fp8_grouped_mm(q, scale, wt.q, wt.scale, offs, dy_IN.dtype, counts)
+
+
 def linear2_backward_data(
     dz_IH: torch.Tensor,
     h_I2F: torch.Tensor,
@@ -106,18 +118,22 @@ def linear2_backward_data(
     counts: Optional[Sequence[int]],
     offs: Optional[torch.Tensor] = None,
     swiglu_limit: Optional[float] = None,
+    w2t: Optional[Fp8Weight] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The data part of `linear2_backward`: dh `[I, 2F]`, wa `[I, F]` (weight * swiglu(h),
-    so that dw2 = wa^T @ dz, left to the caller) and dweight `[I]`."""
-    g_IF = grouped_mm(dz_IH, w2_EFH.transpose(1, 2), counts, offs)  # dz @ w2^T
+    so that dw2 = wa^T @ dz, left to the caller) and dweight `[I]`. With `w2t`
+    (`quantize_transposed_weight(w2)`) `dz @ w2^T` runs in FP8."""
+    g_IF = _data_product(dz_IH, w2_EFH, w2t, counts, offs)  # dz @ w2^T
     return swiglu_backward_weighted(g_IF, h_I2F, weight_I, swiglu_limit, _rows_in_use(counts, offs))
 
 
 def linear1_backward_data(
-    dh_I2F: torch.Tensor, w1_EH2F: torch.Tensor, counts: Optional[Sequence[int]], offs: Optional[torch.Tensor] = None
+    dh_I2F: torch.Tensor, w1_EH2F: torch.Tensor, counts: Optional[Sequence[int]], offs: Optional[torch.Tensor] = None,
+    w1t: Optional[Fp8Weight] = None,
 ) -> torch.Tensor:
-    """The data part of `linear1_backward`: dx `[I, H]` (dw1 = x^T @ dh is left to the caller)."""
-    return grouped_mm(dh_I2F, w1_EH2F.transpose(1, 2), counts, offs)
+    """The data part of `linear1_backward`: dx `[I, H]` (dw1 = x^T @ dh is left to the caller).
+    With `w1t` (`quantize_transposed_weight(w1)`) the product runs in FP8."""
+    return _data_product(dh_I2F, w1_EH2F, w1t, counts, offs)
 
 
 def quantize_expert_weight(w: torch.Tensor, scaling: str = "blocks") -> Fp8Weight:
@@ -129,6 +145,16 @@ def quantize_expert_weight(w: torch.Tensor, scaling: str = "blocks") -> Fp8Weigh
     if scaling == "rows":
         return Fp8Weight(*quantize_weight_columns(w.detach()))
     return Fp8Weight(*quantize_weight_blocks(w.detach(), k_major=True))
+
+
+def quantize_transposed_weight(w_EKN: torch.Tensor) -> Fp8Weight:
+    """`w^T` `[E, N, K]` in the rowwise recipe, for the backward's data product `dy @ w^T`: one
+    scale per column of `w^T`, i.e. per row of `w` (over its N values), so w's own memory,
+    quantized row by row (`quantize_rowwise`: one pass), is already the K-major layout the
+    product reads. Made once per backward or kept (`ep.weight_cache`)."""
+    E, K, N = w_EKN.shape
+    q, scale = quantize_rowwise(w_EKN.detach().reshape(E * K, N))
+    return Fp8Weight(q.view(E, K, N).transpose(1, 2), scale.view(E, K))
 
 
 def quantize_experts(w1_EH2F: torch.Tensor, w2_EFH: torch.Tensor, scaling: str = "blocks") -> Fp8Experts:

@@ -12,7 +12,7 @@ from . import checkpoint, compiled
 from .checks import STATUS_SLOTS, X_TOKENS, InputError, PostedFindings, check_same_config, host_status, raise_on_problems
 from .config import FP8_PRODUCT_FLAGS, MoEConfig
 from .dist import as_process_group
-from .experts import Experts, in_recipe, quantize_expert_weight, quantize_experts
+from .experts import Experts, in_recipe, quantize_expert_weight, quantize_experts, quantize_transposed_weight
 from .kernels.fp8 import Fp8Experts, Fp8Weight
 from .pipeline import run_beside, wave_experts
 from .plan import WaveMap, WavePlan, sender_plan
@@ -230,6 +230,19 @@ class ExpertParallelMoE(nn.Module):
             return self._derive(("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling))
         return Fp8Experts(weight(0, w1), weight(1, w2))
 
+    def _fp8_transposed_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> Optional[Fp8Experts]:
+        """The weights' transposes in FP8 for the backward's data products
+        (`MoEConfig.fp8_backward="data"`: each product that runs in FP8 forward, per
+        `fp8_products`), quantized in the backward or kept from an earlier one (`_derive`)."""
+        if self.config.fp8_backward == "none" or not any(self.fp8_products):
+            return None
+
+        def weight(i: int, w: torch.Tensor) -> Optional[Fp8Weight]:
+            if not self.fp8_products[i]:
+                return None
+            return self._derive(("fp8 transposed", i), (w,), lambda: quantize_transposed_weight(w))
+        return Fp8Experts(weight(0, w1), weight(1, w2))
+
     def hold_fp8_experts(self, experts: Optional[Fp8Experts] = None) -> None:
         """Inference with FP8 experts: hold them and use them in every later forward, CUDA graph
         captures included (a capture never reads a kept copy of `weight_cache`, this it does),
@@ -324,8 +337,9 @@ class ExpertParallelMoE(nn.Module):
         plan = self._plan(topk_idx, topk_weights, W, status, max_tokens)
         if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
             shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
+        grad_fp8 = None if cfg.fp8_backward == "none" else lambda: self._fp8_transposed_experts(w1, w2)
         y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
-                                   self._fp8_experts(w1, w2), cfg.dispatch_dtype)
+                                   self._fp8_experts(w1, w2), cfg.dispatch_dtype, grad_fp8)
         if self.shared_experts is not None:
             join()
             y_TH = y_TH + shared_TH

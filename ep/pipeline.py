@@ -316,9 +316,11 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
 
 
 def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_carveout: int,
-                   swiglu_limit: Optional[float]):
+                   swiglu_limit: Optional[float], fp8: Optional[Fp8Experts] = None):
     """The backward schedule (the forward's mirror). Returns dx `[T, H]`, the routing
-    weights' gradients `[T, k]` (acc dtype), dw1, dw2."""
+    weights' gradients `[T, k]` (acc dtype), dw1, dw2. `fp8`: the weights' transposes in FP8
+    for the data products (`MoEConfig.fp8_backward`, `ep.experts.quantize_transposed_weight`;
+    None, or a product's None: that product in the layer's dtype)."""
     w1, w2, recv, plan, hidden = saved.w1, saved.w2, saved.recv, saved.plan, list(saved.hidden)
     W, N = plan.num_waves, plan.rows_per_wave
     items = [it for it, _, _ in saved.waves]
@@ -337,6 +339,7 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
     dz: List[Optional[torch.Tensor]] = [None] * W
     arrived: List[Optional[torch.Tensor]] = [None] * W
     carve = _SmCarveout(sm_carveout if W > 1 else 0, device)
+    fp8_t = fp8 or Fp8Experts(None, None)
 
     def combine_backward(w: int) -> Pending:
         flight = _transfer(transport, packed, recv_dy[w, :N], send[plan.wave_rows(w)], plan,
@@ -349,8 +352,8 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
         dz[w] = gather_rows(recv_dy[w], item_back, it.count)
         with carve:
             dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
-                                                            swiglu_limit)
-            dx_I = linear1_backward_data(dh[w], w1, None, it.offs)
+                                                            swiglu_limit, fp8_t.w2)
+            dx_I = linear1_backward_data(dh[w], w1, None, it.offs, fp8_t.w1)
         hidden[w] = None
         rows = layout.empty(N, device)
         reduce_rows(dx_I, back_item, layout.data(rows))
@@ -395,10 +398,12 @@ class WaveExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
                 swiglu_limit: Optional[float], fp8: Optional[Fp8Experts] = None,
-                dispatch_dtype: Optional[torch.dtype] = None):
+                dispatch_dtype: Optional[torch.dtype] = None,
+                fp8_backward: Optional[Callable[[], Optional[Fp8Experts]]] = None):
         y_TH, status, saved = waves_forward(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout,
                                             swiglu_limit, fp8, dispatch_dtype)
         ctx.mark_non_differentiable(status)
+        ctx.fp8_backward = fp8_backward
         ctx.layout = saved.layout
         ctx.plan = replace(plan, **{name: None for name in PLAN_TENSORS})
         ctx.transport, ctx.sm_carveout, ctx.swiglu_limit = transport, sm_carveout, swiglu_limit
@@ -419,8 +424,9 @@ class WaveExperts(torch.autograd.Function):
         tables = [dict(zip(_WAVE_TENSORS, rest[W + w * per: W + (w + 1) * per])) for w in range(W)]
         waves = [(WaveItems(*(t[name] for name in _WAVE_TENSORS[:5])), t["back_item"], t["item_back"]) for t in tables]
         saved = Saved(w1, w2, recv, ctx.layout, plan, list(rest[:W]), waves)
-        dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, ctx.transport, ctx.sm_carveout, ctx.swiglu_limit)
-        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None, None, None
+        fp8 = ctx.fp8_backward() if ctx.fp8_backward is not None else None
+        dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, ctx.transport, ctx.sm_carveout, ctx.swiglu_limit, fp8)
+        return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None, None, None, None
 
 
 def wave_experts(
@@ -434,9 +440,11 @@ def wave_experts(
     swiglu_limit: Optional[float] = None,
     fp8: Optional[Fp8Experts] = None,
     dispatch_dtype: Optional[torch.dtype] = None,
+    fp8_backward: Optional[Callable[[], Optional[Fp8Experts]]] = None,
 ):
     """Differentiable expert part of the layer: `[T, H]` in, (`[T, H]`, the ranks' status
     `[n, STATUS_SLOTS]`) out. `fp8`: the experts in FP8 for the forward products;
-    `dispatch_dtype`: FP8 rows on the wire (`MoEConfig.dispatch_dtype`)."""
+    `dispatch_dtype`: FP8 rows on the wire (`MoEConfig.dispatch_dtype`); `fp8_backward`:
+    called by the backward for the weights' transposes in FP8 (`waves_backward`'s `fp8`)."""
     return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit, fp8,
-                             dispatch_dtype)
+                             dispatch_dtype, fp8_backward)

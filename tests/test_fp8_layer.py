@@ -151,6 +151,104 @@ def test_fp8_products_auto_keeps_one_choice_on_every_rank(scaling):
     assert all(c in ((True, True), (True, False), (False, True), (False, False)) for c in results[0].values())
 
 
+class _EmulatedProduct(torch.autograd.Function):
+    """`x @ w` per token (`x [T, K]`, `w [T, K, N]`: each token's expert gathered), times the
+    routing weight where one is given (linear2), as the FP8 layer computes it, in float64:
+    forward from the forward's quantized operands `xq`, `wq`; backward with
+    `fp8_backward="data"`'s data product, the incoming gradient's rows through one scale
+    each (linear2's before the routing weight, as the layer's) times `wt` (w through one
+    scale per row of each expert), or unquantized (`wt` = w); the weight's gradient from the
+    unquantized x (straight through), the routing weight's from the data product, as the
+    layer's. `g_dtype`: the gradients rounded to it where a layer in that dtype stores them
+    (before a quantization, a bf16 rounding moves some elements a whole e4m3 step)."""
+
+    @staticmethod
+    def forward(ctx, x, w, xq, wq, wt, quantized_grad, g_dtype, weight=None):
+        ctx.save_for_backward(x, wt, weight)
+        ctx.quantized_grad, ctx.g_dtype = quantized_grad, g_dtype
+        out = torch.einsum("tk,tkn->tn", xq, wq)
+        return out if weight is None else weight[:, None] * out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, wt, weight = ctx.saved_tensors
+        rounded = (lambda t: t.to(ctx.g_dtype).double()) if ctx.g_dtype is not None else (lambda t: t)  # noqa: E731
+        g = rounded(g)
+        data = rounded(torch.einsum("tn,tkn->tk", _q_rowwise(g) if ctx.quantized_grad else g, wt))
+        if weight is None:
+            return data, torch.einsum("tk,tn->tkn", x, g), None, None, None, None, None, None
+        dw = torch.einsum("tk,tn->tkn", weight[:, None] * x, g)
+        return weight[:, None] * data, dw, None, None, None, None, None, (data * x).sum(1)
+
+
+def _q_weight_rows(w):
+    """A float64 weight `[E, K, N]` through one scale per row of each expert (over N)."""
+    E, K, N = w.shape
+    return _q_rowwise(w.reshape(E * K, N)).view(E, K, N)
+
+
+def emulated_fp8_grads(p, products, fp8_backward, h_dtype=None):
+    """The rowwise FP8 layer's forward and backward in float64 by autograd through
+    `_EmulatedProduct` (no FP8 dispatch): y and the gradients of x, w1, w2 for `p.dy`, all
+    tokens and experts, and of the routing weights. `h_dtype`: the layer's dtype where it is
+    not float64 (linear1's output and the gradients rounded to it, as the layer stores them)."""
+    x, w1, w2, tw = (t.clone().requires_grad_(True) for t in (p.x, p.w1, p.w2, p.topk_weights))
+    F = p.w2.shape[1]
+    fwd = [_q_weights(w.detach(), "rows") if on else w.detach() for w, on in zip((w1, w2), products)]
+    bwd = [_q_weight_rows(w.detach()) if on and fp8_backward else w.detach() for w, on in zip((w1, w2), products)]
+    xq = _q_rowwise(x.detach()) if products[0] else x.detach()
+    y = torch.zeros_like(x)
+    for j in range(p.topk_idx.shape[1]):
+        e = p.topk_idx[:, j]
+        h = _EmulatedProduct.apply(x, w1[e], xq, fwd[0][e], bwd[0][e], products[0] and fp8_backward, h_dtype)
+        if h_dtype is not None:  # rounded as the layer stores it (straight through for the gradient)
+            h = h + (h.detach().to(h_dtype).double() - h.detach())
+        a = torch.nn.functional.silu(h[:, :F]) * h[:, F:]
+        gate, up = h[:, :F].detach().float(), h[:, F:].detach().float()  # SwiGLU in fp32 before its quantization
+        aq = _q_rowwise(torch.nn.functional.silu(gate).double() * up.double()) if products[1] else a.detach()
+        y = y + _EmulatedProduct.apply(a, w2[e], aq, fwd[1][e], bwd[1][e], products[1] and fp8_backward, h_dtype,
+                                       tw[:, j])
+    y.backward(p.dy)
+    return dict(y=y.detach(), dx=x.grad, dw1=w1.grad, dw2=w2.grad, dweights=tw.grad)
+
+
+def check_fp8_backward(rank, n, products, split, W):
+    """`fp8_backward="data"`: the data gradients in FP8 (rowwise), against the emulation."""
+    p = make_problem(n, k=3, local_experts=2, H=128, F=128, routing="skewed", seed=11, tokens_range=(10, 20))
+    p.w1 *= 3
+    layer = build_layer(p, n, rank, W, wave_split=split, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows",
+                        fp8_products=products, fp8_backward="data")
+    got = run_layer(layer, p, rank)
+    on = FP8_PRODUCT_FLAGS[products]
+    rows, El = p.rows(rank), p.E // n
+    mine = dict(y=rows, dx=rows, dw1=slice(rank * El, (rank + 1) * El), dw2=slice(rank * El, (rank + 1) * El),
+                dweights=rows)
+    want = emulated_fp8_grads(p, on, True)
+    straight = emulated_fp8_grads(p, on, False)  # the same forward, the backward in float64
+    plain = run_reference(p, n, rank)
+    return ({k: rel_err(got[k], want[k][r]) for k, r in mine.items()},
+            {k: rel_err(got[k], straight[k][r]) for k, r in mine.items()},
+            {k: rel_err(got[k], plain[k]) for k in mine})
+
+
+@pytest.mark.parametrize("products, split, W", [("both", "tokens", 2), ("both", "experts", 2), ("linear1", "tokens", 1),
+                                                ("linear2", "experts", 2)])
+def test_fp8_backward_matches_its_emulation(products, split, W):
+    for emulated, straight, plain in run_world(2, check_fp8_backward, products, split, W):
+        assert max(emulated.values()) < 1e-4, f"vs the float64 emulation of the FP8 backward: {emulated}"
+        # the data gradients were quantized: far from the same forward's float64 backward
+        assert straight["dx"] > 5e-3 and straight["y"] < 1e-3, straight
+        assert max(plain.values()) < 0.15, f"vs the unquantized reference: {plain}"
+
+
+def test_fp8_backward_needs_fp8_experts():
+    with pytest.raises(ValueError, match="fp8_backward='data' needs expert_dtype"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_backward="data")
+    with pytest.raises(ValueError, match="fp8_backward must be one of"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, expert_dtype=torch.float8_e4m3fn,
+                     fp8_backward="all")
+
+
 def test_fp8_products_need_fp8_experts():
     with pytest.raises(ValueError, match="fp8_products='linear1' needs expert_dtype"):
         ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_products="linear1")
