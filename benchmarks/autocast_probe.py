@@ -5,9 +5,17 @@ process (r38b's autocast rows ran after compile_bench's compiled graphs, whose m
 may have left the allocator short: its cudaMallocs and retries per call are printed too).
 
     python3 benchmarks/autocast_probe.py
+    python3 benchmarks/autocast_probe.py --fp8   # the FP8 calls' kernels instead
+
+With `--fp8` the same lists for the FP8 layer at dsv3 (issue 24): inference (eval, rowwise FP8
+experts held; with FP8 dispatch too) against the bf16 layer's forward, and a training step
+(forward+backward) of the bf16 layer against `fp8_backward="data"` with every FP8 weight kept
+(`weight_cache="always"`, the microbatches of a step sharing one quantization).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import sys
 
@@ -16,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import ep  # noqa: E402
 from benchmarks.host_launches import build  # noqa: E402
 from benchmarks.overlap import PRESETS  # noqa: E402
 
@@ -51,10 +60,46 @@ def top(name, fn, n=8):
         print(f"   {e.self_device_time_total / 1e3:8.3f} ms  x{e.count:<4} {e.key[:90]}", flush=True)
 
 
+def variant(layer, **knobs):
+    """A layer with other knobs sharing `layer`'s router and experts (the same weights)."""
+    v = ep.ExpertParallelMoE(dataclasses.replace(layer.config, **knobs)).to(device=layer.experts.w1.device,
+                                                                           dtype=layer.experts.w1.dtype)
+    v.router, v.experts = layer.router, layer.experts
+    return v
+
+
+def fp8_calls(layer, x, idx, tw) -> None:
+    """The FP8 layer's kernels at dsv3 (see the module docstring)."""
+    fp8 = torch.float8_e4m3fn
+    with torch.no_grad():
+        top("bf16 layer, forward", lambda: layer(x, topk_idx=idx, topk_weights=tw), n=12)
+        for name, knobs in (("FP8 rows held", {}), ("FP8 rows held + FP8 dispatch", dict(dispatch_dtype=fp8))):
+            v = variant(layer, expert_dtype=fp8, fp8_scaling="rows", **knobs).eval()
+            v.hold_fp8_experts()
+            top(f"{name}, eval forward", lambda: v(x, topk_idx=idx, topk_weights=tw), n=12)
+            del v
+    dy = torch.randn_like(x)
+    xg = x.clone().requires_grad_(True)
+    for name, lv in (("bf16 layer", layer),
+                     ("FP8 rows, fp8_backward='data', weights kept",
+                      variant(layer, expert_dtype=fp8, fp8_scaling="rows", fp8_backward="data",
+                              weight_cache="always"))):
+        def step():
+            lv.zero_grad(set_to_none=True)
+            lv(xg, topk_idx=idx, topk_weights=tw).backward(dy)
+        top(f"{name}, training step (forward+backward)", step, n=16)
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--fp8", action="store_true", help="the FP8 calls' kernels (issue 24) instead of autocast's")
+    args = ap.parse_args()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     layer, x, idx, tw = build(PRESETS["dsv3"], 1, device)
+    if args.fp8:
+        fp8_calls(layer, x, idx, tw)
+        return 0
     fp32 = build(PRESETS["dsv3"], 1, device)[0].float()
     with torch.no_grad():
         top("bf16 layer", lambda: layer(x, topk_idx=idx, topk_weights=tw))

@@ -1,7 +1,8 @@
 """The FP8 grouped products and quantizers at the presets' per-rank shapes on one GPU, against
 bf16 `torch._grouped_mm` on the same rows: the blockwise Triton product's tile configs (weights
 K-major, as the layer holds them), the rowwise `torch._scaled_grouped_mm` (`fp8_scaling="rows"`),
-and each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights).
+and each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights); the
+backward's data products (`dy @ w^T`, bf16 against `fp8_backward="data"`'s rowwise FP8).
 
     python3 benchmarks/fp8_gemm_sweep.py --shapes dsv3,wide,decode --json fp8_sweep.json
 
@@ -72,6 +73,29 @@ def pack(shape: str, T: int, H: int, E: int, k: int, dev) -> list:
     return out
 
 
+def data_gradient(name: str, w: torch.Tensor, offs: torch.Tensor, flops: int) -> list:
+    """The product's data gradient `dy @ w^T` (`fp8_backward="data"`): bf16 against FP8 rowwise
+    (`ep.experts.quantize_transposed_weight`), with the gradient rows' quantization and the
+    weights' (per row of w) timed apart."""
+    from ep.experts import quantize_transposed_weight
+
+    E, K, N = w.shape
+    dy = torch.randn(offs[-1].item(), N, device=w.device, dtype=torch.bfloat16)
+    wt = quantize_transposed_weight(w)
+    dq, ds = quantize_rowwise(dy)
+    ops = {"data gradient bf16 _grouped_mm": (lambda: torch._grouped_mm(dy, w.transpose(1, 2), offs=offs), True),
+           "data gradient fp8 rowwise _scaled_grouped_mm": (lambda: fp8_grouped_mm(dq, ds, wt.q, wt.scale, offs), True),
+           "data gradient: quantize the gradient rows per row": (lambda: quantize_rowwise(dy), False),
+           f"data gradient: quantize weights {tuple(w.shape)} per row (w^T's columns)":
+               (lambda: quantize_transposed_weight(w), False)}
+    out = []
+    for what, (fn, product) in ops.items():
+        ms = timed(fn)
+        out.append(dict(product=name, kind=what, ms=ms, **(dict(tflops=flops / ms / 1e9) if product else {})))
+        print(f"{name} {what}: {ms:.3f} ms" + (f" {flops / ms / 1e9:.0f} TFLOP/s" if product else ""), flush=True)
+    return out
+
+
 def sweep(shape: str, configs) -> list:
     """Every product and quantizer at one preset's per-rank shape."""
     dev = torch.device("cuda", 0)
@@ -119,6 +143,7 @@ def sweep(shape: str, configs) -> list:
             ms = timed(fn)
             out.append(dict(product=name, kind=what, ms=ms))
             print(f"{name} {what}: {ms:.3f} ms", flush=True)
+        out += data_gradient(name, w, offs, flops)
         del x, w, xq, wk, rq, xr
         torch.cuda.empty_cache()
     return out
