@@ -202,6 +202,31 @@ def test_fullgraph_autocast():
     assert run_world(2, check_autocast, timeout_s=200) == [True, True]
 
 
+def check_fp8_backward(rank, n):
+    """FP8 experts with the data gradients in FP8 (`fp8_backward="data"`, rows) compiled: the
+    compiled op's backward quantizes the weights' transposes as the eager layer's does (y and
+    every gradient equal the eager layer's), and differs from a layer with a bf16 backward."""
+    torch._dynamo.reset()
+    p = make_problem(n, k=2, H=128, F=128, seed=83, routing="skewed", tokens_per_rank=[12] * n)
+    fp8 = dict(expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows", max_tokens=12)
+    layer = load_weights(ep.ExpertParallelMoE(_config(p, 2, fp8_backward="data", **fp8)).double(), p, rank, n)
+    straight = load_weights(ep.ExpertParallelMoE(_config(p, 2, **fp8)).double(), p, rank, n)
+    eager = _step(layer, layer, p, rank)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    failures = []
+    for step in range(2):
+        _compare(_step(compiled, layer, p, rank), eager, f"fp8_backward compiled, step {step}", failures, tol=1e-12)
+    if not rel_err(_step(straight, straight, p, rank)["dx"], eager["dx"]) > 1e-2:
+        failures.append("the data gradients were not quantized")
+    torch._dynamo.reset()
+    assert not failures, "\n".join(failures)
+    return True
+
+
+def test_fullgraph_fp8_backward():
+    assert run_world(2, check_fp8_backward, timeout_s=300) == [True, True]
+
+
 def test_a_copy_gets_its_own_handle():
     """A deep copy of a layer is found by its own handle (compiled graphs call the copy's engine)."""
     import copy
