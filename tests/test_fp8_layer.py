@@ -241,20 +241,13 @@ def test_fp8_backward_matches_its_emulation(products, split, W):
         assert max(plain.values()) < 0.15, f"vs the unquantized reference: {plain}"
 
 
-def test_fp8_backward_needs_fp8_experts():
-    with pytest.raises(ValueError, match="fp8_backward='data' needs expert_dtype"):
-        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_backward="data")
-    with pytest.raises(ValueError, match="fp8_backward must be one of"):
+@pytest.mark.parametrize("knob, named, unknown", [("fp8_products", "linear1", "fastest"), ("fp8_backward", "data", "all")])
+def test_fp8_knobs_need_fp8_experts_and_known_names(knob, named, unknown):
+    with pytest.raises(ValueError, match=f"{knob}='{named}' needs expert_dtype"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, **{knob: named})
+    with pytest.raises(ValueError, match=f"{knob} must be one of"):
         ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, expert_dtype=torch.float8_e4m3fn,
-                     fp8_backward="all")
-
-
-def test_fp8_products_need_fp8_experts():
-    with pytest.raises(ValueError, match="fp8_products='linear1' needs expert_dtype"):
-        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_products="linear1")
-    with pytest.raises(ValueError, match="fp8_products must be one of"):
-        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, expert_dtype=torch.float8_e4m3fn,
-                     fp8_products="fastest")
+                     **{knob: unknown})
 
 
 def test_fp8_experts_need_whole_scale_blocks():
