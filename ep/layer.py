@@ -337,9 +337,9 @@ class ExpertParallelMoE(nn.Module):
         plan = self._plan(topk_idx, topk_weights, W, status, max_tokens)
         if self.shared_experts is not None:  # issued first, it runs beside the first dispatch (on CUDA)
             shared_TH, join = run_beside(x_TH.device, lambda: self.shared_experts(x_TH))
-        grad_fp8 = None if cfg.fp8_backward == "none" else lambda: self._fp8_transposed_experts(w1, w2)
         y_TH, found = wave_experts(x_TH, topk_weights, w1, w2, plan, tr, cfg.sm_carveout, cfg.swiglu_limit,
-                                   self._fp8_experts(w1, w2), cfg.dispatch_dtype, grad_fp8)
+                                   self._fp8_experts(w1, w2), cfg.dispatch_dtype,
+                                   None if cfg.fp8_backward == "none" else self._fp8_transposed_experts)
         if self.shared_experts is not None:
             join()
             y_TH = y_TH + shared_TH

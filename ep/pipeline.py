@@ -399,7 +399,7 @@ class WaveExperts(torch.autograd.Function):
     def forward(ctx, x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Transport, sm_carveout: int,
                 swiglu_limit: Optional[float], fp8: Optional[Fp8Experts] = None,
                 dispatch_dtype: Optional[torch.dtype] = None,
-                fp8_backward: Optional[Callable[[], Optional[Fp8Experts]]] = None):
+                fp8_backward: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[Fp8Experts]]] = None):
         y_TH, status, saved = waves_forward(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout,
                                             swiglu_limit, fp8, dispatch_dtype)
         ctx.mark_non_differentiable(status)
@@ -424,7 +424,7 @@ class WaveExperts(torch.autograd.Function):
         tables = [dict(zip(_WAVE_TENSORS, rest[W + w * per: W + (w + 1) * per])) for w in range(W)]
         waves = [(WaveItems(*(t[name] for name in _WAVE_TENSORS[:5])), t["back_item"], t["item_back"]) for t in tables]
         saved = Saved(w1, w2, recv, ctx.layout, plan, list(rest[:W]), waves)
-        fp8 = ctx.fp8_backward() if ctx.fp8_backward is not None else None
+        fp8 = ctx.fp8_backward(w1, w2) if ctx.fp8_backward is not None else None
         dx_TH, dtopk_TK, dw1, dw2 = waves_backward(saved, dy_TH, ctx.transport, ctx.sm_carveout, ctx.swiglu_limit, fp8)
         return dx_TH, dtopk_TK.to(ctx.w_dtype), dw1, dw2, None, None, None, None, None, None, None
 
@@ -440,11 +440,11 @@ def wave_experts(
     swiglu_limit: Optional[float] = None,
     fp8: Optional[Fp8Experts] = None,
     dispatch_dtype: Optional[torch.dtype] = None,
-    fp8_backward: Optional[Callable[[], Optional[Fp8Experts]]] = None,
+    fp8_backward: Optional[Callable[[torch.Tensor, torch.Tensor], Optional[Fp8Experts]]] = None,
 ):
     """Differentiable expert part of the layer: `[T, H]` in, (`[T, H]`, the ranks' status
     `[n, STATUS_SLOTS]`) out. `fp8`: the experts in FP8 for the forward products;
     `dispatch_dtype`: FP8 rows on the wire (`MoEConfig.dispatch_dtype`); `fp8_backward`:
-    called by the backward for the weights' transposes in FP8 (`waves_backward`'s `fp8`)."""
+    called by the backward with w1, w2 for their transposes in FP8 (`waves_backward`'s `fp8`)."""
     return WaveExperts.apply(x_TH, topk_weights_TK, w1, w2, plan, transport, sm_carveout, swiglu_limit, fp8,
                              dispatch_dtype, fp8_backward)

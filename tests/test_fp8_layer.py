@@ -241,6 +241,39 @@ def test_fp8_backward_matches_its_emulation(products, split, W):
         assert max(plain.values()) < 0.15, f"vs the unquantized reference: {plain}"
 
 
+def check_fp8_backward_keeps_weights(rank, n):
+    """With `weight_cache="always"` the backward's transposed FP8 weights are quantized once
+    while the weights are unchanged (two training steps: once per weight), and again after
+    an optimizer's step changed them; with the default cache, once per weight every step."""
+    import ep.layer
+
+    made = []
+    quantize = ep.layer.quantize_transposed_weight
+    ep.layer.quantize_transposed_weight = lambda w: made.append(w.shape) or quantize(w)
+    try:
+        p = make_problem(n, k=2, local_experts=2, H=128, F=128, routing="skewed", seed=13, tokens_range=(8, 12))
+        counts = {}
+        for cache in ("always", "eval"):
+            layer = build_layer(p, n, rank, 1, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows",
+                                fp8_backward="data", weight_cache=cache)
+            opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+            made.clear()
+            for _ in range(2):
+                run_layer(layer, p, rank)
+            counts[cache] = [len(made)]
+            opt.step()
+            run_layer(layer, p, rank)
+            counts[cache].append(len(made))
+    finally:
+        ep.layer.quantize_transposed_weight = quantize
+    return counts
+
+
+def test_fp8_backward_keeps_its_weights_while_unchanged():
+    for counts in run_world(2, check_fp8_backward_keeps_weights):
+        assert counts == {"always": [2, 4], "eval": [4, 6]}, counts
+
+
 @pytest.mark.parametrize("knob, named, unknown", [("fp8_products", "linear1", "fastest"), ("fp8_backward", "data", "all")])
 def test_fp8_knobs_need_fp8_experts_and_known_names(knob, named, unknown):
     with pytest.raises(ValueError, match=f"{knob}='{named}' needs expert_dtype"):
