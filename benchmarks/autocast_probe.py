@@ -15,7 +15,6 @@ experts held; with FP8 dispatch too) against the bf16 layer's forward, and a tra
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -24,9 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import ep  # noqa: E402
 from benchmarks.host_launches import build  # noqa: E402
-from benchmarks.overlap import PRESETS  # noqa: E402
+from benchmarks.overlap import PRESETS, variant_layer  # noqa: E402
 
 
 def top(name, fn, n=8):
@@ -60,21 +58,14 @@ def top(name, fn, n=8):
         print(f"   {e.self_device_time_total / 1e3:8.3f} ms  x{e.count:<4} {e.key[:90]}", flush=True)
 
 
-def variant(layer, **knobs):
-    """A layer with other knobs sharing `layer`'s router and experts (the same weights)."""
-    v = ep.ExpertParallelMoE(dataclasses.replace(layer.config, **knobs)).to(device=layer.experts.w1.device,
-                                                                           dtype=layer.experts.w1.dtype)
-    v.router, v.experts = layer.router, layer.experts
-    return v
-
-
 def fp8_calls(layer, x, idx, tw) -> None:
     """The FP8 layer's kernels at dsv3 (see the module docstring)."""
     fp8 = torch.float8_e4m3fn
     with torch.no_grad():
         top("bf16 layer, forward", lambda: layer(x, topk_idx=idx, topk_weights=tw), n=12)
         for name, knobs in (("FP8 rows held", {}), ("FP8 rows held + FP8 dispatch", dict(dispatch_dtype=fp8))):
-            v = variant(layer, expert_dtype=fp8, fp8_scaling="rows", **knobs).eval()
+            v = variant_layer(layer, max_tokens=layer.config.max_tokens, expert_dtype=fp8, fp8_scaling="rows",
+                              **knobs).eval()
             v.hold_fp8_experts()
             top(f"{name}, eval forward", lambda: v(x, topk_idx=idx, topk_weights=tw), n=12)
             del v
@@ -82,8 +73,8 @@ def fp8_calls(layer, x, idx, tw) -> None:
     xg = x.clone().requires_grad_(True)
     for name, lv in (("bf16 layer", layer),
                      ("FP8 rows, fp8_backward='data', weights kept",
-                      variant(layer, expert_dtype=fp8, fp8_scaling="rows", fp8_backward="data",
-                              weight_cache="always"))):
+                      variant_layer(layer, max_tokens=layer.config.max_tokens, expert_dtype=fp8, fp8_scaling="rows",
+                                    fp8_backward="data", weight_cache="always"))):
         def step():
             lv.zero_grad(set_to_none=True)
             lv(xg, topk_idx=idx, topk_weights=tw).backward(dy)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -220,15 +220,10 @@ class ExpertParallelMoE(nn.Module):
         cfg = self.config
         if cfg.expert_dtype is None or not any(self.fp8_products):
             return None
-        held = self._held_fp8
-
-        def weight(i: int, w: torch.Tensor) -> Optional[Fp8Weight]:
-            if not self.fp8_products[i]:
-                return None
-            if held is not None:
-                return (held.w1, held.w2)[i]
-            return self._derive(("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling))
-        return Fp8Experts(weight(0, w1), weight(1, w2))
+        if self._held_fp8 is not None:
+            return self._per_fp8_product(self._held_fp8.w1, self._held_fp8.w2, lambda i, w: w)
+        return self._per_fp8_product(w1, w2, lambda i, w: self._derive(
+            ("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling)))
 
     def _fp8_transposed_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> Optional[Fp8Experts]:
         """The weights' transposes in FP8 for the backward's data products
@@ -236,12 +231,13 @@ class ExpertParallelMoE(nn.Module):
         `fp8_products`), quantized in the backward or kept from an earlier one (`_derive`)."""
         if self.config.fp8_backward == "none" or not any(self.fp8_products):
             return None
+        return self._per_fp8_product(w1, w2, lambda i, w: self._derive(
+            ("fp8 transposed", i), (w,), lambda: quantize_transposed_weight(w)))
 
-        def weight(i: int, w: torch.Tensor) -> Optional[Fp8Weight]:
-            if not self.fp8_products[i]:
-                return None
-            return self._derive(("fp8 transposed", i), (w,), lambda: quantize_transposed_weight(w))
-        return Fp8Experts(weight(0, w1), weight(1, w2))
+    def _per_fp8_product(self, w1, w2, make: Callable[[int, object], Fp8Weight]) -> Fp8Experts:
+        """`make(i, w)` for each product i (0: linear1's w1, 1: linear2's w2) that
+        `fp8_products` runs in FP8, None for the others."""
+        return Fp8Experts(*(make(i, w) if on else None for i, (w, on) in enumerate(zip((w1, w2), self.fp8_products))))
 
     def hold_fp8_experts(self, experts: Optional[Fp8Experts] = None) -> None:
         """Inference with FP8 experts: hold them and use them in every later forward, CUDA graph
