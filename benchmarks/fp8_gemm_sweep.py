@@ -1,7 +1,8 @@
 """The FP8 grouped products and quantizers at the presets' per-rank shapes on one GPU, against
 bf16 `torch._grouped_mm` on the same rows: the blockwise Triton product's tile configs (weights
-K-major, as the layer holds them), the rowwise `torch._scaled_grouped_mm` (`fp8_scaling="rows"`),
-and each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights); the
+K-major, as the layer holds them), the rowwise `torch._scaled_grouped_mm` (`fp8_scaling="rows"`;
+promoted and with fast accumulation, `fp8_fast_accum`, each one's error against float64), and
+each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights); the
 backward's data products (`dy @ w^T`, bf16 against `fp8_backward="data"`'s rowwise FP8).
 
     python3 benchmarks/fp8_gemm_sweep.py --shapes dsv3,wide,decode --json fp8_sweep.json
@@ -73,6 +74,28 @@ def pack(shape: str, T: int, H: int, E: int, k: int, dev) -> list:
     return out
 
 
+def rowwise_products(name: str, xq, xs, wq, ws, offs: torch.Tensor, flops: int) -> list:
+    """The rowwise `torch._scaled_grouped_mm`, its partial sums promoted to fp32 every 128 of K
+    (the default) and with fast accumulation (`fp8_fast_accum`): ms, and each one's error
+    against the float64 product of the same FP8 operands, over the first two experts
+    (relative Frobenius norm; what the accumulation alone costs: both read the same bytes)."""
+    from ep.kernels.fp8 import fp8_grouped_mm_emulated
+
+    two = int(offs[1])
+    exact = fp8_grouped_mm_emulated(xq[:two], xs[:two], wq[:2], ws[:2], offs[:2], torch.float64,
+                                    acc_dtype=torch.float64)
+    out = []
+    for fast in (False, True):
+        kind = "fp8 rowwise _scaled_grouped_mm" + (" fast accum" if fast else "")
+        ms = timed(lambda: fp8_grouped_mm(xq, xs, wq, ws, offs, fast_accum=fast))
+        got = fp8_grouped_mm(xq, xs, wq, ws, offs, fast_accum=fast)[:two].double()
+        err = ((got - exact).norm() / exact.norm()).item()
+        out.append(dict(product=name, kind=kind, ms=ms, tflops=flops / ms / 1e9, rel_err_vs_float64=err))
+        print(f"{name} {kind}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s, vs float64 of the same FP8 operands "
+              f"{err:.2e}", flush=True)
+    return out
+
+
 def data_gradient(name: str, w: torch.Tensor, offs: torch.Tensor, flops: int) -> list:
     """The product's data gradient `dy @ w^T` (`fp8_backward="data"`): bf16 against FP8 rowwise
     (`ep.experts.quantize_transposed_weight`), with the gradient rows' quantization and the
@@ -123,9 +146,7 @@ def sweep(shape: str, configs) -> list:
             out.append(row)
         rq, rs = quantize_weight_columns(w)
         xr, xrs = quantize_rowwise(x)
-        ms = timed(lambda: fp8_grouped_mm(xr, xrs, rq, rs, offs))
-        out.append(dict(product=name, kind="fp8 rowwise _scaled_grouped_mm", ms=ms, tflops=flops / ms / 1e9))
-        print(f"{name} fp8 rowwise torch._scaled_grouped_mm: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
+        out += rowwise_products(name, xr, xrs, rq, rs, offs, flops)
         index = torch.randperm(E * rows, device=dev)
         count = torch.tensor(E * rows, device=dev)
         ops = {f"quantize weights {tuple(w.shape)} 128x128 blocks": lambda: quantize_weight_blocks(w, k_major=True),

@@ -196,6 +196,12 @@ FP8_PRECISIONS = {  # name -> (MoEConfig knobs, what they are)
                      "fp8_rows with the backward's data gradients in FP8 too (fp8_backward='data')"),
     "fp8_rows_bwd_kept": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_backward="data", weight_cache="always"),
                           "fp8_rows_bwd with every FP8 weight kept between calls (weight_cache='always')"),
+    "fp8_rows_fast": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_fast_accum=True),
+                      "fp8_rows with the forward's products in fast accumulation (fp8_fast_accum: no promotion)"),
+    "fp8_rows_dispatch_fast": (dict(expert_dtype=FP8, fp8_scaling="rows", dispatch_dtype=FP8, fp8_fast_accum=True),
+                               "fp8_rows_dispatch with fp8_fast_accum"),
+    "fp8_rows_bwd_kept_fast": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_backward="data", weight_cache="always",
+                                    fp8_fast_accum=True), "fp8_rows_bwd_kept with fp8_fast_accum"),
 }
 
 

@@ -124,7 +124,7 @@ _FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_wave
                        "norm_topk", "dedup_across_waves", "sm_carveout", "transport", "wave_split", "max_tokens",
                        "capacity_factor", "n_group", "topk_group", "routed_scaling_factor", "swiglu_limit",
                        "num_shared_experts", "timeout_s", "expert_dtype", "dispatch_dtype", "fp8_scaling",
-                       "fp8_products", "fp8_backward")
+                       "fp8_products", "fp8_backward", "fp8_fast_accum")
 _CHOICES = {"score_func": SCORE_FUNCS, "transport": TRANSPORTS, "wave_split": WAVE_SPLITS, "expert_dtype": EXPERT_DTYPES,
             "dispatch_dtype": EXPERT_DTYPES, "fp8_scaling": FP8_SCALINGS,
             "fp8_products": FP8_PRODUCTS, "fp8_backward": FP8_BACKWARDS}
@@ -151,7 +151,7 @@ def _decode(name: str, code: int):
         return None if code == _NONE else struct.unpack("<d", struct.pack("<q", code))[0]
     if name == "max_tokens" and code == _NONE:
         return None
-    return bool(code) if name in ("norm_topk", "dedup_across_waves") else code
+    return bool(code) if name in ("norm_topk", "dedup_across_waves", "fp8_fast_accum") else code
 
 
 def fingerprint(cfg: MoEConfig) -> List[int]:

@@ -95,6 +95,13 @@ class MoEConfig:
             with one scale per row of `w` (a column of `w^T`), made in the backward or kept
             as `weight_cache` says; the weight gradients stay in the layer's dtype. Needs
             `expert_dtype`.
+        fp8_fast_accum: False (default) or True: the forward's FP8 products accumulate in the
+            tensor cores' own accumulator over all of K (`torch._scaled_grouped_mm`'s
+            `use_fast_accum`, TransformerEngine's and torchao's default for the forward
+            product) instead of promoting partial sums to fp32 every 128 of K (DeepSeek's
+            recipe, the default); faster, less accurate over long K (README, Precision). The
+            backward's FP8 products always promote. Needs `expert_dtype` and
+            `fp8_scaling="rows"` (the blockwise product promotes by construction).
         dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each
             token quantized once before dispatch, in 1x128 tiles with fp32 scales (DeepEP's
             FP8 dispatch: at H=7168 a token is 7,168 + 224 bytes on the wire against
@@ -153,6 +160,7 @@ class MoEConfig:
     fp8_scaling: str = "blocks"
     fp8_products: str = "both"
     fp8_backward: str = "none"
+    fp8_fast_accum: bool = False
     weight_cache: str = "eval"
 
     def __post_init__(self) -> None:
@@ -171,7 +179,7 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}"
             )
-        for name in ("norm_topk", "dedup_across_waves"):
+        for name in ("norm_topk", "dedup_across_waves", "fp8_fast_accum"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.transport not in TRANSPORTS:
@@ -234,6 +242,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.fp8_backward must be one of {FP8_BACKWARDS}, got {self.fp8_backward!r}")
         if self.fp8_backward != "none" and self.expert_dtype is None:
             raise ValueError(f"MoEConfig.fp8_backward={self.fp8_backward!r} needs expert_dtype=torch.float8_e4m3fn")
+        if self.fp8_fast_accum and (self.expert_dtype is None or self.fp8_scaling != "rows"):
+            raise ValueError("MoEConfig.fp8_fast_accum=True needs expert_dtype=torch.float8_e4m3fn and "
+                             f"fp8_scaling='rows' (got expert_dtype={self.expert_dtype}, fp8_scaling="
+                             f"{self.fp8_scaling!r}; the blockwise product promotes every 128 of K by construction)")
         if self.weight_cache not in WEIGHT_CACHES:
             raise ValueError(f"MoEConfig.weight_cache must be one of {WEIGHT_CACHES}, got {self.weight_cache!r}")
 

@@ -177,11 +177,12 @@ def in_recipe(experts: Fp8Experts, scaling: str) -> Fp8Experts:
 
 def linear1_fp8(x_MH: torch.Tensor, w1: Fp8Weight, offs: torch.Tensor, index: Optional[torch.Tensor] = None,
                 rows: Optional[torch.Tensor] = None, x_scale: Optional[torch.Tensor] = None,
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                out_dtype: Optional[torch.dtype] = None, fast_accum: bool = False) -> torch.Tensor:
     """`linear1` in FP8: the item rows (`x[index]`) quantized as the weights' recipe wants
-    (1x128 tiles, or one scale per row), times the weights, fp32 accumulation -> `[I, 2F]` in
-    x's dtype. With `x_scale`, x is quantized already (FP8 dispatch's 1x128 tiles: gathered
-    as they are, or for the rowwise recipe quantized again per row; `out_dtype` given)."""
+    (1x128 tiles, or one scale per row), times the weights, fp32 accumulation (`fast_accum`:
+    `fp8_grouped_mm`'s) -> `[I, 2F]` in x's dtype. With `x_scale`, x is quantized already (FP8
+    dispatch's 1x128 tiles: gathered as they are, or for the rowwise recipe quantized again
+    per row; `out_dtype` given)."""
     out_dtype = out_dtype or x_MH.dtype
     if w1.rowwise:
         xq, xs = quantize_rowwise(x_MH, index=index, rows=rows, x_scale=x_scale)
@@ -189,12 +190,12 @@ def linear1_fp8(x_MH: torch.Tensor, w1: Fp8Weight, offs: torch.Tensor, index: Op
         xq, xs = gather_quantized(x_MH, x_scale, index, rows)
     else:
         xq, xs = quantize_rows(gather_rows(x_MH, index, rows) if index is not None else x_MH)
-    return fp8_grouped_mm(xq, xs, w1.q, w1.scale, offs, out_dtype)
+    return fp8_grouped_mm(xq, xs, w1.q, w1.scale, offs, out_dtype, fast_accum=fast_accum)
 
 
 def linear2_fp8(h_I2F: torch.Tensor, w2: Fp8Weight, offs: torch.Tensor,
-                swiglu_limit: Optional[float] = None) -> torch.Tensor:
+                swiglu_limit: Optional[float] = None, fast_accum: bool = False) -> torch.Tensor:
     """`linear2` in FP8: SwiGLU fused with its quantization (1x128 tiles, or one scale per row
     for the rowwise recipe), times the weights -> `[I, H]` in h's dtype."""
     aq, a_scale = swiglu_quantize(h_I2F, swiglu_limit, rowwise=w2.rowwise)
-    return fp8_grouped_mm(aq, a_scale, w2.q, w2.scale, offs, h_I2F.dtype)
+    return fp8_grouped_mm(aq, a_scale, w2.q, w2.scale, offs, h_I2F.dtype, fast_accum=fast_accum)

@@ -221,9 +221,9 @@ class ExpertParallelMoE(nn.Module):
         if cfg.expert_dtype is None or not any(self.fp8_products):
             return None
         if self._held_fp8 is not None:
-            return self._per_fp8_product(self._held_fp8.w1, self._held_fp8.w2, lambda i, w: w)
+            return self._per_fp8_product(self._held_fp8.w1, self._held_fp8.w2, lambda i, w: w, cfg.fp8_fast_accum)
         return self._per_fp8_product(w1, w2, lambda i, w: self._derive(
-            ("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling)))
+            ("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling)), cfg.fp8_fast_accum)
 
     def _fp8_transposed_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> Optional[Fp8Experts]:
         """The weights' transposes in FP8 for the backward's data products
@@ -234,10 +234,12 @@ class ExpertParallelMoE(nn.Module):
         return self._per_fp8_product(w1, w2, lambda i, w: self._derive(
             ("fp8 transposed", i), (w,), lambda: quantize_transposed_weight(w)))
 
-    def _per_fp8_product(self, w1, w2, make: Callable[[int, object], Fp8Weight]) -> Fp8Experts:
+    def _per_fp8_product(self, w1, w2, make: Callable[[int, object], Fp8Weight],
+                         fast_accum: bool = False) -> Fp8Experts:
         """`make(i, w)` for each product i (0: linear1's w1, 1: linear2's w2) that
-        `fp8_products` runs in FP8, None for the others."""
-        return Fp8Experts(*(make(i, w) if on else None for i, (w, on) in enumerate(zip((w1, w2), self.fp8_products))))
+        `fp8_products` runs in FP8, None for the others (`fast_accum`: `Fp8Experts`')."""
+        return Fp8Experts(*(make(i, w) if on else None for i, (w, on) in enumerate(zip((w1, w2), self.fp8_products))),
+                          fast_accum=fast_accum)
 
     def hold_fp8_experts(self, experts: Optional[Fp8Experts] = None) -> None:
         """Inference with FP8 experts: hold them and use them in every later forward, CUDA graph

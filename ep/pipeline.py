@@ -287,13 +287,14 @@ def waves_forward(x_TH, topk_weights_TK, w1, w2, plan: WavePlan, transport: Tran
             few = plan.expected_items_per_expert
             if fp8 is not None and fp8.w1 is not None:
                 h = linear1_fp8(layout.data(rows), fp8.w1, it.offs, index=it.item_row, rows=it.count,
-                                x_scale=layout.scales(rows) if layout.quantized else None, out_dtype=x_TH.dtype)
+                                x_scale=layout.scales(rows) if layout.quantized else None, out_dtype=x_TH.dtype,
+                                fast_accum=fp8.fast_accum)
             elif layout.quantized:  # FP8 rows into a product in the layer's dtype
                 h = linear1(item_rows(layout, rows, it.item_row, it.count), w1, None, it.offs, few)
             else:
                 h = linear1(layout.data(rows), w1, None, it.offs, few, index=it.item_row, rows=it.count)
             if fp8 is not None and fp8.w2 is not None:
-                o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit)
+                o = linear2_fp8(h, fp8.w2, it.offs, swiglu_limit, fp8.fast_accum)
             else:
                 o = linear2(h, w2, None, it.offs, swiglu_limit, few)
         sums = x_TH.new_empty(N, H)

@@ -274,6 +274,63 @@ def test_fp8_backward_keeps_its_weights_while_unchanged():
         assert counts == {"always": [2, 4], "eval": [4, 6]}, counts
 
 
+def check_fast_accum_reaches_the_forward_products(rank, n):
+    """`fp8_fast_accum` where `torch._scaled_grouped_mm` would run (it and the device check
+    stood in for by a recorder that runs the fp32 emulation): for each layer, the
+    `use_fast_accum` of the forward's and the backward's FP8 products; and whether both
+    layers gave the same y and dx."""
+    import ep.kernels.fp8 as fp8
+
+    calls = []
+
+    def scaled(xq, wq, xs, ws, offs=None, out_dtype=None, use_fast_accum=False):
+        calls.append(use_fast_accum)
+        return fp8.fp8_grouped_mm_emulated(xq, xs, wq, ws, offs, out_dtype)
+
+    available, product = fp8.scaled_grouped_mm_available, getattr(torch, "_scaled_grouped_mm", None)
+    fp8.scaled_grouped_mm_available, torch._scaled_grouped_mm = (lambda x: True), scaled
+    p = make_problem(n, k=2, local_experts=2, H=128, F=128, routing="skewed", seed=19, tokens_range=(8, 12))
+    rows, out, got = p.rows(rank), {}, {}
+    try:
+        for fast in (False, True):
+            layer = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows",
+                                fp8_backward="data", fp8_fast_accum=fast).to(torch.bfloat16)
+            x = p.x[rows].to(torch.bfloat16).requires_grad_(True)
+            calls.clear()
+            y = layer(x, topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows].to(torch.bfloat16))
+            forward = list(calls)
+            calls.clear()
+            y.backward(p.dy[rows].to(torch.bfloat16))
+            out[fast] = dict(forward=forward, backward=list(calls))
+            got[fast] = (y.detach(), x.grad)
+    finally:
+        fp8.scaled_grouped_mm_available = available
+        if product is None:
+            del torch._scaled_grouped_mm
+        else:
+            torch._scaled_grouped_mm = product
+    out["same"] = all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+    return out
+
+
+def test_fp8_fast_accum_reaches_the_forward_products_only():
+    for out in run_world(2, check_fast_accum_reaches_the_forward_products):
+        # two waves, two products each, forward and backward (the data gradients)
+        assert out[True]["forward"] == [True] * 4 and out[True]["backward"] == [False] * 4, out[True]
+        assert out[False]["forward"] == [False] * 4 and out[False]["backward"] == [False] * 4, out[False]
+        # the emulation is exact fp32 either way: the knob changed nothing else
+        assert out["same"]
+
+
+@pytest.mark.parametrize("knobs", [dict(fp8_fast_accum=True), dict(fp8_fast_accum=True, expert_dtype=torch.float8_e4m3fn)])
+def test_fp8_fast_accum_needs_rowwise_fp8_experts(knobs):
+    with pytest.raises(ValueError, match="fp8_fast_accum=True needs expert_dtype=torch.float8_e4m3fn and "
+                                         "fp8_scaling='rows'"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, **knobs)
+    with pytest.raises(ValueError, match="fp8_fast_accum must be a bool"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_fast_accum=1)
+
+
 @pytest.mark.parametrize("knob, named, unknown", [("fp8_products", "linear1", "fastest"), ("fp8_backward", "data", "all")])
 def test_fp8_knobs_need_fp8_experts_and_known_names(knob, named, unknown):
     with pytest.raises(ValueError, match=f"{knob}='{named}' needs expert_dtype"):

@@ -77,10 +77,12 @@ class Fp8Weight:
 class Fp8Experts:
     """A rank's routed experts in FP8, the layer's layout: w1 `[E_local, H, 2F]` (gate
     columns `[:F]`, up `[F:]`), w2 `[E_local, F, H]`, each with its scales (one recipe).
-    None: that product runs in the layer's dtype (`MoEConfig.fp8_products`)."""
+    None: that product runs in the layer's dtype (`MoEConfig.fp8_products`). `fast_accum`:
+    the products accumulate without promotion (`MoEConfig.fp8_fast_accum`, `fp8_grouped_mm`)."""
 
     w1: Optional[Fp8Weight]
     w2: Optional[Fp8Weight]
+    fast_accum: bool = False
 
 
 def _check_fp8(q: torch.Tensor, name: str) -> None:
@@ -335,6 +337,7 @@ def scaled_grouped_mm_available(x: torch.Tensor) -> bool:
 def fp8_grouped_mm(
     xq_MK: torch.Tensor, x_scale: torch.Tensor, wq_EKN: torch.Tensor, w_scale: torch.Tensor,
     offs: Optional[torch.Tensor], out_dtype: torch.dtype = torch.bfloat16, counts: Optional[Sequence[int]] = None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """`out[rows of e] = dequant(x)[rows of e] @ dequant(w[e])` for every expert e, in fp32
     accumulation, -> `[M, N]` in `out_dtype` (rows past the last group: unspecified).
@@ -354,6 +357,10 @@ def fp8_grouped_mm(
         offs: `[E]` int32 cumulative rows per expert on x's device (the device paths read it
             there: no host sync), or None with `counts`.
         counts: `[E]` host ints (the emulation's group sizes; read from `offs` if None).
+        fast_accum: rowwise on CUDA: `torch._scaled_grouped_mm(use_fast_accum=True)`, the
+            partial sums kept in the tensor cores' accumulator over all of K rather than
+            promoted to fp32 every 128 of K (faster, less accurate over long K). The
+            blockwise product always promotes, and the emulation is exact fp32: both ignore it.
     """
     kind = _check_grouped(xq_MK, x_scale, wq_EKN, w_scale)
     if offs is not None and kind == "blocks" and use_triton(x_scale):
@@ -363,7 +370,8 @@ def fp8_grouped_mm(
     E, K, N = wq_EKN.shape
     if (offs is not None and kind == "rowwise" and out_dtype == torch.bfloat16 and scaled_grouped_mm_available(xq_MK)
             and wq_EKN.stride(1) == 1 and xq_MK.stride(1) == 1 and K % 16 == 0 and N % 16 == 0 and E < 1024):
-        return torch._scaled_grouped_mm(xq_MK, wq_EKN, x_scale, w_scale, offs=offs, out_dtype=torch.bfloat16)
+        return torch._scaled_grouped_mm(xq_MK, wq_EKN, x_scale, w_scale, offs=offs, out_dtype=torch.bfloat16,
+                                        use_fast_accum=fast_accum)
     return fp8_grouped_mm_emulated(xq_MK, x_scale, wq_EKN, w_scale, offs, out_dtype, counts)
 
 
