@@ -75,7 +75,7 @@ def pack(shape: str, T: int, H: int, E: int, k: int, dev) -> list:
 
 
 def rowwise_products(name: str, xq, xs, wq, ws, offs: torch.Tensor, flops: int) -> list:
-    """The rowwise `torch._scaled_grouped_mm`, its partial sums promoted to fp32 every 128 of K
+    """The rowwise `torch._scaled_grouped_mm`, its partial sums promoted to fp32 along K
     (the default) and with fast accumulation (`fp8_fast_accum`): ms, and each one's error
     against the float64 product of the same FP8 operands, over the first two experts
     (relative Frobenius norm; what the accumulation alone costs: both read the same bytes)."""

@@ -98,8 +98,8 @@ class MoEConfig:
         fp8_fast_accum: False (default) or True: the forward's FP8 products accumulate in the
             tensor cores' own accumulator over all of K (`torch._scaled_grouped_mm`'s
             `use_fast_accum`, TransformerEngine's and torchao's default for the forward
-            product) instead of promoting partial sums to fp32 every 128 of K (DeepSeek's
-            recipe, the default); faster, less accurate over long K (README, Precision). The
+            product) instead of promoting partial sums to fp32 at intervals along K (the
+            default; DeepSeek's recipe promotes every 128 of K); faster, less accurate over long K (README, Precision). The
             backward's FP8 products always promote. Needs `expert_dtype` and
             `fp8_scaling="rows"` (the blockwise product promotes by construction).
         dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each

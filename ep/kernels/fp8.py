@@ -359,7 +359,7 @@ def fp8_grouped_mm(
         counts: `[E]` host ints (the emulation's group sizes; read from `offs` if None).
         fast_accum: rowwise on CUDA: `torch._scaled_grouped_mm(use_fast_accum=True)`, the
             partial sums kept in the tensor cores' accumulator over all of K rather than
-            promoted to fp32 every 128 of K (faster, less accurate over long K). The
+            promoted to fp32 at intervals along K (faster, less accurate over long K). The
             blockwise product always promotes, and the emulation is exact fp32: both ignore it.
     """
     kind = _check_grouped(xq_MK, x_scale, wq_EKN, w_scale)
