@@ -276,9 +276,9 @@ def test_fp8_backward_keeps_its_weights_while_unchanged():
 
 def check_fast_accum_reaches_the_forward_products(rank, n):
     """`fp8_fast_accum` where `torch._scaled_grouped_mm` would run (it and the device check
-    stood in for by a recorder that runs the fp32 emulation): for each layer, the
-    `use_fast_accum` of the forward's and the backward's FP8 products; and whether both
-    layers gave the same y and dx."""
+    stood in for by a recorder that runs the fp32 emulation): per layer (promoted, fast
+    accumulation, the fast one under `torch.compile(fullgraph=True)`) the `use_fast_accum` of
+    the forward's and the backward's FP8 products; and whether all gave the same y and dx."""
     import ep.kernels.fp8 as fp8
 
     calls = []
@@ -291,33 +291,37 @@ def check_fast_accum_reaches_the_forward_products(rank, n):
     fp8.scaled_grouped_mm_available, torch._scaled_grouped_mm = (lambda x: True), scaled
     p = make_problem(n, k=2, local_experts=2, H=128, F=128, routing="skewed", seed=19, tokens_range=(8, 12))
     rows, out, got = p.rows(rank), {}, {}
+    torch._dynamo.reset()
     try:
-        for fast in (False, True):
+        for name, fast in (("promoted", False), ("fast", True), ("fast compiled", True)):
             layer = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows",
-                                fp8_backward="data", fp8_fast_accum=fast).to(torch.bfloat16)
+                                fp8_backward="data", fp8_fast_accum=fast, max_tokens=12).to(torch.bfloat16)
+            call = torch.compile(layer, fullgraph=True, backend="aot_eager") if "compiled" in name else layer
             x = p.x[rows].to(torch.bfloat16).requires_grad_(True)
             calls.clear()
-            y = layer(x, topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows].to(torch.bfloat16))
+            y = call(x, topk_idx=p.topk_idx[rows], topk_weights=p.topk_weights[rows].to(torch.bfloat16))
             forward = list(calls)
             calls.clear()
             y.backward(p.dy[rows].to(torch.bfloat16))
-            out[fast] = dict(forward=forward, backward=list(calls))
-            got[fast] = (y.detach(), x.grad)
+            out[name] = dict(forward=forward, backward=list(calls))
+            got[name] = (y.detach(), x.grad)
     finally:
+        torch._dynamo.reset()
         fp8.scaled_grouped_mm_available = available
         if product is None:
             del torch._scaled_grouped_mm
         else:
             torch._scaled_grouped_mm = product
-    out["same"] = all(torch.equal(a, b) for a, b in zip(got[True], got[False]))
+    out["same"] = all(torch.equal(a, b) for name in got for a, b in zip(got[name], got["promoted"]))
     return out
 
 
 def test_fp8_fast_accum_reaches_the_forward_products_only():
-    for out in run_world(2, check_fast_accum_reaches_the_forward_products):
+    for out in run_world(2, check_fast_accum_reaches_the_forward_products, timeout_s=200):
         # two waves, two products each, forward and backward (the data gradients)
-        assert out[True]["forward"] == [True] * 4 and out[True]["backward"] == [False] * 4, out[True]
-        assert out[False]["forward"] == [False] * 4 and out[False]["backward"] == [False] * 4, out[False]
+        for name in ("fast", "fast compiled"):
+            assert out[name]["forward"] == [True] * 4 and out[name]["backward"] == [False] * 4, (name, out[name])
+        assert out["promoted"]["forward"] == [False] * 4 and out["promoted"]["backward"] == [False] * 4, out
         # the emulation is exact fp32 either way: the knob changed nothing else
         assert out["same"]
 
