@@ -106,8 +106,8 @@ def check_case(n, rank, device, W, dedup, routing, seed, transport="nccl", split
 def check_fp8(n, rank, device, W, split, dispatch=False, scaling="blocks", products="both", fast=False):
     """FP8 expert products (`MoEConfig.expert_dtype`, `fp8_scaling`, `fp8_products`; with
     `dispatch` FP8 rows on the wire too, `MoEConfig.dispatch_dtype`; with `fast` the forward's
-    products without promotion, `fp8_fast_accum`, against the promoted emulation): the forward against the
-    float64 emulation of the same quantization (`tests.test_fp8_layer`) and against the
+    products without promotion, `fp8_fast_accum`, against the promoted emulation): the
+    forward against the float64 emulation of the same quantization (`tests.test_fp8_layer`) and against the
     unquantized reference; the straight-through gradients against the reference; then a
     forward and a training step under sync debug mode "error", and in eval mode (FP8 experts
     kept between calls) a second call equal to the first and a call after the weights
