@@ -99,9 +99,10 @@ class MoEConfig:
             tensor cores' own accumulator over all of K (`torch._scaled_grouped_mm`'s
             `use_fast_accum`, TransformerEngine's and torchao's default for the forward
             product) instead of promoting partial sums to fp32 at intervals along K (the
-            default; DeepSeek's recipe promotes every 128 of K); faster, less accurate over long K (README, Precision). The
-            backward's FP8 products always promote. Needs `expert_dtype` and
-            `fp8_scaling="rows"` (the blockwise product promotes by construction).
+            default; DeepSeek's recipe promotes every 128 of K); faster, less accurate over
+            long K (README, Precision). The backward's FP8 products always promote. Needs
+            `expert_dtype` and `fp8_scaling="rows"` (the blockwise product promotes by
+            construction).
         dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each
             token quantized once before dispatch, in 1x128 tiles with fp32 scales (DeepEP's
             FP8 dispatch: at H=7168 a token is 7,168 + 224 bytes on the wire against

@@ -221,9 +221,11 @@ class ExpertParallelMoE(nn.Module):
         if cfg.expert_dtype is None or not any(self.fp8_products):
             return None
         if self._held_fp8 is not None:
-            return self._per_fp8_product(self._held_fp8.w1, self._held_fp8.w2, lambda i, w: w, cfg.fp8_fast_accum)
-        return self._per_fp8_product(w1, w2, lambda i, w: self._derive(
-            ("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling)), cfg.fp8_fast_accum)
+            w1, w2, make = self._held_fp8.w1, self._held_fp8.w2, lambda i, w: w
+        else:
+            make = lambda i, w: self._derive(  # noqa: E731
+                ("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling))
+        return self._per_fp8_product(w1, w2, make, cfg.fp8_fast_accum)
 
     def _fp8_transposed_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> Optional[Fp8Experts]:
         """The weights' transposes in FP8 for the backward's data products

@@ -326,7 +326,8 @@ def test_fp8_fast_accum_reaches_the_forward_products_only():
         assert out["same"]
 
 
-@pytest.mark.parametrize("knobs", [dict(fp8_fast_accum=True), dict(fp8_fast_accum=True, expert_dtype=torch.float8_e4m3fn)])
+@pytest.mark.parametrize("knobs", [dict(fp8_fast_accum=True),
+                                   dict(fp8_fast_accum=True, expert_dtype=torch.float8_e4m3fn)])
 def test_fp8_fast_accum_needs_rowwise_fp8_experts(knobs):
     with pytest.raises(ValueError, match="fp8_fast_accum=True needs expert_dtype=torch.float8_e4m3fn and "
                                          "fp8_scaling='rows'"):
