@@ -98,8 +98,9 @@ def rowwise_products(name: str, xq, xs, wq, ws, offs: torch.Tensor, flops: int) 
 
 def data_gradient(name: str, w: torch.Tensor, offs: torch.Tensor, flops: int) -> list:
     """The product's data gradient `dy @ w^T` (`fp8_backward="data"`): bf16 against FP8 rowwise
-    (`ep.experts.quantize_transposed_weight`), with the gradient rows' quantization and the
-    weights' (per row of w) timed apart."""
+    (`ep.experts.quantize_transposed_weight`; promoted, and with fast accumulation: what it would
+    save in the backward), with the gradient rows' quantization and the weights' (per row of w)
+    timed apart."""
     from ep.experts import quantize_transposed_weight
 
     E, K, N = w.shape
@@ -108,6 +109,8 @@ def data_gradient(name: str, w: torch.Tensor, offs: torch.Tensor, flops: int) ->
     dq, ds = quantize_rowwise(dy)
     ops = {"data gradient bf16 _grouped_mm": (lambda: torch._grouped_mm(dy, w.transpose(1, 2), offs=offs), True),
            "data gradient fp8 rowwise _scaled_grouped_mm": (lambda: fp8_grouped_mm(dq, ds, wt.q, wt.scale, offs), True),
+           "data gradient fp8 rowwise _scaled_grouped_mm fast accum":
+               (lambda: fp8_grouped_mm(dq, ds, wt.q, wt.scale, offs, fast_accum=True), True),
            "data gradient: quantize the gradient rows per row": (lambda: quantize_rowwise(dy), False),
            f"data gradient: quantize weights {tuple(w.shape)} per row (w^T's columns)":
                (lambda: quantize_transposed_weight(w), False)}

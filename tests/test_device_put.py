@@ -30,9 +30,10 @@ def test_ring_places_calls_on_whole_chunks_in_order():
 
 
 def test_arena_layout_parts_do_not_overlap():
-    layout = ArenaLayout(world_size=3, chunks=5, chunk_bytes=256)
+    layout = ArenaLayout(world_size=3, chunks=5, chunk_bytes=256, programs=2)
     assert layout.ready_at == 0 and layout.freed_at == 15  # int64 words
-    assert layout.data_at >= 2 * 15 * 8 and layout.data_at % 128 == 0
+    assert (layout.groups_at, layout.uses_put_at, layout.uses_take_at) == (30, 33, 43)
+    assert layout.data_at >= (43 + 10) * 8 and layout.data_at % 128 == 0
     assert layout.data_bytes == 5 * 256 and layout.total_bytes == layout.data_at + 5 * 256
 
 
@@ -80,15 +81,17 @@ def test_rows_land_as_all_to_all_single_puts_them(interpreted, n, shape, dtype):
         tr.raise_errors()  # nothing timed out
 
 
-@pytest.mark.parametrize("n, shape, dtype", [(2, (8,), torch.float32), (3, (3,), torch.float32),
-                                             (4, (2, 8), torch.bfloat16)])
-def test_only_the_rows_in_use_travel_and_the_rest_reads_as_padding(interpreted, n, shape, dtype):
+@pytest.mark.parametrize("n, shape, dtype, uniform", [(2, (8,), torch.float32, False), (3, (3,), torch.float32, False),
+                                                      (4, (2, 8), torch.bfloat16, False),
+                                                      (3, (8,), torch.float32, True), (4, (3,), torch.float32, True)])
+def test_only_the_rows_in_use_travel_and_the_rest_reads_as_padding(interpreted, n, shape, dtype, uniform):
     """With `sent_rows`, each split's first rows arrive as sent, the rest of it holds all-ones
-    bytes (the rows' padding), and `arrived_rows` says how many arrived from each peer."""
+    bytes (the rows' padding), and `arrived_rows` says how many arrived from each peer. Uniform:
+    one split for every rank both ways (the layer's calls: no size table)."""
     g = torch.Generator().manual_seed(10 + n)
     trs = _world(n, timeout_s=1.0, ring_calls=2, chunks=4)
     for call in range(4):  # wraps the ring: headers and rows of later calls land on earlier ones'
-        splits = torch.randint(0, 5, (n, n), generator=g).tolist()
+        splits = [[1 + call] * n] * n if uniform else torch.randint(0, 5, (n, n), generator=g).tolist()
         used = [[int(torch.randint(0, 6, (), generator=g)) for _ in range(n)] for _ in range(n)]  # may pass the split
         ins = [torch.randn(sum(splits[r]), *shape, generator=g).to(dtype) for r in range(n)]
         outs = [torch.zeros(sum(splits[p][r] for p in range(n)), *shape).to(dtype) for r in range(n)]
@@ -108,6 +111,25 @@ def test_only_the_rows_in_use_travel_and_the_rest_reads_as_padding(interpreted, 
                 at += rows
     for tr in trs:
         tr.raise_errors()
+
+
+def test_every_tensor_it_keeps_for_uniform_calls_lies_in_its_arena(interpreted):
+    """What the transport keeps on the device lives in the arena the mesh made: nothing is
+    allocated at a call (under cudagraph trees a call's allocations come from their pool,
+    and one that outlived the graph there is an error). The error record is host memory."""
+    g = torch.Generator().manual_seed(4)
+    trs = _world(3, timeout_s=1.0)
+    for rows in (2, 3, 1):
+        outs, wants, _ = _call(trs, [[rows] * 3] * 3, (4,), torch.float32, g)
+        assert all(torch.equal(o, w) for o, w in zip(outs, wants))
+    for tr in trs:
+        arena = tr._arena.untyped_storage().data_ptr()
+        kept = [(k, v) for k, v in vars(tr).items() if isinstance(v, torch.Tensor) and v is not tr._err]
+        kept += [(k, t) for k, v in vars(tr).items() if isinstance(v, dict) for t in v.values()
+                 if isinstance(t, torch.Tensor)]
+        assert {k for k, _ in kept} == {"_arena", "_groups", "_uses_put", "_uses_take"}
+        assert all(t.untyped_storage().data_ptr() == arena for _, t in kept)
+        assert tr._groups.tolist() == [a.data_ptr() // 16 for a in tr._mesh._arenas]
 
 
 def test_without_sent_rows_nothing_is_counted(interpreted):

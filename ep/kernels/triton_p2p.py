@@ -84,10 +84,24 @@ def _copy(src, dst, valid, total, pid, G, BLOCK: tl.constexpr, CACHE: tl.constex
 
 
 @triton.jit
-def _sent(sizes, sent_rows, n, peer, row_pieces, HAS_SENT: tl.constexpr):
+def _size(sizes, which: tl.constexpr, n, peer, split, UNIFORM: tl.constexpr):
+    """Pieces of the call's size table for `peer`: which 0 send offset, 1 send count,
+    2 receive offset, 3 receive count. UNIFORM (every split, both ways, `split` pieces: the
+    layer's calls): from `split` alone, no table; else `sizes[which, peer]` (`[4, n]` int64)."""
+    if UNIFORM:
+        if which % 2 == 0:
+            return peer.to(tl.int64) * split
+        else:
+            return tl.zeros([], dtype=tl.int64) + split
+    else:
+        return tl.load(sizes + which * n + peer)
+
+
+@triton.jit
+def _sent(sizes, sent_rows, n, peer, row_pieces, split, HAS_SENT: tl.constexpr, UNIFORM: tl.constexpr):
     """Pieces this rank sends `peer`: its split, or only the first `sent_rows[peer]` rows of it.
     (Counts stay in pieces until they meet ALIGN, so the compiler sees whole pieces.)"""
-    count = tl.load(sizes + n + peer)
+    count = _size(sizes, 1, n, peer, split, UNIFORM)
     if HAS_SENT:
         count = tl.minimum(count, tl.maximum(tl.load(sent_rows + peer), 0) * row_pieces)
     return count
@@ -154,18 +168,19 @@ def _count_use(uses, G, pid, first, count, CHUNKS: tl.constexpr):
 # The per-call integers are not specialised on (Triton would compile a variant for each value
 # of 1 and each multiple of 16 it meets: a rank, a label, a ring place, first seen mid-run).
 _PER_CALL = ("me", "n", "call_at", "per_src", "first", "chunks", "ready_at", "freed_at", "deadline", "label",
-             "row_pieces")
+             "row_pieces", "split")
 
 
 @triton.jit(do_not_specialize=_PER_CALL + ("wait_programs",))
 def _put_kernel(
     src, out, arena, words, groups, sizes, sent_rows, arrived_rows, uses, err_addr,
-    me, n, call_at, per_src, first, chunks, ready_at, freed_at, wait_programs, deadline, label, row_pieces,
+    me, n, call_at, per_src, first, chunks, ready_at, freed_at, wait_programs, deadline, label, row_pieces, split,
     BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, CHUNKS: tl.constexpr,
-    USE_CLOCK: tl.constexpr, HAS_SENT: tl.constexpr,
+    USE_CLOCK: tl.constexpr, HAS_SENT: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     """Sizes and places count *pieces* of ALIGN elements (16 bytes when ALIGN x element = 16):
-    sizes `[4, n]` int64: send offset, send count, receive offset, receive count per rank;
+    sizes `[4, n]` int64: send offset, send count, receive offset, receive count per rank
+    (UNIFORM: none, every split is `split` pieces both ways: `_size`);
     `call_at`: this call's place in the arena (from its start); rows from rank s land at
     `call_at + s * per_src`, after their 16-byte header; the call covers `chunks` chunks of
     the ring from `first`. `arena` / `words`: this rank's arena as elements / int64 words;
@@ -176,9 +191,9 @@ def _put_kernel(
     pid = tl.program_id(0)
     G = tl.num_programs(0)
     # this rank's own rows, straight into out (the rest of its split: padding)
-    own = _sent(sizes, sent_rows, n, me, row_pieces, HAS_SENT)
-    _copy(src + tl.load(sizes + me) * ALIGN, out + tl.load(sizes + 2 * n + me) * ALIGN, own * ALIGN,
-          tl.load(sizes + 3 * n + me) * ALIGN, pid, G, BLOCK, True)
+    own = _sent(sizes, sent_rows, n, me, row_pieces, split, HAS_SENT, UNIFORM)
+    _copy(src + _size(sizes, 0, n, me, split, UNIFORM) * ALIGN, out + _size(sizes, 2, n, me, split, UNIFORM) * ALIGN,
+          own * ALIGN, _size(sizes, 3, n, me, split, UNIFORM) * ALIGN, pid, G, BLOCK, True)
     if HAS_SENT and pid == 0:
         tl.store(arrived_rows + me, own // tl.maximum(row_pieces, 1))
     j = 1
@@ -188,11 +203,12 @@ def _put_kernel(
         free = _all_reached(words + freed_at + peer, n, first, chunks, uses, G, pid, 0, wait_programs, deadline,
                             err_addr, 2, peer, label, CHUNKS, USE_CLOCK)
         if free:  # else neither rows nor counts: the peer's wait times out too, and reads padding
-            count = _sent(sizes, sent_rows, n, peer, row_pieces, HAS_SENT)
+            count = _sent(sizes, sent_rows, n, peer, row_pieces, split, HAS_SENT, UNIFORM)
             if pid == 0:
                 tl.store(_header(_peer(words, groups, me, peer, 2), call_at, per_src, me, ALIGN, PER_GROUP), count)
             dst = _peer(arena, groups, me, peer, PER_GROUP) + (call_at + me * per_src) * ALIGN + PER_GROUP
-            _copy(src + tl.load(sizes + peer) * ALIGN, dst, count * ALIGN, count * ALIGN, pid, G, BLOCK, True)
+            _copy(src + _size(sizes, 0, n, peer, split, UNIFORM) * ALIGN, dst, count * ALIGN, count * ALIGN, pid, G,
+                  BLOCK, True)
             tl.debug_barrier()  # every thread's stores are issued before the counts go up
             _raise_all(_peer(words, groups, me, peer, 2) + ready_at + me, n, first, chunks, CHUNKS)
         j += 1
@@ -202,9 +218,9 @@ def _put_kernel(
 @triton.jit(do_not_specialize=_PER_CALL + ("put_programs",))
 def _take_kernel(
     out, arena, words, groups, sizes, arrived_rows, uses, err_addr,
-    me, n, call_at, per_src, first, chunks, ready_at, freed_at, put_programs, deadline, label, row_pieces,
+    me, n, call_at, per_src, first, chunks, ready_at, freed_at, put_programs, deadline, label, row_pieces, split,
     BLOCK: tl.constexpr, ALIGN: tl.constexpr, PER_GROUP: tl.constexpr, CHUNKS: tl.constexpr,
-    USE_CLOCK: tl.constexpr, HAS_SENT: tl.constexpr,
+    USE_CLOCK: tl.constexpr, HAS_SENT: tl.constexpr, UNIFORM: tl.constexpr,
 ):
     """The receiving half of `_put_kernel`'s call (same sizes, place and chunks): each peer's
     pieces as its header says, the rest of its split all-ones bytes; with HAS_SENT, the rows
@@ -216,11 +232,11 @@ def _take_kernel(
         peer = (me - j + n) % n
         arrived = _all_reached(words + ready_at + peer, n, first, chunks, uses, G, pid, 1, put_programs, deadline,
                                err_addr, 1, peer, label, CHUNKS, USE_CLOCK)
-        total = tl.load(sizes + 3 * n + peer)
+        total = _size(sizes, 3, n, peer, split, UNIFORM)
         told = tl.load(_header(words, call_at, per_src, peer, ALIGN, PER_GROUP), cache_modifier=".cg")
         valid = tl.where(arrived, tl.minimum(tl.maximum(told, 0), total), 0)  # within the split, whatever it says
-        _copy(arena + (call_at + peer * per_src) * ALIGN + PER_GROUP, out + tl.load(sizes + 2 * n + peer) * ALIGN,
-              valid * ALIGN, total * ALIGN, pid, G, BLOCK, False)
+        _copy(arena + (call_at + peer * per_src) * ALIGN + PER_GROUP,
+              out + _size(sizes, 2, n, peer, split, UNIFORM) * ALIGN, valid * ALIGN, total * ALIGN, pid, G, BLOCK, False)
         if HAS_SENT and pid == 0:
             tl.store(arrived_rows + peer, valid // tl.maximum(row_pieces, 1))
         j += 1
@@ -240,25 +256,28 @@ def _lanes(uses: torch.Tensor) -> int:
 
 def put(src, out, arena, groups, sizes, sent_rows, arrived_rows, uses, err_addr: int, *, me: int, n: int,
         call_at: int, per_src: int, first: int, chunks: int, ready_at: int, freed_at: int, programs: int,
-        wait_programs: int, deadline: int, label: int, row_pieces: int, block: int, align: int,
+        wait_programs: int, deadline: int, label: int, row_pieces: int, split: int, block: int, align: int,
         use_clock: bool) -> None:
     """Launch the sending half on the current stream (see the module docstring); `arena` is
-    this rank's arena viewed as `src`'s elements; `sent_rows` None: every row of each split."""
+    this rank's arena viewed as `src`'s elements; `sent_rows` None: every row of each split;
+    `sizes` None: every split is `split` pieces, both ways (no table)."""
+    table = groups if sizes is None else sizes  # (unread when uniform: any pointer)
     _put_kernel[(programs,)](
-        src, out, arena, arena.view(torch.int64), groups, sizes, sizes if sent_rows is None else sent_rows,
-        sizes if arrived_rows is None else arrived_rows, uses, err_addr, me, n, call_at, per_src,
-        first, chunks, ready_at, freed_at, wait_programs, deadline, label, row_pieces, BLOCK=block, ALIGN=align,
-        PER_GROUP=16 // src.element_size(), CHUNKS=_lanes(uses), USE_CLOCK=use_clock, HAS_SENT=sent_rows is not None,
-        num_warps=8)
+        src, out, arena, arena.view(torch.int64), groups, table, table if sent_rows is None else sent_rows,
+        table if arrived_rows is None else arrived_rows, uses, err_addr, me, n, call_at, per_src,
+        first, chunks, ready_at, freed_at, wait_programs, deadline, label, row_pieces, split, BLOCK=block,
+        ALIGN=align, PER_GROUP=16 // src.element_size(), CHUNKS=_lanes(uses), USE_CLOCK=use_clock,
+        HAS_SENT=sent_rows is not None, UNIFORM=sizes is None, num_warps=8)
 
 
 def take(out, arena, groups, sizes, arrived_rows, uses, err_addr: int, *, me: int, n: int, call_at: int,
          per_src: int, first: int, chunks: int, ready_at: int, freed_at: int, programs: int, put_programs: int,
-         deadline: int, label: int, row_pieces: int, block: int, align: int, use_clock: bool) -> None:
-    """Launch the receiving half on the current stream; `arrived_rows` None: not counted."""
+         deadline: int, label: int, row_pieces: int, split: int, block: int, align: int, use_clock: bool) -> None:
+    """Launch the receiving half on the current stream; `arrived_rows` None: not counted;
+    `sizes` None: uniform splits, as for `put`."""
+    table = groups if sizes is None else sizes
     _take_kernel[(programs,)](
-        out, arena, arena.view(torch.int64), groups, sizes, sizes if arrived_rows is None else arrived_rows, uses,
+        out, arena, arena.view(torch.int64), groups, table, table if arrived_rows is None else arrived_rows, uses,
         err_addr, me, n, call_at, per_src, first, chunks, ready_at, freed_at, put_programs, deadline, label,
-        row_pieces, BLOCK=block, ALIGN=align, PER_GROUP=16 // out.element_size(), CHUNKS=_lanes(uses),
-        USE_CLOCK=use_clock, HAS_SENT=arrived_rows is not None, num_warps=8)
-
+        row_pieces, split, BLOCK=block, ALIGN=align, PER_GROUP=16 // out.element_size(), CHUNKS=_lanes(uses),
+        USE_CLOCK=use_clock, HAS_SENT=arrived_rows is not None, UNIFORM=sizes is None, num_warps=8)

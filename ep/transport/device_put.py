@@ -55,19 +55,26 @@ BLOCK_BYTES = int(os.environ.get("EP_PUT_BLOCK_BYTES", "32768"))
 
 @dataclass(frozen=True)
 class ArenaLayout:
-    """Where each part of a rank's arena lies, in order:
+    """Where each part of a rank's arena lies, in order (int64 words, then bytes):
 
-        [ ready: chunks x n int64 | freed: chunks x n int64 | pad to 128 B | data: chunks x chunk_bytes ]
+        [ ready: chunks x n | freed: chunks x n | groups: n | uses of put: chunks x programs |
+          uses of take: chunks x programs | pad to 128 B | data: chunks x chunk_bytes ]
 
     The data region is a ring of `chunks` equal chunks; a call covers whole chunks.
     ready[c, s]: put programs of rank s that finished their stores into chunk c of this
     arena; freed[c, r]: take programs of rank r that finished reading what this rank put
-    into chunk c of r's arena (both summed over every call that covered c).
+    into chunk c of r's arena (both summed over every call that covered c). Only these two
+    are written by peers. groups: every rank's arena address in 16-byte groups; uses: each
+    program's uses of each chunk (`ep.kernels.triton_p2p`). Everything the transport keeps
+    on the device lies here, in memory the mesh allocates: nothing of it is made inside a
+    caller's allocation pool (cudagraph trees' warm-up, say), where it would not outlive
+    the graph.
     """
 
     world_size: int
     chunks: int
     chunk_bytes: int
+    programs: int
 
     @property
     def ready_at(self) -> int:
@@ -79,9 +86,21 @@ class ArenaLayout:
         return self.chunks * self.world_size
 
     @property
+    def groups_at(self) -> int:
+        return 2 * self.chunks * self.world_size
+
+    @property
+    def uses_put_at(self) -> int:
+        return self.groups_at + self.world_size
+
+    @property
+    def uses_take_at(self) -> int:
+        return self.uses_put_at + self.chunks * self.programs
+
+    @property
     def data_at(self) -> int:
         """Bytes from the arena's start (128-byte aligned)."""
-        return -(-2 * self.chunks * self.world_size * 8 // 128) * 128
+        return -(-(self.uses_take_at + self.chunks * self.programs) * 8 // 128) * 128
 
     @property
     def data_bytes(self) -> int:
@@ -202,8 +221,10 @@ class DevicePutTransport(Transport):
         self._ring: Optional[Ring] = None
         self._groups = self._uses_put = self._uses_take = None
         self._sizes: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
-        """A named cache: the calls' size tables per (splits, row), on the host (pinned: a captured
-        copy reads it at every replay) and on the device."""
+        """A named cache: the size tables of calls whose splits differ, per (splits, row), on the
+        host (pinned) and on the device, made at their first call (so in the caller's allocation
+        pool if it has one: not for cudagraph trees). Calls with one split for every rank both
+        ways (all the layer's) need no table."""
         self._labels: Dict[str, int] = {}
         self._label_names: List[str] = []
         self._err = torch.zeros(4, dtype=torch.int64, pin_memory=self.device.type == "cuda")
@@ -224,14 +245,16 @@ class DevicePutTransport(Transport):
         """Collective (every rank reaches it at the same call: call sizes are group-wide): a
         ring of `ring_calls` such calls (the mesh waits until nothing uses the old arenas)."""
         chunk_bytes = -(-self.ring_calls * call_bytes // self.chunks // 128) * 128
-        layout = ArenaLayout(self.world_size, self.chunks, chunk_bytes)
+        layout = ArenaLayout(self.world_size, self.chunks, chunk_bytes, self.programs)
         self._arena, addresses = self._mesh.allocate(self.rank, layout.total_bytes)
         self._layout, self._ring = layout, Ring(self.chunks, chunk_bytes)
         if any(a % 16 for a in addresses):
             raise CommunicationError(f"ep: rank {self.rank}: an arena is not 16-byte aligned ({addresses})")
-        self._groups = torch.tensor([a // 16 for a in addresses], dtype=torch.int64, device=self.device)
-        zeros = lambda: torch.zeros(self.chunks, self.programs, dtype=torch.int64, device=self.device)  # noqa: E731
-        self._uses_put, self._uses_take = zeros(), zeros()
+        words, n, uses = self._arena.view(torch.int64), self.world_size, self.chunks * self.programs
+        self._groups = words[layout.groups_at:layout.groups_at + n]
+        self._groups.copy_(torch.tensor([a // 16 for a in addresses], dtype=torch.int64))
+        self._uses_put = words[layout.uses_put_at:layout.uses_put_at + uses].view(self.chunks, self.programs)
+        self._uses_take = words[layout.uses_take_at:layout.uses_take_at + uses].view(self.chunks, self.programs)
         self._sizes.clear()
 
     def _size_table(self, in_splits, out_splits, row_pieces: int) -> torch.Tensor:
@@ -277,12 +300,14 @@ class DevicePutTransport(Transport):
         if self._layout is None or n * per_src * self.ring_calls > self._layout.data_bytes:
             self._grow(n * per_src)
         at, first, chunks = self._ring.place(n * per_src)
-        sizes = self._size_table(in_splits, out_splits, row_bytes // piece)
+        uniform = len(set(in_splits)) == 1 and list(out_splits) == list(in_splits)
+        sizes = None if uniform else self._size_table(in_splits, out_splits, row_bytes // piece)
         layout, cuda = self._layout, self.device.type == "cuda"
         common = dict(me=me, n=n, call_at=(layout.data_at + at) // piece, per_src=per_src // piece,
                       first=first, chunks=chunks, ready_at=layout.ready_at, freed_at=layout.freed_at,
                       deadline=int(self.timeout_s * 1e9) if cuda else max(1, int(self.timeout_s * 1000)),
                       label=self._label(label), row_pieces=row_bytes // piece,
+                      split=in_splits[0] * (row_bytes // piece) if uniform else 0,
                       block=self.block_bytes // unit.itemsize, align=piece // unit.itemsize, use_clock=cuda)
         from ..kernels import triton_p2p
 
