@@ -202,6 +202,10 @@ FP8_PRECISIONS = {  # name -> (MoEConfig knobs, what they are)
                                "fp8_rows_dispatch with fp8_fast_accum"),
     "fp8_rows_bwd_kept_fast": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_backward="data", weight_cache="always",
                                     fp8_fast_accum=True), "fp8_rows_bwd_kept with fp8_fast_accum"),
+    "fp8_rows_bwd_kept_fast_all": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_backward="data",
+                                        weight_cache="always", fp8_fast_accum="all"),
+                                   "fp8_rows_bwd_kept with fast accumulation in the backward's data products too "
+                                   "(fp8_fast_accum='all')"),
 }
 
 

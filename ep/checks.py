@@ -13,8 +13,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .config import (EXPERT_DTYPES, FP8_BACKWARDS, FP8_PRODUCTS, FP8_SCALINGS, SCORE_FUNCS, TRANSPORTS, WAVE_SPLITS,
-                     MoEConfig)
+from .config import (EXPERT_DTYPES, FP8_BACKWARDS, FP8_FAST_ACCUMS, FP8_PRODUCTS, FP8_SCALINGS, SCORE_FUNCS,
+                     TRANSPORTS, WAVE_SPLITS, MoEConfig)
 
 _DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32,
            torch.int16, torch.int8, torch.uint8, torch.bool]
@@ -127,7 +127,7 @@ _FINGERPRINT_FIELDS = ("hidden", "ffn_hidden", "num_experts", "top_k", "num_wave
                        "fp8_products", "fp8_backward", "fp8_fast_accum")
 _CHOICES = {"score_func": SCORE_FUNCS, "transport": TRANSPORTS, "wave_split": WAVE_SPLITS, "expert_dtype": EXPERT_DTYPES,
             "dispatch_dtype": EXPERT_DTYPES, "fp8_scaling": FP8_SCALINGS,
-            "fp8_products": FP8_PRODUCTS, "fp8_backward": FP8_BACKWARDS}
+            "fp8_products": FP8_PRODUCTS, "fp8_backward": FP8_BACKWARDS, "fp8_fast_accum": FP8_FAST_ACCUMS}
 _FLOATS = ("capacity_factor", "routed_scaling_factor", "swiglu_limit", "timeout_s")
 _NONE = -1  # a float field's None (its int64 is a NaN's bit pattern, which no valid value has)
 
@@ -151,7 +151,7 @@ def _decode(name: str, code: int):
         return None if code == _NONE else struct.unpack("<d", struct.pack("<q", code))[0]
     if name == "max_tokens" and code == _NONE:
         return None
-    return bool(code) if name in ("norm_topk", "dedup_across_waves", "fp8_fast_accum") else code
+    return bool(code) if name in ("norm_topk", "dedup_across_waves") else code
 
 
 def fingerprint(cfg: MoEConfig) -> List[int]:

@@ -16,6 +16,7 @@ FP8_PRODUCTS = ("both", "linear1", "linear2", "auto")
 FP8_PRODUCT_FLAGS = {"both": (True, True), "linear1": (True, False), "linear2": (False, True)}
 """`fp8_products` fixed by name -> (linear1 in FP8, linear2 in FP8)."""
 FP8_BACKWARDS = ("none", "data")
+FP8_FAST_ACCUMS = (False, True, "all")
 WEIGHT_CACHES = ("eval", "always", "never")
 FP8_BLOCK = 128  # the side of FP8 scale blocks (1x128 activation tiles, 128x128 weight blocks)
 
@@ -95,12 +96,14 @@ class MoEConfig:
             with one scale per row of `w` (a column of `w^T`), made in the backward or kept
             as `weight_cache` says; the weight gradients stay in the layer's dtype. Needs
             `expert_dtype`.
-        fp8_fast_accum: False (default) or True: the forward's FP8 products accumulate in the
-            tensor cores' own accumulator over all of K (`torch._scaled_grouped_mm`'s
-            `use_fast_accum`, TransformerEngine's and torchao's default for the forward
-            product) instead of promoting partial sums to fp32 at intervals along K (the
-            default; DeepSeek's recipe promotes every 128 of K); faster, less accurate over
-            long K (README, Precision). The backward's FP8 products always promote. Needs
+        fp8_fast_accum: False (default), True or "all". True: the forward's FP8 products
+            accumulate in the tensor cores' own accumulator over all of K
+            (`torch._scaled_grouped_mm`'s `use_fast_accum`, TransformerEngine's and torchao's
+            default for the forward product) instead of promoting partial sums to fp32 at
+            intervals along K (the default; DeepSeek's recipe promotes every 128 of K);
+            faster, less accurate over long K (README, Precision); the backward's FP8
+            products promote. "all": the backward's FP8 data products too
+            (`fp8_backward="data"`; TransformerEngine and DeepSeek promote there). Needs
             `expert_dtype` and `fp8_scaling="rows"` (the blockwise product promotes by
             construction).
         dispatch_dtype: None (rows travel in the layer's dtype) or `torch.float8_e4m3fn`: each
@@ -161,7 +164,7 @@ class MoEConfig:
     fp8_scaling: str = "blocks"
     fp8_products: str = "both"
     fp8_backward: str = "none"
-    fp8_fast_accum: bool = False
+    fp8_fast_accum: Union[bool, str] = False
     weight_cache: str = "eval"
 
     def __post_init__(self) -> None:
@@ -180,7 +183,7 @@ class MoEConfig:
             raise ValueError(
                 f"MoEConfig.score_func must be one of {SCORE_FUNCS}, got {self.score_func!r}"
             )
-        for name in ("norm_topk", "dedup_across_waves", "fp8_fast_accum"):
+        for name in ("norm_topk", "dedup_across_waves"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"MoEConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.transport not in TRANSPORTS:
@@ -243,10 +246,15 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.fp8_backward must be one of {FP8_BACKWARDS}, got {self.fp8_backward!r}")
         if self.fp8_backward != "none" and self.expert_dtype is None:
             raise ValueError(f"MoEConfig.fp8_backward={self.fp8_backward!r} needs expert_dtype=torch.float8_e4m3fn")
+        if not (isinstance(self.fp8_fast_accum, bool) or self.fp8_fast_accum == "all"):
+            raise ValueError(f"MoEConfig.fp8_fast_accum must be one of {FP8_FAST_ACCUMS}, got {self.fp8_fast_accum!r}")
         if self.fp8_fast_accum and (self.expert_dtype is None or self.fp8_scaling != "rows"):
-            raise ValueError("MoEConfig.fp8_fast_accum=True needs expert_dtype=torch.float8_e4m3fn and "
-                             f"fp8_scaling='rows' (got expert_dtype={self.expert_dtype}, fp8_scaling="
+            raise ValueError(f"MoEConfig.fp8_fast_accum={self.fp8_fast_accum!r} needs expert_dtype=torch.float8_e4m3fn "
+                             f"and fp8_scaling='rows' (got expert_dtype={self.expert_dtype}, fp8_scaling="
                              f"{self.fp8_scaling!r}; the blockwise product promotes every 128 of K by construction)")
+        if self.fp8_fast_accum == "all" and self.fp8_backward != "data":
+            raise ValueError("MoEConfig.fp8_fast_accum='all' needs fp8_backward='data' (without it the backward has "
+                             f"no FP8 products), got fp8_backward={self.fp8_backward!r}")
         if self.weight_cache not in WEIGHT_CACHES:
             raise ValueError(f"MoEConfig.weight_cache must be one of {WEIGHT_CACHES}, got {self.weight_cache!r}")
 

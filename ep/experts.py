@@ -101,13 +101,14 @@ def linear1_backward(
 
 
 def _data_product(dy_IN: torch.Tensor, w_EKN: torch.Tensor, wt: Optional[Fp8Weight], counts: Optional[Sequence[int]],
-                  offs: Optional[torch.Tensor]) -> torch.Tensor:
+                  offs: Optional[torch.Tensor], fast_accum: bool = False) -> torch.Tensor:
     """`dy @ w[e]^T` per expert -> `[I, K]` in dy's dtype: in the layer's dtype, or with `wt`
-    (`quantize_transposed_weight(w)`) in FP8, dy's rows in use quantized with one scale each."""
+    (`quantize_transposed_weight(w)`) in FP8, dy's rows in use quantized with one scale each
+    (`fast_accum`: `fp8_grouped_mm`'s)."""
     if wt is None:
         return grouped_mm(dy_IN, w_EKN.transpose(1, 2), counts, offs)
     q, scale = quantize_rowwise(dy_IN, rows=_rows_in_use(counts, offs))
-    return fp8_grouped_mm(q, scale, wt.q, wt.scale, offs, dy_IN.dtype, counts)
+    return fp8_grouped_mm(q, scale, wt.q, wt.scale, offs, dy_IN.dtype, counts, fast_accum=fast_accum)
 
 
 def linear2_backward_data(
@@ -119,21 +120,23 @@ def linear2_backward_data(
     offs: Optional[torch.Tensor] = None,
     swiglu_limit: Optional[float] = None,
     w2t: Optional[Fp8Weight] = None,
+    fast_accum: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The data part of `linear2_backward`: dh `[I, 2F]`, wa `[I, F]` (weight * swiglu(h),
     so that dw2 = wa^T @ dz, left to the caller) and dweight `[I]`. With `w2t`
-    (`quantize_transposed_weight(w2)`) `dz @ w2^T` runs in FP8."""
-    g_IF = _data_product(dz_IH, w2_EFH, w2t, counts, offs)  # dz @ w2^T
+    (`quantize_transposed_weight(w2)`) `dz @ w2^T` runs in FP8 (`fast_accum`: `fp8_grouped_mm`'s)."""
+    g_IF = _data_product(dz_IH, w2_EFH, w2t, counts, offs, fast_accum)  # dz @ w2^T
     return swiglu_backward_weighted(g_IF, h_I2F, weight_I, swiglu_limit, _rows_in_use(counts, offs))
 
 
 def linear1_backward_data(
     dh_I2F: torch.Tensor, w1_EH2F: torch.Tensor, counts: Optional[Sequence[int]], offs: Optional[torch.Tensor] = None,
-    w1t: Optional[Fp8Weight] = None,
+    w1t: Optional[Fp8Weight] = None, fast_accum: bool = False,
 ) -> torch.Tensor:
     """The data part of `linear1_backward`: dx `[I, H]` (dw1 = x^T @ dh is left to the caller).
-    With `w1t` (`quantize_transposed_weight(w1)`) the product runs in FP8."""
-    return _data_product(dh_I2F, w1_EH2F, w1t, counts, offs)
+    With `w1t` (`quantize_transposed_weight(w1)`) the product runs in FP8 (`fast_accum`:
+    `fp8_grouped_mm`'s)."""
+    return _data_product(dh_I2F, w1_EH2F, w1t, counts, offs, fast_accum)
 
 
 def quantize_expert_weight(w: torch.Tensor, scaling: str = "blocks") -> Fp8Weight:

@@ -225,16 +225,18 @@ class ExpertParallelMoE(nn.Module):
         else:
             make = lambda i, w: self._derive(  # noqa: E731
                 ("fp8", cfg.fp8_scaling, i), (w,), lambda: quantize_expert_weight(w, cfg.fp8_scaling))
-        return self._per_fp8_product(w1, w2, make, cfg.fp8_fast_accum)
+        return self._per_fp8_product(w1, w2, make, bool(cfg.fp8_fast_accum))
 
     def _fp8_transposed_experts(self, w1: torch.Tensor, w2: torch.Tensor) -> Optional[Fp8Experts]:
         """The weights' transposes in FP8 for the backward's data products
         (`MoEConfig.fp8_backward="data"`: each product that runs in FP8 forward, per
-        `fp8_products`), quantized in the backward or kept from an earlier one (`_derive`)."""
-        if self.config.fp8_backward == "none" or not any(self.fp8_products):
+        `fp8_products`), quantized in the backward or kept from an earlier one (`_derive`);
+        fast accumulation with `MoEConfig.fp8_fast_accum="all"`."""
+        cfg = self.config
+        if cfg.fp8_backward == "none" or not any(self.fp8_products):
             return None
         return self._per_fp8_product(w1, w2, lambda i, w: self._derive(
-            ("fp8 transposed", i), (w,), lambda: quantize_transposed_weight(w)))
+            ("fp8 transposed", i), (w,), lambda: quantize_transposed_weight(w)), cfg.fp8_fast_accum == "all")
 
     def _per_fp8_product(self, w1, w2, make: Callable[[int, object], Fp8Weight],
                          fast_accum: bool = False) -> Fp8Experts:

@@ -321,7 +321,8 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
     """The backward schedule (the forward's mirror). Returns dx `[T, H]`, the routing
     weights' gradients `[T, k]` (acc dtype), dw1, dw2. `fp8`: the weights' transposes in FP8
     for the data products (`MoEConfig.fp8_backward`, `ep.experts.quantize_transposed_weight`;
-    None, or a product's None: that product in the layer's dtype)."""
+    None, or a product's None: that product in the layer's dtype; its `fast_accum`:
+    `MoEConfig.fp8_fast_accum="all"`)."""
     w1, w2, recv, plan, hidden = saved.w1, saved.w2, saved.recv, saved.plan, list(saved.hidden)
     W, N = plan.num_waves, plan.rows_per_wave
     items = [it for it, _, _ in saved.waves]
@@ -353,8 +354,8 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
         dz[w] = gather_rows(recv_dy[w], item_back, it.count)
         with carve:
             dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
-                                                            swiglu_limit, fp8_t.w2)
-            dx_I = linear1_backward_data(dh[w], w1, None, it.offs, fp8_t.w1)
+                                                            swiglu_limit, fp8_t.w2, fp8_t.fast_accum)
+            dx_I = linear1_backward_data(dh[w], w1, None, it.offs, fp8_t.w1, fp8_t.fast_accum)
         hidden[w] = None
         rows = layout.empty(N, device)
         reduce_rows(dx_I, back_item, layout.data(rows))

@@ -293,7 +293,8 @@ def check_fast_accum_reaches_the_forward_products(rank, n):
     rows, out, got = p.rows(rank), {}, {}
     torch._dynamo.reset()
     try:
-        for name, fast in (("promoted", False), ("fast", True), ("fast compiled", True)):
+        for name, fast in (("promoted", False), ("fast", True), ("fast compiled", True), ("all", "all"),
+                           ("all compiled", "all")):
             layer = build_layer(p, n, rank, 2, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows",
                                 fp8_backward="data", fp8_fast_accum=fast, max_tokens=12).to(torch.bfloat16)
             call = torch.compile(layer, fullgraph=True, backend="aot_eager") if "compiled" in name else layer
@@ -316,24 +317,34 @@ def check_fast_accum_reaches_the_forward_products(rank, n):
     return out
 
 
-def test_fp8_fast_accum_reaches_the_forward_products_only():
-    for out in run_world(2, check_fast_accum_reaches_the_forward_products, timeout_s=200):
+def test_fp8_fast_accum_reaches_the_forward_products_only_or_all():
+    for out in run_world(2, check_fast_accum_reaches_the_forward_products, timeout_s=300):
         # two waves, two products each, forward and backward (the data gradients)
         for name in ("fast", "fast compiled"):
             assert out[name]["forward"] == [True] * 4 and out[name]["backward"] == [False] * 4, (name, out[name])
+        for name in ("all", "all compiled"):
+            assert out[name]["forward"] == [True] * 4 and out[name]["backward"] == [True] * 4, (name, out[name])
         assert out["promoted"]["forward"] == [False] * 4 and out["promoted"]["backward"] == [False] * 4, out
         # the emulation is exact fp32 either way: the knob changed nothing else
         assert out["same"]
 
 
 @pytest.mark.parametrize("knobs", [dict(fp8_fast_accum=True),
-                                   dict(fp8_fast_accum=True, expert_dtype=torch.float8_e4m3fn)])
+                                   dict(fp8_fast_accum=True, expert_dtype=torch.float8_e4m3fn),
+                                   dict(fp8_fast_accum="all", expert_dtype=torch.float8_e4m3fn, fp8_backward="data")])
 def test_fp8_fast_accum_needs_rowwise_fp8_experts(knobs):
-    with pytest.raises(ValueError, match="fp8_fast_accum=True needs expert_dtype=torch.float8_e4m3fn and "
-                                         "fp8_scaling='rows'"):
+    with pytest.raises(ValueError, match=f"fp8_fast_accum={knobs['fp8_fast_accum']!r} needs "
+                                         "expert_dtype=torch.float8_e4m3fn and fp8_scaling='rows'"):
         ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, **knobs)
-    with pytest.raises(ValueError, match="fp8_fast_accum must be a bool"):
-        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_fast_accum=1)
+    for unknown in (1, "forward", None):
+        with pytest.raises(ValueError, match=r"fp8_fast_accum must be one of \(False, True, 'all'\)"):
+            ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, fp8_fast_accum=unknown)
+
+
+def test_fp8_fast_accum_all_needs_fp8_data_gradients():
+    with pytest.raises(ValueError, match="fp8_fast_accum='all' needs fp8_backward='data'"):
+        ep.MoEConfig(hidden=128, ffn_hidden=128, num_experts=4, top_k=2, expert_dtype=torch.float8_e4m3fn,
+                     fp8_scaling="rows", fp8_fast_accum="all")
 
 
 @pytest.mark.parametrize("knob, named, unknown", [("fp8_products", "linear1", "fastest"), ("fp8_backward", "data", "all")])
