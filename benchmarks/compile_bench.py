@@ -7,7 +7,8 @@ One process, a world of one, routing given (each token k of the E experts, unifo
 random), `MoEConfig.max_tokens` set (what tracing needs). Per preset and wave split:
 - forward: eager, the hand-made CUDA graph of it, `torch.compile(fullgraph=True)` (default
   mode: Inductor) and `mode="reduce-overhead"` (Inductor's CUDA graphs); a training step
-  (forward and backward): eager and compiled. Each row: host ms to issue the call and device
+  (forward and backward): eager and compiled (default; reduce-overhead on a fresh layer, whose
+  first call is compiled, three steps first). Each row: host ms to issue the call and device
   ms (median of 10 after 3 warm-ups, `host_launches.timed`), and the compiled output's and
   gradients' relative error against eager's;
 - autocast: fp32 parameters under `torch.autocast("cuda", torch.bfloat16)` against the bf16
@@ -89,6 +90,17 @@ def rows_of(name: str, P: dict, split: str, W: int, device) -> list:
     got = step_grads(layer, compiled, x, idx, tw)
     row("fwd+bwd compiled default", lambda: step_grads(layer, compiled, x, idx, tw),
         max(rel(a, b) for a, b in zip(got, eager)))
+    # a fresh layer (its first call compiled: what it keeps is made inside cudagraph trees'
+    # warm-up) in reduce-overhead, training steps against the eager layer's
+    torch._dynamo.reset()
+    fresh = build(P, W, device, split)[0]
+    with torch.no_grad():
+        fresh.load_state_dict(layer.state_dict())
+    compiled = torch.compile(fresh, fullgraph=True, mode="reduce-overhead")
+    got = [step_grads(fresh, compiled, x, idx, tw) for _ in range(3)][-1]  # warm-up, recording, replay
+    row("fwd+bwd compiled reduce-overhead, fresh layer", lambda: step_grads(fresh, compiled, x, idx, tw),
+        max(rel(a, b) for a, b in zip(got, eager)))
+    del fresh, compiled
     torch._dynamo.reset()
     # autocast: the fp32 layer under bf16 autocast against this bf16 layer
     fp32 = build(P, W, device, split)[0].float()

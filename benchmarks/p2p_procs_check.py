@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 import torch
 import torch.distributed as dist
@@ -33,6 +32,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ep  # noqa: E402
+from ep.pipeline import outside_graph_pools  # noqa: E402
 from ep.transport.device_put import DevicePutTransport  # noqa: E402
 from ep.transport.torch_dist import TorchDistTransport  # noqa: E402
 from tests.cases import make_problem, rel_err  # noqa: E402
@@ -41,22 +41,8 @@ from tests.reference import reference_moe  # noqa: E402
 DEV = torch.device("cuda", 0)
 
 
-def _on_a_thread_of_its_own(make):
-    """`make()` run on a new thread: cudagraph trees (`mode="reduce-overhead"`) route the
-    allocations of the thread that warms a graph up into their pool, where an arena would not
-    outlive the graph (torch's symmetric memory, the real mesh's, has an allocator of its own)."""
-    made = []
-    worker = threading.Thread(target=lambda: (torch.cuda.set_device(DEV), made.append(make())))
-    worker.start()
-    worker.join()
-    if not made:
-        raise RuntimeError("ep: the arena's allocation failed (see the thread's error above)")
-    return made[0]
-
-
 class IpcMesh:
-    """Every rank's arena mapped into every process on this GPU by CUDA IPC (allocated outside
-    any graph pool, as the symmetric-memory mesh's are)."""
+    """Every rank's arena mapped into every process on this GPU by CUDA IPC."""
 
     def __init__(self, group) -> None:
         self.group, self.device = group, DEV
@@ -64,7 +50,8 @@ class IpcMesh:
 
     def allocate(self, rank: int, nbytes: int):
         torch.cuda.synchronize(DEV)  # nothing may still use the old arenas
-        mine = _on_a_thread_of_its_own(lambda: torch.zeros(nbytes, dtype=torch.uint8, device=DEV))
+        # outside any graph pool (cudagraph trees' warm-up), as torch's symmetric memory is
+        mine = outside_graph_pools(DEV, lambda: torch.zeros(nbytes, dtype=torch.uint8, device=DEV))
         torch.cuda.synchronize(DEV)  # zeroed before any peer writes into it
         handles = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(handles, (mine.untyped_storage()._share_cuda_(), mine.storage_offset()),
@@ -194,6 +181,10 @@ def check_compiled(n, rank, split, W, mode=None):
     cudagraph trees (or records) and the third replays), each against the float64 reference."""
     p0 = make_problem(n, k=4, local_experts=4, H=128, F=64, routing="skewed", seed=50 + W, tokens_range=(60, 120))
     layer = _layer(p0, n, rank, W, split, True)
+    if mode == "reduce-overhead":  # a failure names where what it found in the pool was allocated
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.cudagraph_trees_history_recording = True
     compiled = torch.compile(layer, fullgraph=True, mode=mode)
     rows = p0.rows(rank)
     worst = 0.0
@@ -230,7 +221,9 @@ def main():
             worst = case()
         except Exception as e:  # noqa: BLE001 - a failed case, reported
             worst = float("inf")
-            print(f"rank {rank} {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            said = str(e)
+            print(f"rank {rank} {name}: {type(e).__name__}: {said[:4000 if 'cudagraph pool' in said else 300]}",
+                  flush=True)
         every = [None] * n
         dist.all_gather_object(every, worst)
         results.append(max(every) < 1e-2)

@@ -9,7 +9,7 @@ what was found.
 from __future__ import annotations
 
 import struct
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -183,13 +183,17 @@ class PostedFindings:
     host memory, which the host reads at its next call (or `settle`). So a call never waits
     for the device to check its input; a problem surfaces one call later, on every rank."""
 
-    def __init__(self) -> None:
+    def __init__(self, allocate: Optional[Callable[[torch.device, Callable[[], torch.Tensor]], torch.Tensor]] = None
+                 ) -> None:
+        """`allocate(device, make)`: how the device table is made (it outlives the call that makes
+        it: the layer passes `ep.pipeline.outside_graph_pools`); None: `make()`."""
+        self._allocate = allocate or (lambda device, make: make())
         self._device: Optional[torch.Tensor] = None
         self._host: Optional[torch.Tensor] = None
 
     def post(self, table: torch.Tensor) -> None:
         if self._device is None or self._device.shape != table.shape:
-            self._device = torch.zeros_like(table)
+            self._device = self._allocate(table.device, lambda: torch.zeros_like(table))
             self._host = torch.zeros(table.shape, dtype=table.dtype, pin_memory=True)
         torch.maximum(self._device, table, out=self._device)
         self._host.copy_(self._device, non_blocking=True)

@@ -14,7 +14,7 @@ from .config import FP8_PRODUCT_FLAGS, MoEConfig
 from .dist import as_process_group
 from .experts import Experts, in_recipe, quantize_expert_weight, quantize_experts, quantize_transposed_weight
 from .kernels.fp8 import Fp8Experts, Fp8Weight
-from .pipeline import run_beside, wave_experts
+from .pipeline import outside_graph_pools, run_beside, wave_experts
 from .plan import WaveMap, WavePlan, sender_plan
 from .router import Router
 from .shared import SharedExperts
@@ -88,7 +88,7 @@ class ExpertParallelMoE(nn.Module):
         """Whether linear1 and linear2 run in FP8: the config's (`MoEConfig.fp8_products`), or for
         "auto" the choice of the last forward (None before the first)."""
         self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
-        self._posted = PostedFindings()
+        self._posted = PostedFindings(outside_graph_pools)
         """Device findings of earlier calls (on CUDA), raised at the next call."""
         self._derived = DerivedWeights()
         """Weights derived from the parameters (autocast casts, FP8 experts), kept between calls

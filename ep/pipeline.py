@@ -45,6 +45,7 @@ from .plan import (PLAN_TENSORS, WaveItems, WavePlan, expert_major, pack_rows, r
 from .transport import Pending, Transport
 
 Started = TypeVar("Started")
+Made = TypeVar("Made")
 
 
 class _SmCarveout:
@@ -75,6 +76,34 @@ def _stream(cache: Dict[Tuple[torch.device, int], torch.cuda.Stream], device: to
     if key not in cache:
         cache[key] = torch.cuda.Stream(device)
     return cache[key]
+
+
+def outside_graph_pools(device: torch.device, make: Callable[[], Made]) -> Made:
+    """`make()` for state that outlives the call making it (a named cache's), allocated outside
+    any graph's memory pool: on CUDA on a thread of its own, with the caller's device and
+    stream current (so its kernels queue where the caller's would). cudagraph trees
+    (`torch.compile(mode="reduce-overhead")`) route the allocations of the thread that warms a
+    graph up into their pool, where a tensor that outlives the graph is an error ("tensor(s)
+    in the cudagraph pool not tracked as outputs") and its memory another graph's. For
+    allocations only: the thread has its own grad and autocast modes. Elsewhere: `make()`."""
+    if device.type != "cuda":
+        return make()
+    stream, made = torch.cuda.current_stream(device), []
+
+    def run() -> None:
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                made.append((True, make()))
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            made.append((False, e))
+
+    worker = threading.Thread(target=run, name="ep-outside-graph-pools")
+    worker.start()
+    worker.join()
+    ok, value = made[0]
+    if not ok:
+        raise value
+    return value
 
 
 def ready_point(device: torch.device) -> Optional[torch.cuda.Event]:
