@@ -30,8 +30,9 @@ def _cases():
 
     p2p = dict(words=P("i64"), groups=P("i64"), sizes=P("i64"), uses=P("i64"), err_addr="i64", me=I32, n=I32,
                call_at="i64", per_src="i64", first=I32, chunks=I32, ready_at=I32, freed_at=I32, deadline="i64",
-               label=I32, arrived_rows=P("i64"), row_pieces=I32)
-    wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, CHUNKS=32, USE_CLOCK=True, HAS_SENT=True)
+               label=I32, arrived_rows=P("i64"), row_pieces=I32, split="i64")
+    wide = dict(BLOCK=8192, ALIGN=4, PER_GROUP=4, CHUNKS=32, USE_CLOCK=True, HAS_SENT=True, UNIFORM=True)
+    byte = dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, CHUNKS=32, USE_CLOCK=True, HAS_SENT=False, UNIFORM=False)
     quant = dict(q=P("fp8e4nv"), s=P("fp32"), T=I32, q_stride=I32, s_stride=I32)
     fp8_grouped = dict(x=P("fp8e4nv"), xs=P("fp32"), w=P("fp8e4nv"), ws=P("fp32"), offs=P("i32"), out=P("bf16"),
                        N=I32, E=I32, x_stride=I32, xs_stride=I32, w_se="i64", w_sk=I32, w_sn=I32, ws_se=I32,
@@ -58,7 +59,8 @@ def _cases():
                               **p2p), wide),
         (tp._take_kernel, dict(out=P("i32"), arena=P("i32"), put_programs=I32, **p2p), wide),
         (tp._put_kernel, dict(src=P("u8"), out=P("u8"), arena=P("u8"), sent_rows=P("i64"), wait_programs=I32, **p2p),
-         dict(BLOCK=32768, ALIGN=1, PER_GROUP=16, CHUNKS=32, USE_CLOCK=True, HAS_SENT=False)),
+         byte),
+        (tp._take_kernel, dict(out=P("u8"), arena=P("u8"), put_programs=I32, **p2p), byte),
         (tg._few_rows_kernel, dict(x=P("bf16"), index=P("i64"), w=P("bf16"), offs=P("i32"), out=P("bf16"), N=I32,
                                    x_stride=I32, w_se="i64", w_sk=I32, out_stride=I32),
          dict(K=7168, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GATHER=True)),
