@@ -246,7 +246,8 @@ class MoEConfig:
             raise ValueError(f"MoEConfig.fp8_backward must be one of {FP8_BACKWARDS}, got {self.fp8_backward!r}")
         if self.fp8_backward != "none" and self.expert_dtype is None:
             raise ValueError(f"MoEConfig.fp8_backward={self.fp8_backward!r} needs expert_dtype=torch.float8_e4m3fn")
-        if not (isinstance(self.fp8_fast_accum, bool) or self.fp8_fast_accum == "all"):
+        # (the type first: 1 == True, so membership alone would take 1)
+        if not isinstance(self.fp8_fast_accum, (bool, str)) or self.fp8_fast_accum not in FP8_FAST_ACCUMS:
             raise ValueError(f"MoEConfig.fp8_fast_accum must be one of {FP8_FAST_ACCUMS}, got {self.fp8_fast_accum!r}")
         if self.fp8_fast_accum and (self.expert_dtype is None or self.fp8_scaling != "rows"):
             raise ValueError(f"MoEConfig.fp8_fast_accum={self.fp8_fast_accum!r} needs expert_dtype=torch.float8_e4m3fn "
