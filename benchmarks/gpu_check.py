@@ -228,6 +228,51 @@ def check_fp8_auto(n, rank, device, W=2):
     return chosen, int(not torch.equal(out, want)) + int(layer.fp8_products != chosen)
 
 
+def check_compiled_kept(n, rank, device, split, training):
+    """`torch.compile(fullgraph=True, mode="reduce-overhead")` of a fresh layer that keeps the
+    weights it derives (FP8 rows experts; `training`: `weight_cache="always"` with FP8 data
+    gradients, so the backward keeps the transposes too; else eval mode): its first call is
+    compiled, so what it keeps is made inside cudagraph trees' warm-up. Three compiled calls
+    (warm-up, recording, replay), then an eager call of the same layer, which reads the kept
+    weights: each against a twin layer's eager call (same weights). Returns (worst rel err of
+    the compiled calls, mismatches of the eager call after them, weights kept)."""
+    p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=31, tokens_per_rank=[256] * n)
+    knobs = dict(num_waves=2, wave_split=split, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows", max_tokens=256,
+                 weight_cache="always" if training else "eval", fp8_backward="data" if training else "none")
+    twin, fresh = (build(p, n, rank, device, **knobs).train(training) for _ in range(2))
+    rows = p.rows(rank)
+    x = p.x[rows].to(device=device, dtype=torch.bfloat16)
+    idx, tw = p.topk_idx[rows].to(device), p.topk_weights[rows].to(device=device, dtype=torch.float32)
+    dy = p.dy[rows].to(device=device, dtype=torch.bfloat16)
+
+    def call(fn, layer):
+        """y, and in training the gradients of x, w1 and w2 (cloned: a replay's outputs are reused)."""
+        if not training:
+            with torch.no_grad():
+                return [fn(x, topk_idx=idx, topk_weights=tw).clone()]
+        xg = x.clone().requires_grad_(True)
+        layer.zero_grad(set_to_none=True)
+        y = fn(xg, topk_idx=idx, topk_weights=tw)
+        y.backward(dy)
+        return [y.detach().clone(), xg.grad.clone(), layer.experts.w1.grad.clone(), layer.experts.w2.grad.clone()]
+
+    want = call(twin, twin)
+    torch._dynamo.reset()
+    compiled = torch.compile(fresh, fullgraph=True, mode="reduce-overhead")
+    worst = 0.0
+    for _ in range(3):
+        got = call(compiled, fresh)
+        worst = max(worst, *(rel_err(a.double(), b.double()) for a, b in zip(got, want)))
+    after = call(fresh, fresh)
+    mismatches = sum(not torch.equal(a, b) for a, b in zip(after, want))
+    kept = len(fresh._derived)
+    del compiled
+    torch._dynamo.reset()
+    t = torch.tensor([worst, mismatches], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item(), int(t[1].item()), kept
+
+
 def check_sync_free(n, rank, device, transport, W, routing, max_tokens, split="tokens", dedup=True):
     """A forward and a training step under sync debug mode "error" (after two warm-up steps)."""
     p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=3, tokens_range=(200, 400))
@@ -397,8 +442,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="gpu_check.json")
     ap.add_argument("--transports", default=None, help="comma-separated subset of the transports to check")
-    ap.add_argument("--checks", default="reference,sync,shared,graphs,fp8",
-                    help="comma-separated: reference, sync, shared, graphs, fp8")
+    ap.add_argument("--checks", default="reference,sync,shared,graphs,fp8,compiled",
+                    help="comma-separated: reference, sync, shared, graphs, fp8, compiled")
     args = ap.parse_args()
     checks = args.checks.split(",")
     ep.init_distributed()
@@ -504,6 +549,22 @@ def main():
         results.append(dict(check="fp8_products_auto", ok=ok, detail=detail))
         if rank == 0:
             print(f"fp8 products auto, then a CUDA graph  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
+    for split, training in itertools.product(("tokens", "experts"), (False, True)) \
+            if cuda and "compiled" in checks else ():
+        try:
+            worst, mismatches, kept = check_compiled_kept(n, rank, device, split, training)
+            # the compiled graph runs the eager kernels (custom ops): only Inductor's own ops around
+            # them may round differently; the eager call after them must read intact kept weights
+            ok = worst < 1e-2 and mismatches == 0 and kept == (4 if training else 2)
+            detail = (f"compiled vs eager {worst:.1e}, eager call after them == a twin's: "
+                      f"{'ok' if mismatches == 0 else 'FAIL'}, {kept} weights kept")
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, repr(e)[:400]
+        failed += not ok
+        results.append(dict(check="compiled_kept_weights", wave_split=split, training=training, ok=ok, detail=detail))
+        if rank == 0:
+            print(f"reduce-overhead, fresh layer, kept FP8 weights ({'training, always' if training else 'eval'}) "
+                  f"{split:7}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
     for W in (1, 2) if "shared" in checks else ():
         try:
             worst = check_shared_beside(n, rank, device, W)

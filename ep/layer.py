@@ -90,7 +90,7 @@ class ExpertParallelMoE(nn.Module):
         self._replicas_synced = False  # the first forward checks the config and broadcasts the replicas
         self._posted = PostedFindings(outside_graph_pools)
         """Device findings of earlier calls (on CUDA), raised at the next call."""
-        self._derived = DerivedWeights()
+        self._derived = DerivedWeights(outside_graph_pools)
         """Weights derived from the parameters (autocast casts, FP8 experts), kept between calls
         as `MoEConfig.weight_cache` says (`ep.weight_cache`)."""
         self._held_fp8: Optional[Fp8Experts] = None

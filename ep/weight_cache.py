@@ -11,7 +11,10 @@ its sources, so no other tensor can take their storage while it lives (a freed s
 address reused by a new tensor of version 0 would otherwise look unchanged).
 
 Nothing is cached while a CUDA graph is being captured: a replay must read the parameters
-as they are then, so the derivation is captured with the rest.
+as they are then, so the derivation is captured with the rest. A value that is kept is made
+through the cache's `allocate` (the layer's: `ep.pipeline.outside_graph_pools`), so a first
+call inside cudagraph trees' warm-up (`torch.compile(mode="reduce-overhead")`) keeps nothing
+in their pool, where a later graph's tensors would take its memory.
 """
 from __future__ import annotations
 
@@ -47,13 +50,16 @@ class DerivedWeights:
     """A named cache: per name, a value derived from source tensors, made again when any
     source is no longer the tensor (storage, layout, version) it was made from."""
 
-    def __init__(self) -> None:
+    def __init__(self, allocate: Optional[Callable[[torch.device, Callable[[], Any]], Any]] = None) -> None:
+        """`allocate(device, make)`: how a value to be kept is made (it outlives the call making
+        it); None: `make()`. A value that is not kept is made by `make()` on the caller's thread."""
+        self._allocate = allocate or (lambda device, make: make())
         self._entries: Dict[Hashable, _Entry] = {}
 
     def get(self, name: Hashable, sources: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any:
         """The value of `name` for `sources`: the cached one if they are unchanged, else `make()`
-        (then cached, unless a source is not trackable). While a CUDA graph is being captured,
-        always `make()`, and nothing is cached."""
+        (then cached, made through `allocate`, unless a source is not trackable). While a CUDA
+        graph is being captured, always `make()`, and nothing is cached."""
         if any(capturing(t.device) for t in sources):  # a replay must derive from the parameters as they are then
             return make()
         key = tuple(_identity(t) for t in sources)
@@ -61,9 +67,10 @@ class DerivedWeights:
         if entry is not None and entry.key == key:
             return entry.value
         self._entries.pop(name, None)  # the stale value goes before its replacement is made
-        value = make()
-        if None not in key:
-            self._entries[name] = _Entry(key, tuple(sources), value)
+        if None in key:
+            return make()
+        value = self._allocate(sources[0].device, make)
+        self._entries[name] = _Entry(key, tuple(sources), value)
         return value
 
     def clear(self) -> None:

@@ -44,6 +44,48 @@ def test_derived_weights_follow_the_sources_versions():
     assert len(made) == 8 and len(cache) == 2
 
 
+def test_only_kept_values_are_made_through_allocate():
+    """A kept value outlives its call: it is made through the cache's `allocate` (the layer's:
+    outside cudagraph trees' pool), with the sources' device; one that is not kept (a source
+    without a version counter) is made on the spot."""
+    through = []
+
+    def allocate(device, make):
+        through.append(device)
+        return make()
+
+    cache, p = DerivedWeights(allocate), nn.Parameter(torch.randn(4, 4))
+    kept = cache.get("w", (p,), lambda: p.detach() * 2)
+    assert through == [p.device] and cache.get("w", (p,), lambda: None) is kept and len(through) == 1
+    with torch.no_grad():
+        p.mul_(3)
+    assert torch.equal(cache.get("w", (p,), lambda: p.detach() * 2), p.detach() * 2) and len(through) == 2
+    with torch.inference_mode():
+        t = torch.randn(3)
+    assert torch.equal(cache.get("t", (t,), lambda: t + 1), t + 1) and len(through) == 2 and len(cache) == 1
+
+
+def test_the_layer_makes_what_it_keeps_outside_graph_pools(monkeypatch):
+    """The layer's kept FP8 experts and casts are made through `ep.pipeline.outside_graph_pools`
+    (on CUDA: on a thread of its own, so a compiled first call in reduce-overhead keeps nothing in
+    cudagraph trees' pool; gpu_check's "compiled, kept weights" cases run that on a GPU)."""
+    import ep.layer
+
+    made = []
+
+    def recorded(device, make):
+        value = make()
+        made.append(value)
+        return value
+
+    monkeypatch.setattr(ep.layer, "outside_graph_pools", recorded)
+    keeps, _ = _layers(expert_dtype=FP8, fp8_scaling="rows")
+    keeps.eval()
+    _call(keeps, torch.randn(12, 128), True)
+    kept = [entry.value for entry in keeps._derived._entries.values()]
+    assert len(kept) == 4 and all(any(v is m for m in made) for v in kept)  # w1's and w2's casts and FP8 copies
+
+
 def test_a_given_cast_is_differentiable_like_to():
     p = nn.Parameter(torch.randn(3, 5, dtype=torch.float32))
     value = p.detach().to(torch.bfloat16)
