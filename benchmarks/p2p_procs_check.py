@@ -20,6 +20,7 @@ token counts are below `max_tokens`, so the regions have padding, which the tran
 out (`sent_rows`). Slow by design (the processes take turns on the GPU): correctness only,
 no timing. Any number of processes (`--nproc-per-node 3`: three ranks on the GPU).
 Prints "N passed, M failed" on rank 0; exits non-zero on any failure. First run in r25.
+`EP_CASES=compile` runs only the cases whose names hold that string.
 """
 from __future__ import annotations
 
@@ -216,7 +217,8 @@ def main():
     cases += [(f"torch.compile fullgraph {m or 'default'}, {s} W=2 fwd+bwd",
                lambda s=s, m=m: check_compiled(n, rank, s, 2, m))
               for s in ("tokens", "experts") for m in (None, "reduce-overhead")]
-    for name, case in cases:
+    only = os.environ.get("EP_CASES")  # a substring: run only the cases whose names hold it
+    for name, case in cases if only is None else [c for c in cases if only in c[0]]:
         try:
             worst = case()
         except Exception as e:  # noqa: BLE001 - a failed case, reported
