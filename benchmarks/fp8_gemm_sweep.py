@@ -3,7 +3,9 @@ bf16 `torch._grouped_mm` on the same rows: the blockwise Triton product's tile c
 K-major, as the layer holds them), the rowwise `torch._scaled_grouped_mm` (`fp8_scaling="rows"`;
 promoted and with fast accumulation, `fp8_fast_accum`, each one's error against float64), and
 each quantizer the FP8 paths run per call (activations, SwiGLU's output, weights); the
-backward's data products (`dy @ w^T`, bf16 against `fp8_backward="data"`'s rowwise FP8).
+backward's data products (`dy @ w^T`, bf16 against `fp8_backward="data"`'s rowwise FP8) and
+weight products (`x^T @ dy` per expert, bf16 against both operands in FP8, `fp8_wgrad`: not
+in the layer yet, timed to see whether it pays).
 
     python3 benchmarks/fp8_gemm_sweep.py --shapes dsv3,wide,decode --json fp8_sweep.json
 
@@ -122,6 +124,52 @@ def data_gradient(name: str, w: torch.Tensor, offs: torch.Tensor, flops: int) ->
     return out
 
 
+def weight_gradient(name: str, x: torch.Tensor, N: int, offs: torch.Tensor, flops: int) -> list:
+    """The product's weight gradient `dw[e] = x[rows of e]^T @ dy[rows of e]`: bf16
+    `torch._grouped_mm` (the layer's, `ep.kernels.grouped_mm_wgrad`) against both operands in
+    FP8 (`ep.kernels.fp8.fp8_wgrad`: one scale per column of each expert's rows, transposed,
+    then `torch._scaled_grouped_mm`'s 2d-2d form; promoted and with fast accumulation), the
+    two quantizations timed apart; each FP8 one's error against float64 of the bf16 operands
+    over the first two experts (relative Frobenius norm)."""
+    from ep.kernels.fp8 import fp8_wgrad, quantize_columns_per_group, quantize_columns_per_group_torch
+
+    dy = torch.randn(x.shape[0], N, device=x.device, dtype=torch.bfloat16)
+    two = int(offs[1])
+    exact = torch.stack([x[a:b].double().t() @ dy[a:b].double() for a, b in ((0, int(offs[0])), (int(offs[0]), two))])
+    ops = {"weight gradient bf16 _grouped_mm": (lambda: torch._grouped_mm(x.t(), dy, offs=offs), True),
+           "weight gradient fp8 (quantize both + 2d-2d _scaled_grouped_mm)": (lambda: fp8_wgrad(x, dy, offs), True),
+           "weight gradient fp8 fast accum": (lambda: fp8_wgrad(x, dy, offs, fast_accum=True), True),
+           f"weight gradient: quantize x {tuple(x.shape)} per column per expert, transposed":
+               (lambda: quantize_columns_per_group(x, offs), False),
+           f"weight gradient: quantize dy {tuple(dy.shape)} per column per expert, transposed":
+               (lambda: quantize_columns_per_group(dy, offs), False)}
+    aq, sa, po = quantize_columns_per_group(x, offs)
+    bq, sb, _ = quantize_columns_per_group(dy, offs)
+    wq, ws, _ = quantize_columns_per_group_torch(x, offs)  # the Triton kernel against the torch path, bit for bit
+    end = int(po[-1])
+    same = bool(torch.equal(aq[:, :end].view(torch.uint8), wq[:, :end].view(torch.uint8)) and torch.equal(sa, ws))
+    print(f"{name} weight gradient: the Triton quantizer bitwise the torch path's: {same}", flush=True)
+    del wq, ws
+    ops["weight gradient: the 2d-2d FP8 product alone"] = (
+        lambda: torch._scaled_grouped_mm(aq, bq.t(), sa, sb, offs=po, out_dtype=torch.bfloat16), True)
+    out = [dict(product=name, kind="weight gradient: Triton quantizer bitwise the torch path's", ok=same)]
+    for what, (fn, product) in ops.items():
+        try:
+            ms = timed(fn)
+        except Exception as e:  # noqa: BLE001 - a form this torch does not run, reported
+            out.append(dict(product=name, kind=what, error=str(e)[:300]))
+            print(f"{name} {what}: {type(e).__name__} {str(e)[:200]}", flush=True)
+            continue
+        row = dict(product=name, kind=what, ms=ms, **(dict(tflops=flops / ms / 1e9) if product else {}))
+        if product and "alone" not in what:
+            got = fn()[:2].double()
+            row["rel_err_vs_float64"] = ((got - exact).norm() / exact.norm()).item()
+        out.append(row)
+        print(f"{name} {what}: {ms:.3f} ms" + (f" {flops / ms / 1e9:.0f} TFLOP/s" if product else "")
+              + (f", vs float64 {row['rel_err_vs_float64']:.2e}" if "rel_err_vs_float64" in row else ""), flush=True)
+    return out
+
+
 def sweep(shape: str, configs) -> list:
     """Every product and quantizer at one preset's per-rank shape."""
     dev = torch.device("cuda", 0)
@@ -168,6 +216,7 @@ def sweep(shape: str, configs) -> list:
             out.append(dict(product=name, kind=what, ms=ms))
             print(f"{name} {what}: {ms:.3f} ms", flush=True)
         out += data_gradient(name, w, offs, flops)
+        out += weight_gradient(name, x, N, offs, flops)
         del x, w, xq, wk, rq, xr
         torch.cuda.empty_cache()
     return out

@@ -267,6 +267,62 @@ def test_accuracy_on_gaussian_data():
     assert products[("outlier channels", "rowwise x per column")] > products[("outlier channels", "1x128 x 128x128")]
 
 
+def _wgrad_operands(C, counts, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(counts), C, generator=g, dtype=torch.float64) * torch.logspace(-1, 1, C, dtype=torch.float64)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    return x, offs
+
+
+def test_columns_per_group_layout():
+    """Each expert's rows, one scale per column over them (amax / 448), transposed from a
+    16-aligned start, zeros between groups; an empty group has scale 1 and no columns."""
+    counts = [5, 0, 17, 16]
+    x, offs = _wgrad_operands(24, counts, 3)
+    x[5:22, 3] = 0  # a zero column of expert 2 (its rows 5-21): scale 1
+    q, scale, offs_pad = fp8.quantize_columns_per_group(x, offs, counts)
+    assert offs_pad.tolist() == [16, 16, 48, 64] and offs_pad.dtype == torch.int32
+    assert q.shape == (24, sum(counts) + 15 * 4) and scale.shape == (4 * 24,)
+    scale = scale.view(4, 24)
+    assert torch.equal(scale[1], torch.ones(24)) and scale[2, 3] == 1
+    start = pstart = 0
+    for e, c in enumerate(counts):
+        rows = x[start:start + c]
+        if c:
+            assert torch.equal(scale[e], fp8.scale_from_amax(rows.abs().amax(0)))
+        block = q[:, pstart:pstart + c].double().t() * scale[e].double()
+        assert _within_rounding(rows, block, scale[e].expand_as(rows))
+        pad = -(-c // 16) * 16
+        assert not q[:, pstart + c:pstart + pad].double().any()  # zeros up to the next group
+        start, pstart = start + c, pstart + pad
+
+
+def test_fp8_wgrad_against_float64():
+    """`fp8_wgrad` (the CPU emulation) against the float64 `a^T b` per expert: FP8's error of two
+    quantized operands (each ~2-3% on Gaussian data), zeros for the empty group; and exact
+    against the float64 product of the same FP8 operands."""
+    counts = [40, 0, 33, 64]
+    a, offs = _wgrad_operands(32, counts, 5)
+    b, _ = _wgrad_operands(48, counts, 6)
+    got = fp8.fp8_wgrad(a.float(), b.float(), offs, counts)
+    assert got.shape == (4, 32, 48) and got.dtype == torch.float32
+    start = 0
+    for e, c in enumerate(counts):
+        want = a[start:start + c].t() @ b[start:start + c]
+        if c:
+            err = ((got[e].double() - want).norm() / want.norm()).item()
+            assert 1e-3 < err < 6e-2, err  # quantized (not exact), within FP8's error
+        else:
+            assert not got[e].any()
+        start += c
+    aq, sa, po = fp8.quantize_columns_per_group(a.float(), offs, counts)
+    bq, sb, _ = fp8.quantize_columns_per_group(b.float(), offs, counts)
+    exact = fp8.fp8_wgrad_emulated(aq, sa, bq, sb, po, torch.float64, acc_dtype=torch.float64)
+    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-6
+    with pytest.raises(ValueError, match="same rows"):
+        fp8.fp8_wgrad(a[:-1].float(), b.float(), offs, counts)
+
+
 # ---------------------------------------------------------------- Triton kernels in the interpreter
 
 @pytest.fixture(scope="module")
@@ -396,6 +452,23 @@ def test_triton_quantize_weight_columns_bitwise(tfp8, pow2):
         got_q, got_s = tfp8.quantize_weight_columns_triton(src, pow2)
         assert got_q.shape == want_q.shape and got_q.stride(1) == 1
         assert torch.equal(_bits(got_q), _bits(want_q)) and torch.equal(got_s, want_s)
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_triton_quantize_columns_per_group_bitwise(tfp8, pow2):
+    """Groups of uneven rows (an empty one, one past a program's 64 rows, none a multiple of
+    16), a partial program of columns, from a strided source: bit for bit the torch path up
+    to the last padded group end (past it unspecified)."""
+    counts = [70, 0, 3, 21]
+    x, offs = _wgrad_operands(100, counts, 9)
+    x = x.float()
+    x[70:73, 7] = 0
+    want_q, want_s, want_o = fp8.quantize_columns_per_group_torch(x, offs, counts, pow2)
+    end = int(want_o[-1])
+    for src in (x, x.t().contiguous().t()):
+        got_q, got_s, got_o = tfp8.quantize_columns_per_group_triton(src, offs, pow2)
+        assert torch.equal(got_o, want_o) and got_q.shape == want_q.shape
+        assert torch.equal(_bits(got_q[:, :end]), _bits(want_q[:, :end])) and torch.equal(got_s, want_s)
+
 
 # (the FP8 kernels compiled for sm_90, no GPU: tests/test_triton_compile.py)
 

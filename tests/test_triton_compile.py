@@ -53,6 +53,9 @@ def _cases():
         (tf._quantize_columns_kernel, dict(w=P("bf16"), q=P("fp8e4nv"), s=P("fp32"), N=I32, w_se="i64",
                                            w_sk=I32, w_sn=I32, q_se="i64", q_sk=I32, q_sn=I32, s_se=I32),
          dict(K=7168, POW2=False, BLOCK_N=64)),
+        (tf._columns_per_group_kernel, dict(x=P("bf16"), offs=P("i32"), q=P("fp8e4nv"), s=P("fp32"), C=I32, E=I32,
+                                            x_stride=I32, q_stride=I32),
+         dict(EP=32, ALIGN=16, POW2=False, BLOCK_T=64, BLOCK_C=64)),
         (tf._fp8_grouped_kernel, fp8_grouped, dict(K=7168, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear1
         (tf._fp8_grouped_kernel, fp8_grouped, dict(K=2048, EP=32, BLOCK_M=bm, BLOCK_N=bn)),  # dsv3 linear2
         (tp._put_kernel, dict(src=P("i32"), out=P("i32"), arena=P("i32"), sent_rows=P("i64"), wait_programs=I32,

@@ -15,6 +15,11 @@ Layouts (the layer's: weights `[E, K, N]`, rows of x grouped by expert, `offs` a
                  x [M, K]     ->  q [M, K],  scale [M]          (one scale per row, over all of K)
                  w [E, K, N]  ->  q [E, K, N] stored K-contiguous (a transposed `[E, N, K]`),
                                   scale [E, N]                   (one scale per column of each expert)
+    weight-gradient operands (`fp8_wgrad`: `dw[e] = a[rows of e]^T @ b[rows of e]`, the
+    2d-2d product, which sums over the rows):
+                 a [T, C]     ->  q [C, T_pad] (transposed), scale [E * C]  (one scale per
+                                  column of each expert's rows), offs_pad [E]: each expert's
+                                  rows start at a multiple of 16 (zeros between)
 
 A scale is what dequantization multiplies by: `x ~= q * scale`, `scale = amax / 448` over
 the tile or block (448 the largest e4m3 value), so the tile's largest magnitude maps to
@@ -373,6 +378,100 @@ def fp8_grouped_mm(
         return torch._scaled_grouped_mm(xq_MK, wq_EKN, x_scale, w_scale, offs=offs, out_dtype=torch.bfloat16,
                                         use_fast_accum=fast_accum)
     return fp8_grouped_mm_emulated(xq_MK, x_scale, wq_EKN, w_scale, offs, out_dtype, counts)
+
+
+WGRAD_ALIGN = 16
+"""Rows each expert's group of a weight-gradient operand is padded to a multiple of:
+`torch._scaled_grouped_mm`'s 2d-2d form sums over the rows (its K), and its groups along K
+must start at 16-byte strides (16 e4m3 values)."""
+
+
+def padded_group_offsets(offs: torch.Tensor, align: int = WGRAD_ALIGN) -> torch.Tensor:
+    """Cumulative group ends with each group's rows rounded up to a multiple of `align` (on
+    offs' device: no host read)."""
+    counts = torch.diff(offs, prepend=offs.new_zeros(1))
+    return torch.cumsum((counts + align - 1) // align * align, 0).to(torch.int32)
+
+
+def quantize_columns_per_group_torch(x_TC: torch.Tensor, offs: torch.Tensor, counts: Optional[Sequence[int]] = None,
+                                     pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_columns_per_group` in plain torch (the reference its Triton kernel is tested
+    against; reads the group ends on the host: `counts`, or `offs`)."""
+    T, C = x_TC.shape
+    ends = _host_ends(offs, counts)
+    E = len(ends)
+    q = torch.zeros(C, T + (WGRAD_ALIGN - 1) * E, dtype=FP8, device=x_TC.device)
+    scale = torch.ones(E, C, dtype=torch.float32, device=x_TC.device)
+    start = pstart = 0
+    for e, end in enumerate(ends):
+        if end > start:
+            rows = x_TC[start:end].float()
+            scale[e] = scale_from_amax(rows.abs().amax(dim=0), pow2_scales)
+            q[:, pstart:pstart + end - start] = _to_fp8(rows / scale[e]).t()
+        pstart += -(-(end - start) // WGRAD_ALIGN) * WGRAD_ALIGN
+        start = end
+    return q, scale.reshape(-1), padded_group_offsets(offs)
+
+
+def quantize_columns_per_group(x_TC: torch.Tensor, offs: torch.Tensor, counts: Optional[Sequence[int]] = None,
+                               pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A weight-gradient operand (rows grouped by expert, `offs` as `torch._grouped_mm`'s) ->
+    (q `[C, T + 15 E]` e4m3: each expert's rows quantized with one scale per column over
+    those rows, written transposed from `offs_pad`'s group starts, zeros up to the next;
+    past the last group unspecified), scale `[E * C]` fp32 (expert e's at `[e C, (e + 1) C)`;
+    1 for an empty group), offs_pad `[E]` int32 (`padded_group_offsets`). One Triton kernel
+    on CUDA (bitwise the torch path's, which reads the group ends on the host: `counts`, or
+    `offs`)."""
+    if x_TC.dim() != 2:
+        raise ValueError(f"ep.kernels.fp8: a weight-gradient operand must be 2-d [rows, C], got {tuple(x_TC.shape)}")
+    if use_triton(x_TC):
+        from .triton_fp8 import quantize_columns_per_group_triton
+
+        return quantize_columns_per_group_triton(x_TC, offs, pow2_scales)
+    return quantize_columns_per_group_torch(x_TC, offs, counts, pow2_scales)
+
+
+def fp8_wgrad_emulated(aq_MT: torch.Tensor, a_scale: torch.Tensor, bq_NT: torch.Tensor, b_scale: torch.Tensor,
+                       offs_pad: torch.Tensor, out_dtype: torch.dtype = torch.float32,
+                       acc_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 2d-2d FP8 product of `quantize_columns_per_group`'s outputs, dequantized in
+    `acc_dtype` and multiplied there -> `[E, M, N]` (zeros for an empty group)."""
+    M, N, E = aq_MT.shape[0], bq_NT.shape[0], offs_pad.shape[0]
+    out = torch.zeros(E, M, N, dtype=acc_dtype, device=aq_MT.device)
+    sa, sb = a_scale.reshape(E, M).to(acc_dtype), b_scale.reshape(E, N).to(acc_dtype)
+    start = 0
+    for e, end in enumerate(int(v) for v in offs_pad.tolist()):
+        if end > start:
+            a = aq_MT[:, start:end].to(acc_dtype) * sa[e, :, None]
+            b = bq_NT[:, start:end].to(acc_dtype) * sb[e, :, None]
+            torch.mm(a, b.t(), out=out[e])
+        start = end
+    return out.to(out_dtype)
+
+
+def fp8_wgrad(a_TM: torch.Tensor, b_TN: torch.Tensor, offs: torch.Tensor, counts: Optional[Sequence[int]] = None,
+              fast_accum: bool = False) -> torch.Tensor:
+    """`dw[e] = a[rows of e]^T @ b[rows of e]` with both operands in FP8 (one scale per column
+    of each expert's rows: `quantize_columns_per_group`), accumulated in fp32 -> `[E, M, N]`
+    in a's dtype. CUDA sm90/sm100 with bf16 operands: `torch._scaled_grouped_mm`'s 2d-2d form
+    (`fast_accum`: its `use_fast_accum`); elsewhere the fp32 emulation. An expert with no rows
+    gets zeros where `counts` says so; on CUDA without `counts` every group must have rows
+    (as `ep.kernels.grouped_mm_wgrad`: the kernel does not write an empty group)."""
+    if a_TM.shape[0] != b_TN.shape[0]:
+        raise ValueError(f"ep.kernels.fp8: fp8_wgrad's operands need the same rows, got {tuple(a_TM.shape)} and "
+                         f"{tuple(b_TN.shape)}")
+    aq, sa, offs_pad = quantize_columns_per_group(a_TM, offs, counts)
+    bq, sb, _ = quantize_columns_per_group(b_TN, offs, counts)
+    M, N, E = a_TM.shape[1], b_TN.shape[1], offs.shape[0]
+    if (a_TM.dtype == torch.bfloat16 and scaled_grouped_mm_available(a_TM) and M % 16 == 0 and N % 16 == 0
+            and E < 1024):
+        dw = torch._scaled_grouped_mm(aq, bq.t(), sa, sb, offs=offs_pad, out_dtype=torch.bfloat16,
+                                      use_fast_accum=fast_accum)
+        for e, c in enumerate(counts or ()):
+            if c == 0:
+                dw[e].zero_()
+        return dw
+    return fp8_wgrad_emulated(aq, sa, bq, sb, offs_pad, a_TM.dtype)
 
 
 def _check_swiglu_input(h_N2F: torch.Tensor) -> None:

@@ -179,6 +179,45 @@ def _quantize_columns_kernel(w, q, s, N, w_se, w_sk, w_sn, q_se, q_sk, q_sn, s_s
 
 
 @triton.jit
+def _columns_per_group_kernel(x, offs, q, s, C, E, x_stride, q_stride, EP: tl.constexpr, ALIGN: tl.constexpr,
+                              POW2: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (e, j): columns `[j BLOCK_C, (j + 1) BLOCK_C)` of expert e's rows, one scale each
+    over those rows (a pass for the amaxes, a second to quantize), e4m3 stored transposed from
+    the group's padded start (found from `offs` on the device), zeros up to the next."""
+    e = tl.program_id(0)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live_c = cs < C
+    es = tl.arange(0, EP)
+    ends = tl.load(offs + es, mask=es < E, other=0)
+    starts = tl.load(offs + es - 1, mask=(es > 0) & (es < E), other=0)
+    padded = tl.where(es < E, (ends - starts + ALIGN - 1) // ALIGN * ALIGN, 0)
+    pstart = tl.sum(tl.where(es < e, padded, 0), axis=0).to(tl.int64)
+    start = tl.sum(tl.where(es == e, starts, 0), axis=0)
+    end = tl.sum(tl.where(es == e, ends, 0), axis=0)
+    pcount = tl.sum(tl.where(es == e, padded, 0), axis=0)
+    amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+    t0 = start
+    while t0 < end:  # (while, not range: the interpreter cannot take a loaded bound as a range's)
+        ts = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        live = (ts < end)[:, None] & live_c[None, :]
+        v = tl.load(x + ts[:, None] * x_stride + cs[None, :], mask=live, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(v), axis=0))
+        t0 += BLOCK_T
+    scale = _scale_of(amax, POW2)
+    t0 = start * 0  # (a tensor like the bounds, for the loop's type)
+    while t0 < pcount:
+        ts = t0 + tl.arange(0, BLOCK_T)
+        src = (start + ts).to(tl.int64)
+        v = tl.load(x + src[:, None] * x_stride + cs[None, :], mask=(src < end)[:, None] & live_c[None, :],
+                    other=0.0).to(tl.float32)
+        qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale[None, :]), -_MAX), _MAX))
+        tl.store(q + cs[None, :].to(tl.int64) * q_stride + pstart + ts[:, None], qv.to(tl.float8e4nv),
+                 mask=(ts < pcount)[:, None] & live_c[None, :])
+        t0 += BLOCK_T
+    tl.store(s + e.to(tl.int64) * C + cs, scale, mask=live_c)
+
+
+@triton.jit
 def _fp8_grouped_kernel(x, xs, w, ws, offs, out, N, E, x_stride, xs_stride, w_se, w_sk, w_sn, ws_se, ws_sk, ws_sn,
                         out_stride, K: tl.constexpr, EP: tl.constexpr, BLOCK_M: tl.constexpr,
                         BLOCK_N: tl.constexpr):
@@ -341,3 +380,22 @@ def quantize_weight_columns_triton(w_EKN: torch.Tensor, pow2_scales: bool = Fals
         _quantize_columns_kernel[(E, triton.cdiv(N, bn))](w_EKN, q, s, N, *w_EKN.stride(), *q.stride(), s.stride(0),
                                                           K=K, POW2=pow2_scales, BLOCK_N=bn, num_warps=4)
     return q, s
+
+
+def quantize_columns_per_group_triton(x_TC: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False
+                                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`ep.kernels.fp8.quantize_columns_per_group` in Triton (no host read of `offs`)."""
+    from .fp8 import WGRAD_ALIGN, padded_group_offsets
+
+    if x_TC.stride(1) != 1:
+        x_TC = x_TC.contiguous()
+    T, C = x_TC.shape
+    E = offs.shape[0]
+    q = torch.empty(C, T + (WGRAD_ALIGN - 1) * E, dtype=FP8, device=x_TC.device)
+    s = torch.empty(E * C, dtype=torch.float32, device=x_TC.device)
+    if E and C:
+        bc = 64
+        _columns_per_group_kernel[(E, triton.cdiv(C, bc))](
+            x_TC, offs, q, s, C, E, x_TC.stride(0), q.stride(0), EP=max(16, triton.next_power_of_2(E)),
+            ALIGN=WGRAD_ALIGN, POW2=pow2_scales, BLOCK_T=64, BLOCK_C=bc, num_warps=4)
+    return q, s, padded_group_offsets(offs)
