@@ -420,8 +420,10 @@ def quantize_columns_per_group(x_TC: torch.Tensor, offs: torch.Tensor, counts: O
     those rows, written transposed from `offs_pad`'s group starts, zeros up to the next;
     past the last group unspecified), scale `[E * C]` fp32 (expert e's at `[e C, (e + 1) C)`;
     1 for an empty group), offs_pad `[E]` int32 (`padded_group_offsets`). One Triton kernel
-    on CUDA (bitwise the torch path's, which reads the group ends on the host: `counts`, or
-    `offs`)."""
+    on CUDA: bitwise the torch path's (which reads the group ends on the host: `counts`, or
+    `offs`) in Triton's interpreter, but not on an H100 (r42b: some elements differ, the
+    products' errors agree to three digits; not diagnosed). Not used by the layer: FP8 weight
+    gradients do not pay with torch's 2d-2d product (r42b)."""
     if x_TC.dim() != 2:
         raise ValueError(f"ep.kernels.fp8: a weight-gradient operand must be 2-d [rows, C], got {tuple(x_TC.shape)}")
     if use_triton(x_TC):
