@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import AMAX_FLOOR, BLOCK, FP8, FP8_MAX
+from .fp8 import AMAX_FLOOR, BLOCK, FP8, FP8_MAX, WGRAD_ALIGN, padded_group_offsets
 
 _MAX = tl.constexpr(FP8_MAX)
 _FLOOR = tl.constexpr(AMAX_FLOOR)
@@ -385,8 +385,6 @@ def quantize_weight_columns_triton(w_EKN: torch.Tensor, pow2_scales: bool = Fals
 def quantize_columns_per_group_triton(x_TC: torch.Tensor, offs: torch.Tensor, pow2_scales: bool = False
                                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`ep.kernels.fp8.quantize_columns_per_group` in Triton (no host read of `offs`)."""
-    from .fp8 import WGRAD_ALIGN, padded_group_offsets
-
     if x_TC.stride(1) != 1:
         x_TC = x_TC.contiguous()
     T, C = x_TC.shape
