@@ -273,6 +273,69 @@ def check_compiled_kept(n, rank, device, split, training):
     return t[0].item(), int(t[1].item()), kept
 
 
+def check_graphs_kept(n, rank, device, split, fast_accum=False):
+    """`weight_cache="graphs"` in training (FP8 rows experts, FP8 data gradients): a
+    forward+backward captured with `torch.cuda.graph` reads the kept FP8 weights and their
+    transposes (it quantizes none inside). A replay against a twin layer's eager call
+    (`weight_cache="always"`, same weights): y and the gradients of x, w1, w2 bit for bit. Then
+    both layers' experts change in place (an optimizer step's stand-in, `mul_(-0.5)`): a replay
+    before `refresh_weight_cache()` still computes the first replay's values (it reads the
+    kept copies: nothing in the graph quantizes), one after it the twin's new eager values.
+    Returns (mismatches before the change, stale replays that differ from the first,
+    mismatches after the refresh, weights refreshed)."""
+    p = make_problem(n, k=4, local_experts=4, H=256, F=256, routing="skewed", seed=37, tokens_per_rank=[256] * n)
+    knobs = dict(num_waves=2, wave_split=split, expert_dtype=torch.float8_e4m3fn, fp8_scaling="rows",
+                 fp8_backward="data", fp8_fast_accum=fast_accum, max_tokens=256)
+    graphed, twin = build(p, n, rank, device, weight_cache="graphs", **knobs), build(p, n, rank, device, **knobs,
+                                                                                    weight_cache="always")
+    rows = p.rows(rank)
+    xs = [p.x[rows].to(device=device, dtype=torch.bfloat16).requires_grad_(True) for _ in range(2)]  # graph's, twin's
+    idx, tw = p.topk_idx[rows].to(device), p.topk_weights[rows].to(device=device, dtype=torch.float32)
+    dy = p.dy[rows].to(device=device, dtype=torch.bfloat16)
+
+    def results(layer, x, y):
+        return [t.detach().clone() for t in (y, x.grad, layer.experts.w1.grad, layer.experts.w2.grad)]
+
+    def eager(layer, x):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        y = layer(x, topk_idx=idx, topk_weights=tw)
+        y.backward(dy)
+        return results(layer, x, y)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream: the kept weights are made here
+        for _ in range(2):
+            eager(graphed, xs[0])
+    torch.cuda.current_stream().wait_stream(side)
+    xs[0].grad = None
+    graphed.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # the gradients it makes (x.grad, w1.grad, w2.grad) are the graph's from now on
+        y = graphed(xs[0], topk_idx=idx, topk_weights=tw)
+        y.backward(dy)
+
+    def replay():
+        graph.replay()
+        return results(graphed, xs[0], y)
+
+    first, want = replay(), eager(twin, xs[1])
+    before = sum(not torch.equal(a, b) for a, b in zip(first, want))
+    with torch.no_grad():
+        for layer in (graphed, twin):
+            layer.experts.w1.mul_(-0.5)
+            layer.experts.w2.mul_(-0.5)
+    stale = sum(not torch.equal(a, b) for a, b in zip(replay(), first))
+    refreshed = graphed.refresh_weight_cache()
+    want = eager(twin, xs[1])
+    after = sum(not torch.equal(a, b) for a, b in zip(replay(), want))
+    del graph
+    t = torch.tensor([before, stale, after], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t[0].item()), int(t[1].item()), int(t[2].item()), refreshed
+
+
 def check_sync_free(n, rank, device, transport, W, routing, max_tokens, split="tokens", dedup=True):
     """A forward and a training step under sync debug mode "error" (after two warm-up steps)."""
     p = make_problem(n, k=4, local_experts=8, H=256, F=128, routing=routing, seed=3, tokens_range=(200, 400))
@@ -442,8 +505,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="gpu_check.json")
     ap.add_argument("--transports", default=None, help="comma-separated subset of the transports to check")
-    ap.add_argument("--checks", default="reference,sync,shared,graphs,fp8,compiled",
-                    help="comma-separated: reference, sync, shared, graphs, fp8, compiled")
+    ap.add_argument("--checks", default="reference,sync,shared,graphs,fp8,compiled,graphs_kept",
+                    help="comma-separated: reference, sync, shared, graphs, fp8, compiled, graphs_kept")
     args = ap.parse_args()
     checks = args.checks.split(",")
     ep.init_distributed()
@@ -565,6 +628,24 @@ def main():
         if rank == 0:
             print(f"reduce-overhead, fresh layer, kept FP8 weights ({'training, always' if training else 'eval'}) "
                   f"{split:7}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
+    for split, fast in (("tokens", False), ("experts", False), ("tokens", "all")) \
+            if cuda and "graphs_kept" in checks else ():
+        try:
+            before, stale, after, refreshed = check_graphs_kept(n, rank, device, split, fast)
+            # a replay runs the eager kernels on the same kept weights: bit for bit; the stale
+            # replay must repeat the first (nothing quantized inside), the refreshed one follow the change
+            ok = before == 0 and stale == 0 and after == 0 and refreshed == 4
+            detail = (f"replay == twin's eager: {'ok' if before == 0 else f'FAIL ({before} of 4)'}; before the "
+                      f"refresh it repeats the first replay: {'ok' if stale == 0 else f'FAIL ({stale} differ)'}; "
+                      f"{refreshed} weights refreshed, then == twin's eager: "
+                      f"{'ok' if after == 0 else f'FAIL ({after} of 4)'}")
+        except Exception as e:  # noqa: BLE001
+            ok, detail = False, repr(e)[:400]
+        failed += not ok
+        results.append(dict(check="graphs_kept_weights", wave_split=split, fp8_fast_accum=fast, ok=ok, detail=detail))
+        if rank == 0:
+            print(f"CUDA graph reading kept FP8 weights (weight_cache='graphs', training) {split:7}"
+                  f"{' fast accum all' if fast else ''}  {'ok' if ok else 'FAIL'}  {detail}", flush=True)
     for W in (1, 2) if "shared" in checks else ():
         try:
             worst = check_shared_beside(n, rank, device, W)

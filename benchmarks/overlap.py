@@ -206,6 +206,12 @@ FP8_PRECISIONS = {  # name -> (MoEConfig knobs, what they are)
                                         weight_cache="always", fp8_fast_accum="all"),
                                    "fp8_rows_bwd_kept with fast accumulation in the backward's data products too "
                                    "(fp8_fast_accum='all')"),
+    "fp8_rows_bwd_graphs": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_backward="data", weight_cache="graphs"),
+                            "fp8_rows_bwd_kept whose CUDA graph captures read the kept FP8 weights too "
+                            "(weight_cache='graphs': quantized once per optimizer step, refresh_weight_cache)"),
+    "fp8_rows_bwd_graphs_fast_all": (dict(expert_dtype=FP8, fp8_scaling="rows", fp8_backward="data",
+                                          weight_cache="graphs", fp8_fast_accum="all"),
+                                     "fp8_rows_bwd_graphs with fp8_fast_accum='all'"),
 }
 
 

@@ -17,7 +17,7 @@ FP8_PRODUCT_FLAGS = {"both": (True, True), "linear1": (True, False), "linear2": 
 """`fp8_products` fixed by name -> (linear1 in FP8, linear2 in FP8)."""
 FP8_BACKWARDS = ("none", "data")
 FP8_FAST_ACCUMS = (False, True, "all")
-WEIGHT_CACHES = ("eval", "always", "never")
+WEIGHT_CACHES = ("eval", "always", "graphs", "never")
 FP8_BLOCK = 128  # the side of FP8 scale blocks (1x128 activation tiles, 128x128 weight blocks)
 
 
@@ -115,9 +115,12 @@ class MoEConfig:
         weight_cache: when the layer keeps the weights it derives from its parameters (their
             casts under autocast, their FP8 quantization) between calls, while the parameters
             are unchanged (`ep.weight_cache`): "eval" (default: in eval mode, i.e. inference),
-            "always" (also in training: microbatches of one step share them), "never". A
-            kept copy costs the experts' size in the derived dtype; never kept while a CUDA
-            graph is captured.
+            "always" (also in training: microbatches of one step share them), "graphs" (as
+            "always", and CUDA graph captures read the kept copies instead of deriving inside:
+            call `ExpertParallelMoE.refresh_weight_cache()` after each optimizer step, before
+            the step's replays), "never". A kept copy costs the experts' size in the derived
+            dtype; otherwise nothing is kept or read from the cache while a CUDA graph is
+            captured (the capture derives its own).
         timeout_s: the longest any wait inside the layer lasts on Gloo (CPU) ranks, however
             the process group was made: a stalled or dead peer becomes a
             `CommunicationError` naming the stage and wave waited for. With

@@ -276,22 +276,34 @@ class ExpertParallelMoE(nn.Module):
         """`make()`, or its value kept from an earlier call whose `sources` were the same unchanged
         tensors (`ep.weight_cache`), as `MoEConfig.weight_cache` says: "eval" keeps them in eval
         mode, "always" also in training, "never" not at all. A call that keeps nothing drops
-        what earlier calls kept (so training does not hold eval's copies)."""
+        what earlier calls kept (so training does not hold eval's copies); "graphs" keeps them
+        always and CUDA graph captures read them (`refresh_weight_cache`)."""
         if self._keeps_derived():
-            return self._derived.get((*name, torch.is_inference_mode_enabled()), sources, make)
+            return self._derived.get((*name, torch.is_inference_mode_enabled()), sources, make,
+                                     in_captures=self.config.weight_cache == "graphs")
         self._derived.clear()
         return make()
 
     def _keeps_derived(self) -> bool:
         """Whether this call keeps the weights it derives (`MoEConfig.weight_cache`)."""
         mode = self.config.weight_cache
-        return mode == "always" or (mode == "eval" and not self.training)
+        return mode in ("always", "graphs") or (mode == "eval" and not self.training)
 
     def clear_weight_cache(self) -> None:
         """Drop the weights kept between calls (`MoEConfig.weight_cache`). Needed only after
         changing the parameters in a way torch does not track (through `.data`); any other
-        in-place change is seen at the next call."""
+        in-place change is seen at the next call. Weights a CUDA graph reads
+        (`weight_cache="graphs"`) are derived again in place instead of dropped."""
         self._derived.clear()
+
+    def refresh_weight_cache(self) -> int:
+        """With `MoEConfig.weight_cache="graphs"`: derive again, in place, every kept weight a
+        CUDA graph capture read (their FP8 quantizations, autocast casts), from the parameters
+        as they are now. Replays run no Python, so they read what the last eager call or
+        refresh left: call it after each change of the parameters (each optimizer step)
+        before the replays of that step (its microbatches share this one quantization). An
+        eager call refreshes what it reads by itself. Returns how many weights were made."""
+        return self._derived.refresh()
 
     def _token_bound(self, status: List[int], T: int) -> int:
         """The most tokens of any rank in this call, from `max_tokens` (a T above it is

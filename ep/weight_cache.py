@@ -11,13 +11,19 @@ its sources, so no other tensor can take their storage while it lives (a freed s
 address reused by a new tensor of version 0 would otherwise look unchanged).
 
 Nothing is cached while a CUDA graph is being captured: a replay must read the parameters
-as they are then, so the derivation is captured with the rest. A value that is kept is made
+as they are then, so the derivation is captured with the rest. Unless the caller asks for
+captures to read kept values (`MoEConfig.weight_cache="graphs"`: a training step's graph
+that does not quantize the weights it reads): then a capture reads the value kept for
+unchanged sources, which is pinned from then on: its storage is never replaced, a stale
+pinned value is derived again into the same storage (by the next call, or by `refresh()`,
+which replays need, as they run no Python). A value that is kept is made
 through the cache's `allocate` (the layer's: `ep.pipeline.outside_graph_pools`), so a first
 call inside cudagraph trees' warm-up (`torch.compile(mode="reduce-overhead")`) keeps nothing
 in their pool, where a later graph's tensors would take its memory.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple
 
@@ -44,6 +50,29 @@ class _Entry:
     key: Tuple[tuple, ...]
     sources: Tuple[torch.Tensor, ...]
     value: Any
+    make: Callable[[], Any]
+    pinned: bool = False
+    """A CUDA graph capture read `value`: its storage must stay (refreshed in place)."""
+
+
+def write_into(dst: Any, src: Any) -> None:
+    """Copy `src` into `dst`, a value of the same structure (a tensor, a dataclass or tuple of
+    them, None) and the same shapes, keeping `dst`'s storage (what a captured graph reads)."""
+    if isinstance(dst, torch.Tensor):
+        if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
+            raise ValueError(f"a pinned derived weight {tuple(dst.shape)} {dst.dtype} cannot take "
+                             f"{getattr(src, 'shape', type(src))}: recapture the CUDA graphs that read it")
+        dst.copy_(src)
+    elif dataclasses.is_dataclass(dst):
+        for f in dataclasses.fields(dst):
+            write_into(getattr(dst, f.name), getattr(src, f.name))
+    elif isinstance(dst, (tuple, list)):
+        if len(dst) != len(src):
+            raise ValueError("a pinned derived weight changed structure: recapture the CUDA graphs that read it")
+        for d, s_ in zip(dst, src):
+            write_into(d, s_)
+    elif dst != src:  # None, or a flag such as fast_accum: must be what it was
+        raise ValueError(f"a pinned derived weight changed ({dst!r} -> {src!r}): recapture the CUDA graphs that read it")
 
 
 class DerivedWeights:
@@ -56,25 +85,55 @@ class DerivedWeights:
         self._allocate = allocate or (lambda device, make: make())
         self._entries: Dict[Hashable, _Entry] = {}
 
-    def get(self, name: Hashable, sources: Sequence[torch.Tensor], make: Callable[[], Any]) -> Any:
+    def get(self, name: Hashable, sources: Sequence[torch.Tensor], make: Callable[[], Any],
+            in_captures: bool = False) -> Any:
         """The value of `name` for `sources`: the cached one if they are unchanged, else `make()`
-        (then cached, made through `allocate`, unless a source is not trackable). While a CUDA
-        graph is being captured, always `make()`, and nothing is cached."""
-        if any(capturing(t.device) for t in sources):  # a replay must derive from the parameters as they are then
-            return make()
-        key = tuple(_identity(t) for t in sources)
+        (then cached, made through `allocate`, unless a source is not trackable; a pinned one is
+        derived again into its own storage). While a CUDA graph is being captured, `make()`
+        and nothing is cached, unless `in_captures`: then the cached value of unchanged
+        sources, pinned (with none cached, `make()` captured as without)."""
         entry = self._entries.get(name)
+        if any(capturing(t.device) for t in sources):  # a replay must derive from the parameters as they are then
+            if in_captures and entry is not None and entry.key == self._key(sources):
+                entry.pinned = True
+                return entry.value
+            return make()
+        key = self._key(sources)
         if entry is not None and entry.key == key:
+            return entry.value
+        if entry is not None and entry.pinned and None not in key:
+            self._refresh(entry, make, key)
             return entry.value
         self._entries.pop(name, None)  # the stale value goes before its replacement is made
         if None in key:
             return make()
         value = self._allocate(sources[0].device, make)
-        self._entries[name] = _Entry(key, tuple(sources), value)
+        self._entries[name] = _Entry(key, tuple(sources), value, make)
         return value
 
+    def refresh(self) -> int:
+        """Derive every pinned value again, into its own storage (what CUDA graphs replayed
+        after a change of the parameters need: once per optimizer step, before the replays;
+        also after changes torch does not track). Returns how many were refreshed."""
+        pinned = [e for e in self._entries.values() if e.pinned]
+        for entry in pinned:
+            self._refresh(entry, entry.make, self._key(entry.sources))
+        return len(pinned)
+
+    @staticmethod
+    def _refresh(entry: _Entry, make: Callable[[], Any], key: Tuple[tuple, ...]) -> None:
+        write_into(entry.value, make())
+        entry.key, entry.make = key, make
+
+    @staticmethod
+    def _key(sources: Sequence[torch.Tensor]) -> Tuple[Optional[tuple], ...]:
+        return tuple(_identity(t) for t in sources)
+
     def clear(self) -> None:
-        self._entries.clear()
+        """Drop every kept value, but derive the pinned ones again in place (a captured graph
+        reads their storage: dropping it would leave the graph reading freed memory)."""
+        self.refresh()
+        self._entries = {name: e for name, e in self._entries.items() if e.pinned}
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -196,3 +196,99 @@ def test_autocast_casts_each_weight_once_per_call_and_not_at_all_when_kept():
     _call(keeps, x, True)  # makes and keeps the casts
     assert _weight_copies(keeps, x) == 0
     assert _weight_copies(never, x) == 2  # training mode and "never": w1 and w2, once each
+
+
+def _capturing(monkeypatch, on: bool) -> None:
+    """Make `ep.weight_cache` see a CUDA graph capture in progress (or none): the CPU stand-in
+    for `torch.cuda.graph` (gpu_check's "graphs, kept weights" cases capture for real)."""
+    import ep.weight_cache
+
+    monkeypatch.setattr(ep.weight_cache, "capturing", lambda device: on)
+
+
+def test_captures_read_pinned_values_refreshed_in_their_own_storage(monkeypatch):
+    """`in_captures`: a capture reads the kept value of unchanged sources (no derivation in the
+    graph) and pins it; a pinned value is derived again into its own storage, by the next
+    eager call after a tracked change, or by `refresh()` (replays after an optimizer step,
+    untracked changes); `clear()` keeps it (a graph reads it); without `in_captures` a capture
+    derives its own, as before."""
+    cache, made = DerivedWeights(), []
+    p = nn.Parameter(torch.randn(4, 4))
+
+    def make():
+        made.append(1)
+        return (p.detach() * 2, p.detach().sum(0))
+
+    kept = cache.get("w", (p,), make)
+    _capturing(monkeypatch, True)
+    inside = cache.get("w", (p,), make)  # a capture without in_captures: derived inside
+    assert inside is not kept and len(made) == 2
+    assert cache.get("w", (p,), make, in_captures=True) is kept and len(made) == 2
+    _capturing(monkeypatch, False)
+    storage = [t.data_ptr() for t in kept]
+    with torch.no_grad():
+        p.add_(1)  # an optimizer's step: the next eager call refreshes in place
+    assert cache.get("w", (p,), make, in_captures=True) is kept and len(made) == 3
+    assert [t.data_ptr() for t in kept] == storage and torch.equal(kept[0], p.detach() * 2)
+    p.data.mul_(3)  # not tracked: refresh() is how a replay gets it
+    assert cache.refresh() == 1 and torch.equal(kept[0], p.detach() * 2) and torch.equal(kept[1], p.detach().sum(0))
+    assert [t.data_ptr() for t in kept] == storage
+    q = nn.Parameter(torch.randn(4, 4))
+    cache.get("unpinned", (q,), lambda: q.detach() + 1)
+    p.data.add_(1)
+    cache.clear()  # drops the unpinned value, refreshes the pinned one
+    assert len(cache) == 1 and torch.equal(kept[0], p.detach() * 2) and [t.data_ptr() for t in kept] == storage
+    p = nn.Parameter(torch.randn(3, 4))  # a source of another shape cannot go into the pinned storage
+    with pytest.raises(ValueError, match="recapture the CUDA graphs"):
+        cache.get("w", (p,), make, in_captures=True)
+
+
+def test_graphs_mode_captures_read_the_kept_fp8_weights(monkeypatch):
+    """weight_cache="graphs" in training (FP8 rows, FP8 data gradients): a (simulated) capture of
+    forward+backward quantizes no weight, where "always" quantizes all four inside; after an
+    optimizer step `refresh_weight_cache()` makes the four again in their own storage, and
+    the capture's call then computes bit for bit what a layer that never keeps them computes."""
+    import ep.layer
+
+    counts = {"fwd": 0, "t": 0}
+
+    def counted(name, fn):
+        def run(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(ep.layer, "quantize_expert_weight", counted("fwd", ep.layer.quantize_expert_weight))
+    monkeypatch.setattr(ep.layer, "quantize_transposed_weight", counted("t", ep.layer.quantize_transposed_weight))
+    knobs = dict(expert_dtype=FP8, fp8_scaling="rows", fp8_backward="data")
+    keeps, never = _layers(weight_cache="graphs", **knobs)
+    always, _ = _layers(weight_cache="always", **knobs)
+    x = torch.randn(12, 128)
+    for layer in (keeps, always):
+        layer(x).square().sum().backward()  # eager warm-up: keeps w1, w2 and their transposes
+    assert counts == {"fwd": 4, "t": 4}
+    _capturing(monkeypatch, True)
+    always(x).square().sum().backward()
+    assert counts == {"fwd": 6, "t": 6}  # "always": the capture quantizes inside
+    keeps(x).square().sum().backward()
+    assert counts == {"fwd": 6, "t": 6}  # "graphs": it reads the kept ones
+    _capturing(monkeypatch, False)
+    storage = [t.data_ptr() for e in keeps._derived._entries.values() for t in (e.value.q, e.value.scale)]
+    never.load_state_dict(keeps.state_dict())
+    for a, b in zip(never.parameters(), keeps.parameters()):
+        a.grad = None if b.grad is None else b.grad.clone()
+    for layer in (keeps, never):
+        torch.optim.SGD(layer.parameters(), lr=0.1).step()
+        layer.zero_grad(set_to_none=True)
+    assert keeps.refresh_weight_cache() == 4 and counts == {"fwd": 8, "t": 8}
+    assert [t.data_ptr() for e in keeps._derived._entries.values() for t in (e.value.q, e.value.scale)] == storage
+    xg = [x.clone().requires_grad_(True) for _ in range(2)]
+    _capturing(monkeypatch, True)
+    got = keeps(xg[0])
+    got.square().sum().backward()
+    _capturing(monkeypatch, False)
+    want = never(xg[1])
+    want.square().sum().backward()
+    assert counts["fwd"] == 8 + 2 and counts["t"] == 8 + 2  # only `never`'s own quantizations
+    assert torch.equal(got, want) and torch.equal(xg[0].grad, xg[1].grad)
+    assert torch.equal(keeps.experts.w1.grad, never.experts.w1.grad)
