@@ -101,13 +101,15 @@ def linear1_backward(
 
 
 def _data_product(dy_IN: torch.Tensor, w_EKN: torch.Tensor, wt: Optional[Fp8Weight], counts: Optional[Sequence[int]],
-                  offs: Optional[torch.Tensor], fast_accum: bool = False) -> torch.Tensor:
+                  offs: Optional[torch.Tensor], fast_accum: bool = False,
+                  dy_q: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """`dy @ w[e]^T` per expert -> `[I, K]` in dy's dtype: in the layer's dtype, or with `wt`
     (`quantize_transposed_weight(w)`) in FP8, dy's rows in use quantized with one scale each
-    (`fast_accum`: `fp8_grouped_mm`'s)."""
+    (or given so: `dy_q`, `ep.kernels.fp8.gather_quantize_rowwise`'s; `fast_accum`:
+    `fp8_grouped_mm`'s)."""
     if wt is None:
         return grouped_mm(dy_IN, w_EKN.transpose(1, 2), counts, offs)
-    q, scale = quantize_rowwise(dy_IN, rows=_rows_in_use(counts, offs))
+    q, scale = dy_q if dy_q is not None else quantize_rowwise(dy_IN, rows=_rows_in_use(counts, offs))
     return fp8_grouped_mm(q, scale, wt.q, wt.scale, offs, dy_IN.dtype, counts, fast_accum=fast_accum)
 
 
@@ -121,11 +123,13 @@ def linear2_backward_data(
     swiglu_limit: Optional[float] = None,
     w2t: Optional[Fp8Weight] = None,
     fast_accum: bool = False,
+    dz_q: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The data part of `linear2_backward`: dh `[I, 2F]`, wa `[I, F]` (weight * swiglu(h),
     so that dw2 = wa^T @ dz, left to the caller) and dweight `[I]`. With `w2t`
-    (`quantize_transposed_weight(w2)`) `dz @ w2^T` runs in FP8 (`fast_accum`: `fp8_grouped_mm`'s)."""
-    g_IF = _data_product(dz_IH, w2_EFH, w2t, counts, offs, fast_accum)  # dz @ w2^T
+    (`quantize_transposed_weight(w2)`) `dz @ w2^T` runs in FP8 (`fast_accum`: `fp8_grouped_mm`'s;
+    `dz_q`: dz's rows already quantized per row, as `_data_product` takes them)."""
+    g_IF = _data_product(dz_IH, w2_EFH, w2t, counts, offs, fast_accum, dz_q)  # dz @ w2^T
     return swiglu_backward_weighted(g_IF, h_I2F, weight_I, swiglu_limit, _rows_in_use(counts, offs))
 
 

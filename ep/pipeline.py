@@ -38,7 +38,7 @@ from torch.profiler import record_function
 from .checks import STATUS_SLOTS
 from .experts import linear1, linear1_backward_data, linear1_fp8, linear2, linear2_backward_data, linear2_fp8
 from .kernels import gather_rows, gather_rows_into, gather_slots, grouped_mm_wgrad, reduce_rows
-from .kernels.fp8 import Fp8Experts, dequantize_rows, gather_quantized
+from .kernels.fp8 import Fp8Experts, dequantize_rows, gather_quantize_rowwise, gather_quantized
 from .layout import RowLayout
 from .plan import (PLAN_TENSORS, WaveItems, WavePlan, expert_major, pack_rows, return_items, returned_slot_values,
                    wave_items, wave_slots)
@@ -380,10 +380,15 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
 
     def compute(w: int) -> Callable[[], Pending]:
         it, back_item, item_back = saved.waves[w]
-        dz[w] = gather_rows(recv_dy[w], item_back, it.count)
+        dz_q = None
+        if fp8_t.w2 is None:
+            dz[w] = gather_rows(recv_dy[w], item_back, it.count)
+        else:  # the rows and their FP8 in one pass: the weight gradient reads the first, the data product the second
+            dz[w], q, scale = gather_quantize_rowwise(recv_dy[w], item_back, it.count)
+            dz_q = (q, scale)
         with carve:
             dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
-                                                            swiglu_limit, fp8_t.w2, fp8_t.fast_accum)
+                                                            swiglu_limit, fp8_t.w2, fp8_t.fast_accum, dz_q)
             dx_I = linear1_backward_data(dh[w], w1, None, it.offs, fp8_t.w1, fp8_t.fast_accum)
         hidden[w] = None
         rows = layout.empty(N, device)

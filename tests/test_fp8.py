@@ -427,6 +427,25 @@ def test_triton_quantize_rowwise_bitwise(tfp8, pow2):
     assert torch.equal(_bits(got_q[:4]), _bits(want_q)) and torch.equal(got_s[:4], want_s)
 
 
+def test_gather_quantize_rowwise_is_gather_then_quantize(tfp8, monkeypatch):
+    """The backward's dz in one pass (`gather_quantize_rowwise`): the gathered rows bitwise
+    `gather_rows`', their FP8 and scales bitwise `quantize_rowwise`'s of them, in the Triton
+    kernel (interpreter) and in the torch path, for the rows in use."""
+    from ep.kernels.permute import gather_rows
+
+    g = torch.Generator().manual_seed(13)
+    x = (torch.randn(9, 1280, generator=g) * torch.logspace(-3, 3, 9).unsqueeze(1)).bfloat16()
+    index, rows = torch.tensor([8, 0, 4, 4, 2, 7]), torch.tensor(4)
+    want_rows = gather_rows(x, index[:4])
+    want_q, want_s = fp8.quantize_rowwise_torch(want_rows)
+    for triton_on in (False, True):
+        monkeypatch.setattr(fp8, "use_triton", lambda t, on=triton_on: on)
+        got_rows, got_q, got_s = fp8.gather_quantize_rowwise(x, index, rows)
+        assert got_rows.dtype == x.dtype and got_rows.shape == (6, 1280) and got_q.shape == (6, 1280)
+        assert torch.equal(got_rows[:4], want_rows)
+        assert torch.equal(_bits(got_q[:4]), _bits(want_q)) and torch.equal(got_s[:4], want_s)
+
+
 def test_triton_swiglu_quantize_rowwise(tfp8):
     g = torch.Generator().manual_seed(12)
     h = torch.randn(7, 2 * 1152, generator=g).bfloat16()

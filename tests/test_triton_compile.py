@@ -47,9 +47,11 @@ def _cases():
                                           w_sk=I32, w_sn=I32, q_se="i64", q_sk=I32, q_sn=I32, s_se=I32, s_sk=I32,
                                           s_sn=I32), dict(POW2=False)),
         *((tf._rowwise_kernel, dict(x=P(x_type), xs=P("fp32"), index=P("i64"), count=P("i64"), q=P("fp8e4nv"),
-                                    s=P("fp32"), x_stride=I32, xs_stride=I32, q_stride=I32, limit="fp32"),
-           dict(K=7168 if mode < 2 else 2048, MODE=mode, HAS_INDEX=mode < 2, HAS_COUNT=mode < 2, HAS_LIMIT=mode == 2, POW2=False, BLOCK_K=1024))
-          for mode, x_type in ((0, "bf16"), (1, "fp8e4nv"), (2, "bf16"))),
+                                    s=P("fp32"), copy=P(x_type), x_stride=I32, xs_stride=I32, q_stride=I32,
+                                    copy_stride=I32, limit="fp32"),
+           dict(K=7168 if mode < 2 else 2048, MODE=mode, HAS_INDEX=mode < 2, HAS_COUNT=mode < 2, HAS_LIMIT=mode == 2,
+                POW2=False, HAS_COPY=copy, BLOCK_K=1024))
+          for mode, x_type, copy in ((0, "bf16", False), (0, "bf16", True), (1, "fp8e4nv", False), (2, "bf16", False))),
         (tf._quantize_columns_kernel, dict(w=P("bf16"), q=P("fp8e4nv"), s=P("fp32"), N=I32, w_se="i64",
                                            w_sk=I32, w_sn=I32, q_se="i64", q_sk=I32, q_sn=I32, s_se=I32),
          dict(K=7168, POW2=False, BLOCK_N=64)),

@@ -203,6 +203,28 @@ def quantize_rowwise(x_MK: torch.Tensor, pow2_scales: bool = False, index: Optio
     return quantize_rowwise_torch(x_MK, pow2_scales, index, rows, x_scale)
 
 
+def gather_quantize_rowwise(x_MK: torch.Tensor, index: torch.Tensor, rows: Optional[torch.Tensor] = None,
+                            pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows `x[index]` both as they are and quantized with one scale each -> (rows `[M, K]`
+    in x's dtype, q `[M, K]` e4m3, scale `[M]` fp32): `gather_rows` then `quantize_rowwise`
+    (`rows`: a 0-d device count of the rows in use; the others are left unspecified), in one
+    pass over the source rows on CUDA (one Triton kernel, bitwise the two apart). The
+    backward's dz: linear2's weight gradient reads the rows, its data product the FP8."""
+    from .permute import gather_rows
+
+    if x_MK.dim() != 2:
+        raise ValueError(f"ep.kernels.fp8: x must be 2-d, got shape {tuple(x_MK.shape)}")
+    if use_triton(x_MK):
+        from .triton_fp8 import quantize_rowwise_triton
+
+        out = x_MK.new_empty(index.shape[0], x_MK.shape[1])
+        q, scale = quantize_rowwise_triton(x_MK, x_MK.shape[1], 0, index=index, rows=rows, pow2_scales=pow2_scales,
+                                           copy=out)
+        return out, q, scale
+    out = gather_rows(x_MK, index, rows)
+    return (out, *quantize_rowwise_torch(out, pow2_scales))
+
+
 def _blocked(w: torch.Tensor) -> Tuple[torch.Tensor, int, int]:
     """`[E, K, N]` -> fp32 `[E, Kb, 128, Nb, 128]`, zero-padded to whole blocks."""
     E, K, N = w.shape

@@ -128,11 +128,12 @@ def _row_values(x, xs, src, ks, live, x_stride, xs_stride, F, limit, MODE: tl.co
 
 
 @triton.jit
-def _rowwise_kernel(x, xs, index, count, q, s, x_stride, xs_stride, q_stride, limit, K: tl.constexpr, MODE: tl.constexpr,
-                    HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_LIMIT: tl.constexpr, POW2: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _rowwise_kernel(x, xs, index, count, q, s, copy, x_stride, xs_stride, q_stride, copy_stride, limit, K: tl.constexpr,
+                    MODE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_COUNT: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                    POW2: tl.constexpr, HAS_COPY: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program i: output row i (from source row `index[i]`, or i) quantized with one scale
-    over its K values: a pass for the amax, a second to quantize (the values made again)."""
+    over its K values: a pass for the amax, a second to quantize (the values made again;
+    `HAS_COPY`, MODE 0: the second pass also stores the row as it is into `copy`'s row i)."""
     i = tl.program_id(0)
     if HAS_COUNT:
         if i >= tl.load(count):
@@ -151,6 +152,8 @@ def _rowwise_kernel(x, xs, index, count, q, s, x_stride, xs_stride, q_stride, li
         v = _row_values(x, xs, src, ks, live, x_stride, xs_stride, K, limit, MODE, HAS_LIMIT)
         qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_MAX), _MAX))
         tl.store(q + row * q_stride + ks, qv.to(tl.float8e4nv), mask=live)
+        if HAS_COPY:
+            tl.store(copy + row * copy_stride + ks, v.to(copy.dtype.element_ty), mask=live)
     tl.store(s + row, scale)
 
 
@@ -350,11 +353,13 @@ ROWWISE_BLOCK = 1024
 
 def quantize_rowwise_triton(x: torch.Tensor, K: int, mode: int, x_scale: Optional[torch.Tensor] = None,
                             index: Optional[torch.Tensor] = None, rows: Optional[torch.Tensor] = None,
-                            limit: Optional[float] = None, pow2_scales: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                            limit: Optional[float] = None, pow2_scales: bool = False,
+                            copy: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rows quantized with one scale each (shapes checked by `ep.kernels.fp8.quantize_rowwise`
     / `swiglu_quantize`) -> (q `[M, K]` e4m3, scale `[M]` fp32), M = `len(index)` or x's rows.
     mode 0: x `[*, K]`; 1: x e4m3 `[*, K]` with tile scales `x_scale`; 2: x `[*, 2K]` = [gate | up],
-    SwiGLU first. `rows` (0-d device count): only the first `rows` outputs are written."""
+    SwiGLU first. `rows` (0-d device count): only the first `rows` outputs are written.
+    `copy` (mode 0): `[M, K]` in x's dtype, also given the rows as read (`x[index]`)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     M = index.shape[0] if index is not None else x.shape[0]
@@ -363,9 +368,11 @@ def quantize_rowwise_triton(x: torch.Tensor, K: int, mode: int, x_scale: Optiona
     if M and K:
         xs = x_scale.contiguous() if x_scale is not None else s
         _rowwise_kernel[(M,)](x, xs, index if index is not None else s, rows if rows is not None else s, q, s,
-                              x.stride(0), xs.stride(0), q.stride(0), float(limit or 0.0), K=K, MODE=mode,
+                              copy if copy is not None else x, x.stride(0), xs.stride(0), q.stride(0),
+                              copy.stride(0) if copy is not None else 0, float(limit or 0.0), K=K, MODE=mode,
                               HAS_INDEX=index is not None, HAS_COUNT=rows is not None, HAS_LIMIT=limit is not None,
-                              POW2=pow2_scales, BLOCK_K=min(ROWWISE_BLOCK, triton.next_power_of_2(K)), num_warps=4)
+                              POW2=pow2_scales, HAS_COPY=copy is not None,
+                              BLOCK_K=min(ROWWISE_BLOCK, triton.next_power_of_2(K)), num_warps=4)
     return q, s
 
 
