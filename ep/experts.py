@@ -82,7 +82,7 @@ def linear2_backward(
         dh `[I, 2F]` (h's dtype, SwiGLU's backward included), dw2 `[E, F, H]`,
         dweight `[I]` (at least fp32).
     """
-    dh_I2F, wa_IF, dweight_I = linear2_backward_data(dz_IH, h_I2F, weight_I, w2_EFH, counts, offs, swiglu_limit)
+    dh_I2F, wa_IF, dweight_I, _ = linear2_backward_data(dz_IH, h_I2F, weight_I, w2_EFH, counts, offs, swiglu_limit)
     dw2 = grouped_mm_wgrad(wa_IF, dz_IH, counts, offs)  # (w * a)^T @ dz
     return dh_I2F, dw2, dweight_I
 
@@ -124,23 +124,28 @@ def linear2_backward_data(
     w2t: Optional[Fp8Weight] = None,
     fast_accum: bool = False,
     dz_q: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    quantize_dh: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
     """The data part of `linear2_backward`: dh `[I, 2F]`, wa `[I, F]` (weight * swiglu(h),
-    so that dw2 = wa^T @ dz, left to the caller) and dweight `[I]`. With `w2t`
-    (`quantize_transposed_weight(w2)`) `dz @ w2^T` runs in FP8 (`fast_accum`: `fp8_grouped_mm`'s;
-    `dz_q`: dz's rows already quantized per row, as `_data_product` takes them)."""
+    so that dw2 = wa^T @ dz, left to the caller), dweight `[I]`, and with `quantize_dh` dh's
+    rows quantized per row in the same kernel (for `linear1_backward_data`'s `dh_q`; else
+    None). With `w2t` (`quantize_transposed_weight(w2)`) `dz @ w2^T` runs in FP8 (`fast_accum`:
+    `fp8_grouped_mm`'s; `dz_q`: dz's rows already quantized per row, as `_data_product` takes them)."""
     g_IF = _data_product(dz_IH, w2_EFH, w2t, counts, offs, fast_accum, dz_q)  # dz @ w2^T
-    return swiglu_backward_weighted(g_IF, h_I2F, weight_I, swiglu_limit, _rows_in_use(counts, offs))
+    dh, wa, dweight, *dh_q = swiglu_backward_weighted(g_IF, h_I2F, weight_I, swiglu_limit, _rows_in_use(counts, offs),
+                                                      quantize_dh)
+    return dh, wa, dweight, tuple(dh_q) if dh_q else None
 
 
 def linear1_backward_data(
     dh_I2F: torch.Tensor, w1_EH2F: torch.Tensor, counts: Optional[Sequence[int]], offs: Optional[torch.Tensor] = None,
     w1t: Optional[Fp8Weight] = None, fast_accum: bool = False,
+    dh_q: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> torch.Tensor:
     """The data part of `linear1_backward`: dx `[I, H]` (dw1 = x^T @ dh is left to the caller).
     With `w1t` (`quantize_transposed_weight(w1)`) the product runs in FP8 (`fast_accum`:
-    `fp8_grouped_mm`'s)."""
-    return _data_product(dh_I2F, w1_EH2F, w1t, counts, offs, fast_accum)
+    `fp8_grouped_mm`'s; `dh_q`: dh's rows already quantized per row, `linear2_backward_data`'s)."""
+    return _data_product(dh_I2F, w1_EH2F, w1t, counts, offs, fast_accum, dh_q)
 
 
 def quantize_expert_weight(w: torch.Tensor, scaling: str = "blocks") -> Fp8Weight:

@@ -387,9 +387,10 @@ def waves_backward(saved: Saved, dy_TH: torch.Tensor, transport: Transport, sm_c
             dz[w], q, scale = gather_quantize_rowwise(recv_dy[w], item_back, it.count)
             dz_q = (q, scale)
         with carve:
-            dh[w], wa[w], dweight_I = linear2_backward_data(dz[w], hidden[w], it.item_weight, w2, None, it.offs,
-                                                            swiglu_limit, fp8_t.w2, fp8_t.fast_accum, dz_q)
-            dx_I = linear1_backward_data(dh[w], w1, None, it.offs, fp8_t.w1, fp8_t.fast_accum)
+            dh[w], wa[w], dweight_I, dh_q = linear2_backward_data(  # dh quantized in SwiGLU's backward for an FP8 product
+                dz[w], hidden[w], it.item_weight, w2, None, it.offs, swiglu_limit, fp8_t.w2, fp8_t.fast_accum, dz_q,
+                quantize_dh=fp8_t.w1 is not None)
+            dx_I = linear1_backward_data(dh[w], w1, None, it.offs, fp8_t.w1, fp8_t.fast_accum, dh_q)
         hidden[w] = None
         rows = layout.empty(N, device)
         reduce_rows(dx_I, back_item, layout.data(rows))

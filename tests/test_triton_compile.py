@@ -102,8 +102,10 @@ def _cases():
                                       src_stride=I32, out_stride=I32, w_stride=I32), dict(K=8, HAS_W=True, BLOCK=1024)),
         (ts._swiglu_fwd_kernel, dict(h=P("bf16"), a=P("bf16"), F=I32, limit="fp32", rows_used=P("i32")),
          dict(BLOCK=1024, HAS_LIMIT=True, HAS_ROWS=True)),
-        (ts._swiglu_bwd_kernel, dict(g=P("bf16"), h=P("bf16"), w=P("fp32"), dh=P("bf16"), wa=P("bf16"), dweight=P("fp32"),
-                                     limit="fp32", rows_used=P("i32")), dict(F=2048, BLOCK=2048, HAS_LIMIT=False, HAS_ROWS=True)),
+        *((ts._swiglu_bwd_kernel, dict(g=P("bf16"), h=P("bf16"), w=P("fp32"), dh=P("bf16"), wa=P("bf16"),
+                                       dweight=P("fp32"), dq=P("fp8e4nv" if quant else "bf16"),
+                                       ds=P("fp32"), limit="fp32", rows_used=P("i32")),
+           dict(F=2048, BLOCK=2048, HAS_LIMIT=False, HAS_ROWS=True, QUANT=quant)) for quant in (False, True)),
     ]
 
 

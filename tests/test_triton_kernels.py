@@ -130,6 +130,33 @@ def test_swiglu_matches_torch(triton_swiglu, limit):
     torch.testing.assert_close(got[2], ww.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("limit", [None, 0.5])
+def test_swiglu_backward_quantizes_dh_as_quantize_rowwise(triton_swiglu, limit):
+    """`quantize_dh` (linear1's data product in FP8): the kernel's dh, wa, dweight bitwise those
+    of the call without it, and its FP8 rows and scales bitwise `quantize_rowwise` of that dh
+    (the rows in use; F over a block: the second pass takes several steps), in Triton's
+    interpreter and in the torch path."""
+    from ep.kernels.fp8 import quantize_rowwise_torch
+    from ep.kernels.swiglu import swiglu_backward_weighted
+
+    g = torch.Generator().manual_seed(5)
+    I, F = 7, 1280  # a block of next_pow2(F) = 2048 columns: 2F = 2560 takes two steps of the second pass
+    h = torch.randn(I, 2 * F, generator=g).bfloat16()
+    grad, weight = torch.randn(I, F, generator=g).bfloat16(), torch.rand(I, generator=g)
+    used = torch.tensor(5)
+    plain = triton_swiglu.swiglu_bwd_triton(grad, h, weight, limit, used)
+    *same, q, scale = triton_swiglu.swiglu_bwd_triton(grad, h, weight, limit, used, quantize=True)
+    for a, b in zip(same, plain):
+        assert torch.equal(a[:5], b[:5])
+    want_q, want_s = quantize_rowwise_torch(plain[0][:5])
+    assert torch.equal(q[:5].view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale[:5], want_s)
+    *same, q, scale = swiglu_backward_weighted(grad, h, weight, limit, quantize_dh=True)
+    plain = swiglu_backward_weighted(grad, h, weight, limit)
+    want_q, want_s = quantize_rowwise_torch(plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(same, plain))
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(scale, want_s)
+
+
 def _routing(seed, T, E, k, bad=False):
     g = torch.Generator().manual_seed(seed)
     idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)

@@ -42,21 +42,24 @@ def swiglu(h_I2F: torch.Tensor, limit: Optional[float] = None, rows: Optional[to
 
 def swiglu_backward_weighted(
     g_IF: torch.Tensor, h_I2F: torch.Tensor, weight_I: torch.Tensor, limit: Optional[float] = None,
-    rows: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    rows: Optional[torch.Tensor] = None, quantize_dh: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """Per-item backward of `z = weight * (swiglu(h) @ w2)` given `g = dz @ w2^T`
     (`rows`: as in `swiglu`).
 
     Returns:
         dh `[I, 2F]` (h's dtype): the gradient of h, i.e. swiglu'(h) . (weight * g);
         wa `[I, F]` (h's dtype): weight * swiglu(h), so that dw2 = wa^T @ dz;
-        dweight `[I]` (weight's dtype, at least fp32): sum_f g * swiglu(h).
+        dweight `[I]` (weight's dtype, at least fp32): sum_f g * swiglu(h);
+        with `quantize_dh` also dh's rows quantized with one scale each (q `[I, 2F]` e4m3,
+        scale `[I]` fp32: `ep.kernels.fp8.quantize_rowwise` of dh, in the same kernel on CUDA;
+        the rows past `rows` unspecified), for linear1's data product in FP8.
     """
     if use_triton(h_I2F):
         from .triton_swiglu import swiglu_bwd_triton
 
-        dh, wa, dweight = swiglu_bwd_triton(g_IF, h_I2F, weight_I, limit, rows)
-        return dh, wa, dweight.to(accumulate_dtype(weight_I.dtype))
+        dh, wa, dweight, *dh_q = swiglu_bwd_triton(g_IF, h_I2F, weight_I, limit, rows, quantize_dh)
+        return (dh, wa, dweight.to(accumulate_dtype(weight_I.dtype)), *dh_q)
     acc = accumulate_dtype(h_I2F.dtype)
     gate, up = clamped_halves(h_I2F.to(acc), limit)
     g = g_IF.to(acc)
@@ -72,4 +75,9 @@ def swiglu_backward_weighted(
         dgate = torch.where(h_gate <= limit, dgate, 0)
         dup = torch.where(h_up.abs() <= limit, dup, 0)
     dh = torch.cat([dgate, dup], dim=-1)
-    return dh.to(h_I2F.dtype), (w * act).to(h_I2F.dtype), dweight.to(accumulate_dtype(weight_I.dtype))
+    out = (dh.to(h_I2F.dtype), (w * act).to(h_I2F.dtype), dweight.to(accumulate_dtype(weight_I.dtype)))
+    if quantize_dh:
+        from .fp8 import quantize_rowwise_torch
+
+        out += quantize_rowwise_torch(out[0])
+    return out
