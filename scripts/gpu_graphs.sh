@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 24's training rows with CUDA graphs that read the kept FP8 weights, in one device call:
-# gpu_check's graphs_kept cases (weight_cache="graphs": a captured forward+backward reads the
+# gpu_check's FP8 cases (forward, FP8 data gradients against their emulation) and graphs_kept cases (weight_cache="graphs": a captured forward+backward reads the
 # kept FP8 weights, a replay before refresh_weight_cache() repeats the last, one after it follows
 # the change), the layer at dsv3 in training mode (W=1, routing given, CUDA graphs) for bf16
 # and the FP8 rows with FP8 data gradients kept for graphs (promoted; fast accumulation
@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 . scripts/gpu_env.sh  # NVLink multicast off, PYTHONPATH, $OUT, EP_COMMIT
 write_env
 rc=0
-echo "== gpu_check: CUDA graphs reading kept FP8 weights (weight_cache='graphs', training)" | tee -a "$log"
-timeout 150 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --checks graphs_kept \
+echo "== gpu_check: CUDA graphs reading kept FP8 weights (weight_cache='graphs', training); the FP8 cases" | tee -a "$log"
+timeout 240 torchrun --standalone --nproc-per-node 1 benchmarks/gpu_check.py --checks graphs_kept,fp8 \
   --json "$OUT/check_graphs_kept_n1.json" 2>&1 | grep -vi warn | tee -a "$log" || rc=1
 precisions=${EP_PRECISIONS:-dtype,fp8_rows_bwd_graphs,fp8_rows_bwd_graphs_fast_all}
 echo "== the layer, training mode: ${EP_PRESETS:-dsv3}, W=1, $precisions, CUDA graphs" | tee -a "$log"
