@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 24's training rows with CUDA graphs that read the kept FP8 weights, in one device call:
-# gpu_check's FP8 cases (forward, FP8 data gradients against their emulation) and graphs_kept cases (weight_cache="graphs": a captured forward+backward reads the
-# kept FP8 weights, a replay before refresh_weight_cache() repeats the last, one after it follows
-# the change), the layer at dsv3 in training mode (W=1, routing given, CUDA graphs) for bf16
-# and the FP8 rows with FP8 data gradients kept for graphs (promoted; fast accumulation
-# everywhere), and the per-group column quantizer's Triton-vs-torch diagnosis. Writes env.txt,
-# log.txt, check_graphs_kept_n1.json, overlap_graphs_train_n1.json, quantizer_diag.json under
-# $OUT (default out/gpu). EP_PRESETS, EP_PRECISIONS, EP_ITERS choose the layer's rows.
+# gpu_check's FP8 cases (forward; FP8 data gradients against their emulation) and graphs_kept
+# cases (weight_cache="graphs": a captured forward+backward reads the kept FP8 weights, a
+# replay before refresh_weight_cache() repeats the last, one after it follows the change), the
+# layer at dsv3 in training mode (W=1, routing given, CUDA graphs) for bf16 and the FP8 rows
+# with FP8 data gradients kept for graphs (promoted; fast accumulation everywhere), and the
+# per-group column quantizer's Triton-vs-torch diagnosis. Writes env.txt, log.txt,
+# check_graphs_kept_n1.json, overlap_graphs_train_n1.json, quantizer_diag.json under $OUT
+# (default out/gpu). EP_PRESETS, EP_PRECISIONS, EP_ITERS choose the layer's rows.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . scripts/gpu_env.sh  # NVLink multicast off, PYTHONPATH, $OUT, EP_COMMIT
