@@ -55,24 +55,33 @@ class _Entry:
     """A CUDA graph capture read `value`: its storage must stay (refreshed in place)."""
 
 
+def _leaves(value: Any) -> list:
+    """The tensors and other leaves of a derived value (a tensor, a dataclass or tuple of them,
+    None, flags), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if dataclasses.is_dataclass(value):
+        return [leaf for f in dataclasses.fields(value) for leaf in _leaves(getattr(value, f.name))]
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
 def write_into(dst: Any, src: Any) -> None:
-    """Copy `src` into `dst`, a value of the same structure (a tensor, a dataclass or tuple of
-    them, None) and the same shapes, keeping `dst`'s storage (what a captured graph reads)."""
-    if isinstance(dst, torch.Tensor):
-        if not isinstance(src, torch.Tensor) or src.shape != dst.shape or src.dtype != dst.dtype:
-            raise ValueError(f"a pinned derived weight {tuple(dst.shape)} {dst.dtype} cannot take "
-                             f"{getattr(src, 'shape', type(src))}: recapture the CUDA graphs that read it")
-        dst.copy_(src)
-    elif dataclasses.is_dataclass(dst):
-        for f in dataclasses.fields(dst):
-            write_into(getattr(dst, f.name), getattr(src, f.name))
-    elif isinstance(dst, (tuple, list)):
-        if len(dst) != len(src):
-            raise ValueError("a pinned derived weight changed structure: recapture the CUDA graphs that read it")
-        for d, s_ in zip(dst, src):
-            write_into(d, s_)
-    elif dst != src:  # None, or a flag such as fast_accum: must be what it was
-        raise ValueError(f"a pinned derived weight changed ({dst!r} -> {src!r}): recapture the CUDA graphs that read it")
+    """Copy `src` into `dst`, a value of the same structure (`_leaves`) and the same shapes and
+    dtypes, keeping `dst`'s storage (what a captured graph reads). Checked whole before any
+    copy: ValueError leaves `dst` as it was."""
+    to, given = _leaves(dst), _leaves(src)
+    same = len(to) == len(given) and all(
+        (a.shape == b.shape and a.dtype == b.dtype) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        else (not isinstance(a, torch.Tensor) and not isinstance(b, torch.Tensor) and a == b)
+        for a, b in zip(to, given))
+    if not same:
+        raise ValueError("a derived weight that a CUDA graph reads cannot take the new value (its structure, shape "
+                         "or dtype changed): capture the graphs that read it again")
+    for a, b in zip(to, given):
+        if isinstance(a, torch.Tensor):
+            a.copy_(b)
 
 
 class DerivedWeights:
@@ -101,8 +110,8 @@ class DerivedWeights:
         key = self._key(sources)
         if entry is not None and entry.key == key:
             return entry.value
-        if entry is not None and entry.pinned and None not in key:
-            self._refresh(entry, make, key)
+        if entry is not None and entry.pinned:  # (never dropped: a graph reads it)
+            self._refresh(entry, make, sources)
             return entry.value
         self._entries.pop(name, None)  # the stale value goes before its replacement is made
         if None in key:
@@ -117,13 +126,13 @@ class DerivedWeights:
         also after changes torch does not track). Returns how many were refreshed."""
         pinned = [e for e in self._entries.values() if e.pinned]
         for entry in pinned:
-            self._refresh(entry, entry.make, self._key(entry.sources))
+            self._refresh(entry, entry.make, entry.sources)
         return len(pinned)
 
-    @staticmethod
-    def _refresh(entry: _Entry, make: Callable[[], Any], key: Tuple[tuple, ...]) -> None:
+    def _refresh(self, entry: _Entry, make: Callable[[], Any], sources: Sequence[torch.Tensor]) -> None:
+        """`make()` written into the pinned `entry`'s value; the entry now stands for `sources`."""
         write_into(entry.value, make())
-        entry.key, entry.make = key, make
+        entry.key, entry.sources, entry.make = self._key(sources), tuple(sources), make
 
     @staticmethod
     def _key(sources: Sequence[torch.Tensor]) -> Tuple[Optional[tuple], ...]:

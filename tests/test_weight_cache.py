@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import ep
-from ep.weight_cache import DerivedWeights, given_cast
+from ep.weight_cache import DerivedWeights, given_cast, write_into
 
 FP8 = torch.float8_e4m3fn
 
@@ -239,8 +239,14 @@ def test_captures_read_pinned_values_refreshed_in_their_own_storage(monkeypatch)
     cache.clear()  # drops the unpinned value, refreshes the pinned one
     assert len(cache) == 1 and torch.equal(kept[0], p.detach() * 2) and [t.data_ptr() for t in kept] == storage
     p = nn.Parameter(torch.randn(3, 4))  # a source of another shape cannot go into the pinned storage
-    with pytest.raises(ValueError, match="recapture the CUDA graphs"):
+    with pytest.raises(ValueError, match="capture the graphs that read it again"):
         cache.get("w", (p,), make, in_captures=True)
+    dst = (torch.zeros(2), torch.zeros(3))  # checked whole first: a later leaf that does not fit writes nothing
+    with pytest.raises(ValueError, match="capture the graphs that read it again"):
+        write_into(dst, (torch.ones(2), torch.ones(4)))
+    assert not dst[0].any()
+    write_into(dst, (torch.ones(2), torch.ones(3)))
+    assert dst[0].all() and dst[1].all()
 
 
 def test_graphs_mode_captures_read_the_kept_fp8_weights(monkeypatch):
