@@ -208,12 +208,17 @@ def release_case() -> None:
     its transport's CUDA-IPC mappings, on every process while all of them live, so no case
     runs beside another's arenas. (r42a: an intermittent abort at process exit after every
     case passed, "corrupted double-linked list", 3 of 5 full runs, 0 of 4 runs of one kind of
-    case each; not in Python code: faulthandler printed no stack. This release did not stop it.)"""
+    case each; not in Python code: faulthandler printed no stack. This release did not stop it.
+    Session 15, untested yet: then every process frees the blocks its peers had mapped and
+    have let go (`torch.cuda.ipc_collect`), so none is left for torch's IPC bookkeeping to free
+    during the interpreter's teardown, the suspect for the heap corruption.)"""
     import gc
 
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.synchronize(DEV)
+    dist.barrier()  # every process has dropped its mappings of the peers' arenas
+    torch.cuda.ipc_collect()
     dist.barrier()
 
 
