@@ -75,12 +75,18 @@ def _round_e4m3(v):
 
 
 @triton.jit
+def _to_e4m3(v, scale):
+    """fp32 values over their (broadcast) scales -> e4m3: IEEE division (`div_rn`, the torch
+    path's bits), saturated to +-448, rounded to nearest even (`_round_e4m3`), then converted
+    exactly. Every quantizer's last step."""
+    return _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_MAX), _MAX)).to(tl.float8e4nv)
+
+
+@triton.jit
 def _store_quantized(v, q, s, row, t, live, cols, q_stride, s_stride, POW2: tl.constexpr):
     """v `[TILES, 128]` fp32 -> e4m3 into q's row, the tiles' scales into s's row."""
     scale = _scale_of(tl.max(tl.abs(v), axis=1), POW2)
-    qv = tl.math.div_rn(v, scale[:, None])
-    qv = _round_e4m3(tl.minimum(tl.maximum(qv, -_MAX), _MAX))
-    tl.store(q + row * q_stride + cols, qv.to(tl.float8e4nv), mask=live[:, None])
+    tl.store(q + row * q_stride + cols, _to_e4m3(v, scale[:, None]), mask=live[:, None])
     tl.store(s + row * s_stride + t, scale, mask=live)
 
 
@@ -150,8 +156,8 @@ def _rowwise_kernel(x, xs, index, count, q, s, copy, x_stride, xs_stride, q_stri
         ks = k0 + tl.arange(0, BLOCK_K)
         live = ks < K
         v = _row_values(x, xs, src, ks, live, x_stride, xs_stride, K, limit, MODE, HAS_LIMIT)
-        qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_MAX), _MAX))
-        tl.store(q + row * q_stride + ks, qv.to(tl.float8e4nv), mask=live)
+        qv = _to_e4m3(v, scale)
+        tl.store(q + row * q_stride + ks, qv, mask=live)
         if HAS_COPY:
             tl.store(copy + row * copy_stride + ks, v.to(copy.dtype.element_ty), mask=live)
     tl.store(s + row, scale)
@@ -176,8 +182,8 @@ def _quantize_columns_kernel(w, q, s, N, w_se, w_sk, w_sn, q_se, q_sk, q_sn, s_s
         ks = k0 + tl.arange(0, _TILE)
         live = (ks[:, None] < K) & live_n[None, :]
         v = tl.load(w + e * w_se + ks[:, None] * w_sk + ns[None, :] * w_sn, mask=live, other=0.0).to(tl.float32)
-        qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale[None, :]), -_MAX), _MAX))
-        tl.store(q + e * q_se + ks[:, None] * q_sk + ns[None, :] * q_sn, qv.to(tl.float8e4nv), mask=live)
+        qv = _to_e4m3(v, scale[None, :])
+        tl.store(q + e * q_se + ks[:, None] * q_sk + ns[None, :] * q_sn, qv, mask=live)
     tl.store(s + e * s_se + ns, scale, mask=live_n)
 
 
@@ -213,8 +219,8 @@ def _columns_per_group_kernel(x, offs, q, s, C, E, x_stride, q_stride, EP: tl.co
         src = (start + ts).to(tl.int64)
         v = tl.load(x + src[:, None] * x_stride + cs[None, :], mask=(src < end)[:, None] & live_c[None, :],
                     other=0.0).to(tl.float32)
-        qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale[None, :]), -_MAX), _MAX))
-        tl.store(q + cs[None, :].to(tl.int64) * q_stride + pstart + ts[:, None], qv.to(tl.float8e4nv),
+        qv = _to_e4m3(v, scale[None, :])
+        tl.store(q + cs[None, :].to(tl.int64) * q_stride + pstart + ts[:, None], qv,
                  mask=(ts < pcount)[:, None] & live_c[None, :])
         t0 += BLOCK_T
     tl.store(s + e.to(tl.int64) * C + cs, scale, mask=live_c)
@@ -269,8 +275,8 @@ def _quantize_blocks_kernel(w, q, s, K, N, w_se, w_sk, w_sn, q_se, q_sk, q_sn, s
     live = (ks[:, None] < K) & (ns[None, :] < N)
     v = tl.load(w + e * w_se + ks[:, None] * w_sk + ns[None, :] * w_sn, mask=live, other=0.0).to(tl.float32)
     scale = _scale_of(tl.max(tl.max(tl.abs(v), axis=1), axis=0), POW2)
-    qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_MAX), _MAX))
-    tl.store(q + e * q_se + ks[:, None] * q_sk + ns[None, :] * q_sn, qv.to(tl.float8e4nv), mask=live)
+    qv = _to_e4m3(v, scale)
+    tl.store(q + e * q_se + ks[:, None] * q_sk + ns[None, :] * q_sn, qv, mask=live)
     tl.store(s + e * s_se + kb * s_sk + nb * s_sn, scale)
 
 

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import FP8
-from .triton_fp8 import _MAX, _round_e4m3, _scale_of
+from .triton_fp8 import _scale_of, _to_e4m3
 
 
 @triton.jit
@@ -89,8 +89,7 @@ def _swiglu_bwd_kernel(g, h, w, dh, wa, dweight, dq, ds, limit, rows_used, F: tl
             cols = start + tl.arange(0, BLOCK)
             m = cols < 2 * F
             v = tl.load(dh + row * 2 * F + cols, mask=m, other=0.0).to(tl.float32)
-            qv = _round_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -_MAX), _MAX))
-            tl.store(dq + row * 2 * F + cols, qv.to(tl.float8e4nv), mask=m)
+            tl.store(dq + row * 2 * F + cols, _to_e4m3(v, scale), mask=m)
         tl.store(ds + row, scale)
 
 
